@@ -1,0 +1,38 @@
+# Two commands do everything (README): `make demo` and `make test`. Both set up the virtual
+# environment first (only when pyproject.toml or constraints.txt changed since the last setup).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-stamp
+# Several fake CPU devices so data-parallel code paths run in tests without accelerators.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=2
+DEMO_DIR ?= demo_out
+
+.PHONY: setup test test-slow lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+test: setup
+	$(BIN)/ruff check .
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
+
+test-slow: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -m "slow"
+
+demo: setup
+	$(BIN)/python -m cac_jax.demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

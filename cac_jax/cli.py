@@ -1,0 +1,51 @@
+"""`cac-jax <command>`: the console script. Parses arguments and calls library functions.
+
+Bad input (any `data_pipeline.errors.InputError`) is reported as one line on stderr naming the file
+and the problem, with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from data_pipeline.errors import InputError
+
+# Subcommand modules under cac_jax.commands, in the order `--help` lists them. Each module is
+# imported lazily-cheap: heavy imports (JAX, TensorFlow) happen inside its handler.
+COMMANDS = ("score", "synth", "ingest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cac-jax",
+        description="Coronary artery calcium scoring (gated CAC and low-dose CTAC CT) in JAX/Flax.",
+    )
+    from cac_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"cac-jax {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"cac_jax.commands.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except InputError as err:
+        print(f"cac-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cac-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

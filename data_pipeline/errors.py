@@ -1,0 +1,33 @@
+"""Errors raised for bad input: each names the file (or manifest row) and the problem.
+
+The CLI turns any `InputError` into one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class InputError(ValueError):
+    """Bad user input (a study, a label file, a manifest row, an argument).
+
+    The message always starts with the offending path when there is one, so a batch job's log
+    says which study failed and why.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class StudyReadError(InputError):
+    """A CT study (DICOM folder or image file) could not be read as an axial CT volume."""
+
+
+class LabelError(InputError):
+    """A label or mask image is unreadable, not integer, negative, or does not match its image."""
+
+
+class ManifestError(InputError):
+    """A manifest file or one of its rows is invalid."""

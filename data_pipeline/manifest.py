@@ -1,0 +1,197 @@
+"""The study manifest: one CSV row per scan, the contract between users' data and the pipeline.
+
+Columns (DESIGN.md): `patient_id, scan_id, protocol (cac|ctac), image, calcium_labels, heart_mask,
+site, split`, optionally `agatston` and `category` (reference score and category; the synthetic
+cohort always writes them). Paths are relative to the manifest's folder (absolute paths also work).
+`calcium_labels` and `heart_mask` may be empty (inference-only rows); `split` may be empty (the
+dataset builder then splits by patient).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.errors import ManifestError
+
+REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels", "heart_mask",
+                    "site", "split")
+OPTIONAL_COLUMNS = ("agatston", "category")
+PROTOCOLS = ("cac", "ctac")
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
+                  "val": "validation", "valid": "validation", "test": "test", "testing": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestRow:
+    """One scan of the manifest, with paths resolved against the manifest's folder."""
+
+    patient_id: str
+    scan_id: str
+    protocol: str  # "cac" | "ctac"
+    image: Path
+    calcium_labels: Path | None
+    heart_mask: Path | None
+    site: str
+    split: str | None  # "train" | "validation" | "test" | None (assign by patient)
+    agatston: float | None = None
+    category: int | None = None
+    row_number: int = 0  # 1-based data row number in the file (header is row 0)
+
+    @property
+    def where(self) -> str:
+        """How error messages name this row."""
+        return f"row {self.row_number} (scan_id={self.scan_id!r})"
+
+
+def _optional_path(base: Path, value: str) -> Path | None:
+    value = value.strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def parse_manifest(
+    path: str | os.PathLike, *, check_files: bool = True
+) -> tuple[list[ManifestRow], list[ManifestError]]:
+    """Parses a manifest, returning the valid rows and one error per invalid row.
+
+    Problems with the file as a whole (missing, no header, missing columns) raise `ManifestError`.
+    Row problems (unknown protocol, empty ids, missing files when `check_files`, duplicate
+    scan ids, bad numbers) are collected so a batch job can report them and go on (`--skip-bad`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, "manifest file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(path, f"cannot read manifest: {err}") from err
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None:
+        raise ManifestError(path, "manifest is empty (no header row)")
+    fieldnames = [name.strip() for name in reader.fieldnames]
+    missing = [c for c in REQUIRED_COLUMNS if c not in fieldnames]
+    if missing:
+        raise ManifestError(path, f"manifest lacks required column(s) {', '.join(missing)}; "
+                                  f"expected {', '.join(REQUIRED_COLUMNS)}")
+    base = path.parent
+    rows: list[ManifestRow] = []
+    errors: list[ManifestError] = []
+    seen_scan_ids: dict[str, int] = {}
+    for number, raw in enumerate(reader, start=1):
+        record = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        scan_id = record.get("scan_id", "")
+        where = f"row {number} (scan_id={scan_id!r})"
+        try:
+            rows.append(_parse_row(record, path, number, where, check_files, seen_scan_ids))
+        except ManifestError as err:
+            errors.append(err)
+    if not rows and not errors:
+        raise ManifestError(path, "manifest has a header but no rows")
+    return rows, errors
+
+
+def _parse_row(record: dict[str, str], manifest_path: Path, number: int, where: str,
+               check_files: bool, seen_scan_ids: dict[str, int]) -> ManifestRow:
+    base = manifest_path.parent
+
+    def fail(problem: str) -> ManifestError:
+        return ManifestError(manifest_path, f"{where}: {problem}")
+
+    for column in ("patient_id", "scan_id", "image"):
+        if not record.get(column):
+            raise fail(f"empty {column}")
+    scan_id = record["scan_id"]
+    if scan_id in seen_scan_ids:
+        raise fail(f"duplicate scan_id (also on row {seen_scan_ids[scan_id]})")
+    protocol = record.get("protocol", "").lower()
+    if protocol not in PROTOCOLS:
+        raise fail(f"unknown protocol {record.get('protocol', '')!r}; expected one of "
+                   f"{', '.join(PROTOCOLS)}")
+    split_value = record.get("split", "").lower()
+    split = None
+    if split_value:
+        if split_value not in _SPLIT_ALIASES:
+            raise fail(f"unknown split {record['split']!r}; expected one of {', '.join(SPLITS)} "
+                       "or empty")
+        split = _SPLIT_ALIASES[split_value]
+    agatston = None
+    if record.get("agatston"):
+        try:
+            agatston = float(record["agatston"])
+        except ValueError:
+            raise fail(f"agatston {record['agatston']!r} is not a number") from None
+        if not math.isfinite(agatston) or agatston < 0:
+            raise fail(f"agatston {record['agatston']!r} must be a finite number >= 0")
+    category = None
+    if record.get("category"):
+        try:
+            category = int(record["category"])
+        except ValueError:
+            raise fail(f"category {record['category']!r} is not an integer") from None
+        if category < 0:
+            raise fail(f"category {category} must be >= 0")
+    image = _optional_path(base, record["image"])
+    calcium_labels = _optional_path(base, record.get("calcium_labels", ""))
+    heart_mask = _optional_path(base, record.get("heart_mask", ""))
+    if check_files:
+        for column, value in (("image", image), ("calcium_labels", calcium_labels),
+                              ("heart_mask", heart_mask)):
+            if value is not None and not value.exists():
+                raise fail(f"{column} file not found: {value}")
+    seen_scan_ids[scan_id] = number
+    return ManifestRow(
+        patient_id=record["patient_id"], scan_id=scan_id, protocol=protocol, image=image,
+        calcium_labels=calcium_labels, heart_mask=heart_mask, site=record.get("site", ""),
+        split=split, agatston=agatston, category=category, row_number=number)
+
+
+def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> list[ManifestRow]:
+    """Parses a manifest and raises `ManifestError` on the first invalid row."""
+    rows, errors = parse_manifest(path, check_files=check_files)
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+        raise ManifestError(first.path, first.problem + more)
+    return rows
+
+
+def _relative(path: Path | None, base: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
+    except ValueError:  # different drives on Windows
+        return Path(path).as_posix()
+
+
+def write_manifest(path: str | os.PathLike, rows: Iterable[ManifestRow]) -> None:
+    """Writes rows as a manifest CSV (atomically), paths relative to the manifest's folder."""
+    path = Path(path)
+    base = path.parent
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+    for row in rows:
+        writer.writerow([
+            row.patient_id, row.scan_id, row.protocol, _relative(row.image, base),
+            _relative(row.calcium_labels, base), _relative(row.heart_mask, base), row.site,
+            row.split or "",
+            "" if row.agatston is None else f"{row.agatston:.4f}",
+            "" if row.category is None else str(row.category),
+        ])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def patients(rows: Sequence[ManifestRow]) -> list[str]:
+    """Patient ids in first-seen order."""
+    return list(dict.fromkeys(row.patient_id for row in rows))
