@@ -83,7 +83,6 @@ def parse_manifest(
     if missing:
         raise ManifestError(path, f"manifest lacks required column(s) {', '.join(missing)}; "
                                   f"expected {', '.join(REQUIRED_COLUMNS)}")
-    base = path.parent
     rows: list[ManifestRow] = []
     errors: list[ManifestError] = []
     seen_scan_ids: dict[str, int] = {}
