@@ -1,0 +1,24 @@
+"""Atomic writes leave either the old file or the new one, never a partial one."""
+
+import pytest
+
+from data_pipeline.atomic import atomic_path, atomic_write_text
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    target = tmp_path / "mask.nii.gz"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.name.endswith(".nii.gz")  # writers that choose the format by suffix still work
+        tmp.write_text("partial")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
