@@ -1,0 +1,99 @@
+"""`cac-jax score`: Agatston score, volume, mass and category of one study from its label file.
+
+Prints the JSON object of DESIGN.md ("Agatston contract") on stdout, writes it atomically to
+`--json OUT` when given, and repeats its warnings on stderr for a reader at the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+EPILOG = """\
+IMAGE and LABELS are each a DICOM folder or a file SimpleITK reads (.mhd, .nii, .nii.gz, .nrrd).
+Labels: 0 none, 1 LAD (with left main), 2 LCX, 3 RCA, 4 other coronary; 5 and above are
+non-coronary and never scored (orCaScore format). Bad input exits with code 2 and one line on
+stderr naming the file.
+
+example:
+  cac-jax score --image study/dicom --labels study/calcium_labels.nii.gz --json score.json
+"""
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds the `score` subcommand to the `cac-jax` parser."""
+    parser = subparsers.add_parser(
+        "score",
+        help="Agatston score, volume, mass and CAC category of a study from its calcium labels",
+        description="Scores coronary calcium by the Agatston contract (DESIGN.md): voxels labelled\n"
+                    "1-4 at >= 130 HU; 2D 8-connected lesions per slice and label; lesions of at\n"
+                    "least --min-area-mm2; weights 1-4 by each lesion's peak HU; the sum scaled by\n"
+                    "slice spacing / 3 mm. Prints one JSON object (agatston, volume_mm3, mass_mg,\n"
+                    "category, category_name, per_artery, lesions, spacing_zyx_mm, warnings).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--image", required=True, metavar="IMAGE",
+                        help="CT study: a DICOM folder or an image file (.mhd, .nii.gz, .nrrd)")
+    parser.add_argument("--labels", required=True, metavar="LABELS",
+                        help="calcium label image with the image's geometry (DICOM folder or file; "
+                             "1 LAD, 2 LCX, 3 RCA, 4 other coronary, >= 5 ignored)")
+    parser.add_argument("--json", metavar="OUT", default=None,
+                        help="also write the JSON object to this file (atomically)")
+    parser.add_argument("--min-area-mm2", type=_non_negative_float, default=1.0, metavar="A",
+                        help="smallest lesion area that counts, in mm^2 (default: 1.0)")
+    parser.add_argument("--calibration", type=_positive_float, default=None, metavar="F",
+                        help="mass calibration factor in mg per (HU * mm^3), from a calibration "
+                             "phantom (about 0.00075 at 120 kVp); without it mass_mg is null")
+    parser.add_argument("--five-class", action="store_true",
+                        help="categories 0, 1-10, 11-100, 101-400, >400 instead of the paper's "
+                             "0, 1-100, 101-400, >400")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Scores the study, prints the JSON object and writes it to `--json` when given."""
+    import json
+
+    from cac_jax.scoring import score_study
+    from data_pipeline.atomic import atomic_write_text
+    from data_pipeline.errors import InputError
+
+    result = score_study(
+        args.image, args.labels,
+        min_area_mm2=args.min_area_mm2,
+        calibration_mg_per_hu_mm3=args.calibration,
+        five_class=args.five_class,
+    )
+    text = json.dumps(result.to_json_dict(), indent=2)
+    if args.json:
+        try:
+            atomic_write_text(args.json, text + "\n")
+        except OSError as err:
+            raise InputError(args.json, f"cannot write the JSON output: {err.strerror or err}") \
+                from err
+    print(text)
+    for warning in result.warnings:
+        print(f"cac-jax score: warning: {warning}", file=sys.stderr)
+    return 0
