@@ -1,0 +1,117 @@
+"""`cac-jax synth`: generate a synthetic cohort of paired gated CAC and ungated CTAC chest CTs.
+
+Writes real DICOM series, calcium label maps and heart masks (.nii.gz), optional preview PNGs and
+a manifest with the true Agatston scores (see data_pipeline.phantom).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+Layout: OUT/manifest.csv; OUT/<patient_id>/<protocol>/dicom/*.dcm;
+OUT/<patient_id>/<protocol>/calcium_labels.nii.gz and heart_mask.nii.gz;
+OUT/previews/<scan_id>.png with --preview. Labels: 1 LAD (incl. left main), 2 LCX, 3 RCA,
+5 aortic calcium, 6 valve calcium, 7 other non-coronary calcium (costal cartilage); bone is
+not labelled. Deterministic per --seed; patient k is the same whatever --patients is.
+
+example:
+  cac-jax synth --out demo_cohort --patients 40 --size 256 --seed 0 --preview --workers 2
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be >= 32 pixels, got {value}")
+    return value
+
+
+def _protocols(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    if not names or any(n not in ("cac", "ctac") for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of cac,ctac, got {text!r}")
+    return names
+
+
+def _proportions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 4 comma-separated numbers, got {text!r}") from None
+    if len(values) != 4 or any(not (v >= 0) or v == float("inf") for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected 4 non-negative numbers with a positive sum (categories 0, 1-100, 101-400, "
+            f">400), got {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds the `synth` subcommand to the `cac-jax` parser."""
+    parser = subparsers.add_parser(
+        "synth",
+        help="generate a synthetic cohort of paired gated CAC and ungated CTAC chest CT scans",
+        description="Renders synthetic patients (anatomy, coronary plaques, aortic/valve/cartilage "
+                    "calcium) imaged by an ECG-gated CAC protocol and an ungated low-dose CTAC "
+                    "protocol, with ground-truth labels and true Agatston scores.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--patients", type=_positive_int, required=True, help="number of patients")
+    parser.add_argument("--protocols", type=_protocols, default=("cac", "ctac"),
+                        help="comma-separated protocols to write (default cac,ctac)")
+    parser.add_argument("--size", type=_size, default=512,
+                        help="pixels per image side; the field of view is fixed, so smaller sizes "
+                             "mean larger pixels (default 512)")
+    parser.add_argument("--seed", type=_seed, default=0, help="cohort seed (default 0)")
+    parser.add_argument("--preview", action="store_true", help="also write a preview PNG per scan")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="parallel worker processes (default 1)")
+    parser.add_argument("--proportions", type=_proportions, default=(0.25, 0.25, 0.25, 0.25),
+                        metavar="P0,P1,P2,P3",
+                        help="shares of CAC categories 0, 1-100, 101-400, >400 (default equal)")
+    parser.add_argument("--ctac-overlap", action="store_true",
+                        help="reconstruct CTAC as overlapping 5 mm slices every 2.5 mm")
+    parser.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    """Generates the cohort and prints a one-line summary per category."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from data_pipeline.phantom import generate_cohort
+
+    with tqdm(total=args.patients, unit="patient", desc="synth") as bar:
+        rows = generate_cohort(args.out, patients=args.patients, protocols=args.protocols,
+                               size=args.size, seed=args.seed, preview=args.preview,
+                               category_proportions=args.proportions, workers=args.workers,
+                               ctac_overlap=args.ctac_overlap, progress=bar.update)
+    for protocol in args.protocols:
+        counts = Counter(row.category for row in rows if row.protocol == protocol)
+        summary = ", ".join(f"category {c}: {counts.get(c, 0)}" for c in range(4))
+        print(f"{protocol}: {summary}")
+    print(f"wrote {len(rows)} scans and {args.out}/manifest.csv")
+    return 0

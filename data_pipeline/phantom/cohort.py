@@ -1,0 +1,388 @@
+"""Synthetic patients and cohorts: paired gated CAC and ungated CTAC scans with ground truth.
+
+One patient = one anatomy (`anatomy.sample_anatomy`) and one set of calcifications, imaged by
+both protocols. The patient's target CAC category is met on the *gated CAC* scan: coronary
+plaques are taken from an ordered candidate list (`plaques.coronary_candidates`) until the
+Agatston score that `cac_jax.scoring.agatston_score` measures on the rendered, noisy CAC image
+(with the expert-style labels of `render.compose`) lies in the target category; the last plaque
+is shrunk or swapped when one plaque overshoots. The CTAC scan renders the same calcium with its
+own resolution, noise and motion, and its true score is measured on its own image: it may fall in
+another category, which is the point of the paper.
+
+Determinism: every random draw comes from `numpy.random.SeedSequence(patient_seed)` streams, and
+`patient_seed(seed, k)` depends only on the cohort seed and the patient index, so patient k is the
+same whatever the cohort size. Categories are assigned in shuffled blocks (`assign_categories`),
+so every complete block has exactly the requested proportions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.manifest import ManifestRow, write_manifest
+from data_pipeline.phantom import plaques as plaque_lib
+from data_pipeline.phantom import render
+from data_pipeline.phantom.anatomy import Anatomy, sample_anatomy
+
+PROTOCOLS = ("cac", "ctac")
+DEFAULT_PROPORTIONS = (0.25, 0.25, 0.25, 0.25)
+SITE = "synthetic"
+MANUFACTURER = "cac-jax synthetic phantom"
+_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# SeedSequence children of a patient: one stream per purpose, so adding draws to one part never
+# changes another.
+_STREAMS = ("anatomy", "category", "coronary", "noncoronary", "cac", "ctac", "cac-noise",
+            "ctac-noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticScan:
+    """One rendered scan in memory, with its ground truth."""
+
+    volume: object                  # data_pipeline.io.CTVolume (HU rounded to integers)
+    calcium_labels: np.ndarray      # int16 (z, y, x): 0, 1 LAD, 2 LCX, 3 RCA, 5 aorta, 6 valve, 7 other
+    heart_mask: np.ndarray          # uint8 (z, y, x): the pericardial sac (heart silhouette)
+    agatston: float                 # true Agatston score of this scan (scorer on its own image)
+    category: int                   # cac_category(agatston)
+    patient_id: str
+    scan_id: str
+    protocol: str = ""
+    target_category: int = 0        # the patient's designed category (met by the CAC scan)
+    calcifications: tuple = ()      # the patient's Calcification objects (world mm)
+
+
+def patient_seed(seed: int, index: int) -> int:
+    """The seed of patient `index` in a cohort generated with `seed` (independent of N)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def patient_id_for(seed: int, index: int) -> str:
+    """The patient id of patient `index` in a cohort generated with `seed`."""
+    return f"syn{int(seed)}-{int(index):04d}"
+
+
+def _check_proportions(proportions: Sequence[float]) -> np.ndarray:
+    p = np.asarray(proportions, dtype=np.float64)
+    if p.shape != (4,) or not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise ValueError(f"category proportions must be 4 non-negative numbers with a positive "
+                         f"sum (categories 0, 1-100, 101-400, >400), got {list(proportions)}")
+    return p / p.sum()
+
+
+def _block(p: np.ndarray) -> list[int]:
+    """The smallest multiset of categories with exactly proportions `p` (at most 100 items;
+    largest-remainder rounding beyond that)."""
+    for size in range(1, 101):
+        counts = p * size
+        if np.allclose(counts, np.round(counts), atol=1e-6):
+            counts = np.round(counts).astype(int)
+            break
+    else:
+        size = 100
+        counts = np.floor(p * size).astype(int)
+        rest = np.argsort(-(p * size - counts), kind="stable")[: size - counts.sum()]
+        counts[rest] += 1
+    return [c for c, n in enumerate(counts) for _ in range(n)]
+
+
+def assign_categories(seed: int, patients: int, proportions=DEFAULT_PROPORTIONS) -> list[int]:
+    """Target CAC category of each patient: shuffled blocks with exactly `proportions`.
+
+    Patient k's category depends only on (seed, k, proportions), not on the cohort size; any
+    cohort that is a whole number of blocks (4 patients for equal proportions) has exactly the
+    requested proportions, and any other is off by less than one block.
+    """
+    block = _block(_check_proportions(proportions))
+    out = []
+    for b in range(math.ceil(patients / len(block))):
+        rng = np.random.default_rng([int(seed), b, 7919])
+        out.extend(int(c) for c in rng.permutation(block))
+    return out[:patients]
+
+
+def _streams(seed: int) -> dict[str, np.random.Generator]:
+    children = np.random.SeedSequence(int(seed)).spawn(len(_STREAMS))
+    return {name: np.random.default_rng(child) for name, child in zip(_STREAMS, children)}
+
+
+def _volume(hu: np.ndarray, grid: render.Grid, protocol: render.Protocol, patient_id: str,
+            scan_id: str):
+    from data_pipeline.io import CTVolume, StudyMetadata
+
+    metadata = StudyMetadata(
+        source=f"synthetic:{scan_id}", modality="CT", patient_id=patient_id,
+        series_description=protocol.series_description, slice_thickness_mm=protocol.thickness_mm,
+        kvp=protocol.kvp, manufacturer=MANUFACTURER, ecg_gated=protocol.ecg_gated,
+        protocol=protocol.name)
+    return CTVolume(hu=hu, spacing_zyx_mm=grid.spacing_zyx_mm, origin_xyz_mm=grid.origin_xyz_mm,
+                    direction=_DIRECTION, metadata=metadata)
+
+
+def _score(hu: np.ndarray, labels: np.ndarray, grid: render.Grid) -> float:
+    from cac_jax.scoring import agatston_score
+
+    return float(agatston_score(hu, labels, grid.spacing_zyx_mm,
+                                slice_thickness_mm=grid.thickness_mm).agatston)
+
+
+@dataclasses.dataclass
+class _Scene:
+    """A protocol's rendering state: grid, blurred noisy anatomy, heart mask."""
+
+    protocol: render.Protocol
+    grid: render.Grid
+    anatomy_hu: np.ndarray
+    background: np.ndarray
+    heart_mask: np.ndarray
+
+
+def _scene(anat: Anatomy, protocol: render.Protocol, size: int, noise_rng) -> _Scene:
+    grid = render.make_grid(protocol, size)
+    image = render.render_anatomy(anat, grid, protocol)
+    background = render.noisy_background(image.hu, protocol, grid, noise_rng)
+    mask = (image.heart_occ >= 0.5).astype(np.uint8)
+    return _Scene(protocol, grid, image.hu, background, mask)
+
+
+def _design_coronary(anat: Anatomy, scene: _Scene, category: int, rng, others) -> list:
+    """Coronary plaques whose CAC-scan Agatston score lies in `category` (see module doc)."""
+    from cac_jax.scoring import cac_category
+
+    if category == 0:
+        return []
+    candidates = plaque_lib.coronary_candidates(anat, category, rng)
+    target = plaque_lib.target_score(category, rng)
+    cache: dict = {}
+
+    def patch(calc):
+        key = id(calc)
+        if key not in cache:
+            cache[key] = (calc, render.calcification_patch(calc, scene.grid, scene.protocol,
+                                                           scene.anatomy_hu))
+        return cache[key][1]
+
+    other_patches = [p for p in (patch(c) for c in others) if p is not None]
+
+    def score(chosen) -> float:
+        patches = other_patches + [p for p in (patch(c) for c in chosen) if p is not None]
+        region = render.patches_region(patches, scene.background.shape)
+        if region is None:
+            return 0.0
+        hu, labels = render.compose(scene.background, patches, region)
+        return _score(hu, labels, scene.grid)
+
+    for _attempt in range(4):
+        if score(candidates) >= target:
+            break
+        candidates = [c.scaled(1.3) for c in candidates]
+    else:
+        raise RuntimeError(f"could not reach an Agatston score of {target:.0f} with "
+                           f"{len(candidates)} plaques (category {category})")
+    lo, hi = 1, len(candidates)
+    while lo < hi:   # smallest prefix reaching the target
+        mid = (lo + hi) // 2
+        if score(candidates[:mid]) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = candidates[:lo]
+    if cac_category(score(chosen)) == category:
+        return chosen
+    # One plaque overshot the category: shrink it, or swap it for a later candidate.
+    head = chosen[:-1]
+    for factor in (0.85, 0.7, 0.55, 0.4, 0.3):
+        trial = head + [chosen[-1].scaled(factor)]
+        if cac_category(score(trial)) == category:
+            return trial
+    for alternative in candidates[lo:]:
+        for factor in (1.0, 0.7, 0.5, 0.35):
+            trial = head + [alternative.scaled(factor)]
+            if cac_category(score(trial)) == category:
+                return trial
+    raise RuntimeError(f"could not meet CAC category {category} (target {target:.0f})")
+
+
+def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
+            clip_to_heart: bool) -> SyntheticScan:
+    from cac_jax.scoring import cac_category
+
+    patches = [p for p in (render.calcification_patch(c, scene.grid, scene.protocol,
+                                                      scene.anatomy_hu) for c in calcs)
+               if p is not None]
+    hu, labels = render.compose(scene.background, patches)
+    if clip_to_heart:
+        # Motion smear can carry a plaque's footprint past the sac edge; coronary calcium is
+        # only marked inside the heart.
+        outside = (labels >= 1) & (labels <= 3) & (scene.heart_mask == 0)
+        labels[outside] = 0
+    agatston = _score(hu, labels, scene.grid)
+    scan_id = f"{patient_id}_{scene.protocol.name}"
+    return SyntheticScan(
+        volume=_volume(hu, scene.grid, scene.protocol, patient_id, scan_id),
+        calcium_labels=labels, heart_mask=scene.heart_mask, agatston=agatston,
+        category=cac_category(agatston), patient_id=patient_id, scan_id=scan_id,
+        protocol=scene.protocol.name, target_category=category, calcifications=tuple(calcs))
+
+
+def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size: int = 128, *,
+                   category: int | None = None, patient_id: str | None = None,
+                   ctac_overlap: bool = False) -> dict[str, SyntheticScan]:
+    """Renders one patient's scans in memory: {protocol: SyntheticScan}.
+
+    `category` is the target CAC category (0-3) met by the gated scan; None draws it from the
+    patient's own seed (equal proportions). The CAC scan is always rendered (the plaque design is
+    measured on it) and returned only when asked for.
+    """
+    for name in protocols:
+        if name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    streams = _streams(patient_seed)
+    if category is None:
+        category = int(streams["category"].integers(0, 4))
+    if category not in (0, 1, 2, 3):
+        raise ValueError(f"category must be 0, 1, 2 or 3, got {category}")
+    patient_id = patient_id or f"syn-{patient_seed}"
+    anat = sample_anatomy(streams["anatomy"])
+    others = plaque_lib.noncoronary_calcifications(anat, category, streams["noncoronary"])
+    cac_protocol = render.sample_protocol("cac", anat, streams["cac"])
+    ctac_protocol = render.sample_protocol("ctac", anat, streams["ctac"], ctac_overlap=ctac_overlap)
+    cac = _scene(anat, cac_protocol, size, streams["cac-noise"])
+    coronary = _design_coronary(anat, cac, category, streams["coronary"], others)
+    calcs = list(others) + list(coronary)
+    out = {}
+    if "cac" in protocols:
+        scan = _finish(cac, calcs, patient_id, category, clip_to_heart=False)
+        if scan.category != category:
+            raise RuntimeError(f"{scan.scan_id}: designed category {category} but the rendered "
+                               f"scan scores {scan.agatston:.1f}")
+        out["cac"] = scan
+    if "ctac" in protocols:
+        ctac = _scene(anat, ctac_protocol, size, streams["ctac-noise"])
+        out["ctac"] = _finish(ctac, calcs, patient_id, category, clip_to_heart=True)
+    return {name: out[name] for name in protocols}
+
+
+def render_scan(patient_seed: int, protocol: str, size: int = 128, *, category: int | None = None,
+                patient_id: str | None = None, ctac_overlap: bool = False) -> SyntheticScan:
+    """One synthetic scan in memory, no files (the same scan `generate_cohort` writes for
+    `patient_seed(seed, k)` with `category=assign_categories(seed, N, ...)[k]`)."""
+    return render_patient(patient_seed, (protocol,), size, category=category,
+                          patient_id=patient_id, ctac_overlap=ctac_overlap)[protocol]
+
+
+# --------------------------------------------------------------------------- writing
+
+def _write_dicom_atomic(volume, folder: Path, series_number: int, uid_seed: str) -> None:
+    """Writes the series into a fresh folder, then swaps it in, so a rerun never mixes slices."""
+    from data_pipeline.io import write_dicom_series
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dicom.", dir=folder.parent))
+    try:
+        write_dicom_series(volume, tmp, series_number=series_number, uid_seed=uid_seed)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=".dicom-old.", dir=folder.parent))
+            os.replace(folder, old / "dicom")
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    out_dir: str
+    index: int
+    seed: int
+    category: int
+    protocols: tuple[str, ...]
+    size: int
+    preview: bool
+    ctac_overlap: bool
+
+
+def _run_job(job: _Job) -> list[ManifestRow]:
+    from data_pipeline.io import write_volume
+
+    out = Path(job.out_dir)
+    pid = patient_id_for(job.seed, job.index)
+    scans = render_patient(patient_seed(job.seed, job.index), job.protocols, job.size,
+                           category=job.category, patient_id=pid, ctac_overlap=job.ctac_overlap)
+    rows = []
+    for number, (name, scan) in enumerate(scans.items(), start=1):
+        folder = out / pid / name
+        dicom = folder / "dicom"
+        _write_dicom_atomic(scan.volume, dicom, series_number=number,
+                            uid_seed=f"cac-jax-synth:{job.seed}:{scan.scan_id}:{job.size}")
+        labels = folder / "calcium_labels.nii.gz"
+        mask = folder / "heart_mask.nii.gz"
+        write_volume(labels, scan.calcium_labels, like=scan.volume)
+        write_volume(mask, scan.heart_mask, like=scan.volume)
+        if job.preview:
+            from data_pipeline.phantom.preview import save_preview
+
+            save_preview(scan, out / "previews" / f"{scan.scan_id}.png")
+        rows.append(ManifestRow(patient_id=pid, scan_id=scan.scan_id, protocol=name, image=dicom,
+                                calcium_labels=labels, heart_mask=mask, site=SITE, split=None,
+                                agatston=round(scan.agatston, 4), category=scan.category))
+    return rows
+
+
+def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 512, seed: int = 0,
+                    preview: bool = False, category_proportions=DEFAULT_PROPORTIONS,
+                    workers: int = 1, ctac_overlap: bool = False,
+                    progress: Callable[[int], None] | None = None) -> list[ManifestRow]:
+    """Generates `patients` synthetic patients into `out_dir` and writes `out_dir/manifest.csv`.
+
+    Layout: OUT/<patient_id>/<protocol>/dicom/*.dcm, .../calcium_labels.nii.gz,
+    .../heart_mask.nii.gz, OUT/previews/<scan_id>.png (with `preview`), OUT/manifest.csv (true
+    Agatston and category of every scan, site "synthetic", split empty). `workers` > 1 renders
+    patients in parallel processes; `progress(n)` is called as each patient finishes.
+    Returns the manifest rows.
+    """
+    if patients < 1:
+        raise ValueError(f"patients must be >= 1, got {patients}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    protocols = tuple(protocols)
+    if not protocols or any(p not in PROTOCOLS for p in protocols) or len(set(protocols)) != len(protocols):
+        raise ValueError(f"protocols must be distinct values of {PROTOCOLS}, got {protocols}")
+    categories = assign_categories(seed, patients, category_proportions)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [_Job(str(out), k, int(seed), categories[k], protocols, int(size), bool(preview),
+                 bool(ctac_overlap)) for k in range(patients)]
+    results: dict[int, list[ManifestRow]] = {}
+    if workers <= 1:
+        for job in jobs:
+            results[job.index] = _run_job(job)
+            if progress:
+                progress(1)
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")   # safe with threads (JAX, BLAS) in parent
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(_run_job, job): job.index for job in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                if progress:
+                    progress(1)
+    rows = [row for k in range(patients) for row in results[k]]
+    write_manifest(out / "manifest.csv", rows)
+    return rows

@@ -1,0 +1,203 @@
+"""Synthetic cohort (data_pipeline.phantom): files round-trip, categories, determinism, geometry,
+and that a plain 130 HU threshold inside the heart is a poor scorer (more so on CTAC)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cac_jax.cli import main as cli_main
+from cac_jax.scoring import agatston_score, cac_category, score_study
+from data_pipeline.io import read_labels, read_study
+from data_pipeline.manifest import read_manifest
+from data_pipeline.phantom import (
+    assign_categories,
+    generate_cohort,
+    patient_seed,
+    render_patient,
+    render_scan,
+)
+from data_pipeline.phantom.render import _ellipsoid_sdf
+
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def small_cohort():
+    """8 patients (two of each designed category) at 96 px, both protocols, in memory."""
+    categories = assign_categories(SEED, 8)
+    return [render_patient(patient_seed(SEED, k), ("cac", "ctac"), 96, category=categories[k],
+                           patient_id=f"p{k}") for k in range(8)]
+
+
+def test_cli_writes_cohort_that_round_trips(tmp_path):
+    out = tmp_path / "cohort"
+    code = cli_main(["synth", "--out", str(out), "--patients", "2", "--size", "64", "--seed", "3",
+                     "--preview"])
+    assert code == 0
+    rows = read_manifest(out / "manifest.csv")
+    assert [r.scan_id for r in rows] == ["syn3-0000_cac", "syn3-0000_ctac", "syn3-0001_cac",
+                                         "syn3-0001_ctac"]
+    categories = assign_categories(3, 2)
+    for row in rows:
+        assert row.site == "synthetic" and row.split is None
+        assert (out / "previews" / f"{row.scan_id}.png").stat().st_size > 1000
+        volume = read_study(row.image)
+        k = int(row.patient_id.split("-")[1])
+        expected = render_scan(patient_seed(3, k), row.protocol, 64, category=categories[k],
+                               patient_id=row.patient_id)
+        assert volume.hu.shape == expected.volume.hu.shape
+        assert np.abs(volume.hu - expected.volume.hu).max() <= 0.5
+        assert np.allclose(volume.spacing_zyx_mm, expected.volume.spacing_zyx_mm, atol=1e-4)
+        assert np.allclose(volume.origin_xyz_mm, expected.volume.origin_xyz_mm, atol=1e-3)
+        assert volume.metadata.protocol == row.protocol
+        assert volume.metadata.ecg_gated is (row.protocol == "cac")
+        labels = read_labels(row.calcium_labels, like=volume)
+        assert np.array_equal(labels, expected.calcium_labels)
+        mask = read_labels(row.heart_mask, like=volume)
+        assert set(np.unique(mask)) == {0, 1}
+        rescored = score_study(row.image, row.calcium_labels)
+        assert rescored.agatston == pytest.approx(row.agatston, abs=1e-3)
+        assert rescored.category == row.category
+        if row.protocol == "cac":
+            assert row.category == categories[k]
+
+
+def test_rerun_into_same_folder_replaces_series(tmp_path):
+    generate_cohort(tmp_path, patients=1, protocols=("cac",), size=48, seed=5)
+    rows = generate_cohort(tmp_path, patients=1, protocols=("cac",), size=32, seed=5)
+    volume = read_study(rows[0].image)
+    assert volume.hu.shape[1:] == (32, 32)
+    assert len(list(rows[0].image.glob("*.dcm"))) == volume.hu.shape[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_cli_rejects_bad_proportions(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli_main(["synth", "--out", str(tmp_path), "--patients", "2", "--proportions", "1,2"])
+    assert err.value.code == 2
+    assert "proportions" in capsys.readouterr().err
+
+
+def test_category_assignment_is_exact_per_block_and_independent_of_n():
+    assert Counter(assign_categories(SEED, 8)) == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert Counter(assign_categories(1, 10, (0.4, 0.2, 0.2, 0.2))) == {0: 4, 1: 2, 2: 2, 3: 2}
+    assert Counter(assign_categories(1, 6, (0.5, 0.5, 0, 0))) == {0: 3, 1: 3}
+    assert assign_categories(SEED, 5)[:2] == assign_categories(SEED, 2)
+    with pytest.raises(ValueError, match="proportions"):
+        assign_categories(SEED, 4, (1, -1, 0, 0))
+
+
+def test_cac_scans_cover_requested_categories(small_cohort):
+    cac = [patient["cac"] for patient in small_cohort]
+    assert Counter(scan.category for scan in cac) == {0: 2, 1: 2, 2: 2, 3: 2}
+    for scan in cac:
+        assert scan.category == scan.target_category
+        # The stored score is the scorer's on the scan's own image and labels.
+        result = agatston_score(scan.volume.hu, scan.calcium_labels, scan.volume.spacing_zyx_mm)
+        assert result.agatston == pytest.approx(scan.agatston)
+        assert cac_category(scan.agatston) == scan.category
+
+
+def test_ctac_images_the_same_calcium_differently(small_cohort):
+    """Paired design: same plaques in both scans, but the CTAC's own score can differ."""
+    for patient in small_cohort:
+        assert patient["ctac"].calcifications == patient["cac"].calcifications
+    changed = [p["ctac"].category != p["cac"].category for p in small_cohort]
+    assert 1 <= sum(changed) < len(changed)
+
+
+def test_same_seed_same_scan_and_patient_independent_of_cohort_size(tmp_path):
+    a = render_scan(patient_seed(7, 1), "ctac", 48, category=2)
+    b = render_scan(patient_seed(7, 1), "ctac", 48, category=2)
+    assert np.array_equal(a.volume.hu, b.volume.hu)
+    assert np.array_equal(a.calcium_labels, b.calcium_labels)
+    small = generate_cohort(tmp_path / "n2", patients=2, protocols=("cac",), size=40, seed=7)
+    large = generate_cohort(tmp_path / "n3", patients=3, protocols=("cac",), size=40, seed=7)
+    assert small[1].scan_id == large[1].scan_id
+    assert small[1].agatston == large[1].agatston
+    vol_small, vol_large = read_study(small[1].image), read_study(large[1].image)
+    assert np.array_equal(vol_small.hu, vol_large.hu)
+    other = render_scan(patient_seed(8, 1), "cac", 40, category=small[1].category)
+    assert other.volume.hu.shape != vol_small.hu.shape or not np.array_equal(other.volume.hu,
+                                                                             vol_small.hu)
+
+
+def test_ctac_overlapping_reconstruction():
+    scan = render_scan(patient_seed(SEED, 3), "ctac", 48, category=3, ctac_overlap=True)
+    assert scan.volume.spacing_zyx_mm[0] == 2.5
+    assert scan.volume.metadata.slice_thickness_mm == 5.0
+    assert 60 <= scan.volume.hu.shape[0] <= 100
+    result = agatston_score(scan.volume.hu, scan.calcium_labels, scan.volume.spacing_zyx_mm,
+                            slice_thickness_mm=5.0)
+    assert result.agatston == pytest.approx(scan.agatston)
+
+
+def test_geometry_and_densities(small_cohort):
+    for patient in small_cohort:
+        cac, ctac = patient["cac"], patient["ctac"]
+        for scan in (cac, ctac):
+            assert scan.calcium_labels.dtype == np.int16 and scan.heart_mask.dtype == np.uint8
+            assert set(np.unique(scan.calcium_labels)) <= {0, 1, 2, 3, 5, 6, 7}
+            assert np.all(scan.volume.hu[scan.calcium_labels > 0] >= 130)
+            hu = scan.volume.hu
+            # Air outside the body, lungs around -850, bone cortex 700-1200 HU (+ noise).
+            assert np.median(hu[:, 0, :]) < -900
+            assert 400 < np.percentile(hu, 99.95) < 1600
+        dz, dy, dx = cac.volume.spacing_zyx_mm
+        assert dz == 3.0 and cac.volume.metadata.slice_thickness_mm == 3.0
+        assert 60 <= cac.volume.hu.shape[0] <= 100
+        assert ctac.volume.metadata.slice_thickness_mm in (3.0, 4.0, 5.0)
+        assert 0.39 <= dy * 96 / 512 <= 0.71 and dx == dy    # 0.4-0.7 mm pixels at 512
+        assert ctac.volume.spacing_zyx_mm[1] > 1.4 * dy
+        # Gated scan: coronary labels lie inside the heart silhouette without any clipping.
+        coronary = (cac.calcium_labels >= 1) & (cac.calcium_labels <= 3)
+        assert np.all(cac.heart_mask[coronary] == 1)
+        heart_calcs = [c for c in cac.calcifications if c.coronary]
+        assert (len(heart_calcs) > 0) == (cac.target_category > 0)
+    heart_mask_fraction = np.mean([p["cac"].heart_mask.mean() for p in small_cohort])
+    assert 0.01 < heart_mask_fraction < 0.25
+
+
+def test_plaque_centres_inside_sac():
+    from data_pipeline.phantom.anatomy import sample_anatomy
+    from data_pipeline.phantom.cohort import _streams
+    from data_pipeline.phantom.plaques import coronary_candidates
+
+    for k in range(4):
+        streams = _streams(patient_seed(SEED, k))
+        anat = sample_anatomy(streams["anatomy"])
+        plaques = coronary_candidates(anat, 3, streams["coronary"])
+        centers = np.array([p.center for p in plaques])
+        u, v, w = anat.heart.to_local(centers[:, 0], centers[:, 1], centers[:, 2])
+        sdf = _ellipsoid_sdf(u, v, w, anat.heart.radii)
+        assert np.all(sdf < -1.0)
+        # LAD and LCX run in the epicardial fat, outside the myocardium (the left main and the
+        # ostial RCA leave the aortic root, which lies deeper).
+        on_surface = np.array([p.artery in ("LAD", "LCX") for p in plaques])
+        assert on_surface.sum() > 10
+        assert np.all(sdf[on_surface] > -anat.heart.fat_mm - 1.0)
+
+
+def test_naive_threshold_is_badly_wrong_more_so_on_ctac(small_cohort):
+    """HU >= 130 inside the true heart mask, all counted as coronary (the naive baseline)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    wrong = {"cac": 0, "ctac": 0}
+    truth = {"cac": [], "ctac": []}
+    naive = {"cac": [], "ctac": []}
+    for patient in small_cohort:
+        for name, scan in patient.items():
+            labels = ((scan.volume.hu >= 130) & (scan.heart_mask == 1)).astype(np.int16) * 4
+            score = agatston_score(scan.volume.hu, labels, scan.volume.spacing_zyx_mm).agatston
+            truth[name].append(scan.category)
+            naive[name].append(cac_category(score))
+            wrong[name] += cac_category(score) != scan.category
+    assert wrong["cac"] >= 1              # bone/valve calcium fools it even on gated scans
+    assert wrong["ctac"] >= 4             # noise and motion make it useless on CTAC
+    assert wrong["ctac"] > wrong["cac"]
+    kappa = {name: cohen_kappa_score(truth[name], naive[name], weights="linear")
+             for name in truth}
+    assert kappa["ctac"] < kappa["cac"]
