@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cac_jax.scoring import agatston_score, cac_category  # noqa: E402
+from cac_jax.baselines import threshold_score  # noqa: E402
+from cac_jax.scoring import cac_category  # noqa: E402
 from data_pipeline.atomic import atomic_write_text  # noqa: E402
 from data_pipeline.io import read_labels, read_study  # noqa: E402
 from data_pipeline.phantom import generate_cohort, patient_seed, render_patient  # noqa: E402
@@ -71,8 +72,7 @@ def naive_baseline(rows) -> dict:
                 continue
             volume = read_study(row.image)
             mask = read_labels(row.heart_mask, like=volume)
-            labels = ((volume.hu >= 130) & (mask == 1)).astype(np.int16) * 4
-            score = agatston_score(volume.hu, labels, volume.spacing_zyx_mm).agatston
+            score = threshold_score(volume.hu, mask, volume.spacing_zyx_mm).agatston
             truth.append(row.category)
             naive.append(cac_category(score))
         if not truth:

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from cac_jax.baselines import threshold_score
 from cac_jax.cli import main as cli_main
 from cac_jax.scoring import agatston_score, cac_category, score_study
 from data_pipeline.io import read_labels, read_study
@@ -190,8 +191,8 @@ def test_naive_threshold_is_badly_wrong_more_so_on_ctac(small_cohort):
     naive = {"cac": [], "ctac": []}
     for patient in small_cohort:
         for name, scan in patient.items():
-            labels = ((scan.volume.hu >= 130) & (scan.heart_mask == 1)).astype(np.int16) * 4
-            score = agatston_score(scan.volume.hu, labels, scan.volume.spacing_zyx_mm).agatston
+            score = threshold_score(scan.volume.hu, scan.heart_mask,
+                                    scan.volume.spacing_zyx_mm).agatston
             truth[name].append(scan.category)
             naive[name].append(cac_category(score))
             wrong[name] += cac_category(score) != scan.category
