@@ -1,0 +1,58 @@
+"""Data and input-pipeline settings: `data_config(task, local)` -> `config.data` (no TensorFlow).
+
+`cac_jax.config_defaults.get_base_config` puts this under `config.data`; `input_pipeline.make_dataset`
+reads it. Override from the command line as `--config.data.negative_fraction=0.2`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TASKS = ("calcium", "heart")
+
+
+def data_config(task: str = "calcium", local: bool = False) -> ml_collections.ConfigDict:
+    """The data settings for `task` ("calcium" | "heart"); `local` gives the tiny test variant."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    c = ml_collections.ConfigDict()
+    c.task = task
+    # Where `cac-jax ingest --data-dir D --name N` wrote the dataset (D/N/VERSION).
+    c.data_dir = "data/tfds"
+    c.name = "cac_ct"
+    c.version = "1.0.0"
+    # Seed of sampling, shuffling and augmentation; None -> the top-level `config.seed`.
+    c.seed = ml_collections.FieldReference(None, field_type=int)
+
+    # Sizes. Every sample is resampled (one affine per sample) onto an image_size x image_size grid
+    # at the scan's own pixel size: smaller scans are padded (weight 0), larger ones cropped.
+    # crop_size > 0 trains on random crop_size x crop_size crops instead (evaluation never crops).
+    c.image_size = 64 if local else 512
+    c.crop_size = 0
+    c.per_device_batch = 2 if local else 8
+    c.eval_per_device_batch = 2 if local else 8
+
+    # Majority-class subset sampling (paper): each epoch keeps this fraction of "positive" slices
+    # (calcium task: any annotated calcium; heart task: any heart) and re-draws this fraction of
+    # the others. 0.1 of the calcium-free slices is our choice (the paper gives no number).
+    if task == "calcium":
+        c.positive_fraction = 1.0
+        c.negative_fraction = 0.1
+    else:
+        c.positive_fraction = 1.0
+        c.negative_fraction = 0.5
+
+    # Augmentation (training only; anatomy-respecting: no left-right flips).
+    c.augment = ml_collections.ConfigDict()
+    c.augment.enabled = True
+    c.augment.rotation_deg = 10.0     # uniform in [-r, r]
+    c.augment.scale = 0.1             # zoom uniform in [1 - s, 1 + s]
+    c.augment.translate = 0.05        # shift uniform in [-t, t] of the image size, each axis
+    c.augment.intensity_scale = 0.05  # contrast: x * (1 + u), u in [-s, s]
+    c.augment.intensity_shift = 0.02  # brightness: x + u, u in [-s, s] (in [0, 1] units)
+    c.augment.noise_std = 0.01        # per-voxel noise std in [0, 1] units (~20 HU)
+
+    # tf.data: bounded private thread pool (0 -> min(8, CPUs)), batches prefetched ahead.
+    c.num_threads = 2 if local else 0
+    c.prefetch_batches = 2
+    return c

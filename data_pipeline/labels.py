@@ -1,0 +1,94 @@
+"""Training targets and model inputs from stored scans (numpy only; inference reuses it).
+
+DESIGN.md "Data flow" 3 and issue 4:
+- calcium classes: 0 background, 1 coronary calcium (label 1-4: LAD, LCX, RCA, undetermined), 2
+  non-coronary calcium (label >= 5: aorta, valves, other) and, in every file, any other voxel at
+  HU >= 130 that is not coronary (bone, noise), so the model learns to tell them apart. Issue 4 applies
+  the HU rule to every file, which wins over DESIGN.md's "where a file has no such annotation".
+- heart mask: any non-zero voxel is heart.
+- HU window: clip to [-800, 1200] HU and scale to [0, 1] (paper, "Preprocessing").
+- 3-slice windows: each axial slice with its two neighbours; the first and last slices repeat
+  themselves in place of the missing neighbour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Agatston 1990: calcium is 130 HU and above.
+CALCIUM_HU = 130.0
+# Paper, "Preprocessing": min-max thresholding between -800 HU and 1200 HU.
+HU_WINDOW = (-800.0, 1200.0)
+NUM_CALCIUM_CLASSES = 3  # background, coronary calcium, non-coronary calcium
+NUM_HEART_CLASSES = 2
+CORONARY_LABELS = (1, 2, 3, 4)  # Agatston contract: 1 LAD, 2 LCX, 3 RCA, 4 undetermined
+WINDOW = 3  # adjacent slices per sample (the centre and its two neighbours)
+
+
+def calcium_classes(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Maps an annotation label map and its HU volume to the 3 training classes (uint8).
+
+    1 where the label is coronary (1-4); 2 where the label is >= 5, or where the voxel is not
+    coronary and HU >= 130; 0 elsewhere.
+    """
+    labels = np.asarray(labels)
+    hu = np.asarray(hu)
+    if labels.shape != hu.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from HU shape {hu.shape}")
+    coronary = (labels >= 1) & (labels <= 4)
+    non_coronary = (labels >= 5) | (~coronary & (hu >= CALCIUM_HU))
+    classes = np.zeros(labels.shape, np.uint8)
+    classes[non_coronary] = 2
+    classes[coronary] = 1
+    return classes
+
+
+def heart_classes(mask: np.ndarray) -> np.ndarray:
+    """Heart mask to {0, 1} (uint8): any non-zero voxel is heart."""
+    return (np.asarray(mask) != 0).astype(np.uint8)
+
+
+def window_hu(hu: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Clips HU to [-800, 1200] and scales to [0, 1] (paper)."""
+    low, high = HU_WINDOW
+    hu = np.asarray(hu, dtype)
+    return ((np.clip(hu, low, high) - low) / (high - low)).astype(dtype, copy=False)
+
+
+def window_indices(num_slices: int, centres: np.ndarray | None = None) -> np.ndarray:
+    """Slice indices (n, 3) of each centre's window [z-1, z, z+1], edges repeating the edge slice.
+
+    `centres` defaults to every slice 0..num_slices-1, in order.
+    """
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    if centres is None:
+        centres = np.arange(num_slices)
+    centres = np.asarray(centres, np.int64)
+    if centres.size and (centres.min() < 0 or centres.max() >= num_slices):
+        raise ValueError(f"centre slice out of range [0, {num_slices})")
+    half = WINDOW // 2
+    offsets = np.arange(-half, half + 1)
+    return np.clip(centres[:, None] + offsets[None, :], 0, num_slices - 1)
+
+
+def slice_windows(volume: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
+    """The 3-slice windows of a (z, y, x) volume: (n, 3, y, x), edge slices repeated."""
+    volume = np.asarray(volume)
+    return volume[window_indices(volume.shape[0], centres)]
+
+
+def calcium_slices(labels: np.ndarray) -> np.ndarray:
+    """Per axial slice, whether the annotation marks any calcium (label > 0): bool (z,).
+
+    The sampler keeps every such slice each epoch (paper's majority-class subset sampling); bone
+    at HU >= 130 alone does not make a slice positive, else nearly every slice would be.
+    """
+    labels = np.asarray(labels)
+    return (labels.reshape(labels.shape[0], -1) > 0).any(axis=1)
+
+
+def heart_slices(mask: np.ndarray) -> np.ndarray:
+    """Per axial slice, whether the heart mask is present: bool (z,)."""
+    mask = np.asarray(mask)
+    return (mask.reshape(mask.shape[0], -1) != 0).any(axis=1)

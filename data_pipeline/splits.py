@@ -1,0 +1,192 @@
+"""Patient-level train/validation/test assignment (numpy only), as in the paper.
+
+Paper, "Methods": "A train-validation-internal testing split of 80:10:10 was used with equal number
+of cases from each CAC category in the internal validation and testing sets."
+
+Rules:
+- A patient is never in two splits (all of a patient's scans follow the patient).
+- When the manifest's `split` column is filled for a patient, it is used (and must agree across that
+  patient's rows). Patients without a split are assigned by the balanced rule below.
+- Balanced rule: validation and test each get round(10%) of the patients; they are filled round-robin
+  over the four CAC categories (0, 1-100, 101-400, >400), a random patient of each category in turn,
+  so each category has the same count (exactly when the target is a multiple of 4 and every category
+  has enough patients; otherwise as even as the cohort allows). The rest is training.
+- A patient's category: that of the patient's CAC (gated) scan when there is one, else the highest
+  category over the patient's scans (a CTAC-only patient). A scan's category comes from the
+  manifest's `category`, else its `agatston`, else `category_of(row)` (the builder scores the
+  reference labels). Patients whose category is unknown go to training.
+- Deterministic for a seed: the same manifest and seed give the same assignment.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.errors import ManifestError
+from data_pipeline.manifest import SPLITS, ManifestRow
+
+NUM_CATEGORIES = 4
+EVAL_FRACTION = 0.1  # paper: 80:10:10
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientSplit:
+    """Where one patient went, and why (for the audit file)."""
+
+    patient_id: str
+    split: str  # "train" | "validation" | "test"
+    category: int | None
+    source: str  # "manifest" (split column) | "balanced" (assigned here)
+    scan_ids: tuple[str, ...]
+
+
+def agatston_category(agatston: float) -> int:
+    """The paper's four categories: 0 -> 0, (0, 100] -> 1, (100, 400] -> 2, > 400 -> 3."""
+    if agatston <= 0:
+        return 0
+    if agatston <= 100:
+        return 1
+    if agatston <= 400:
+        return 2
+    return 3
+
+
+def scan_category(row: ManifestRow,
+                  category_of: Callable[[ManifestRow], int | None] | None = None) -> int | None:
+    """A scan's CAC category: the manifest's `category`, else from `agatston`, else `category_of`."""
+    if row.category is not None:
+        return min(int(row.category), NUM_CATEGORIES - 1)
+    if row.agatston is not None:
+        return agatston_category(row.agatston)
+    if category_of is not None:
+        return category_of(row)
+    return None
+
+
+def patient_category(rows: Sequence[ManifestRow],
+                     category_of: Callable[[ManifestRow], int | None] | None = None) -> int | None:
+    """One patient's category: the CAC scan's if known, else the highest over the scans."""
+    by_protocol = {}
+    known = []
+    for row in rows:
+        category = scan_category(row, category_of)
+        if category is not None:
+            known.append(category)
+            by_protocol.setdefault(row.protocol, category)
+    if "cac" in by_protocol:
+        return by_protocol["cac"]
+    return max(known) if known else None
+
+
+def assign_splits(rows: Sequence[ManifestRow], *, seed: int = 0,
+                  category_of: Callable[[ManifestRow], int | None] | None = None,
+                  eval_fraction: float = EVAL_FRACTION) -> list[PatientSplit]:
+    """Assigns every patient of `rows` to a split; returns one record per patient (first-seen order).
+
+    Raises `ManifestError` when one patient's rows name different splits.
+    """
+    by_patient: dict[str, list[ManifestRow]] = {}
+    for row in rows:
+        by_patient.setdefault(row.patient_id, []).append(row)
+
+    given: dict[str, str] = {}
+    for patient_id, patient_rows in by_patient.items():
+        named = {row.split for row in patient_rows if row.split}
+        if len(named) > 1:
+            where = ", ".join(f"{row.where}: {row.split or '(empty)'}" for row in patient_rows)
+            raise ManifestError(None, f"patient {patient_id!r} is in more than one split ({where}); "
+                                      "a patient's scans must share one split")
+        if named:
+            given[patient_id] = named.pop()
+
+    categories: dict[str, int | None] = {}
+    for patient_id, patient_rows in by_patient.items():
+        if patient_id in given:
+            # Only needed for the audit; do not score reference labels just for that.
+            categories[patient_id] = patient_category(patient_rows)
+        else:
+            categories[patient_id] = patient_category(patient_rows, category_of)
+
+    free = [p for p in by_patient if p not in given]
+    assigned = _balanced(free, categories, len(free), seed, eval_fraction)
+    out = []
+    for patient_id, patient_rows in by_patient.items():
+        split, source = (given[patient_id], "manifest") if patient_id in given else (
+            assigned[patient_id], "balanced")
+        out.append(PatientSplit(patient_id, split, categories[patient_id], source,
+                                tuple(row.scan_id for row in patient_rows)))
+    return out
+
+
+def _balanced(patients: Sequence[str], categories: dict[str, int | None], total: int, seed: int,
+              eval_fraction: float) -> dict[str, str]:
+    """Round-robin over categories for validation and test; the rest to train."""
+    rng = np.random.default_rng(seed)
+    target = int(round(eval_fraction * total))
+    pools: list[list[str]] = []
+    for category in range(NUM_CATEGORIES):
+        # Sorted then permuted: the result depends on the seed and the set of patients only.
+        members = sorted(p for p in patients if categories[p] == category)
+        pools.append([members[i] for i in rng.permutation(len(members))])
+    chosen: dict[str, list[str]] = {"validation": [], "test": []}
+    while True:
+        progressed = False
+        for pool in pools:
+            for split in ("validation", "test"):
+                if len(chosen[split]) < target and pool:
+                    chosen[split].append(pool.pop())
+                    progressed = True
+        if not progressed:
+            break
+    assignment = {p: "train" for p in patients}
+    for split, members in chosen.items():
+        for patient_id in members:
+            assignment[patient_id] = split
+    return assignment
+
+
+def scan_splits(assignment: Sequence[PatientSplit]) -> dict[str, str]:
+    """scan_id -> split, from a patient assignment."""
+    return {scan_id: record.split for record in assignment for scan_id in record.scan_ids}
+
+
+def write_split_audit(directory: str | os.PathLike, assignment: Sequence[PatientSplit], *,
+                      seed: int, manifest: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Writes `splits.json` and `splits.csv` (one row per scan) into `directory`, atomically."""
+    directory = Path(directory)
+    counts = {split: {"patients": 0, "scans": 0, "by_category": {}} for split in SPLITS}
+    for record in assignment:
+        entry = counts[record.split]
+        entry["patients"] += 1
+        entry["scans"] += len(record.scan_ids)
+        key = "unknown" if record.category is None else str(record.category)
+        entry["by_category"][key] = entry["by_category"].get(key, 0) + 1
+    document = {
+        "seed": seed,
+        "manifest": None if manifest is None else os.fspath(manifest),
+        "rule": "patient-level; manifest split column when given, else 80/10/10 with equal "
+                "numbers of each CAC category in validation and test (paper)",
+        "counts": counts,
+        "patients": [dataclasses.asdict(record) for record in assignment],
+    }
+    json_path = directory / "splits.json"
+    csv_path = directory / "splits.csv"
+    atomic_write_text(json_path, json.dumps(document, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["scan_id", "patient_id", "split", "patient_category", "source"])
+    for record in assignment:
+        for scan_id in record.scan_ids:
+            writer.writerow([scan_id, record.patient_id, record.split,
+                             "" if record.category is None else record.category, record.source])
+    atomic_write_text(csv_path, buffer.getvalue())
+    return json_path, csv_path

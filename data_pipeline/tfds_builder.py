@@ -1,0 +1,282 @@
+"""TFDS dataset of whole CT scans from a manifest (offline: local files only, no downloads).
+
+One dataset stores both label kinds, so one build serves the calcium and the heart task (the input
+pipeline picks the targets): per scan, HU as int16, the 3 training calcium classes (uint8, mapped by
+`data_pipeline.labels.calcium_classes` at build time), the heart mask (uint8 {0, 1}), per-slice
+"has calcium" / "has heart" flags for the sampler, spacing, protocol, ids, site, and the reference
+Agatston score and category. Scans are stored whole (not as 3-slice windows, which would triple the
+storage); the pipeline cuts windows. A scan without calcium labels or heart mask stores an empty
+(0, 0, 0) array and `has_calcium_labels` / `has_heart_mask` = False.
+
+Volumes are zlib-compressed records (`tfds.features.Tensor(..., encoding="zlib")`): CT compresses
+well and decoding happens once per scan when the pipeline loads it.
+
+Build: `cac-jax ingest --manifest M.csv --data-dir D [--name N] [--seed S] [--skip-bad]`, or
+`CacCtBuilder(data_dir=D, manifest_path=M, split_seed=S).download_and_prepare()`. The result lives in
+D/N/VERSION with `splits.json`/`splits.csv` (patient split assignment), `skipped.json` (rows left out
+with `--skip-bad`) and a copy of the manifest beside TFDS's own files. Read it back with
+`tfds.builder_from_directory(D/N/VERSION)` (no class needed) or `input_pipeline.make_dataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipeline import labels as labels_lib
+from data_pipeline import splits as splits_lib
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.errors import InputError, ManifestError
+from data_pipeline.manifest import SPLITS, ManifestRow, parse_manifest
+
+DEFAULT_NAME = "cac_ct"
+DATASET_VERSION = "1.0.0"
+_INT16 = np.iinfo(np.int16)
+
+
+def _volume(dtype) -> tfds.features.Tensor:
+    return tfds.features.Tensor(shape=(None, None, None), dtype=dtype, encoding="zlib")
+
+
+def features() -> tfds.features.FeaturesDict:
+    """The stored features of one scan."""
+    return tfds.features.FeaturesDict({
+        "scan_id": tfds.features.Text(),
+        "patient_id": tfds.features.Text(),
+        "protocol": tfds.features.Text(),  # "cac" | "ctac"
+        "site": tfds.features.Text(),
+        "hu": _volume(np.int16),  # (z, y, x) Hounsfield units, rounded
+        "calcium_class": _volume(np.uint8),  # (z, y, x) 0 background, 1 coronary, 2 non-coronary
+        "heart_mask": _volume(np.uint8),  # (z, y, x) {0, 1}
+        "calcium_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),  # annotated calcium
+        "heart_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+        "has_calcium_labels": tfds.features.Tensor(shape=(), dtype=np.bool_),
+        "has_heart_mask": tfds.features.Tensor(shape=(), dtype=np.bool_),
+        "num_slices": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "spacing_zyx_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        "agatston": tfds.features.Tensor(shape=(), dtype=np.float32),  # NaN when unknown
+        "category": tfds.features.Tensor(shape=(), dtype=np.int32),  # -1 when unknown
+    })
+
+
+def row_error(row: ManifestRow, manifest_path: os.PathLike | str, err: Exception,
+              column: str | None = None) -> ManifestError:
+    """A read error of one row's file as a `ManifestError` naming the manifest row (and column)."""
+    where = row.where if column is None else f"{row.where} {column}"
+    return ManifestError(manifest_path, f"{where}: {err}")
+
+
+def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
+    """Reads one manifest row into the stored example (numpy); errors name the row."""
+    from data_pipeline import io as io_lib
+
+    column = "image"
+    try:
+        volume = io_lib.read_study(row.image)
+        column = "calcium_labels"
+        calcium = None if row.calcium_labels is None else io_lib.read_labels(
+            row.calcium_labels, like=volume)
+        column = "heart_mask"
+        heart = None if row.heart_mask is None else io_lib.read_labels(row.heart_mask, like=volume)
+    except InputError as err:
+        raise row_error(row, manifest_path, err, column) from err
+    hu = volume.hu
+    empty = np.zeros((0, 0, 0), np.uint8)
+    num_slices = hu.shape[0]
+    agatston = row.agatston
+    category = row.category
+    if calcium is not None and agatston is None:
+        from cac_jax.scoring import agatston_score
+
+        agatston = agatston_score(hu, calcium, volume.spacing_zyx_mm).agatston
+    if category is None and agatston is not None:
+        category = splits_lib.agatston_category(agatston)
+    return {
+        "scan_id": row.scan_id,
+        "patient_id": row.patient_id,
+        "protocol": row.protocol,
+        "site": row.site,
+        "hu": np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16),
+        "calcium_class": empty if calcium is None else labels_lib.calcium_classes(calcium, hu),
+        "heart_mask": empty if heart is None else labels_lib.heart_classes(heart),
+        "calcium_slice": (np.zeros(num_slices, bool) if calcium is None
+                          else labels_lib.calcium_slices(calcium)),
+        "heart_slice": (np.zeros(num_slices, bool) if heart is None
+                        else labels_lib.heart_slices(heart)),
+        "has_calcium_labels": calcium is not None,
+        "has_heart_mask": heart is not None,
+        "num_slices": np.int32(num_slices),
+        "spacing_zyx_mm": np.asarray(volume.spacing_zyx_mm, np.float32),
+        "agatston": np.float32(math.nan if agatston is None else agatston),
+        "category": np.int32(-1 if category is None else category),
+    }
+
+
+def _category_from_labels(row: ManifestRow) -> int | None:
+    """A scan's category scored from its reference labels (rows without agatston/category)."""
+    if row.calcium_labels is None:
+        return None
+    from cac_jax.scoring import agatston_score
+    from data_pipeline import io as io_lib
+
+    volume = io_lib.read_study(row.image)
+    calcium = io_lib.read_labels(row.calcium_labels, like=volume)
+    return splits_lib.agatston_category(
+        agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
+
+
+class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Whole CT scans with calcium classes and heart masks, from a local manifest."""
+
+    name = DEFAULT_NAME
+    VERSION = tfds.core.Version(DATASET_VERSION)
+    RELEASE_NOTES = {DATASET_VERSION: "Whole scans; calcium classes and heart mask in one dataset."}
+
+    def __init__(self, *, manifest_path: str | os.PathLike | None = None, split_seed: int = 0,
+                 skip_bad: bool = False, progress: bool = True,
+                 on_skip: Callable[[str], None] | None = None, **kwargs):
+        # Set before the base __init__, which may call _info().
+        self.manifest_path = None if manifest_path is None else Path(manifest_path)
+        self.split_seed = int(split_seed)
+        self.skip_bad = skip_bad
+        self.progress = progress
+        self.on_skip = on_skip
+        self.skipped: list[dict[str, str]] = []
+        self.assignment: list[splits_lib.PatientSplit] = []
+        self._built_now = False
+        super().__init__(**kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        """None: an offline builder has no checksums file beside its code to look up.
+
+        (TFDS otherwise resolves the module as a package resource, which needs the optional
+        `importlib_resources` package.)
+        """
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # dataset_info_from_configs() needs a registered package's metadata; this works anywhere.
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=("Whole CT scans (HU int16), 3-class calcium labels, heart masks, spacing, "
+                         "protocol, ids and reference Agatston scores, from a cac-jax manifest."),
+            features=features(),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _skip(self, where: str, problem: str) -> None:
+        self.skipped.append({"row": where, "problem": problem})
+        if self.on_skip is not None:
+            self.on_skip(f"skipped {where}: {problem}")
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # offline: every file is local and named by the manifest
+        if self.manifest_path is None:
+            raise ManifestError(None, "building the dataset needs manifest_path")
+        rows, errors = parse_manifest(self.manifest_path)
+        if errors and not self.skip_bad:
+            more = f" (and {len(errors) - 1} more bad rows; --skip-bad skips them)" if len(
+                errors) > 1 else " (--skip-bad skips bad rows)"
+            raise ManifestError(errors[0].path, errors[0].problem + more)
+        for err in errors:
+            self._skip(str(err.problem).split(":")[0], str(err))
+        if not rows:
+            raise ManifestError(self.manifest_path, "no usable rows in the manifest")
+
+        def category_of(row: ManifestRow) -> int | None:
+            try:
+                return _category_from_labels(row)
+            except InputError as err:
+                if not self.skip_bad:
+                    raise row_error(row, self.manifest_path, err) from err
+                return None  # the row fails again (and is skipped) when its example is read
+
+        self.assignment = splits_lib.assign_splits(rows, seed=self.split_seed,
+                                                   category_of=category_of)
+        by_scan = splits_lib.scan_splits(self.assignment)
+        self._built_now = True
+        generators = {}
+        for split in SPLITS:
+            split_rows = [row for row in rows if by_scan[row.scan_id] == split]
+            if split_rows:
+                generators[split] = self._generate_examples(split, split_rows)
+        return generators
+
+    def _generate_examples(self, split: str, rows: list[ManifestRow]) -> Iterator[tuple[str, dict]]:
+        from tqdm import tqdm
+
+        for row in tqdm(rows, desc=f"ingest {split}", unit="scan", disable=not self.progress):
+            try:
+                example = read_row(row, self.manifest_path)
+            except ManifestError as err:
+                if not self.skip_bad:
+                    raise
+                self._skip(row.where, str(err))
+                continue
+            yield row.scan_id, example
+
+    def download_and_prepare(self, *args, **kwargs):
+        """Builds the dataset (if absent), then writes the audit files next to it."""
+        super().download_and_prepare(*args, **kwargs)
+        if self._built_now:
+            self.write_audit(Path(self.data_dir))
+
+    def write_audit(self, directory: Path) -> None:
+        """splits.json/.csv, skipped.json and a copy of the manifest, next to the dataset."""
+        splits_lib.write_split_audit(directory, self.assignment, seed=self.split_seed,
+                                     manifest=self.manifest_path)
+        atomic_write_text(directory / "skipped.json", json.dumps(self.skipped, indent=2) + "\n")
+        if self.manifest_path is not None:
+            shutil.copyfile(self.manifest_path, directory / "manifest.csv")
+
+
+def dataset_dir(data_dir: str | os.PathLike, name: str = DEFAULT_NAME,
+                version: str = DATASET_VERSION) -> Path:
+    """Where a built dataset lives: DATA_DIR/NAME/VERSION."""
+    return Path(data_dir).expanduser() / name / version
+
+
+def make_builder(data_dir: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
+                 name: str = DEFAULT_NAME, split_seed: int = 0, skip_bad: bool = False,
+                 progress: bool = True,
+                 on_skip: Callable[[str], None] | None = None) -> CacCtBuilder:
+    """A builder instance writing to DATA_DIR/NAME/VERSION (`name` gives the dataset its name)."""
+    cls = CacCtBuilder
+    if name != DEFAULT_NAME:
+        if not name.isidentifier() or name != name.lower():
+            raise InputError(None, f"dataset name {name!r} must be lower_snake_case "
+                                   "(letters, digits, underscores)")
+        cls = type(f"CacCtBuilder_{name}", (CacCtBuilder,), {"name": name},
+                   skip_registration=True)
+    return cls(data_dir=os.fspath(Path(data_dir).expanduser()), manifest_path=manifest_path,
+               split_seed=split_seed, skip_bad=skip_bad, progress=progress, on_skip=on_skip)
+
+
+def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike, *,
+                  name: str = DEFAULT_NAME, split_seed: int = 0, skip_bad: bool = False,
+                  overwrite: bool = False, progress: bool = True,
+                  on_skip: Callable[[str], None] | None = None) -> CacCtBuilder:
+    """Builds the dataset from a manifest into DATA_DIR/NAME/VERSION; returns the builder."""
+    target = dataset_dir(data_dir, name)
+    if (target / "dataset_info.json").exists():
+        if not overwrite:
+            raise InputError(target, "dataset already built here; pass --overwrite to rebuild it "
+                                     "or --name to build another")
+        shutil.rmtree(target)
+    builder = make_builder(data_dir, manifest_path=manifest_path, name=name, split_seed=split_seed,
+                           skip_bad=skip_bad, progress=progress, on_skip=on_skip)
+    # One progress bar (ours, per scan) instead of TFDS's several per split.
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    return builder

@@ -1,0 +1,228 @@
+"""tf.data input pipeline: windows, sampling, determinism and resume, per-host shards, evaluation."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_tfds_builder import write_tiny_cohort  # noqa: E402
+
+from data_pipeline import labels as labels_lib  # noqa: E402
+from data_pipeline.config import data_config  # noqa: E402
+from data_pipeline.input_pipeline import make_dataset  # noqa: E402
+
+DEVICES = 2
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A built tiny dataset (10 patients, 14 scans of 32/64 px, 5-7 slices) and its scans."""
+    from data_pipeline.tfds_builder import build_dataset
+
+    root = tmp_path_factory.mktemp("pipeline")
+    manifest = write_tiny_cohort(root, patients=10, split_column=True)
+    build_dataset(manifest, root / "tfds", name="tiny", progress=False)
+    loaded = tfds.builder_from_directory(str(root / "tfds" / "tiny" / "1.0.0"))
+    scans = {}
+    for split in loaded.info.splits:
+        for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
+            scans[ex["scan_id"].decode()] = ex
+    return root / "tfds", scans
+
+
+def _config(data_dir, task="calcium", **overrides):
+    config = data_config(task, local=True)
+    config.data_dir = str(data_dir)
+    config.name = "tiny"
+    config.seed = 7
+    config.image_size = 64
+    for key, value in overrides.items():
+        if key == "augment":
+            config.augment.enabled = value
+        else:
+            setattr(config, key, value)
+    return config
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_batch_layout(dataset):
+    data_dir, _ = dataset
+    it = make_dataset(_config(data_dir), "train", local_devices=DEVICES)
+    batch = next(it)
+    assert batch["image"].shape == (DEVICES, 2, 3, 64, 64, 1)
+    assert batch["image"].dtype == np.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["label"].shape == (DEVICES, 2, 64, 64) and batch["label"].dtype == np.int32
+    assert batch["weight"].shape == (DEVICES, 2, 64, 64)
+    assert batch["valid"].shape == (DEVICES, 2) and batch["valid"].all()
+    assert set(np.unique(batch["label"])) <= {0, 1, 2}
+
+
+def test_train_centre_label_matches_scan(dataset):
+    data_dir, scans = dataset
+    # No augmentation, frame = the 64 px scans' own size: the sample is the slice itself.
+    it = make_dataset(_config(data_dir, augment=False, negative_fraction=1.0), "train",
+                      local_devices=DEVICES)
+    checked = 0
+    for batch in _take(it, 8):
+        for d in range(DEVICES):
+            for b in range(2):
+                info = it.scans[batch["scan_index"][d, b]]
+                z = batch["slice_index"][d, b]
+                ex = scans[info.scan_id]
+                if ex["hu"].shape[1] != 64:
+                    continue
+                np.testing.assert_array_equal(batch["label"][d, b], ex["calcium_class"][z])
+                window = labels_lib.window_hu(labels_lib.slice_windows(ex["hu"], [z])[0])
+                np.testing.assert_allclose(batch["image"][d, b, ..., 0], window, atol=1e-6)
+                checked += 1
+    assert checked > 0
+
+
+def test_eval_order_windows_edges_and_padding(dataset):
+    data_dir, scans = dataset
+    it = make_dataset(_config(data_dir), "validation", local_devices=DEVICES)
+    seen = []
+    batches = list(it)
+    assert len(batches) == it.steps
+    for batch in batches:
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+        for i in range(len(flat["valid"])):
+            if not flat["valid"][i]:
+                assert flat["weight"][i].max() == 0.0
+                continue
+            scan_id = flat["scan_id"][i].decode()
+            z = int(flat["slice_index"][i])
+            assert it.scans[flat["scan_index"][i]].scan_id == scan_id
+            seen.append((scan_id, z))
+            ex = scans[scan_id]
+            nz, h, w = ex["hu"].shape
+            image = flat["image"][i, ..., 0]
+            expected = labels_lib.window_hu(ex["hu"][[max(z - 1, 0), z, min(z + 1, nz - 1)]])
+            np.testing.assert_allclose(image[:, :h, :w], expected, atol=1e-6)
+            np.testing.assert_array_equal(flat["label"][i, :h, :w], ex["calcium_class"][z])
+            assert flat["weight"][i, :h, :w].min() == 1.0 and flat["weight"][i].sum() == h * w
+            if z == 0:  # edge slices repeat
+                np.testing.assert_array_equal(image[0], image[1])
+            if z == nz - 1:
+                np.testing.assert_array_equal(image[2], image[1])
+    # Every slice of every validation scan, once, in order.
+    expected_order = [(s.scan_id, z) for s in it.scans for z in range(s.shape_zyx[0])]
+    assert seen == expected_order
+    assert sum(not v for b in batches for v in b["valid"].ravel()) < it.host_batch
+
+
+def test_sampling_keeps_all_positive_slices(dataset):
+    data_dir, _ = dataset
+    config = _config(data_dir, negative_fraction=0.5)
+    it = make_dataset(config, "train", local_devices=1)
+    # 1 device x 2 per batch; read two epochs' worth of samples.
+    epoch = it.samples_per_epoch
+    batches = _take(it, epoch)  # 2 * epoch samples
+    pairs = [(int(s), int(z)) for b in batches
+             for s, z in zip(b["scan_index"].ravel(), b["slice_index"].ravel())]
+    positives = set()
+    negatives = set()
+    for index, info in enumerate(it.scans):
+        # tiny_scan: calcium on slices 1, 2 and the last.
+        for z in range(info.shape_zyx[0]):
+            (positives if z in (1, 2, info.shape_zyx[0] - 1) else negatives).add((index, z))
+    assert epoch == len(positives) + round(0.5 * len(negatives))
+    draws = []
+    for e in range(2):
+        chosen = pairs[e * epoch:(e + 1) * epoch]
+        counts = collections.Counter(chosen)
+        assert max(counts.values()) == 1
+        assert positives <= set(chosen)
+        assert len(set(chosen) & negatives) == round(0.5 * len(negatives))
+        draws.append(set(chosen) & negatives)
+    assert draws[0] != draws[1]  # calcium-free slices are re-drawn each epoch
+
+
+def test_heart_task(dataset):
+    data_dir, scans = dataset
+    it = make_dataset(_config(data_dir, task="heart", augment=False, negative_fraction=0.0),
+                      "train", local_devices=DEVICES)
+    for batch in _take(it, 4):
+        assert set(np.unique(batch["label"])) <= {0, 1}
+        for s, z in zip(batch["scan_index"].ravel(), batch["slice_index"].ravel()):
+            assert scans[it.scans[s].scan_id]["heart_slice"][z]  # only slices with heart
+
+
+def test_deterministic_and_resume(dataset):
+    data_dir, _ = dataset
+    config = _config(data_dir)
+    first = _take(make_dataset(config, "train", local_devices=DEVICES), 6)
+    again = _take(make_dataset(config, "train", local_devices=DEVICES), 6)
+    resumed = _take(make_dataset(config, "train", local_devices=DEVICES, start_step=4), 2)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    for a, b in zip(first[4:], resumed):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    config.seed = 8
+    other = _take(make_dataset(config, "train", local_devices=DEVICES), 1)[0]
+    assert not np.array_equal(other["image"], first[0]["image"])
+
+
+def test_augmentation_changes_images_but_keeps_range(dataset):
+    data_dir, _ = dataset
+    plain = next(make_dataset(_config(data_dir, augment=False), "train", local_devices=DEVICES))
+    aug = next(make_dataset(_config(data_dir), "train", local_devices=DEVICES))
+    np.testing.assert_array_equal(plain["slice_index"], aug["slice_index"])  # same samples
+    assert not np.allclose(plain["image"], aug["image"])
+    assert 0.0 <= aug["image"].min() and aug["image"].max() <= 1.0
+    crop = next(make_dataset(_config(data_dir, crop_size=32), "train", local_devices=DEVICES))
+    assert crop["image"].shape[-4:] == (3, 32, 32, 1) and crop["label"].shape[-2:] == (32, 32)
+
+
+def test_two_processes_cover_each_sample_once(dataset):
+    data_dir, _ = dataset
+    config = _config(data_dir)
+    # validation has 3 scans: with 4 processes one host has none and runs padding batches only.
+    for split, processes in (("train", 2), ("validation", 2), ("validation", 4)):
+        single = make_dataset(config, split, local_devices=DEVICES, train=False)
+        everything = [(s.scan_id, z) for s in single.scans for z in range(s.shape_zyx[0])]
+        seen, steps = [], []
+        for index in range(processes):
+            it = make_dataset(config, split, process_index=index, process_count=processes,
+                              local_devices=DEVICES, train=False)
+            batches = list(it)
+            steps.append(len(batches))
+            for batch in batches:
+                for valid, scan_id, z in zip(batch["valid"].ravel(), batch["scan_id"].ravel(),
+                                             batch["slice_index"].ravel()):
+                    if valid:
+                        seen.append((scan_id.decode(), int(z)))
+        assert len(set(steps)) == 1  # every host runs the same number of evaluation steps
+        assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen))
+    # Training shards hold disjoint scans.
+    train_scans = [{s.scan_id for s in make_dataset(config, "train", process_index=i,
+                                                    process_count=2).scans} for i in range(2)]
+    assert train_scans[0] and train_scans[1] and not train_scans[0] & train_scans[1]
+
+
+def test_full_experiment_config_uses_top_level_seed(dataset):
+    import ml_collections
+
+    data_dir, _ = dataset
+    bare = _config(data_dir)  # data.seed = 7
+    data = _config(data_dir)
+    data.seed = None
+    full = ml_collections.ConfigDict({"seed": 7, "task": "calcium"})
+    full.data = data
+    a = next(make_dataset(bare, "train", local_devices=DEVICES))
+    b = next(make_dataset(full, "train", local_devices=DEVICES))
+    np.testing.assert_array_equal(a["image"], b["image"])

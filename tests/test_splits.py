@@ -1,0 +1,105 @@
+"""Patient-level splits: disjoint, balanced over CAC categories, deterministic, auditable."""
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import splits as S
+from data_pipeline.errors import ManifestError
+from data_pipeline.manifest import ManifestRow
+
+
+def _row(pid, protocol="cac", category=None, agatston=None, split=None, n=0):
+    return ManifestRow(patient_id=pid, scan_id=f"{pid}_{protocol}", protocol=protocol,
+                       image=Path(f"{pid}.nii.gz"), calcium_labels=None, heart_mask=None,
+                       site="s", split=split, agatston=agatston, category=category, row_number=n)
+
+
+def _cohort(per_category=10):
+    rows = []
+    for c in range(4):
+        for i in range(per_category):
+            pid = f"C{c}P{i:02d}"
+            rows.append(_row(pid, "cac", category=c))
+            if i % 2 == 0:  # ctac scan with a different (higher) category: the cac one wins
+                rows.append(_row(pid, "ctac", category=3))
+    return rows
+
+
+def test_balanced_and_patient_disjoint():
+    rows = _cohort(10)  # 40 patients -> 4 validation, 4 test, one of each category
+    assignment = S.assign_splits(rows, seed=1)
+    assert len(assignment) == 40
+    by_split = collections.defaultdict(list)
+    for record in assignment:
+        by_split[record.split].append(record)
+    assert len(by_split["validation"]) == 4 and len(by_split["test"]) == 4
+    for split in ("validation", "test"):
+        assert sorted(r.category for r in by_split[split]) == [0, 1, 2, 3]
+    # The cac scan's category, not the ctac's (3), is the patient's.
+    assert {r.patient_id: r.category for r in assignment}["C0P00"] == 0
+    scan_split = S.scan_splits(assignment)
+    patient_splits = collections.defaultdict(set)
+    for row in rows:
+        patient_splits[row.patient_id].add(scan_split[row.scan_id])
+    assert all(len(s) == 1 for s in patient_splits.values())
+
+
+def test_deterministic_for_seed():
+    rows = _cohort(10)
+    a = [r.split for r in S.assign_splits(rows, seed=5)]
+    assert a == [r.split for r in S.assign_splits(rows, seed=5)]
+    assert a != [r.split for r in S.assign_splits(rows, seed=6)]
+    # Row order does not matter.
+    shuffled = S.scan_splits(S.assign_splits(list(reversed(rows)), seed=5))
+    assert shuffled == S.scan_splits(S.assign_splits(rows, seed=5))
+
+
+def test_uneven_cohort_is_as_balanced_as_possible():
+    rows = [_row(f"A{i}", category=0) for i in range(16)] + [_row("B0", category=3)]
+    records = S.assign_splits(rows, seed=0)  # 17 patients -> 2 each
+    val = [r.category for r in records if r.split == "validation"]
+    test = [r.category for r in records if r.split == "test"]
+    assert len(val) == 2 and len(test) == 2
+    assert 3 in val + test
+
+
+def test_category_sources():
+    assert S.scan_category(_row("x", agatston=0.0)) == 0
+    assert S.scan_category(_row("x", agatston=100.0)) == 1
+    assert S.scan_category(_row("x", agatston=100.5)) == 2
+    assert S.scan_category(_row("x", agatston=401.0)) == 3
+    assert S.scan_category(_row("x"), category_of=lambda row: 2) == 2
+    assert S.scan_category(_row("x")) is None
+    # CTAC-only patient: the highest category of the scans.
+    assert S.patient_category([_row("x", "ctac", category=1)]) == 1
+    assert S.patient_category([_row("x", "ctac", 2), _row("x", "cac", 0)]) == 0
+
+
+def test_unknown_category_goes_to_train():
+    rows = [_row(f"P{i}") for i in range(20)]
+    assert {r.split for r in S.assign_splits(rows, seed=0)} == {"train"}
+
+
+def test_manifest_split_column_wins():
+    rows = _cohort(10)
+    rows[0] = _row("C0P00", "cac", category=0, split="test")
+    rows[1] = _row("C0P00", "ctac", category=3, split="test")
+    records = {r.patient_id: r for r in S.assign_splits(rows, seed=1)}
+    assert records["C0P00"].split == "test" and records["C0P00"].source == "manifest"
+    conflicting = [_row("P", "cac", split="train", n=1), _row("P", "ctac", split="test", n=2)]
+    with pytest.raises(ManifestError, match="more than one split.*row 1.*row 2"):
+        S.assign_splits(conflicting)
+
+
+def test_audit_files(tmp_path):
+    records = S.assign_splits(_cohort(10), seed=2)
+    json_path, csv_path = S.write_split_audit(tmp_path, records, seed=2, manifest="m.csv")
+    doc = json.loads(json_path.read_text())
+    assert doc["seed"] == 2 and doc["counts"]["validation"]["patients"] == 4
+    assert doc["counts"]["test"]["by_category"] == {"0": 1, "1": 1, "2": 1, "3": 1}
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "scan_id,patient_id,split,patient_category,source"
+    assert len(lines) == 1 + len(_cohort(10))

@@ -1,0 +1,237 @@
+"""TFDS builder: builds from tiny cohorts (own fixture and the phantom), errors name the row."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from data_pipeline import labels as labels_lib
+from data_pipeline.errors import ManifestError
+from data_pipeline.manifest import ManifestRow, write_manifest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def _write(path: Path, array: np.ndarray, spacing_zyx=(3.0, 0.7, 0.7)) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def tiny_scan(seed: int, size: int, slices: int):
+    """(hu int16, labels int16, heart uint8) with calcium on known slices.
+
+    Coronary label 1 on slice 1 and label 3 on the last slice (edge), aorta label 5 on slice 2,
+    a bone column (HU 500, unlabelled) in every slice, heart disc in the middle slices.
+    """
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(40.0, 10.0, (slices, size, size)).astype(np.int16)
+    labels = np.zeros_like(hu)
+    heart = np.zeros(hu.shape, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < (size // 4) ** 2
+    heart[1:slices - 1][:, disc] = 1
+    hu[:, size - 6:size - 2, size // 2 - 2:size // 2 + 2] = 500  # spine: class 2 via HU rule
+    c = size // 2 + (seed % 5)
+    hu[1, c:c + 3, c:c + 3] = 300
+    labels[1, c:c + 3, c:c + 3] = 1
+    hu[-1, c - 4:c - 1, c:c + 3] = 450
+    labels[-1, c - 4:c - 1, c:c + 3] = 3
+    hu[2, 4:7, 4:7] = 700
+    labels[2, 4:7, 4:7] = 5
+    return hu, labels, heart
+
+
+def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = False) -> Path:
+    """Manifest + NIfTI files: patients alternate 64 and 32 px and 5..7 slices; some have ctac."""
+    rows = []
+    for p in range(patients):
+        pid = f"P{p:03d}"
+        protocols = ("cac", "ctac") if p % 3 == 0 else ("cac",)
+        for protocol in protocols:
+            size = 64 if (p + len(protocol)) % 2 else 32
+            slices = 5 + (p % 3)
+            hu, labels, heart = tiny_scan(p * 7 + len(protocol), size, slices)
+            folder = root / pid / protocol
+            rows.append(ManifestRow(
+                patient_id=pid, scan_id=f"{pid}_{protocol}", protocol=protocol,
+                image=_write(folder / "image.nii.gz", hu),
+                calcium_labels=_write(folder / "calcium_labels.nii.gz", labels),
+                heart_mask=_write(folder / "heart_mask.nii.gz", heart), site="test",
+                split=(["train", "validation", "test"][p % 3] if split_column else None),
+                agatston=float(10 * p), category=p % 4))
+    manifest = root / "manifest.csv"
+    write_manifest(manifest, rows)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from data_pipeline.tfds_builder import build_dataset
+
+    root = tmp_path_factory.mktemp("cohort")
+    manifest = write_tiny_cohort(root, patients=10)
+    data_dir = root / "tfds"
+    builder = build_dataset(manifest, data_dir, name="tiny", split_seed=3, progress=False)
+    return root, manifest, data_dir, builder
+
+
+def test_builds_whole_scans_with_metadata(built):
+    root, manifest, data_dir, builder = built
+    path = data_dir / "tiny" / "1.0.0"
+    assert (path / "dataset_info.json").exists()
+    loaded = tfds.builder_from_directory(str(path))
+    total = sum(info.num_examples for info in loaded.info.splits.values())
+    assert total == 14  # 10 patients, 4 with a ctac scan too
+    examples = {}
+    for split in loaded.info.splits:
+        for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
+            examples[ex["scan_id"].decode()] = ex
+    ex = examples["P001_cac"]
+    hu, labels, heart = tiny_scan(1 * 7 + 3, 32, 6)
+    np.testing.assert_array_equal(ex["hu"], hu)
+    np.testing.assert_array_equal(ex["calcium_class"], labels_lib.calcium_classes(labels, hu))
+    np.testing.assert_array_equal(ex["heart_mask"], heart)
+    np.testing.assert_array_equal(ex["calcium_slice"], [False, True, True, False, False, True])
+    np.testing.assert_allclose(ex["spacing_zyx_mm"], [3.0, 0.7, 0.7], rtol=1e-6)
+    assert ex["protocol"] == b"cac" and ex["patient_id"] == b"P001"
+    assert math.isclose(float(ex["agatston"]), 10.0) and int(ex["category"]) == 1
+    # Varying sizes and slice counts in one dataset.
+    assert {e["hu"].shape[1] for e in examples.values()} == {32, 64}
+    assert len({e["hu"].shape[0] for e in examples.values()}) == 3
+
+
+def test_split_audit_written_and_patient_disjoint(built):
+    root, manifest, data_dir, builder = built
+    path = data_dir / "tiny" / "1.0.0"
+    audit = json.loads((path / "splits.json").read_text())
+    assert audit["seed"] == 3
+    splits_of = {}
+    for record in audit["patients"]:
+        splits_of[record["patient_id"]] = record["split"]
+    assert len(splits_of) == 10
+    loaded = tfds.builder_from_directory(str(path))
+    for split in loaded.info.splits:
+        for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
+            assert splits_of[ex["patient_id"].decode()] == split
+    assert (path / "splits.csv").read_text().startswith("scan_id,patient_id,split")
+    assert json.loads((path / "skipped.json").read_text()) == []
+
+
+def test_existing_dataset_needs_overwrite(built):
+    from data_pipeline.errors import InputError
+    from data_pipeline.tfds_builder import build_dataset
+
+    root, manifest, data_dir, builder = built
+    with pytest.raises(InputError, match="already built"):
+        build_dataset(manifest, data_dir, name="tiny", progress=False)
+
+
+def _bad_manifest(root: Path, problem: str) -> Path:
+    manifest = write_tiny_cohort(root, patients=3)
+    text = manifest.read_text().splitlines()
+    header, rows = text[0], text[1:]
+    fields = rows[1].split(",")  # data row 2
+    if problem == "missing":
+        fields[3] = "nowhere/image.nii.gz"
+    elif problem == "protocol":
+        fields[2] = "mri"
+    elif problem == "geometry":
+        small = np.zeros((2, 8, 8), np.int16)
+        _write(root / "small.nii.gz", small)
+        fields[4] = "small.nii.gz"
+    rows[1] = ",".join(fields)
+    manifest.write_text("\n".join([header, *rows]) + "\n")
+    return manifest
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("missing", "image file not found"), ("protocol", "unknown protocol"),
+    ("geometry", "calcium_labels: ")])
+def test_bad_row_error_names_row_and_skip_bad(tmp_path, problem, expected):
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = _bad_manifest(tmp_path, problem)
+    with pytest.raises(ManifestError) as info:
+        build_dataset(manifest, tmp_path / "tfds", name="bad", progress=False)
+    message = str(info.value)
+    assert "row 2" in message and "P000_ctac" in message and expected in message
+    skipped_lines = []
+    builder = build_dataset(manifest, tmp_path / "tfds", name="bad", skip_bad=True,
+                            progress=False, on_skip=skipped_lines.append)
+    assert len(skipped_lines) == 1 and "row 2" in skipped_lines[0]
+    path = tmp_path / "tfds" / "bad" / "1.0.0"
+    skipped = json.loads((path / "skipped.json").read_text())
+    assert len(skipped) == 1 and "P000_ctac" in skipped[0]["problem"]
+    total = sum(info.num_examples for info in builder.info.splits.values())
+    assert total == 3  # 4 scans (P000 has ctac too) minus the bad one
+
+
+def _ingest(argv):
+    import argparse
+
+    from cac_jax.commands import ingest
+
+    parser = argparse.ArgumentParser(prog="cac-jax")
+    ingest.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["ingest", *argv])
+    return args.func(args)
+
+
+def test_ingest_command(tmp_path, capsys):
+    manifest = _bad_manifest(tmp_path, "geometry")
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(ManifestError,
+                       match=r"row 2 \(scan_id='P000_ctac'\) calcium_labels: .*small.nii.gz: shape"):
+        _ingest(["--manifest", str(manifest), "--data-dir", str(data_dir), "--quiet"])
+    assert _ingest(["--manifest", str(manifest), "--data-dir", str(data_dir), "--name", "cli",
+                    "--seed", "4", "--skip-bad", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped row 2 (scan_id='P000_ctac')" in err
+    assert "dataset cli 1.0.0" in out and "skipped 1 row(s)" in out
+    audit = json.loads((data_dir / "cli" / "1.0.0" / "splits.json").read_text())
+    assert audit["seed"] == 4
+
+
+def test_builds_from_generated_phantom_cohort(tmp_path):
+    """The synthetic cohort (DICOM series + NIfTI labels) goes through ingest and the pipeline."""
+    phantom = pytest.importorskip("data_pipeline.phantom")
+    from data_pipeline import io as io_lib
+    from data_pipeline.config import data_config
+    from data_pipeline.input_pipeline import make_dataset
+    from data_pipeline.tfds_builder import build_dataset
+
+    rows = phantom.generate_cohort(tmp_path / "cohort", patients=3, size=64, seed=0)
+    builder = build_dataset(tmp_path / "cohort" / "manifest.csv", tmp_path / "tfds",
+                            name="phantom", progress=False)
+    stored = {}
+    for split in builder.info.splits:
+        for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+            stored[ex["scan_id"].decode()] = ex
+    assert set(stored) == {row.scan_id for row in rows}
+    for row in rows:
+        ex = stored[row.scan_id]
+        volume = io_lib.read_study(row.image)
+        labels = io_lib.read_labels(row.calcium_labels, like=volume)
+        np.testing.assert_array_equal(ex["hu"], np.rint(volume.hu).astype(np.int16))
+        np.testing.assert_array_equal(ex["calcium_class"],
+                                      labels_lib.calcium_classes(labels, volume.hu))
+        assert ex["protocol"].decode() == row.protocol
+        assert math.isclose(float(ex["agatston"]), row.agatston, rel_tol=1e-4, abs_tol=1e-3)
+        assert int(ex["category"]) == row.category
+        assert ex["heart_slice"].any()
+    # A patient's cac and ctac scans share a split.
+    audit = json.loads((Path(builder.data_dir) / "splits.json").read_text())
+    assert all(len(record["scan_ids"]) == 2 for record in audit["patients"])
+    config = data_config("calcium", local=True)
+    config.data_dir, config.name, config.seed = str(tmp_path / "tfds"), "phantom", 0
+    batch = next(make_dataset(config, "train", local_devices=2))
+    assert batch["image"].shape == (2, 2, 3, 64, 64, 1)
+    assert set(np.unique(batch["label"])) <= {0, 1, 2}
