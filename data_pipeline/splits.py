@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cac_jax.scoring import cac_category
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import ManifestError
 from data_pipeline.manifest import SPLITS, ManifestRow
@@ -49,24 +50,13 @@ class PatientSplit:
     scan_ids: tuple[str, ...]
 
 
-def agatston_category(agatston: float) -> int:
-    """The paper's four categories: 0 -> 0, (0, 100] -> 1, (100, 400] -> 2, > 400 -> 3."""
-    if agatston <= 0:
-        return 0
-    if agatston <= 100:
-        return 1
-    if agatston <= 400:
-        return 2
-    return 3
-
-
 def scan_category(row: ManifestRow,
                   category_of: Callable[[ManifestRow], int | None] | None = None) -> int | None:
     """A scan's CAC category: the manifest's `category`, else from `agatston`, else `category_of`."""
     if row.category is not None:
         return min(int(row.category), NUM_CATEGORIES - 1)
     if row.agatston is not None:
-        return agatston_category(row.agatston)
+        return cac_category(row.agatston)
     if category_of is not None:
         return category_of(row)
     return None

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cac_jax.scoring import cac_category
 from data_pipeline import labels as labels_lib
 from data_pipeline import splits as splits_lib
 from data_pipeline.atomic import atomic_write_text
@@ -97,7 +98,7 @@ def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
 
         agatston = agatston_score(hu, calcium, volume.spacing_zyx_mm).agatston
     if category is None and agatston is not None:
-        category = splits_lib.agatston_category(agatston)
+        category = cac_category(agatston)
     return {
         "scan_id": row.scan_id,
         "patient_id": row.patient_id,
@@ -128,7 +129,7 @@ def _category_from_labels(row: ManifestRow) -> int | None:
 
     volume = io_lib.read_study(row.image)
     calcium = io_lib.read_labels(row.calcium_labels, like=volume)
-    return splits_lib.agatston_category(
+    return cac_category(
         agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
 
 
