@@ -37,6 +37,7 @@ How (design):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -52,12 +53,19 @@ INFINITE = 2**62
 _PURPOSE_POSITIVE, _PURPOSE_NEGATIVE, _PURPOSE_ORDER, _PURPOSE_AUGMENT = 1, 2, 3, 4
 
 
+def _drop_tfds_dtype_notice(record: logging.LogRecord) -> bool:
+    """TFDS 4.9 logs a deprecation notice each time its own code reads `FeatureConnector.dtype`
+    (while decoding, not from our code); it says nothing a user can act on."""
+    return "FeatureConnector.dtype` is deprecated" not in record.getMessage()
+
+
 def _tf():
     """Imports TensorFlow with GPUs hidden (JAX owns the accelerators)."""
     global _TF_CONFIGURED
     import tensorflow as tf
 
     if not _TF_CONFIGURED:
+        logging.getLogger("absl").addFilter(_drop_tfds_dtype_notice)
         try:
             tf.config.set_visible_devices([], "GPU")
         except RuntimeError:  # TF already initialised its devices; nothing placed on GPU by us
