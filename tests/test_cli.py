@@ -1,0 +1,47 @@
+"""The `cac-jax` console script: every subcommand has help, bad input is one line and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cac_jax import __version__
+from cac_jax.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: cac-jax {command}")
+    assert "--" in out  # documents its options
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_console_script_version_and_missing_command():
+    version = subprocess.run([sys.executable, "-m", "cac_jax.cli", "--version"],
+                             capture_output=True, text=True, check=False)
+    assert version.returncode == 0 and version.stdout.strip() == f"cac-jax {__version__}"
+    missing = subprocess.run([sys.executable, "-m", "cac_jax.cli"], capture_output=True, text=True,
+                             check=False)
+    assert missing.returncode == 2 and "required" in missing.stderr
+
+
+def test_scoring_imports_no_tensorflow():
+    """A workstation that only scores studies must not pay for TensorFlow (DESIGN.md)."""
+    code = ("import sys, cac_jax.cli, cac_jax.scoring, cac_jax.baselines, data_pipeline.io, "
+            "data_pipeline.phantom; cac_jax.cli.build_parser(); "
+            "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
