@@ -1,0 +1,341 @@
+"""Tests for cac_jax.models: shapes, the slice scan, gradients, attention, init, dtypes, jit.
+
+All models here are the tiny `local` variants at 64 px, so each test takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from cac_jax.models import ConvLSTMAttentionNet, UNet, build_model, count_params
+from cac_jax.models.config import model_config
+from cac_jax.models.layers import GroupNorm, depth_to_space, space_to_depth
+
+SIZE = 64
+BATCH = 2
+
+
+def tiny_model(arch: str, task: str = "calcium", **overrides):
+    """The local (tiny) model for arch/task with float32 compute and optional field overrides."""
+    cfg = model_config(arch, task, local=True)
+    cfg.dtype = "float32"
+    for key, value in overrides.items():
+        cfg[key] = value
+    return build_model(cfg)
+
+
+def slices(seed: int = 0, batch: int = BATCH, size: int = SIZE) -> jax.Array:
+    """Random (batch, 3, size, size, 1) input in [0, 1], like normalised HU."""
+    return jax.random.uniform(jax.random.key(seed), (batch, 3, size, size, 1))
+
+
+def init(model, x, seed: int = 0):
+    """Jitted init with an "rbg" key.
+
+    XLA:CPU compiles threefry (JAX's default PRNG) slowly: compiling the tiny UNet's jitted init
+    took 8.3 s with threefry keys and 2.4 s with rbg keys on this 2-core machine (28 s vs 5 s
+    under load). The init functions under test are the same; only the random bit source differs.
+    """
+    return jax.jit(model.init)(jax.random.key(seed, impl="rbg"), x)
+
+
+_VARIABLES: dict = {}
+
+
+def cached_variables(arch: str, task: str = "calcium", **overrides):
+    """float32 variables of the tiny arch/task model, initialised once per test module.
+
+    The compute dtype does not change the parameters (param_dtype stays float32), so the bf16
+    tests reuse these.
+    """
+    key = (arch, task, tuple(sorted(overrides.items())))
+    if key not in _VARIABLES:
+        _VARIABLES[key] = init(tiny_model(arch, task, **overrides), slices())
+    return _VARIABLES[key]
+
+
+def jit_apply(model):
+    """Jitted model.apply (train and mutable static)."""
+    return jax.jit(model.apply, static_argnames=("train", "mutable"))
+
+
+class Bound:
+    """A model, its variables and a jitted apply, shared by the tests of one module."""
+
+    def __init__(self, model, variables):
+        self.model, self.variables, self.apply = model, variables, jit_apply(model)
+
+
+@pytest.fixture(scope="module")
+def convlstm():
+    """Tiny calcium ConvLSTM model, its variables and jitted apply (built once for the module)."""
+    return Bound(tiny_model("convlstm"), cached_variables("convlstm"))
+
+
+@pytest.mark.parametrize("arch", ["convlstm", "unet"])
+@pytest.mark.parametrize("task,classes", [("calcium", 3), ("heart", 2)])
+def test_output_shapes(arch, task, classes):
+    model = tiny_model(arch, task)
+    assert isinstance(model, ConvLSTMAttentionNet if arch == "convlstm" else UNet)
+    x = slices()
+    variables = cached_variables(arch, task)
+    logits, aux = jit_apply(model)(variables, x)
+    assert logits.shape == (BATCH, SIZE, SIZE, classes)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    if arch == "convlstm":
+        assert set(aux) == {"temporal", "spatial", "attention"}
+        assert aux["temporal"].shape == aux["spatial"].shape == (BATCH, SIZE, SIZE, classes)
+        assert aux["attention"].shape == (BATCH, SIZE, SIZE, 1)
+    else:
+        assert aux == {}
+
+
+def test_fused_logits_are_attention_blend(convlstm):
+    variables, apply = convlstm.variables, convlstm.apply
+    logits, aux = apply(variables, slices(1))
+    a = aux["attention"]
+    expected = a * aux["temporal"] + (1 - a) * aux["spatial"]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_strictly_between_zero_and_one(convlstm):
+    variables, apply = convlstm.variables, convlstm.apply
+    _, aux = apply(variables, slices(2))
+    a = np.asarray(aux["attention"])
+    assert a.min() > 0.0 and a.max() < 1.0
+    assert a.std() > 0.0  # a real per-pixel map, not a constant
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, descending into nested jaxprs (pjit, custom_vjp, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name == "scan":
+            continue  # the scan body is not searched: we count top-level scans over slices
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
+
+
+def test_scan_runs_over_the_slice_axis(convlstm):
+    model, variables = convlstm.model, convlstm.variables
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, slices())
+    scans = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
+    # One scan per ConvLSTM level, each of length 3 (below, centre, above).
+    assert len(scans) == len(model.lstm_levels)
+    assert all(e.params["length"] == 3 for e in scans)
+
+
+@pytest.mark.parametrize("neighbour", [0, 2])
+def test_changing_a_neighbour_slice_changes_only_the_temporal_branch(convlstm, neighbour):
+    variables, apply = convlstm.variables, convlstm.apply
+    x = slices(3)
+    logits, aux = apply(variables, x)
+    x2 = x.at[:, neighbour].set(slices(4)[:, neighbour])
+    logits2, aux2 = apply(variables, x2)
+    assert np.abs(np.asarray(logits2 - logits)).max() > 1e-4
+    assert np.abs(np.asarray(aux2["temporal"] - aux["temporal"])).max() > 1e-4
+    # The spatial branch reads only the centre slice's own features.
+    np.testing.assert_allclose(np.asarray(aux2["spatial"]), np.asarray(aux["spatial"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_centre_slice_matters_for_both_branches(convlstm):
+    variables, apply = convlstm.variables, convlstm.apply
+    x = slices(5)
+    _, aux = apply(variables, x)
+    _, aux2 = apply(variables, x.at[:, 1].set(slices(6)[:, 1]))
+    assert np.abs(np.asarray(aux2["spatial"] - aux["spatial"])).max() > 1e-4
+    assert np.abs(np.asarray(aux2["temporal"] - aux["temporal"])).max() > 1e-4
+
+
+def test_identical_slices_give_a_deterministic_output(convlstm):
+    model, variables, apply = convlstm.model, convlstm.variables, convlstm.apply
+    one = slices(7)[:, :1]
+    x = jnp.concatenate([one, one, one], axis=1)
+    first, aux1 = apply(variables, x)
+    second, aux2 = jax.jit(model.apply)(variables, x)
+    np.testing.assert_allclose(np.asarray(first), np.asarray(second), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux1["attention"]), np.asarray(aux2["attention"]),
+                               rtol=1e-5, atol=1e-6)
+    # Each sample depends only on its own stack: batch elements do not leak into each other.
+    alone, _ = apply(variables, x[:1])
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(first[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_variant(convlstm):
+    model = tiny_model("convlstm").clone(bidirectional=True)
+    x = slices(8)
+    variables = init(model, x)
+    assert any("reverse" in name for name in variables["params"])
+    apply = jit_apply(model)
+    logits, _ = apply(variables, x)
+    logits2, _ = apply(variables, x.at[:, 2].set(0.0))
+    assert np.abs(np.asarray(logits2 - logits)).max() > 1e-4
+    assert count_params(variables["params"]) > count_params(convlstm.variables["params"])
+
+
+def _cross_entropy(logits, labels):
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(labels, logits.shape[-1]),
+                             axis=-1))
+
+
+@pytest.mark.parametrize("arch", ["convlstm", "unet"])
+def test_gradients_finite_and_nonzero_for_every_parameter(arch):
+    model = tiny_model(arch)
+    x = slices(9)
+    labels = jax.random.randint(jax.random.key(10), (BATCH, SIZE, SIZE), 0, 3)
+    params = cached_variables(arch)["params"]
+
+    def loss_fn(p):
+        logits, aux = model.apply({"params": p}, x)
+        loss = _cross_entropy(logits, labels)
+        for name in ("temporal", "spatial"):  # HMSA-style auxiliary losses
+            if name in aux:
+                loss = loss + 0.5 * _cross_entropy(aux[name], labels)
+        return loss
+
+    grads = jax.jit(jax.grad(loss_fn))(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert len(flat) > 10
+    for path, g in flat:
+        g = np.asarray(g)
+        name = jax.tree_util.keystr(path)
+        assert np.isfinite(g).all(), f"non-finite gradient in {name}"
+        assert np.abs(g).max() > 0.0, f"zero gradient in {name}"
+
+
+def test_kaiming_normal_init_variance():
+    # A large layer of the full-size default model: encoder stage 3, 256 -> 256 channels, 3x3.
+    model = build_model(model_config("convlstm", "calcium"))
+    params = init(model, jnp.zeros((1, 3, 16, 16, 1)))["params"]
+    kernel = np.asarray(params["encoder"]["stage3_conv1"]["Conv_0"]["kernel"], np.float64)
+    fan_in = np.prod(kernel.shape[:-1])
+    assert fan_in == 3 * 3 * 256
+    expected = 2.0 / fan_in  # He et al. 2015
+    assert abs(kernel.var() / expected - 1.0) < 0.03
+    assert abs(kernel.mean()) < 0.01 * np.sqrt(expected) * 10
+    # Plain (untruncated) normal like torch's kaiming_normal_: kurtosis ~3 (2-sigma truncation ~2.4).
+    kurtosis = np.mean((kernel - kernel.mean()) ** 4) / kernel.var() ** 2
+    assert abs(kurtosis - 3.0) < 0.1
+    # The ConvLSTM gate convolutions are He-initialised too.
+    gate = np.asarray(params["lstm3"]["input_conv"]["kernel"], np.float64)
+    assert abs(gate.var() / (2.0 / np.prod(gate.shape[:-1])) - 1.0) < 0.03
+
+
+@pytest.mark.parametrize("arch", ["convlstm", "unet"])
+def test_bfloat16_compute_with_float32_params(arch):
+    cfg = model_config(arch, "calcium", local=True)
+    cfg.dtype = "bfloat16"
+    model = build_model(cfg)
+    x = slices(11)
+    variables = cached_variables(arch)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    logits, aux = jax.jit(model.apply)(variables, x)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    # The convolutions really run in bfloat16.
+    jaxpr = str(jax.make_jaxpr(model.apply)(variables, x))
+    assert "conv_general_dilated" in jaxpr and "bf16" in jaxpr
+    # ... and the result stays close to float32 compute.
+    cfg.dtype = "float32"
+    reference, _ = jit_apply(build_model(cfg))(variables, x)
+    scale = np.abs(np.asarray(reference)).max()
+    assert np.abs(np.asarray(logits - reference)).max() < 0.1 * scale + 0.05
+
+
+def test_jit_compiles_once_per_shape(convlstm):
+    model, variables = convlstm.model, convlstm.variables
+    traces = []
+
+    @jax.jit
+    def predict(v, x):
+        traces.append(x.shape)
+        return model.apply(v, x)[0]
+
+    predict(variables, slices(12)).block_until_ready()
+    predict(variables, slices(13)).block_until_ready()
+    assert len(traces) == 1
+    predict(variables, slices(14, batch=1)).block_until_ready()
+    assert len(traces) == 2
+
+
+def test_batchnorm_variant_train_and_eval():
+    model = tiny_model("convlstm", norm="batch")
+    x = slices(15)
+    variables = init(model, x)
+    assert "batch_stats" in variables
+    apply = jit_apply(model)
+    (logits, _), updates = apply(variables, x, train=True, mutable=("batch_stats",))
+    assert logits.shape == (BATCH, SIZE, SIZE, 3)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                     variables["batch_stats"], updates["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(changed))
+    # Eval uses the running averages: no mutation needed, deterministic.
+    eval1, _ = apply(variables, x)
+    eval2, _ = apply(variables, x)
+    np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
+
+
+def test_batchnorm_statistics_synchronised_across_devices():
+    devices = 2
+    if jax.local_device_count() < devices:
+        pytest.skip("needs 2 (fake) devices; tests/conftest.py sets 8")
+    model = tiny_model("unet", norm="batch", bn_axis_name="batch")
+    x = slices(16, batch=devices)
+    variables = init(model, x[:1])
+
+    def step(v, xb):
+        _, updates = model.apply(v, xb, train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    stats = jax.pmap(step, axis_name="batch", in_axes=(None, 0))(variables, x[:, None])
+    leaves = jax.tree_util.tree_leaves(stats)
+    # Different data on each device, identical statistics after the cross-device mean.
+    for leaf in leaves:
+        np.testing.assert_allclose(np.asarray(leaf[0]), np.asarray(leaf[1]), rtol=1e-5, atol=1e-6)
+    unsynced = tiny_model("unet", norm="batch")
+    local = jax.pmap(lambda v, xb: unsynced.apply(v, xb, train=True, mutable=["batch_stats"])[1],
+                     in_axes=(None, 0))(variables, x[:, None])
+    first = jax.tree_util.tree_leaves(local)[0]
+    assert np.abs(np.asarray(first[0] - first[1])).max() > 0
+
+
+def test_group_norm_matches_flax():
+    x = jax.random.normal(jax.random.key(17), (2, 8, 8, 16)) * 3 + 1
+    ours = GroupNorm(4)
+    theirs = nn.GroupNorm(num_groups=4, epsilon=1e-6)
+    v = ours.init(jax.random.key(0), x)
+    np.testing.assert_allclose(np.asarray(ours.apply(v, x)), np.asarray(theirs.apply(v, x)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_space_to_depth_round_trip():
+    x = jax.random.normal(jax.random.key(18), (2, 8, 12, 3))
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 4, 6, 12)
+    np.testing.assert_array_equal(np.asarray(depth_to_space(y, 2)), np.asarray(x))
+
+
+@pytest.mark.parametrize("arch", ["convlstm", "unet"])
+def test_bad_input_shapes_are_rejected(arch):
+    model = tiny_model(arch)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model.init(jax.random.key(0), jnp.zeros((1, 3, 40, 40, 1)))
+    with pytest.raises(ValueError, match="expected input"):
+        model.init(jax.random.key(0), jnp.zeros((1, 2, 64, 64, 1)))
+
+
+def test_unknown_arch_is_rejected():
+    cfg = model_config("unet", "heart", local=True)
+    cfg.arch = "transformer"
+    with pytest.raises(ValueError, match="unknown model arch"):
+        build_model(cfg)
+    with pytest.raises(ValueError, match="unknown task"):
+        model_config("unet", "lungs")
