@@ -22,3 +22,14 @@ def test_failed_write_keeps_old_file(tmp_path):
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
+
+
+def test_written_file_has_umask_mode_not_private(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "result.json"
+    atomic_write_text(target, "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
