@@ -33,10 +33,15 @@ import numpy as np
 from cac_jax.baselines import threshold_score
 from cac_jax.scoring import CATEGORY_NAMES, score_study
 from data_pipeline.atomic import atomic_write_text
+from data_pipeline.errors import InputError
 from data_pipeline.io import read_labels, read_study
 from data_pipeline.manifest import ManifestRow, read_manifest
 
 CATEGORIES = list(range(len(CATEGORY_NAMES)))
+MODEL_SIZE_MULTIPLE = 16
+# Fewest patients for a demo: 80/10/10 by patient needs one each in validation and test and at
+# least two to train on.
+MIN_PATIENTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +136,9 @@ def pipeline_check(out: Path, manifest: Path, settings: DemoSettings) -> dict:
     config = get_base_config("calcium", "convlstm")
     config.seed = settings.seed
     config.data.data_dir = str(data_dir)
-    config.data.image_size = settings.size
+    # The models need sides divisible by 16 (four 2x downsamplings); evaluation pads each slice
+    # into the top-left of this grid and training resamples onto it, so rounding up loses nothing.
+    config.data.image_size = -(-settings.size // MODEL_SIZE_MULTIPLE) * MODEL_SIZE_MULTIPLE
     config.data.per_device_batch = 4
     config.data.eval_per_device_batch = 8
     train = make_dataset(config, "train")
@@ -269,8 +276,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip the TFDS dataset, input pipeline and model stages")
     args = parser.parse_args(argv)
-    run(Path(args.out), DemoSettings(args.patients, args.size, args.seed), workers=args.workers,
-        pipeline=not args.no_pipeline)
+    if args.patients < MIN_PATIENTS:
+        parser.error(f"--patients must be >= {MIN_PATIENTS} (one each for validation and test, "
+                     f"two to train on), got {args.patients}")
+    if args.size < 32:
+        parser.error(f"--size must be >= 32 pixels, got {args.size}")
+    try:
+        run(Path(args.out), DemoSettings(args.patients, args.size, args.seed),
+            workers=args.workers, pipeline=not args.no_pipeline)
+    except InputError as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

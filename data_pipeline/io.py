@@ -171,10 +171,11 @@ def read_study(path: str | os.PathLike) -> CTVolume:
     if not path.exists():
         raise StudyReadError(path, "does not exist")
     if path.is_dir():
-        return _read_dicom(path, _list_files(path), error=StudyReadError, require_ct=True)
+        return _read_dicom(path, _list_files(path, StudyReadError), error=StudyReadError,
+                           require_ct=True)
     if _is_image_file(path):
         return _read_image_file(path, error=StudyReadError)
-    if _has_dicom_magic(path):
+    if _has_dicom_magic(path, StudyReadError):
         return _read_dicom(path, [path], error=StudyReadError, require_ct=True)
     raise StudyReadError(path, "not a DICOM file or folder, nor an image file of a supported "
                                f"type ({', '.join(IMAGE_SUFFIXES)})")
@@ -191,8 +192,8 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
     path = Path(path)
     if not path.exists():
         raise LabelError(path, "does not exist")
-    if path.is_dir() or (not _is_image_file(path) and _has_dicom_magic(path)):
-        files = _list_files(path) if path.is_dir() else [path]
+    if path.is_dir() or (not _is_image_file(path) and _has_dicom_magic(path, LabelError)):
+        files = _list_files(path, LabelError) if path.is_dir() else [path]
         volume = _read_dicom(path, files, error=LabelError, require_ct=False)
         grid = _Grid(volume.hu, volume.spacing_zyx_mm, volume.origin_xyz_mm, volume.direction)
     elif _is_image_file(path):
@@ -379,23 +380,34 @@ class _Series:
         return f"{self.uid} ({modality}{', ' + desc if desc else ''}, {len(self.datasets)} files)"
 
 
-def _list_files(folder: Path) -> list[Path]:
-    """All regular files under `folder`, recursively, in a stable order; hidden files skipped."""
+def _list_files(folder: Path, error: type[InputError]) -> list[Path]:
+    """All regular files under `folder`, recursively, in a stable order; hidden files skipped.
+
+    An unreadable subfolder is an error: skipping it could silently drop slices.
+    """
     files = []
-    for root, dirs, names in os.walk(folder):
+
+    def unreadable(exc: OSError) -> None:
+        raise error(exc.filename or folder, f"cannot read folder: {exc.strerror or exc}")
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
     return files
 
 
-def _has_dicom_magic(path: Path) -> bool:
-    """True when the file has the 128-byte preamble followed by b'DICM' (Part 10 file)."""
+def _has_dicom_magic(path: Path, error: type[InputError]) -> bool:
+    """True when the file has the 128-byte preamble followed by b'DICM' (Part 10 file).
+
+    A file that cannot be opened is an error, not "not DICOM": skipping it would silently drop a
+    slice (a broken link, a permission problem) and shift the volume.
+    """
     try:
         with open(path, "rb") as f:
             f.seek(128)
             return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    except OSError as exc:
+        raise error(path, f"cannot read file: {exc.strerror or exc}") from None
 
 
 def _read_header(path: Path, error: type[InputError]) -> pydicom.Dataset | None:
@@ -406,7 +418,7 @@ def _read_header(path: Path, error: type[InputError]) -> pydicom.Dataset | None:
     parse is corrupt or truncated: that is an error, not something to skip, since silently
     dropping a slice would shift the volume.
     """
-    magic = _has_dicom_magic(path)
+    magic = _has_dicom_magic(path, error)
     raw = not magic and _starts_with_group_0008(path)
     if not magic and not raw:
         return None
@@ -432,11 +444,9 @@ def _read_header(path: Path, error: type[InputError]) -> pydicom.Dataset | None:
 
 
 def _starts_with_group_0008(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2) == b"\x08\x00"
-    except OSError:
-        return False
+    # Only called after _has_dicom_magic opened the same file, so it is readable.
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x08\x00"
 
 
 def _check_not_truncated(path: Path, ds: pydicom.Dataset, error: type[InputError]) -> None:

@@ -24,6 +24,7 @@ REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_label
                     "site", "split")
 OPTIONAL_COLUMNS = ("agatston", "category")
 PROTOCOLS = ("cac", "ctac")
+NUM_CATEGORIES = 4  # the `category` column uses the paper's four classes
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
                   "val": "validation", "valid": "validation", "test": "test", "testing": "test"}
@@ -137,8 +138,9 @@ def _parse_row(record: dict[str, str], manifest_path: Path, number: int, where: 
             category = int(record["category"])
         except ValueError:
             raise fail(f"category {record['category']!r} is not an integer") from None
-        if category < 0:
-            raise fail(f"category {category} must be >= 0")
+        if not 0 <= category < NUM_CATEGORIES:
+            raise fail(f"category {category} is not one of the paper's four CAC categories "
+                       "0 (0), 1 (1-100), 2 (101-400), 3 (>400)")
     image = _optional_path(base, record["image"])
     calcium_labels = _optional_path(base, record.get("calcium_labels", ""))
     heart_mask = _optional_path(base, record.get("heart_mask", ""))

@@ -251,6 +251,17 @@ def test_gap_fails_naming_positions(tmp_path):
         io.read_study(tmp_path)
 
 
+def test_unreadable_slice_is_an_error_not_a_silently_dropped_slice(tmp_path):
+    _, files = write_series(tmp_path, [0.0, 2.5, 5.0, 7.5, 10.0])
+    broken = files[-1]
+    broken.unlink()
+    broken.symlink_to(tmp_path / "gone.dcm")  # a dangling link: listed, but cannot be opened
+    with pytest.raises(StudyReadError, match=rf"{broken.name}: cannot read file"):
+        io.read_study(tmp_path)
+    with pytest.raises(LabelError, match=rf"{broken.name}: cannot read file"):
+        io.read_labels(tmp_path)
+
+
 def test_non_uniform_spacing_fails_naming_positions(tmp_path):
     write_series(tmp_path, [0.0, 2.5, 5.0, 7.6, 10.0])
     with pytest.raises(StudyReadError, match=r"non-uniform.*5\.000 and 7\.600"):

@@ -79,13 +79,15 @@ def test_duplicate_scan_id_and_bad_numbers(tmp_path):
         "P,S,cac,a.mhd,,,site,,12,1\n"
         "P,S,ctac,a.mhd,,,site,,,\n"
         "P,T,ctac,a.mhd,,,site,,-3,\n"
-        "P,U,ctac,a.mhd,,,site,,,high\n")
+        "P,U,ctac,a.mhd,,,site,,,high\n"
+        "P,V,ctac,a.mhd,,,site,,,4\n")
     rows, errors = parse_manifest(manifest)
     assert len(rows) == 1 and rows[0].agatston == 12.0 and rows[0].category == 1
     messages = [e.problem for e in errors]
     assert "duplicate scan_id (also on row 1)" in messages[0]
     assert "must be a finite number >= 0" in messages[1]
     assert "is not an integer" in messages[2]
+    assert "category 4 is not one of the paper's four" in messages[3]
 
 
 def test_whole_file_problems(tmp_path):

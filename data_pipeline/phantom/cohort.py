@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.errors import InputError
 from data_pipeline.manifest import ManifestRow, write_manifest
 from data_pipeline.phantom import plaques as plaque_lib
 from data_pipeline.phantom import render
@@ -363,7 +364,12 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
         raise ValueError(f"protocols must be distinct values of {PROTOCOLS}, got {protocols}")
     categories = assign_categories(seed, patients, category_proportions)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output folder for the cohort is an existing file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(out, f"cannot create the output folder: {exc.strerror or exc}") from None
     jobs = [_Job(str(out), k, int(seed), categories[k], protocols, int(size), bool(preview),
                  bool(ctac_overlap)) for k in range(patients)]
     results: dict[int, list[ManifestRow]] = {}
