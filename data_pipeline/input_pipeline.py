@@ -26,7 +26,9 @@ How (design):
 - Augmentation (training only, respects anatomy: no left-right flip): rotation, zoom, translation
   and optional random crop in ONE affine resample per sample (`ImageProjectiveTransformV3`,
   bilinear for the image, nearest for label and weight), then intensity jitter and noise. Its random
-  numbers are keyed by (seed, global sample index): deterministic under parallel maps and resume.
+  numbers are keyed by (seed, process_index, the host's sample index): deterministic under parallel
+  maps and resume, and different on each host (the sample index counts this host's samples, so
+  without the process index every host would draw the same fields at each step).
 - Evaluation walks each scan's slices in order, pads the last batch (`valid` False, weight 0) and
   places each slice at the top-left of the image_size frame without resampling, so the prediction's
   `[:h, :w]` is the scan's own grid (h, w in `iterator.scans`).
@@ -50,7 +52,7 @@ from data_pipeline.labels import HU_WINDOW
 
 _TF_CONFIGURED = False
 INFINITE = 2**62
-_PURPOSE_POSITIVE, _PURPOSE_NEGATIVE, _PURPOSE_ORDER, _PURPOSE_AUGMENT = 1, 2, 3, 4
+_PURPOSE_POSITIVE, _PURPOSE_NEGATIVE, _PURPOSE_ORDER, _PURPOSE_AUGMENT, _PURPOSE_NOISE = 1, 2, 3, 4, 5
 
 
 def _drop_tfds_dtype_notice(record: logging.LogRecord) -> bool:
@@ -97,6 +99,13 @@ class InputIterator:
     `samples_per_epoch` and `steps_per_epoch` describe the training stream of this host. To resume
     training exactly, record the step in the checkpoint and pass it back as
     `make_dataset(..., start_step=step)` (same seed, config and process count).
+
+    Iteration: an evaluation (finite, `steps` set) iterator starts a fresh, complete pass over
+    `dataset` at each `iter()` / `for batch in it`, so it can be evaluated again and again. A
+    training stream is one continuing stream: `iter()` returns the iterator itself and every
+    `next()` or loop goes on where the last one stopped (restart with `make_dataset(...,
+    start_step=)`). `next(it)` on an evaluation iterator walks one pass of its own, independent
+    of the `for` loops.
     """
 
     dataset: object  # tf.data.Dataset
@@ -114,7 +123,9 @@ class InputIterator:
         return self.samples_per_epoch // self.host_batch
 
     def __iter__(self):
-        return self
+        if self.steps is None:
+            return self
+        return self.dataset.as_numpy_iterator()
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
@@ -301,16 +312,23 @@ def _resample(tf, image, target, transform, size: int):
     return image, label, tf.cast(lab > 0, tf.float32)
 
 
-def _train_sample(tf, store: _ScanStore, data, seed: int, index, k):
-    """Augmented training sample of global slice k; randomness keyed by the sample index."""
+def _augment_key(tf, seed: int, purpose: int, process_index: int, index):
+    """Stateless-RNG seed of one training sample's augmentation: (seed, purpose, host, sample)."""
+    return tf.random.experimental.stateless_fold_in(
+        _key(tf, seed, purpose, process_index), tf.cast(index, tf.int64))
+
+
+def _train_sample(tf, store: _ScanStore, data, seed: int, index, k, process_index: int = 0):
+    """Augmented training sample of global slice k; randomness keyed by (host, sample index)."""
     hu, target, scan, z = store.window(k)
     image = _window_hu(tf, hu)
     h = tf.cast(tf.shape(hu)[1], tf.float32)
     w = tf.cast(tf.shape(hu)[2], tf.float32)
     size = int(data.crop_size or data.image_size)
     aug = data.augment
-    u = tf.random.stateless_uniform([8], seed=_key(tf, seed, _PURPOSE_AUGMENT, index),
-                                    minval=-1.0, maxval=1.0)
+    u = tf.random.stateless_uniform(
+        [8], seed=_augment_key(tf, seed, _PURPOSE_AUGMENT, process_index, index),
+        minval=-1.0, maxval=1.0)
     on = 1.0 if aug.enabled else 0.0
     theta = on * u[0] * math.radians(aug.rotation_deg)
     zoom = 1.0 + on * u[1] * aug.scale
@@ -333,7 +351,7 @@ def _train_sample(tf, store: _ScanStore, data, seed: int, index, k):
             # Uniform noise with the configured standard deviation (half-width sqrt(3) * std):
             # a normal draw costs ~2.5x more per voxel and the shape does not matter here.
             noise = tf.random.stateless_uniform(
-                tf.shape(image), seed=_key(tf, seed + 1, _PURPOSE_AUGMENT, index),
+                tf.shape(image), seed=_augment_key(tf, seed, _PURPOSE_NOISE, process_index, index),
                 minval=-math.sqrt(3.0) * aug.noise_std, maxval=math.sqrt(3.0) * aug.noise_std)
             image = image + noise
         image = tf.clip_by_value(image, 0.0, 1.0)
@@ -461,7 +479,8 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
             _plain(lambda epoch: tf.data.Dataset.from_tensor_slices(plan(epoch))))
         ds = tf.data.Dataset.zip(tf.data.Dataset.range(first_sample, INFINITE),
                                  indices.skip(skip))
-        ds = ds.map(_plain(lambda index, k: _train_sample(tf, store, data, seed, index, k)),
+        ds = ds.map(_plain(lambda index, k: _train_sample(tf, store, data, seed, index, k,
+                                                          process_index)),
                     num_parallel_calls=tf.data.AUTOTUNE)
         steps = None
     else:

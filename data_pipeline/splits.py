@@ -7,10 +7,14 @@ Rules:
 - A patient is never in two splits (all of a patient's scans follow the patient).
 - When the manifest's `split` column is filled for a patient, it is used (and must agree across that
   patient's rows). Patients without a split are assigned by the balanced rule below.
-- Balanced rule: validation and test each get round(10%) of the patients; they are filled round-robin
-  over the four CAC categories (0, 1-100, 101-400, >400), a random patient of each category in turn,
-  so each category has the same count (exactly when the target is a multiple of 4 and every category
-  has enough patients; otherwise as even as the cohort allows). The rest is training.
+- Balanced rule: validation and test each get round(10%) of the patients to assign, but at least one
+  each when there are at least 3 (a small cohort would otherwise get no validation or test set at
+  all). They are filled round-robin over the four CAC categories (0, 1-100, 101-400, >400), a random
+  patient of each category in turn (one for validation, then one for test), so each category has
+  the same count (exactly when the target is a multiple of 4 and every category has enough
+  patients; otherwise as even as the cohort allows). The round-robin starts at a seeded random
+  category, so a target below 4 does not always favour the low categories. The rest is training.
+- `empty_splits` names the splits left without any scan; the dataset builder warns about them.
 - A patient's category: that of the patient's CAC (gated) scan when there is one, else the highest
   category over the patient's scans (a CTAC-only patient). A scan's category comes from the
   manifest's `category`, else its `agatston`, else `category_of(row)` (the builder scores the
@@ -37,6 +41,8 @@ from data_pipeline.manifest import SPLITS, ManifestRow
 
 NUM_CATEGORIES = 4
 EVAL_FRACTION = 0.1  # paper: 80:10:10
+# From this many patients to assign on, validation and test get at least one patient each.
+MIN_PATIENTS_FOR_EVAL = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +128,17 @@ def _balanced(patients: Sequence[str], categories: dict[str, int | None], total:
     """Round-robin over categories for validation and test; the rest to train."""
     rng = np.random.default_rng(seed)
     target = int(round(eval_fraction * total))
+    if total >= MIN_PATIENTS_FOR_EVAL:
+        target = max(1, target)
     pools: list[list[str]] = []
     for category in range(NUM_CATEGORIES):
         # Sorted then permuted: the result depends on the seed and the set of patients only.
         members = sorted(p for p in patients if categories[p] == category)
         pools.append([members[i] for i in rng.permutation(len(members))])
+    # Seeded start of the round-robin: with a target below 4 only the first categories in turn get
+    # a patient, and always starting at category 0 would leave the high ones out of evaluation.
+    start = int(rng.integers(NUM_CATEGORIES))
+    pools = pools[start:] + pools[:start]
     chosen: dict[str, list[str]] = {"validation": [], "test": []}
     while True:
         progressed = False
@@ -149,9 +161,33 @@ def scan_splits(assignment: Sequence[PatientSplit]) -> dict[str, str]:
     return {scan_id: record.split for record in assignment for scan_id in record.scan_ids}
 
 
+def drop_scans(assignment: Sequence[PatientSplit], scan_ids) -> list[PatientSplit]:
+    """The assignment without `scan_ids` (e.g. rows skipped while reading); patients left with no
+    scan are dropped. The other patients keep their split."""
+    scan_ids = set(scan_ids)
+    out = []
+    for record in assignment:
+        kept = tuple(s for s in record.scan_ids if s not in scan_ids)
+        if kept:
+            out.append(dataclasses.replace(record, scan_ids=kept))
+    return out
+
+
+def empty_splits(assignment: Sequence[PatientSplit]) -> list[str]:
+    """The splits (in `SPLITS` order) that hold no scan in `assignment`."""
+    used = {record.split for record in assignment if record.scan_ids}
+    return [split for split in SPLITS if split not in used]
+
+
 def write_split_audit(directory: str | os.PathLike, assignment: Sequence[PatientSplit], *,
-                      seed: int, manifest: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Writes `splits.json` and `splits.csv` (one row per scan) into `directory`, atomically."""
+                      seed: int, manifest: str | os.PathLike | None = None,
+                      skipped: Sequence[dict] = ()) -> tuple[Path, Path]:
+    """Writes `splits.json` and `splits.csv` (one row per scan) into `directory`, atomically.
+
+    `assignment` should list only the scans that are in the dataset (see `drop_scans`);
+    `skipped` (dicts with at least "row" and "problem", and "scan_id" where known) goes to
+    splits.json's "skipped" list so the audit says which manifest rows are not in it.
+    """
     directory = Path(directory)
     counts = {split: {"patients": 0, "scans": 0, "by_category": {}} for split in SPLITS}
     for record in assignment:
@@ -164,9 +200,13 @@ def write_split_audit(directory: str | os.PathLike, assignment: Sequence[Patient
         "seed": seed,
         "manifest": None if manifest is None else os.fspath(manifest),
         "rule": "patient-level; manifest split column when given, else 80/10/10 with equal "
-                "numbers of each CAC category in validation and test (paper)",
+                "numbers of each CAC category in validation and test (paper), at least one "
+                f"patient each from {MIN_PATIENTS_FOR_EVAL} patients to assign, round-robin "
+                "over the categories from a seeded random start",
         "counts": counts,
+        "empty_splits": empty_splits(assignment),
         "patients": [dataclasses.asdict(record) for record in assignment],
+        "skipped": [dict(entry) for entry in skipped],
     }
     json_path = directory / "splits.json"
     csv_path = directory / "splits.csv"

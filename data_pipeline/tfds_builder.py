@@ -16,6 +16,20 @@ Build: `cac-jax ingest --manifest M.csv --data-dir D [--name N] [--seed S] [--sk
 D/N/VERSION with `splits.json`/`splits.csv` (patient split assignment), `skipped.json` (rows left out
 with `--skip-bad`) and a copy of the manifest beside TFDS's own files. Read it back with
 `tfds.builder_from_directory(D/N/VERSION)` (no class needed) or `input_pipeline.make_dataset`.
+
+`build_dataset` parses and checks the manifest (whole-file problems always, row problems unless
+`skip_bad`) and the data directory before it creates anything, so a bad manifest leaves no
+half-made dataset folder behind (and never removes an existing one with `overwrite`).
+
+With `skip_bad`, every row's files are read once before the splits are assigned and the rows that
+fail are skipped then, so the assignment (and the validation/test balance) covers exactly the scans
+that go into the dataset, and no split is planned on rows that all fail (TFDS cannot write a split
+without examples). This costs one extra read of each scan, only with `skip_bad`. A row that still
+fails when its example is written (its files changed in between) is skipped there; the audit files
+always describe the dataset as built: skipped scans are left out of splits.json/splits.csv (a
+patient left with no scan disappears from them) and listed under "skipped" in splits.json (and in
+skipped.json). A split left without any scan is reported as a warning (stderr by default) and
+listed under "empty_splits" in splits.json.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,8 +89,8 @@ def row_error(row: ManifestRow, manifest_path: os.PathLike | str, err: Exception
     return ManifestError(manifest_path, f"{where}: {err}")
 
 
-def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
-    """Reads one manifest row into the stored example (numpy); errors name the row."""
+def _read_files(row: ManifestRow, manifest_path: os.PathLike | str = ""):
+    """(volume, calcium labels or None, heart mask or None) of a row; errors name the row."""
     from data_pipeline import io as io_lib
 
     column = "image"
@@ -88,6 +103,23 @@ def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
         heart = None if row.heart_mask is None else io_lib.read_labels(row.heart_mask, like=volume)
     except InputError as err:
         raise row_error(row, manifest_path, err, column) from err
+    return volume, calcium, heart
+
+
+def check_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> int | None:
+    """Reads a row's files (`ManifestError` naming the row when they fail) and returns its CAC
+    category (manifest `category`/`agatston`, else scored from its labels; None if unknown)."""
+    volume, calcium, _ = _read_files(row, manifest_path)
+    if row.category is not None or row.agatston is not None or calcium is None:
+        return splits_lib.scan_category(row)
+    from cac_jax.scoring import agatston_score
+
+    return cac_category(agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
+
+
+def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
+    """Reads one manifest row into the stored example (numpy); errors name the row."""
+    volume, calcium, heart = _read_files(row, manifest_path)
     hu = volume.hu
     empty = np.zeros((0, 0, 0), np.uint8)
     num_slices = hu.shape[0]
@@ -120,6 +152,24 @@ def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
     }
 
 
+def load_manifest(manifest_path: str | os.PathLike,
+                  skip_bad: bool = False) -> tuple[list[ManifestRow], list[ManifestError]]:
+    """The manifest's valid rows and row errors; raises `ManifestError` for a bad file, for the
+    first bad row unless `skip_bad`, and when no row is usable."""
+    rows, errors = parse_manifest(manifest_path)
+    if errors and not skip_bad:
+        more = f" (and {len(errors) - 1} more bad rows; --skip-bad skips them)" if len(
+            errors) > 1 else " (--skip-bad skips bad rows)"
+        raise ManifestError(errors[0].path, errors[0].problem + more)
+    if not rows:
+        raise ManifestError(manifest_path, "no usable rows in the manifest")
+    return rows, errors
+
+
+def _print_warning(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
 def _category_from_labels(row: ManifestRow) -> int | None:
     """A scan's category scored from its reference labels (rows without agatston/category)."""
     if row.calcium_labels is None:
@@ -142,13 +192,20 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, manifest_path: str | os.PathLike | None = None, split_seed: int = 0,
                  skip_bad: bool = False, progress: bool = True,
-                 on_skip: Callable[[str], None] | None = None, **kwargs):
+                 on_skip: Callable[[str], None] | None = None,
+                 on_warning: Callable[[str], None] | None = None,
+                 parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
+                 **kwargs):
+        """`parsed_manifest`: the result of `load_manifest` when the caller already checked it;
+        `on_warning` gets warnings such as an empty split (default: printed to stderr)."""
         # Set before the base __init__, which may call _info().
         self.manifest_path = None if manifest_path is None else Path(manifest_path)
         self.split_seed = int(split_seed)
         self.skip_bad = skip_bad
         self.progress = progress
         self.on_skip = on_skip
+        self.on_warning = _print_warning if on_warning is None else on_warning
+        self.parsed_manifest = parsed_manifest
         self.skipped: list[dict[str, str]] = []
         self.assignment: list[splits_lib.PatientSplit] = []
         self._built_now = False
@@ -174,8 +231,11 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _skip(self, where: str, problem: str) -> None:
-        self.skipped.append({"row": where, "problem": problem})
+    def _skip(self, where: str, problem: str, scan_id: str | None = None) -> None:
+        entry = {"row": where, "problem": problem}
+        if scan_id is not None:
+            entry["scan_id"] = scan_id
+        self.skipped.append(entry)
         if self.on_skip is not None:
             self.on_skip(f"skipped {where}: {problem}")
 
@@ -183,23 +243,21 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # offline: every file is local and named by the manifest
         if self.manifest_path is None:
             raise ManifestError(None, "building the dataset needs manifest_path")
-        rows, errors = parse_manifest(self.manifest_path)
-        if errors and not self.skip_bad:
-            more = f" (and {len(errors) - 1} more bad rows; --skip-bad skips them)" if len(
-                errors) > 1 else " (--skip-bad skips bad rows)"
-            raise ManifestError(errors[0].path, errors[0].problem + more)
+        rows, errors = self.parsed_manifest or load_manifest(self.manifest_path, self.skip_bad)
         for err in errors:
             self._skip(str(err.problem).split(":")[0], str(err))
-        if not rows:
-            raise ManifestError(self.manifest_path, "no usable rows in the manifest")
 
-        def category_of(row: ManifestRow) -> int | None:
-            try:
-                return _category_from_labels(row)
-            except InputError as err:
-                if not self.skip_bad:
+        if self.skip_bad:
+            rows, categories = self._readable_rows(rows)
+
+            def category_of(row: ManifestRow) -> int | None:
+                return categories[row.scan_id]
+        else:
+            def category_of(row: ManifestRow) -> int | None:
+                try:
+                    return _category_from_labels(row)
+                except InputError as err:
                     raise row_error(row, self.manifest_path, err) from err
-                return None  # the row fails again (and is skipped) when its example is read
 
         self.assignment = splits_lib.assign_splits(rows, seed=self.split_seed,
                                                    category_of=category_of)
@@ -212,6 +270,23 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 generators[split] = self._generate_examples(split, split_rows)
         return generators
 
+    def _readable_rows(self, rows: list[ManifestRow]):
+        """(rows whose files read, {scan_id: category}); the others are skipped (skip_bad)."""
+        from tqdm import tqdm
+
+        good, categories = [], {}
+        for row in tqdm(rows, desc="check", unit="scan", disable=not self.progress):
+            try:
+                categories[row.scan_id] = check_row(row, self.manifest_path)
+            except ManifestError as err:
+                self._skip(row.where, str(err), scan_id=row.scan_id)
+                continue
+            good.append(row)
+        if not good:
+            raise ManifestError(self.manifest_path, "no row of the manifest could be read "
+                                                    f"({len(self.skipped)} skipped)")
+        return good, categories
+
     def _generate_examples(self, split: str, rows: list[ManifestRow]) -> Iterator[tuple[str, dict]]:
         from tqdm import tqdm
 
@@ -221,20 +296,34 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             except ManifestError as err:
                 if not self.skip_bad:
                     raise
-                self._skip(row.where, str(err))
+                self._skip(row.where, str(err), scan_id=row.scan_id)
                 continue
             yield row.scan_id, example
 
     def download_and_prepare(self, *args, **kwargs):
-        """Builds the dataset (if absent), then writes the audit files next to it."""
+        """Builds the dataset (if absent), then writes the audit files next to it and warns
+        about splits left empty."""
         super().download_and_prepare(*args, **kwargs)
         if self._built_now:
             self.write_audit(Path(self.data_dir))
+            for split in splits_lib.empty_splits(self.built_assignment()):
+                self.on_warning(
+                    f"split {split!r} is empty (no scans in the dataset), so nothing can be "
+                    f"trained or evaluated on it: too few patients with a known CAC category "
+                    f"(validation and test get one each from {splits_lib.MIN_PATIENTS_FOR_EVAL} "
+                    "patients to assign on), or the manifest's split column or skipped rows "
+                    "leave none for it")
+
+    def built_assignment(self) -> list[splits_lib.PatientSplit]:
+        """The patient assignment restricted to the scans in the dataset (skipped rows removed)."""
+        skipped_ids = {entry["scan_id"] for entry in self.skipped if "scan_id" in entry}
+        return splits_lib.drop_scans(self.assignment, skipped_ids)
 
     def write_audit(self, directory: Path) -> None:
-        """splits.json/.csv, skipped.json and a copy of the manifest, next to the dataset."""
-        splits_lib.write_split_audit(directory, self.assignment, seed=self.split_seed,
-                                     manifest=self.manifest_path)
+        """splits.json/.csv (scans in the dataset only), skipped.json and a copy of the manifest,
+        next to the dataset."""
+        splits_lib.write_split_audit(directory, self.built_assignment(), seed=self.split_seed,
+                                     manifest=self.manifest_path, skipped=self.skipped)
         atomic_write_text(directory / "skipped.json", json.dumps(self.skipped, indent=2) + "\n")
         if self.manifest_path is not None:
             shutil.copyfile(self.manifest_path, directory / "manifest.csv")
@@ -246,35 +335,64 @@ def dataset_dir(data_dir: str | os.PathLike, name: str = DEFAULT_NAME,
     return Path(data_dir).expanduser() / name / version
 
 
+def check_data_dir(data_dir: str | os.PathLike, name: str = DEFAULT_NAME) -> Path:
+    """DATA_DIR/NAME/VERSION, after checking that no existing part of that path is a file
+    (`InputError` naming it); nothing is created."""
+    target = dataset_dir(data_dir, name)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "" if probe == Path(data_dir).expanduser() else f" (the dataset goes to {target})"
+        raise InputError(probe, f"is a file, not a directory{where}; --data-dir must be a "
+                                "directory (it is created when missing)")
+    return target
+
+
+def _builder_class(name: str) -> type[CacCtBuilder]:
+    """The builder class for dataset `name` (a subclass when it is not the default name)."""
+    if name == DEFAULT_NAME:
+        return CacCtBuilder
+    if not name.isidentifier() or name != name.lower():
+        raise InputError(None, f"dataset name {name!r} must be lower_snake_case "
+                               "(letters, digits, underscores)")
+    return type(f"CacCtBuilder_{name}", (CacCtBuilder,), {"name": name}, skip_registration=True)
+
+
 def make_builder(data_dir: str | os.PathLike, *, manifest_path: str | os.PathLike | None = None,
                  name: str = DEFAULT_NAME, split_seed: int = 0, skip_bad: bool = False,
-                 progress: bool = True,
-                 on_skip: Callable[[str], None] | None = None) -> CacCtBuilder:
+                 progress: bool = True, on_skip: Callable[[str], None] | None = None,
+                 on_warning: Callable[[str], None] | None = None,
+                 parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
+                 ) -> CacCtBuilder:
     """A builder instance writing to DATA_DIR/NAME/VERSION (`name` gives the dataset its name)."""
-    cls = CacCtBuilder
-    if name != DEFAULT_NAME:
-        if not name.isidentifier() or name != name.lower():
-            raise InputError(None, f"dataset name {name!r} must be lower_snake_case "
-                                   "(letters, digits, underscores)")
-        cls = type(f"CacCtBuilder_{name}", (CacCtBuilder,), {"name": name},
-                   skip_registration=True)
+    cls = _builder_class(name)
     return cls(data_dir=os.fspath(Path(data_dir).expanduser()), manifest_path=manifest_path,
-               split_seed=split_seed, skip_bad=skip_bad, progress=progress, on_skip=on_skip)
+               split_seed=split_seed, skip_bad=skip_bad, progress=progress, on_skip=on_skip,
+               on_warning=on_warning, parsed_manifest=parsed_manifest)
 
 
 def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike, *,
                   name: str = DEFAULT_NAME, split_seed: int = 0, skip_bad: bool = False,
                   overwrite: bool = False, progress: bool = True,
-                  on_skip: Callable[[str], None] | None = None) -> CacCtBuilder:
-    """Builds the dataset from a manifest into DATA_DIR/NAME/VERSION; returns the builder."""
-    target = dataset_dir(data_dir, name)
+                  on_skip: Callable[[str], None] | None = None,
+                  on_warning: Callable[[str], None] | None = None) -> CacCtBuilder:
+    """Builds the dataset from a manifest into DATA_DIR/NAME/VERSION; returns the builder.
+
+    The data directory and the manifest are checked before anything is created or removed.
+    `on_warning` receives warnings such as an empty split (default: printed to stderr).
+    """
+    _builder_class(name)  # a bad name fails here, before anything is touched
+    target = check_data_dir(data_dir, name)
+    parsed = load_manifest(manifest_path, skip_bad)
     if (target / "dataset_info.json").exists():
         if not overwrite:
             raise InputError(target, "dataset already built here; pass --overwrite to rebuild it "
                                      "or --name to build another")
-        shutil.rmtree(target)
+        shutil.rmtree(target)  # only once the inputs are checked
     builder = make_builder(data_dir, manifest_path=manifest_path, name=name, split_seed=split_seed,
-                           skip_bad=skip_bad, progress=progress, on_skip=on_skip)
+                           skip_bad=skip_bad, progress=progress, on_skip=on_skip,
+                           on_warning=on_warning, parsed_manifest=parsed)
     # One progress bar (ours, per scan) instead of TFDS's several per split.
     tfds.disable_progress_bar()
     builder.download_and_prepare(

@@ -103,3 +103,63 @@ def test_audit_files(tmp_path):
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "scan_id,patient_id,split,patient_category,source"
     assert len(lines) == 1 + len(_cohort(10))
+
+
+@pytest.mark.parametrize("patients", [3, 4, 5])
+def test_small_cohort_gets_validation_and_test(patients):
+    # round(10% of <= 5) is 0: without the minimum, such a cohort had no validation/test at all.
+    rows = [_row(f"P{i}", category=i % 4) for i in range(patients)]
+    for seed in range(3):
+        records = S.assign_splits(rows, seed=seed)
+        counts = collections.Counter(r.split for r in records)
+        assert counts["validation"] == 1 and counts["test"] == 1
+        assert counts["train"] == patients - 2
+        assert S.empty_splits(records) == []
+
+
+def test_too_few_patients_leave_splits_empty():
+    records = S.assign_splits([_row("P0", category=0), _row("P1", category=2)], seed=0)
+    assert {r.split for r in records} == {"train"}
+    assert S.empty_splits(records) == ["validation", "test"]
+
+
+def test_round_robin_start_is_seeded_not_always_category_zero():
+    rows = [_row(f"C{c}P{i}", category=c) for c in range(4) for i in range(3)]  # 12 -> 1 each
+    first = set()
+    for seed in range(16):
+        records = S.assign_splits(rows, seed=seed)
+        val = [r.category for r in records if r.split == "validation"]
+        test = [r.category for r in records if r.split == "test"]
+        assert len(val) == 1 and val == test  # equal counts per category in both
+        first.add(val[0])
+        again = S.assign_splits(rows, seed=seed)
+        assert [r.split for r in again] == [r.split for r in records]
+    assert first == {0, 1, 2, 3}  # every category gets its turn for some seed
+    rows = [_row(f"C{c}P{i}", category=c) for c in range(4) for i in range(5)]  # 20 -> 2 each
+    pairs = set()
+    for seed in range(16):
+        records = S.assign_splits(rows, seed=seed)
+        val = sorted(r.category for r in records if r.split == "validation")
+        test = sorted(r.category for r in records if r.split == "test")
+        assert val == test and len(set(val)) == 2
+        pairs.add(tuple(val))
+    assert len(pairs) > 1 and any(3 in pair for pair in pairs)  # not always (0, 1)
+
+
+def test_audit_without_skipped_scans(tmp_path):
+    rows = _cohort(10)
+    records = S.assign_splits(rows, seed=2)
+    victim = next(r for r in records if r.split == "test")  # drop all its scans
+    partial = next(r for r in records if len(r.scan_ids) == 2)  # keep its cac scan
+    dropped = {*victim.scan_ids, partial.scan_ids[1]}
+    kept = S.drop_scans(records, dropped)
+    assert victim.patient_id not in {r.patient_id for r in kept}
+    assert {r.patient_id: r.scan_ids for r in kept}[partial.patient_id] == partial.scan_ids[:1]
+    assert {r.patient_id: r.split for r in kept}[partial.patient_id] == partial.split
+    skipped = [{"row": "row 9", "problem": "bad", "scan_id": s} for s in sorted(dropped)]
+    json_path, csv_path = S.write_split_audit(tmp_path, kept, seed=2, skipped=skipped)
+    doc = json.loads(json_path.read_text())
+    assert doc["counts"]["test"]["patients"] == 3 and doc["skipped"] == skipped
+    listed = {line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]}
+    assert listed == {row.scan_id for row in rows} - dropped
+    assert doc["empty_splits"] == []

@@ -134,6 +134,50 @@ def test_existing_dataset_needs_overwrite(built):
         build_dataset(manifest, data_dir, name="tiny", progress=False)
 
 
+def test_overwrite_with_bad_manifest_keeps_the_dataset(built, tmp_path):
+    from data_pipeline.tfds_builder import build_dataset
+
+    root, manifest, data_dir, builder = built
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,scan_id\nP0,P0_cac\n")
+    with pytest.raises(ManifestError, match="lacks required column"):
+        build_dataset(bad, data_dir, name="tiny", overwrite=True, progress=False)
+    assert (data_dir / "tiny" / "1.0.0" / "dataset_info.json").exists()
+
+
+@pytest.mark.parametrize("problem", ["no file", "no columns", "bad row"])
+def test_bad_manifest_creates_nothing(tmp_path, problem):
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = tmp_path / "manifest.csv"
+    if problem == "no columns":
+        manifest.write_text("patient_id,scan_id\nP0,P0_cac\n")
+    elif problem == "bad row":
+        manifest = _bad_manifest(tmp_path / "cohort", "missing")
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(ManifestError):
+        build_dataset(manifest, data_dir, name="bad", progress=False)
+    assert not data_dir.exists()  # no TFDS "downloads/" or half-made dataset folder
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    from cac_jax import cli
+    from data_pipeline.errors import InputError
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = write_tiny_cohort(tmp_path / "cohort", patients=1)
+    not_a_dir = tmp_path / "data.txt"
+    not_a_dir.write_text("x")
+    with pytest.raises(InputError, match="data.txt: is a file, not a directory"):
+        build_dataset(manifest, not_a_dir, progress=False)
+    with pytest.raises(InputError, match="data.txt: is a file"):
+        build_dataset(manifest, not_a_dir / "sub", progress=False)
+    assert cli.main(["ingest", "--manifest", str(manifest), "--data-dir", str(not_a_dir),
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{not_a_dir}: is a file, not a directory" in err and "Traceback" not in err
+
+
 def _bad_manifest(root: Path, problem: str) -> Path:
     manifest = write_tiny_cohort(root, patients=3)
     text = manifest.read_text().splitlines()
@@ -172,6 +216,78 @@ def test_bad_row_error_names_row_and_skip_bad(tmp_path, problem, expected):
     assert len(skipped) == 1 and "P000_ctac" in skipped[0]["problem"]
     total = sum(info.num_examples for info in builder.info.splits.values())
     assert total == 3  # 4 scans (P000 has ctac too) minus the bad one
+    # The audit lists exactly the scans in the dataset, and which rows were skipped.
+    stored = {ex["scan_id"].decode(): split for split in builder.info.splits
+              for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+    lines = (path / "splits.csv").read_text().splitlines()[1:]
+    assert {line.split(",")[0]: line.split(",")[2] for line in lines} == stored
+    audit = json.loads((path / "splits.json").read_text())
+    assert sum(c["scans"] for c in audit["counts"].values()) == 3
+    assert len(audit["skipped"]) == 1 and "row 2" in audit["skipped"][0]["row"]
+    # 3 patients: validation and test get one each (round(10%) alone would give none).
+    assert audit["empty_splits"] == [] and set(builder.info.splits) == {"train", "validation",
+                                                                         "test"}
+
+
+def test_skipped_scans_leave_audit_and_empty_split_warns(tmp_path, capsys):
+    from data_pipeline.tfds_builder import build_dataset
+
+    # Split column: P000 train, P001 validation, P002 test; P001's only scan fails to read.
+    manifest = write_tiny_cohort(tmp_path, patients=3, split_column=True)
+    _write(tmp_path / "small.nii.gz", np.zeros((2, 8, 8), np.int16))
+    lines = manifest.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith("P001,P001_cac,"))
+    fields = lines[index].split(",")
+    fields[4] = "small.nii.gz"
+    lines[index] = ",".join(fields)
+    manifest.write_text("\n".join(lines) + "\n")
+    warnings = []
+    builder = build_dataset(manifest, tmp_path / "tfds", name="skip", skip_bad=True,
+                            progress=False, on_warning=warnings.append)
+    assert "validation" not in builder.info.splits
+    assert len(warnings) == 1 and "'validation' is empty" in warnings[0]
+    audit = json.loads((Path(builder.data_dir) / "splits.json").read_text())
+    assert "P001" not in {record["patient_id"] for record in audit["patients"]}
+    assert audit["counts"]["validation"]["patients"] == 0
+    assert audit["empty_splits"] == ["validation"]
+    assert [entry["scan_id"] for entry in audit["skipped"]] == ["P001_cac"]
+    assert "P001_cac" not in (Path(builder.data_dir) / "splits.csv").read_text()
+    # Default: the warning goes to stderr.
+    build_dataset(manifest, tmp_path / "tfds", name="skip", skip_bad=True, overwrite=True,
+                  progress=False)
+    assert "warning: split 'validation' is empty" in capsys.readouterr().err
+
+
+def test_row_failing_while_written_leaves_audit(tmp_path, monkeypatch):
+    from data_pipeline import tfds_builder
+
+    # P000 (train) has a cac and a ctac scan; the ctac one passes the check but fails when written.
+    manifest = write_tiny_cohort(tmp_path, patients=3, split_column=True)
+    read_row = tfds_builder.read_row
+
+    def flaky(row, manifest_path=""):
+        if row.scan_id == "P000_ctac":
+            raise ManifestError(manifest_path, f"{row.where}: changed on disk")
+        return read_row(row, manifest_path)
+
+    monkeypatch.setattr(tfds_builder, "read_row", flaky)
+    builder = tfds_builder.build_dataset(manifest, tmp_path / "tfds", name="flaky",
+                                         skip_bad=True, progress=False)
+    assert builder.info.splits["train"].num_examples == 1
+    audit = json.loads((Path(builder.data_dir) / "splits.json").read_text())
+    assert {r["patient_id"]: r["scan_ids"] for r in audit["patients"]}["P000"] == ["P000_cac"]
+    assert audit["counts"]["train"]["scans"] == 1
+    assert [entry["scan_id"] for entry in audit["skipped"]] == ["P000_ctac"]
+    assert "P000_ctac" not in (Path(builder.data_dir) / "splits.csv").read_text()
+
+
+def test_ingest_warns_about_empty_splits(tmp_path, capsys):
+    manifest = write_tiny_cohort(tmp_path, patients=2)  # too few patients for validation/test
+    assert _ingest(["--manifest", str(manifest), "--data-dir", str(tmp_path / "tfds"),
+                    "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "cac-jax ingest: warning: split 'validation' is empty" in err
+    assert "cac-jax ingest: warning: split 'test' is empty" in err
 
 
 def _ingest(argv):

@@ -15,7 +15,11 @@ The manifest is a CSV with columns patient_id, scan_id, protocol (cac|ctac), ima
 heart_mask, site, split and optionally agatston, category (paths relative to the manifest). An
 empty split column assigns patients 80/10/10 with equal numbers of each CAC category in validation
 and test (paper); --seed makes that assignment reproducible. A bad row (missing file, geometry
-mismatch, unknown protocol) stops the build with an error naming the row, unless --skip-bad.
+mismatch, unknown protocol) stops the build with an error naming the row, unless --skip-bad;
+the manifest is checked before anything is written. Validation and test get at least one patient
+each from 3 patients to assign on; a split left empty is reported as a warning on stderr. With
+--skip-bad, splits.json/splits.csv list only the scans in the dataset (skipped ones under
+"skipped" in splits.json).
 
 example:
   cac-jax synth --out cohort --patients 20
@@ -63,9 +67,13 @@ def handler(args: argparse.Namespace) -> int:
     def on_skip(line: str) -> None:
         print(f"cac-jax ingest: {line}", file=sys.stderr)
 
+    def on_warning(line: str) -> None:
+        print(f"cac-jax ingest: warning: {line}", file=sys.stderr)
+
+    # build_dataset checks --data-dir and the manifest before it creates anything.
     builder = build_dataset(args.manifest, args.data_dir, name=args.name, split_seed=args.seed,
                             skip_bad=args.skip_bad, overwrite=args.overwrite,
-                            progress=not args.quiet, on_skip=on_skip)
+                            progress=not args.quiet, on_skip=on_skip, on_warning=on_warning)
     sizes = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
     print(f"dataset {args.name} {builder.info.version} in {builder.data_dir}: scans {sizes}")
     if builder.skipped:
