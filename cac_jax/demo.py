@@ -36,6 +36,7 @@ from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
 from data_pipeline.io import read_labels, read_study
 from data_pipeline.manifest import ManifestRow, read_manifest
+from data_pipeline.phantom.cohort import MIN_SIZE
 
 CATEGORIES = list(range(len(CATEGORY_NAMES)))
 MODEL_SIZE_MULTIPLE = 16
@@ -279,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.patients < MIN_PATIENTS:
         parser.error(f"--patients must be >= {MIN_PATIENTS} (one each for validation and test, "
                      f"two to train on), got {args.patients}")
-    if args.size < 32:
-        parser.error(f"--size must be >= 32 pixels, got {args.size}")
+    if args.size < MIN_SIZE:
+        parser.error(f"--size must be >= {MIN_SIZE} pixels, got {args.size}")
     try:
         run(Path(args.out), DemoSettings(args.patients, args.size, args.seed),
             workers=args.workers, pipeline=not args.no_pipeline)

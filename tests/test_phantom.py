@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from cac_jax.baselines import threshold_score
 from cac_jax.cli import main as cli_main
@@ -20,7 +21,7 @@ from data_pipeline.phantom import (
     render_patient,
     render_scan,
 )
-from data_pipeline.phantom.render import _ellipsoid_sdf
+from data_pipeline.phantom.render import _ellipsoid_sdf, complete_lesions
 
 SEED = 0
 
@@ -35,19 +36,22 @@ def small_cohort():
 
 def test_cli_writes_cohort_that_round_trips(tmp_path):
     out = tmp_path / "cohort"
-    code = cli_main(["synth", "--out", str(out), "--patients", "2", "--size", "64", "--seed", "3",
-                     "--preview"])
+    # Categories 2 and 3 so that both protocols' files carry calcium through the round trip.
+    code = cli_main(["synth", "--out", str(out), "--patients", "2", "--size", "128", "--seed", "3",
+                     "--preview", "--proportions", "0,0,0.5,0.5"])
     assert code == 0
     rows = read_manifest(out / "manifest.csv")
     assert [r.scan_id for r in rows] == ["syn3-0000_cac", "syn3-0000_ctac", "syn3-0001_cac",
                                          "syn3-0001_ctac"]
-    categories = assign_categories(3, 2)
+    categories = assign_categories(3, 2, (0, 0, 0.5, 0.5))
+    assert sorted(categories) == [2, 3]
+    assert all(row.agatston > 0 for row in rows), [(r.scan_id, r.agatston) for r in rows]
     for row in rows:
         assert row.site == "synthetic" and row.split is None
         assert (out / "previews" / f"{row.scan_id}.png").stat().st_size > 1000
         volume = read_study(row.image)
         k = int(row.patient_id.split("-")[1])
-        expected = render_scan(patient_seed(3, k), row.protocol, 64, category=categories[k],
+        expected = render_scan(patient_seed(3, k), row.protocol, 128, category=categories[k],
                                patient_id=row.patient_id)
         assert volume.hu.shape == expected.volume.hu.shape
         assert np.abs(volume.hu - expected.volume.hu).max() <= 0.5
@@ -67,10 +71,10 @@ def test_cli_writes_cohort_that_round_trips(tmp_path):
 
 
 def test_rerun_into_same_folder_replaces_series(tmp_path):
-    generate_cohort(tmp_path, patients=1, protocols=("cac",), size=48, seed=5)
-    rows = generate_cohort(tmp_path, patients=1, protocols=("cac",), size=32, seed=5)
+    generate_cohort(tmp_path, patients=1, protocols=("cac",), size=64, seed=5)
+    rows = generate_cohort(tmp_path, patients=1, protocols=("cac",), size=48, seed=5)
     volume = read_study(rows[0].image)
-    assert volume.hu.shape[1:] == (32, 32)
+    assert volume.hu.shape[1:] == (48, 48)
     assert len(list(rows[0].image.glob("*.dcm"))) == volume.hu.shape[0]
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
 
@@ -96,10 +100,42 @@ def test_cac_scans_cover_requested_categories(small_cohort):
     assert Counter(scan.category for scan in cac) == {0: 2, 1: 2, 2: 2, 3: 2}
     for scan in cac:
         assert scan.category == scan.target_category
-        # The stored score is the scorer's on the scan's own image and labels.
-        result = agatston_score(scan.volume.hu, scan.calcium_labels, scan.volume.spacing_zyx_mm)
-        assert result.agatston == pytest.approx(scan.agatston)
         assert cac_category(scan.agatston) == scan.category
+
+
+def test_coronary_labels_cover_whole_lesions(small_cohort):
+    """As a reader marks them: every in-slice >= 130 HU region holding a coronary label is
+    labelled throughout (no unlabelled rim or touching noise left to be called non-coronary)."""
+    in_slice_8 = np.zeros((3, 3, 3), bool)
+    in_slice_8[1] = True
+    coronary_voxels = 0
+    for patient in small_cohort:
+        for scan in patient.values():
+            labels = scan.calcium_labels
+            component, _ = ndimage.label(scan.volume.hu >= 130, structure=in_slice_8)
+            coronary = (labels >= 1) & (labels <= 3)
+            lesion_ids = np.unique(component[coronary])
+            assert 0 not in lesion_ids  # coronary labels only at >= 130 HU
+            in_lesions = np.isin(component, lesion_ids)
+            assert not np.any(in_lesions & (labels == 0)), scan.scan_id
+            coronary_voxels += int(coronary.sum())
+    assert coronary_voxels > 0
+
+
+def test_complete_lesions_grows_seeds_by_majority_and_keeps_other_labels():
+    hu = np.full((1, 5, 8), 40.0, np.float32)
+    hu[0, 1:4, 1:4] = 300.0   # one lesion: seeds 1 (two voxels) and 2 (one voxel)
+    hu[0, 1, 6] = 500.0       # a separate bright voxel with a non-coronary label
+    hu[0, 2, 6] = 500.0       # unlabelled, touching it
+    labels = np.zeros(hu.shape, np.int16)
+    labels[0, 1, 1] = labels[0, 1, 2] = 1
+    labels[0, 3, 3] = 2
+    labels[0, 1, 6] = 6
+    grown = complete_lesions(hu, labels)
+    lesion = grown[0, 1:4, 1:4]
+    assert (lesion == 1).sum() == 8 and lesion[2, 2] == 2  # majority fills, seeds stay
+    assert grown[0, 1, 6] == 6 and grown[0, 2, 6] == 0    # non-coronary regions untouched
+    assert np.all(grown[hu < 130] == 0)
 
 
 def test_ctac_images_the_same_calcium_differently(small_cohort):
@@ -115,13 +151,13 @@ def test_same_seed_same_scan_and_patient_independent_of_cohort_size(tmp_path):
     b = render_scan(patient_seed(7, 1), "ctac", 48, category=2)
     assert np.array_equal(a.volume.hu, b.volume.hu)
     assert np.array_equal(a.calcium_labels, b.calcium_labels)
-    small = generate_cohort(tmp_path / "n2", patients=2, protocols=("cac",), size=40, seed=7)
-    large = generate_cohort(tmp_path / "n3", patients=3, protocols=("cac",), size=40, seed=7)
+    small = generate_cohort(tmp_path / "n2", patients=2, protocols=("cac",), size=48, seed=7)
+    large = generate_cohort(tmp_path / "n3", patients=3, protocols=("cac",), size=48, seed=7)
     assert small[1].scan_id == large[1].scan_id
     assert small[1].agatston == large[1].agatston
     vol_small, vol_large = read_study(small[1].image), read_study(large[1].image)
     assert np.array_equal(vol_small.hu, vol_large.hu)
-    other = render_scan(patient_seed(8, 1), "cac", 40, category=small[1].category)
+    other = render_scan(patient_seed(8, 1), "cac", 48, category=small[1].category)
     assert other.volume.hu.shape != vol_small.hu.shape or not np.array_equal(other.volume.hu,
                                                                              vol_small.hu)
 

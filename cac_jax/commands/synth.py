@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from data_pipeline.phantom.cohort import MIN_SIZE
+
 EPILOG = """\
 Layout: OUT/manifest.csv; OUT/<patient_id>/<protocol>/dicom/*.dcm;
 OUT/<patient_id>/<protocol>/calcium_labels.nii.gz and heart_mask.nii.gz;
@@ -39,7 +41,7 @@ _positive_int = _int_at_least(1)
 _seed = _int_at_least(0)
 
 
-_size = _int_at_least(32, " pixels")
+_size = _int_at_least(MIN_SIZE, " pixels")
 
 
 def _protocols(text: str) -> tuple[str, ...]:

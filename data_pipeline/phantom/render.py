@@ -16,8 +16,10 @@ Steps, for one patient and one protocol (`Protocol`: gated CAC or ungated low-do
    pre-scaled so that the blurred noise has the protocol's standard deviation. The blur is
    linear, so each calcification's blurred excess can be added to the blurred anatomy on its own
    (the category design loop in `cohort` re-renders only the plaques).
-5. Labels: a calcification's label goes to voxels where its blurred excess is >= 50 HU (it
-   visibly changes the image) and the final HU is >= 130 (Agatston 1990): what an expert marks.
+5. Labels, as an expert marks them: a calcification's label seeds the voxels where its blurred
+   excess is >= 50 HU (it visibly changes the image) and the final HU is >= 130 (Agatston 1990);
+   each coronary label then covers the whole in-slice 8-connected >= 130 HU region it seeds (the
+   lesion a reader clicks, with its blurred rim and touching noise), see `complete_lesions`.
 """
 
 from __future__ import annotations
@@ -701,7 +703,37 @@ def compose(background: np.ndarray, patches: Sequence[Patch], region=None):
     np.round(hu, out=hu)
     np.clip(hu, -1024, 3071, out=hu)
     labels = np.where((best >= FOOTPRINT_HU) & (hu >= CALCIUM_HU), owner, 0).astype(np.int16)
-    return hu, labels
+    return hu, complete_lesions(hu, labels)
+
+
+# 2D 8-connectivity within each axial slice, none between slices: the Agatston lesion definition.
+_IN_SLICE_8 = np.zeros((3, 3, 3), dtype=bool)
+_IN_SLICE_8[1] = True
+
+
+def complete_lesions(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Extends coronary labels to the whole lesions an expert would mark.
+
+    A reader marks a lesion by clicking it: the whole 2D 8-connected region at >= 130 HU gets the
+    artery's label, including its blurred rim and any noise touching it. The footprint rule of
+    `compose` only seeds the labels; each >= 130 HU in-slice component holding coronary seeds
+    (labels 1-4) gets the label that most of its seeds carry, on its unlabelled voxels. Components
+    whose seeds are mostly non-coronary (5+) are left as they are, and no existing label changes.
+    """
+    calcium = hu >= CALCIUM_HU
+    coronary = (labels >= 1) & (labels <= 4)
+    if not coronary.any():
+        return labels
+    component, count = ndimage.label(calcium, structure=_IN_SLICE_8)
+    seeded = (labels > 0) & calcium
+    votes = np.zeros((count + 1, int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(votes, (component[seeded], labels[seeded]), 1)
+    votes[0] = 0  # component id 0 is "below 130 HU"
+    winner = votes.argmax(axis=1)
+    grow = (labels == 0) & calcium & (winner[component] >= 1) & (winner[component] <= 4)
+    out = labels.copy()
+    out[grow] = winner[component[grow]]
+    return out
 
 
 def patches_region(patches: Sequence[Patch], shape) -> tuple[slice, slice, slice] | None:
