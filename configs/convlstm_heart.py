@@ -5,9 +5,12 @@ Tiny test variant: `--config configs/convlstm_heart.py:local` (64 px, narrow wid
 (The training entry point `cac_jax.main` comes with the training issue.)
 """
 
-from cac_jax.config_defaults import get_base_config
+from cac_jax.config_defaults import get_base_config, parse_config_arg
 
 
 def get_config(arg: str | None = None):
-    """Return the experiment ConfigDict; arg "local" gives the tiny 64 px variant."""
-    return get_base_config("heart", "convlstm", local=arg == "local")
+    """Return the experiment ConfigDict; arg "local" gives the tiny 64 px variant.
+
+    None or "" give the full config; any other arg raises ValueError.
+    """
+    return get_base_config("heart", "convlstm", local=parse_config_arg(arg))

@@ -8,13 +8,16 @@ Tiny test variant: `--config configs/unet_matched_calcium.py:local`.
 (The training entry point `cac_jax.main` comes with the training issue.)
 """
 
-from cac_jax.config_defaults import get_base_config
+from cac_jax.config_defaults import get_base_config, parse_config_arg
 from cac_jax.models.config import MATCHED_UNET_BASE_WIDTH
 
 
 def get_config(arg: str | None = None):
-    """Return the experiment ConfigDict; arg "local" gives the tiny 64 px variant."""
-    local = arg == "local"
+    """Return the experiment ConfigDict; arg "local" gives the tiny 64 px variant.
+
+    None or "" give the full config; any other arg raises ValueError.
+    """
+    local = parse_config_arg(arg)
     config = get_base_config("calcium", "unet", local=local)
     # The tiny variant is narrower than the tiny standard UNet, as at full size.
     config.model.unet.base_width = 4 if local else MATCHED_UNET_BASE_WIDTH

@@ -75,6 +75,17 @@ def test_local_config_runs_its_model(path):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_unknown_config_argument_is_rejected(path):
+    # "file.py:" passes "" (the full config, like no argument); anything but "local" is an error,
+    # so a typo such as "runlocal" cannot silently start a full 512 px run.
+    _, config = load_config(path, "")
+    assert config.data.image_size == 512
+    for arg in ("runlocal", "Local", "full", "local "):
+        with pytest.raises(ValueError, match=r"unknown config argument.*None.*''.*'local'"):
+            load_config(path, arg)
+
+
 def test_matched_unet_is_width_matched_and_others_are_smaller():
     configs = {p.stem: load_config(p, None)[1] for p in CONFIG_FILES}
     counts = {name: count_params(abstract_params(cfg, 32)) for name, cfg in configs.items()}

@@ -19,10 +19,11 @@ SIZE = 64
 BATCH = 2
 
 
-def tiny_model(arch: str, task: str = "calcium", **overrides):
+def tiny_model(arch: str, task: str = "calcium", bidirectional: bool = False, **overrides):
     """The local (tiny) model for arch/task with float32 compute and optional field overrides."""
     cfg = model_config(arch, task, local=True)
     cfg.dtype = "float32"
+    cfg.convlstm.bidirectional = bidirectional
     for key, value in overrides.items():
         cfg[key] = value
     return build_model(cfg)
@@ -46,15 +47,16 @@ def init(model, x, seed: int = 0):
 _VARIABLES: dict = {}
 
 
-def cached_variables(arch: str, task: str = "calcium", **overrides):
+def cached_variables(arch: str, task: str = "calcium", bidirectional: bool = False,
+                     **overrides):
     """float32 variables of the tiny arch/task model, initialised once per test module.
 
     The compute dtype does not change the parameters (param_dtype stays float32), so the bf16
     tests reuse these.
     """
-    key = (arch, task, tuple(sorted(overrides.items())))
+    key = (arch, task, bidirectional, tuple(sorted(overrides.items())))
     if key not in _VARIABLES:
-        _VARIABLES[key] = init(tiny_model(arch, task, **overrides), slices())
+        _VARIABLES[key] = init(tiny_model(arch, task, bidirectional, **overrides), slices())
     return _VARIABLES[key]
 
 
@@ -130,6 +132,30 @@ def test_scan_runs_over_the_slice_axis(convlstm):
     # One scan per ConvLSTM level, each of length 3 (below, centre, above).
     assert len(scans) == len(model.lstm_levels)
     assert all(e.params["length"] == 3 for e in scans)
+    # ... and fully unrolled (unroll=3, cf. cac_jax/models/convlstm.py): a rolled loop made the
+    # backward pass several times slower on CPU.
+    for e in scans:
+        assert _fully_unrolled(e), f"scan not fully unrolled: unroll={e.params.get('unroll')!r}"
+
+
+def _fully_unrolled(scan_eqn) -> bool:
+    """Whether a scan equation unrolls all its steps (unroll=length, or unroll=True)."""
+    unroll = scan_eqn.params.get("unroll")
+    if isinstance(unroll, bool):  # True means "unroll fully"; check before int (bool is an int)
+        return unroll
+    return isinstance(unroll, int) and unroll >= scan_eqn.params["length"]
+
+
+def test_fully_unrolled_detects_a_rolled_scan():
+    def step(carry, x):
+        return carry + x, carry
+
+    def scan_jaxpr(unroll):
+        jaxpr = jax.make_jaxpr(lambda xs: jax.lax.scan(step, 0.0, xs, unroll=unroll))(jnp.zeros(3))
+        return [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"][0]
+
+    assert _fully_unrolled(scan_jaxpr(3)) and _fully_unrolled(scan_jaxpr(True))
+    assert not _fully_unrolled(scan_jaxpr(1)) and not _fully_unrolled(scan_jaxpr(2))
 
 
 @pytest.mark.parametrize("neighbour", [0, 2])
@@ -160,19 +186,23 @@ def test_identical_slices_give_a_deterministic_output(convlstm):
     one = slices(7)[:, :1]
     x = jnp.concatenate([one, one, one], axis=1)
     first, aux1 = apply(variables, x)
-    second, aux2 = jax.jit(model.apply)(variables, x)
-    np.testing.assert_allclose(np.asarray(first), np.asarray(second), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(aux1["attention"]), np.asarray(aux2["attention"]),
-                               rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(first)).all()
+    # The output is a function of the input alone: un-jitted (op-by-op) execution gives the same
+    # result as the compiled one (no trace-time state, no hidden randomness).
+    eager, aux2 = model.apply(variables, x)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(first), rtol=1e-5, atol=1e-5)
+    for name in ("temporal", "spatial", "attention"):
+        np.testing.assert_allclose(np.asarray(aux2[name]), np.asarray(aux1[name]),
+                                   rtol=1e-5, atol=1e-5)
     # Each sample depends only on its own stack: batch elements do not leak into each other.
     alone, _ = apply(variables, x[:1])
     np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(first[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_bidirectional_variant(convlstm):
-    model = tiny_model("convlstm").clone(bidirectional=True)
+    model = tiny_model("convlstm", bidirectional=True)
     x = slices(8)
-    variables = init(model, x)
+    variables = cached_variables("convlstm", bidirectional=True)
     assert any("reverse" in name for name in variables["params"])
     apply = jit_apply(model)
     logits, _ = apply(variables, x)
@@ -186,12 +216,21 @@ def _cross_entropy(logits, labels):
                              axis=-1))
 
 
-@pytest.mark.parametrize("arch", ["convlstm", "unet"])
-def test_gradients_finite_and_nonzero_for_every_parameter(arch):
-    model = tiny_model(arch)
+@pytest.mark.parametrize("arch,task,bidirectional", [
+    ("convlstm", "calcium", False),
+    ("convlstm", "heart", False),
+    ("convlstm", "heart", True),  # the bidirectional model (the reverse ConvLSTMs' weights)
+    ("unet", "calcium", False),
+    ("unet", "heart", False),
+])
+def test_gradients_finite_and_nonzero_for_every_parameter(arch, task, bidirectional):
+    model = tiny_model(arch, task, bidirectional)
     x = slices(9)
-    labels = jax.random.randint(jax.random.key(10), (BATCH, SIZE, SIZE), 0, 3)
-    params = cached_variables(arch)["params"]
+    classes = model.num_classes
+    labels = jax.random.randint(jax.random.key(10), (BATCH, SIZE, SIZE), 0, classes)
+    params = cached_variables(arch, task, bidirectional)["params"]
+    if bidirectional:
+        assert any("reverse" in name for name in params)
 
     def loss_fn(p):
         logits, aux = model.apply({"params": p}, x)
@@ -227,6 +266,78 @@ def test_kaiming_normal_init_variance():
     # The ConvLSTM gate convolutions are He-initialised too.
     gate = np.asarray(params["lstm3"]["input_conv"]["kernel"], np.float64)
     assert abs(gate.var() / (2.0 / np.prod(gate.shape[:-1])) - 1.0) < 0.03
+
+
+def _intended_variance(name: str, kernel_shape: tuple[int, ...]) -> float:
+    """He et al.'s variance 2 / fan_in for a conv kernel (kh, kw, in, out) of the models.
+
+    Convolutions: fan_in = kh * kw * in (as PyTorch's kaiming_normal_). The UNet's 2x2 stride-2
+    transposed convolutions ("upsample*"): each output pixel sums over exactly `in` inputs (one
+    kernel tap per input channel), so fan_in = in.
+    """
+    if "upsample" in name:
+        assert kernel_shape[:2] == (2, 2)
+        return 2.0 / kernel_shape[-2]
+    return 2.0 / np.prod(kernel_shape[:-1])
+
+
+@pytest.mark.parametrize("arch", ["convlstm", "unet"])
+def test_every_conv_kernel_has_its_he_variance(arch):
+    # Every parameter of the tiny model (the ConvLSTM bidirectional, so the reverse cells are
+    # covered too): all convolution kernels, heads and the UNet's transposed convolutions
+    # included. The tiny kernels are small (the 1x1 heads have 24..96 weights), so each kernel's
+    # weights are pooled over SEEDS initialisations and the tolerance is 5 standard errors of a
+    # sample variance, sqrt(2 / n); the standardised weights of all kernels together are then
+    # checked tightly.
+    seeds = 8
+    model = tiny_model(arch, bidirectional=arch == "convlstm")
+    init_fn = jax.jit(model.init)
+    runs = [init_fn(jax.random.key(seed, impl="rbg"), slices())["params"] for seed in range(seeds)]
+    leaves = [jax.tree_util.tree_flatten_with_path(p)[0] for p in runs]
+    standardised, names = [], []
+    for i, (path, _) in enumerate(leaves[0]):
+        name = jax.tree_util.keystr(path)
+        values = np.stack([np.asarray(run[i][1], np.float64) for run in leaves])
+        kind = path[-1].key
+        if kind == "bias":  # conv, GroupNorm and ConvLSTM gate biases start at zero
+            np.testing.assert_array_equal(values, 0.0, err_msg=name)
+            continue
+        if kind == "scale":  # GroupNorm scales start at one
+            np.testing.assert_array_equal(values, 1.0, err_msg=name)
+            continue
+        assert kind == "kernel", f"unexpected parameter {name}"
+        names.append(name)
+        expected = _intended_variance(name, values.shape[1:])
+        n = values.size
+        tolerance = 5.0 * np.sqrt(2.0 / n)
+        ratio = values.var() / expected
+        assert abs(ratio - 1.0) < tolerance, f"{name}: variance {ratio:.3f} x He's (n={n})"
+        assert abs(values.mean()) < 5.0 * np.sqrt(expected / n), f"{name}: mean {values.mean()}"
+        standardised.append(values.ravel() / np.sqrt(expected))
+    pooled = np.concatenate(standardised)
+    assert abs(pooled.var() - 1.0) < 5.0 * np.sqrt(2.0 / pooled.size)
+    # The enumeration really covered the heads and (UNet) the transposed convolutions.
+    if arch == "convlstm":
+        for head in ("temporal_head", "spatial_head", "'logit'", "reverse", "hidden_conv"):
+            assert any(head in name for name in names), head
+    else:
+        assert sum("upsample" in name for name in names) == model.depth
+        assert any("'head'" in name for name in names)
+
+
+def test_transposed_conv_init_keeps_the_activation_variance():
+    # He et al.'s criterion for the UNet's 2x2 stride-2 upsampling: unit-variance input gives
+    # outputs whose mean square is 2 (the ReLU then halves it back to the input's scale).
+    from cac_jax.models.layers import kaiming_normal_transposed
+
+    channels = 256
+    layer = nn.ConvTranspose(channels // 2, (2, 2), strides=(2, 2),
+                             kernel_init=kaiming_normal_transposed((2, 2)))
+    x = jax.random.normal(jax.random.key(19), (4, 16, 16, channels))
+    variables = layer.init(jax.random.key(20), x)
+    y = np.asarray(layer.apply(variables, x), np.float64)
+    assert y.shape == (4, 32, 32, channels // 2)
+    assert abs(np.mean(y**2) / 2.0 - 1.0) < 0.1
 
 
 @pytest.mark.parametrize("arch", ["convlstm", "unet"])

@@ -1,9 +1,21 @@
 """Building blocks shared by the ConvLSTM-attention model and the UNet baseline.
 
-Initialisation: every convolution uses Kaiming-normal (He et al. 2015, the paper's ref. [11]):
-`variance_scaling(2.0, "fan_in", "normal")`, a plain (untruncated) normal with variance
-2 / fan_in, i.e. exactly PyTorch's `kaiming_normal_(mode="fan_in", nonlinearity="relu")` that the
-paper's PyTorch implementation used. Biases start at zero.
+Initialisation: Kaiming-normal (He et al. 2015, the paper's ref. [11]), a plain (untruncated)
+normal with mean 0 and variance 2 / fan_in, where fan_in is the number of inputs that each output
+value sums over (He et al.'s criterion: this keeps the activations' variance through ReLU layers).
+Biases start at zero.
+- Convolutions (`kaiming_normal`): the flax kernel is (kh, kw, in, out), fan_in = kh * kw * in.
+  This is exactly PyTorch's `kaiming_normal_(w, mode="fan_in", nonlinearity="relu")` on a Conv2d
+  weight (out, in, kh, kw), whose fan_in is also in * kh * kw (the paper used PyTorch).
+- Transposed convolutions (`kaiming_normal_transposed(strides)`): an output pixel of a stride-s
+  transposed convolution with a (kh, kw) kernel (kh, kw multiples of s) receives contributions
+  from only (kh / s_h) * (kw / s_w) kernel taps per input channel, so its effective fan_in is
+  in * kh * kw / (s_h * s_w); for the UNet's 2x2 stride-2 upsampling that is `in` (variance
+  2 / in). This deliberately differs from PyTorch: `kaiming_normal_` on a ConvTranspose2d weight
+  (in, out, kh, kw) takes fan_in = out * kh * kw from the weight's layout (variance 2 / (4 * out)
+  for 2x2), and flax's `variance_scaling` on the (kh, kw, in, out) kernel would take
+  kh * kw * in (2 / (4 * in)); in this UNet (out = in / 2) they would start the upsampled
+  activations at 1/2 and 1/4 of the He variance.
 
 Normalisation: GroupNorm by default, BatchNorm as an option (`norm="batch"`). Why GroupNorm:
 training is data parallel with small per-device batches (a few 512 x 512 slices per device), where
@@ -21,6 +33,7 @@ axis over which batch statistics are averaged (cross-device synchronised BatchNo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +43,19 @@ from flax import linen as nn
 
 Dtype = Any
 
-# Kaiming-normal for ReLU networks (He et al. 2015), matching torch.nn.init.kaiming_normal_.
+# Kaiming-normal for ReLU convolutions (He et al. 2015), matching torch.nn.init.kaiming_normal_.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def kaiming_normal_transposed(strides: Sequence[int]) -> nn.initializers.Initializer:
+    """Kaiming-normal for an `nn.ConvTranspose` kernel (kh, kw, in, out) with these strides.
+
+    Variance 2 / (in * kh * kw / prod(strides)): the effective fan_in, the number of inputs each
+    output pixel sums over (exact when the kernel size is a multiple of the stride; for a 2x2
+    stride-2 kernel it is `in`). See the module docstring for how this relates to PyTorch.
+    """
+    # variance_scaling divides by kh * kw * in; scaling by prod(strides) gives the effective fan_in.
+    return nn.initializers.variance_scaling(2.0 * math.prod(strides), "fan_in", "normal")
 
 
 def resolve_dtype(name: str | None) -> Dtype:

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cac_jax.models.convlstm import NUM_SLICES
-from cac_jax.models.layers import DoubleConv, check_spatial, conv1x1, kaiming_normal
+from cac_jax.models.layers import (
+    DoubleConv,
+    check_spatial,
+    conv1x1,
+    kaiming_normal_transposed,
+)
 
 Dtype = Any
 
@@ -54,7 +59,10 @@ class UNet(nn.Module):
         y = DoubleConv(self.base_width * 2**self.depth, name="bottleneck", **kw)(y, train)
         for level in reversed(range(self.depth)):
             width = self.base_width * 2**level
-            y = nn.ConvTranspose(width, (2, 2), strides=(2, 2), kernel_init=kaiming_normal,
+            # He init with the effective fan_in of a 2x2 stride-2 transposed conv (= its input
+            # channels), see cac_jax/models/layers.py.
+            y = nn.ConvTranspose(width, (2, 2), strides=(2, 2),
+                                 kernel_init=kaiming_normal_transposed((2, 2)),
                                  dtype=self.dtype, param_dtype=self.param_dtype,
                                  name=f"upsample{level}")(y)
             y = jnp.concatenate([skips[level], y], axis=-1)
