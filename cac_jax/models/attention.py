@@ -42,6 +42,7 @@ from cac_jax.models.layers import (
     check_spatial,
     conv1x1,
     depth_to_space,
+    norm_kwargs,
     upsample2x,
 )
 
@@ -66,8 +67,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, deepest: jax.Array, skips: list[jax.Array], train: bool = False) -> jax.Array:
         """deepest: features at level len(skips); skips[l]: features at level l (finest first)."""
-        kw = dict(norm=self.norm, groups=self.groups, bn_axis_name=self.bn_axis_name,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = norm_kwargs(self)
         y = deepest
         for level in reversed(range(len(skips))):
             y = jnp.concatenate([upsample2x(y), skips[level].astype(y.dtype)], axis=-1)
@@ -90,9 +90,7 @@ class AttentionHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: (N, h, w, C) -> a in (0, 1), (N, h * upscale, w * upscale, 1), float32."""
-        x = ConvNormAct(self.width, norm=self.norm, groups=self.groups,
-                        bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                        param_dtype=self.param_dtype)(x, train)
+        x = ConvNormAct(self.width, **norm_kwargs(self))(x, train)
         x = conv1x1(self.upscale * self.upscale, self.dtype, self.param_dtype, name="logit")(x)
         return nn.sigmoid(depth_to_space(x.astype(jnp.float32), self.upscale))
 
@@ -138,8 +136,7 @@ class ConvLSTMAttentionNet(nn.Module):
             raise ValueError(f"expected input (batch, {NUM_SLICES}, H, W, 1), got {x.shape}")
         check_spatial(x.shape, 2 ** len(self.encoder_widths), "ConvLSTMAttentionNet")
         batch, steps, height, width, _ = x.shape
-        kw = dict(norm=self.norm, groups=self.groups, bn_axis_name=self.bn_axis_name,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = norm_kwargs(self)
         x = x.astype(self.dtype)
 
         # Shared encoder: the slice axis folded into the batch (one big convolution per layer).

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cac_jax.models.layers import ConvNormAct, kaiming_normal, space_to_depth
+from cac_jax.models.layers import ConvNormAct, kaiming_normal, norm_kwargs, space_to_depth
 
 Dtype = Any
 
@@ -119,8 +119,7 @@ class SliceEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
         """x: (N, H, W, 1) -> list of (N, H / 2^(l+1), W / 2^(l+1), widths[l])."""
-        kw = dict(norm=self.norm, groups=self.groups, bn_axis_name=self.bn_axis_name,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = norm_kwargs(self)
         x = space_to_depth(x, 2)
         features = []
         for level, width in enumerate(self.widths):

@@ -58,6 +58,16 @@ def kaiming_normal_transposed(strides: Sequence[int]) -> nn.initializers.Initial
     return nn.initializers.variance_scaling(2.0 * math.prod(strides), "fan_in", "normal")
 
 
+def norm_kwargs(module: nn.Module) -> dict:
+    """The normalisation and dtype settings every conv block of `module` shares.
+
+    Our modules all carry the fields norm, groups, bn_axis_name, dtype and param_dtype and pass
+    them down unchanged to their ConvNormAct / DoubleConv blocks.
+    """
+    return dict(norm=module.norm, groups=module.groups, bn_axis_name=module.bn_axis_name,
+                dtype=module.dtype, param_dtype=module.param_dtype)
+
+
 def resolve_dtype(name: str | None) -> Dtype:
     """Map a config dtype name to a jnp dtype; "auto" is bfloat16 on GPU/TPU, float32 on CPU."""
     if name is None or name == "auto":
@@ -181,9 +191,7 @@ class DoubleConv(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply two 3x3 conv -> norm -> ReLU layers."""
         for _ in range(2):
-            x = ConvNormAct(self.features, norm=self.norm, groups=self.groups,
-                            bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                            param_dtype=self.param_dtype)(x, train)
+            x = ConvNormAct(self.features, **norm_kwargs(self))(x, train)
         return x
 
 

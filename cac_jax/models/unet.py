@@ -21,6 +21,7 @@ from cac_jax.models.layers import (
     check_spatial,
     conv1x1,
     kaiming_normal_transposed,
+    norm_kwargs,
 )
 
 Dtype = Any
@@ -47,8 +48,7 @@ class UNet(nn.Module):
         if x.ndim != 5 or x.shape[1] != NUM_SLICES or x.shape[-1] != 1:
             raise ValueError(f"expected input (batch, {NUM_SLICES}, H, W, 1), got {x.shape}")
         check_spatial(x.shape, 2 ** self.depth, "UNet")
-        kw = dict(norm=self.norm, groups=self.groups, bn_axis_name=self.bn_axis_name,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = norm_kwargs(self)
         # (batch, 3, H, W, 1) -> (batch, H, W, 3): slices as channels.
         y = jnp.moveaxis(x[..., 0], 1, -1).astype(self.dtype)
         skips = []
