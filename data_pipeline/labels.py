@@ -13,6 +13,8 @@ DESIGN.md "Data flow" 3 and issue 4:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Agatston 1990: calcium is 130 HU and above.
@@ -23,6 +25,10 @@ NUM_CALCIUM_CLASSES = 3  # background, coronary calcium, non-coronary calcium
 NUM_HEART_CLASSES = 2
 CORONARY_LABELS = (1, 2, 3, 4)  # Agatston contract: 1 LAD, 2 LCX, 3 RCA, 4 undetermined
 WINDOW = 3  # adjacent slices per sample (the centre and its two neighbours)
+# Distance between a centre slice and each neighbour the models see, in mm: one gated CAC slice
+# spacing (3 mm, the reconstruction Agatston scoring is defined on). Issue 10: "adjacent" is a
+# physical distance, so a 0.625 mm series gives neighbours 5 slices away, not 0.6 mm away.
+DEFAULT_NEIGHBOUR_MM = 3.0
 
 
 def calcium_classes(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
@@ -55,11 +61,31 @@ def window_hu(hu: np.ndarray, dtype=np.float32) -> np.ndarray:
     return ((np.clip(hu, low, high) - low) / (high - low)).astype(dtype, copy=False)
 
 
-def window_indices(num_slices: int, centres: np.ndarray | None = None) -> np.ndarray:
-    """Slice indices (n, 3) of each centre's window [z-1, z, z+1], edges repeating the edge slice.
+def neighbour_offset(spacing_z_mm: float, neighbour_mm: float = DEFAULT_NEIGHBOUR_MM) -> int:
+    """Slice offset of the neighbours: max(1, round(neighbour_mm / slice spacing)), half up.
 
-    `centres` defaults to every slice 0..num_slices-1, in order.
+    Training (tf.data) and inference both call this, so a model always sees neighbours at the
+    distance it was trained with: 3 mm spacing -> 1, 2.5 mm -> 1, 1.25 mm -> 2, 0.625 mm -> 5.
     """
+    spacing_z_mm = float(spacing_z_mm)
+    neighbour_mm = float(neighbour_mm)
+    if not (math.isfinite(spacing_z_mm) and spacing_z_mm > 0):
+        raise ValueError(f"slice spacing must be a positive number of mm, got {spacing_z_mm}")
+    if not (math.isfinite(neighbour_mm) and neighbour_mm >= 0):
+        raise ValueError(f"neighbour_mm must be a non-negative number of mm, got {neighbour_mm}")
+    # Half up with a tolerance, so 3 / 0.6 (= 5.000000000000001) and 2.5 both round as written.
+    return max(1, int(math.floor(neighbour_mm / spacing_z_mm + 0.5 + 1e-9)))
+
+
+def window_indices(num_slices: int, centres: np.ndarray | None = None,
+                   offset: int = 1) -> np.ndarray:
+    """Slice indices (n, 3) of each centre's window [z-o, z, z+o], clipped to the scan.
+
+    Edges repeat the edge slice; `centres` defaults to every slice 0..num_slices-1, in order;
+    `offset` is `neighbour_offset(...)` (1: the directly adjacent slices).
+    """
+    if offset < 1:
+        raise ValueError(f"offset must be >= 1, got {offset}")
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     if centres is None:
@@ -68,14 +94,25 @@ def window_indices(num_slices: int, centres: np.ndarray | None = None) -> np.nda
     if centres.size and (centres.min() < 0 or centres.max() >= num_slices):
         raise ValueError(f"centre slice out of range [0, {num_slices})")
     half = WINDOW // 2
-    offsets = np.arange(-half, half + 1)
+    offsets = np.arange(-half, half + 1) * int(offset)
     return np.clip(centres[:, None] + offsets[None, :], 0, num_slices - 1)
 
 
-def slice_windows(volume: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
+def slice_windows(volume: np.ndarray, centres: np.ndarray | None = None,
+                  offset: int = 1) -> np.ndarray:
     """The 3-slice windows of a (z, y, x) volume: (n, 3, y, x), edge slices repeated."""
     volume = np.asarray(volume)
-    return volume[window_indices(volume.shape[0], centres)]
+    return volume[window_indices(volume.shape[0], centres, offset)]
+
+
+def model_inputs(hu: np.ndarray, centres: np.ndarray | None = None,
+                 offset: int = 1) -> np.ndarray:
+    """Model input of each centre slice: (n, 3, y, x, 1) float32 in [0, 1] (below, centre, above).
+
+    The one TF-free preprocessing shared by inference and (through identical arithmetic in
+    tf.data) training: 3-slice windows at `offset`, HU windowed to [-800, 1200] and scaled.
+    """
+    return window_hu(slice_windows(hu, centres, offset))[..., None]
 
 
 def calcium_slices(labels: np.ndarray) -> np.ndarray:

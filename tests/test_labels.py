@@ -49,3 +49,26 @@ def test_slice_windows_and_flags():
     labels[1, 0, 0] = 6
     np.testing.assert_array_equal(L.calcium_slices(labels), [False, True, False])
     np.testing.assert_array_equal(L.heart_slices(labels), [False, True, False])
+
+
+@pytest.mark.parametrize("spacing, offset", [(0.625, 5), (1.25, 2), (2.5, 1), (3.0, 1), (5.0, 1),
+                                             (0.6, 5), (1.0, 3), (1.2, 3)])
+def test_neighbour_offset_is_physical(spacing, offset):
+    assert L.neighbour_offset(spacing, 3.0) == offset
+
+
+def test_neighbour_offset_rejects_bad_values():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="spacing"):
+            L.neighbour_offset(bad)
+    with pytest.raises(ValueError, match="neighbour_mm"):
+        L.neighbour_offset(3.0, -1.0)
+
+
+def test_windows_with_offset_and_model_inputs():
+    np.testing.assert_array_equal(L.window_indices(6, [0, 3, 5], offset=2),
+                                  [[0, 0, 2], [1, 3, 5], [3, 5, 5]])
+    hu = np.arange(6 * 2 * 2, dtype=np.float32).reshape(6, 2, 2) * 100 - 800
+    inputs = L.model_inputs(hu, [3], offset=2)
+    assert inputs.shape == (1, 3, 2, 2, 1) and inputs.dtype == np.float32
+    np.testing.assert_allclose(inputs[0, :, :, :, 0], L.window_hu(hu[[1, 3, 5]]))
