@@ -684,7 +684,15 @@ def _kappa_block(reference: np.ndarray, predicted: np.ndarray, n_categories: int
     for name, value in zip(names, agreement.sensitivity):
         if value is None:
             null_reasons[f"sensitivity.{name}"] = "no reference case in this category"
+    notes = []
+    for who, ratings in (("reference", reference), ("prediction", predicted)):
+        if kappa.kappa is not None and np.unique(ratings).size == 1:
+            # Then kappa is 0 whatever the other rater does, and its asymptotic SE is 0 too:
+            # the CI [0, 0] says nothing about uncertainty.
+            notes.append(f"the {who} uses the single category {names[int(ratings[0])]}: kappa "
+                         "is 0 by construction and its CI is degenerate")
     return {
+        f"kappa_linear{suffix}_notes": notes,
         f"kappa_linear{suffix}": _num(kappa.kappa),
         f"kappa_linear{suffix}_se": _num(kappa.std_err),
         f"kappa_linear{suffix}_ci95": _pair(kappa.ci95),
@@ -881,6 +889,14 @@ def evaluate(inputs: EvaluationInputs) -> tuple[dict[str, Any], list[Case]]:
                                   for name, group in sorted(groups.items())}
     metrics["excluded"] = [e.to_json() for e in excluded]
     metrics["n_excluded"] = len(excluded)
+    # A given category that contradicts the given score is worth a look (a typo, or a category
+    # read on another scale); the category column is still what the kappa uses.
+    metrics["warnings"] = [
+        f"{c.reference_scan_id}: reference category {c.reference_category} "
+        f"({CATEGORY_NAMES[c.reference_category]}) but its agatston {c.reference_agatston:g} is "
+        f"category {cac_category(c.reference_agatston)}"
+        for c in cases if c.reference_category is not None
+        and c.reference_category != cac_category(c.reference_agatston)]
     return metrics, cases
 
 
@@ -959,11 +975,12 @@ def plot_bland_altman(path: str | os.PathLike,
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    # round(...) + 0.0 turns -0.0 into 0.0, so a tiny negative does not print as "-0.000".
+    return "n/a" if value is None else f"{round(value, digits) + 0.0:.{digits}f}"
 
 
 def _fmt_ci(values: list[float] | None, digits: int = 3) -> str:
-    return "n/a" if values is None else f"{values[0]:.{digits}f} to {values[1]:.{digits}f}"
+    return "n/a" if values is None else f"{_fmt(values[0], digits)} to {_fmt(values[1], digits)}"
 
 
 def _matrix_table(block: dict[str, Any], names: Sequence[str]) -> list[str]:
@@ -1023,6 +1040,8 @@ def _group_section(title: str, block: dict[str, Any], figures: dict[str, str],
                       ""]
             lines += _matrix_table(five, CATEGORY_NAMES_5)
     for label, b in blocks:
+        for note in b["kappa_linear_notes"]:
+            lines += ["", f"Note for {label}: {note}."]
         if b["null_reasons"]:
             lines += ["", f"Not computed for {label}: "
                           + "; ".join(f"{k}: {v}" for k, v in b["null_reasons"].items()) + "."]
@@ -1066,6 +1085,8 @@ def render_report(metrics: dict[str, Any], figures: dict[str, dict[str, str]]) -
     lines += _group_section("All cases", metrics, figures["all"], labels)
     for name, block in metrics.get("by_protocol", {}).items():
         lines += _group_section(f"Protocol {name}", block, figures.get(name, {}), labels)
+    if metrics["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
     lines += ["## Rows left out", ""]
     if metrics["excluded"]:
         lines += [f"{metrics['n_excluded']} row(s) were not used:", "",

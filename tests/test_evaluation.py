@@ -81,6 +81,16 @@ def test_kappa_perfect_and_undefined():
     assert ev.weighted_kappa([1], [1]).null_reason.startswith("needs at least 2")
 
 
+def test_single_category_prediction_is_flagged():
+    # The naive scorer on CTAC calls every scan > 400: kappa 0 by construction, SE 0.
+    block = ev.model_metrics(np.array([0.0, 50.0, 200.0, 900.0]),
+                             np.array([800.0, 1200.0, 3000.0, 5000.0]))
+    assert block["kappa_linear"] == pytest.approx(0.0, abs=1e-12)
+    assert block["kappa_linear_ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert "single category >400" in block["kappa_linear_notes"][0]
+    assert block["sensitivity"] == {"0": 0.0, "1-100": 0.0, "101-400": 0.0, ">400": 1.0}
+
+
 def test_bootstrap_agrees_with_asymptotic_ci_and_is_seeded():
     rng = np.random.default_rng(3)
     reference = rng.integers(0, 4, 400)
@@ -320,8 +330,9 @@ def test_cli_ref_protocol_matches_each_ctac_scan_to_the_patients_gated_reference
 
 
 def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
-    ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston", "volume_mm3"],
-                     [["a", "0", "0"], ["b", "50", "60"], ["c", "500", "550"]])
+    # b's given category (2: 101-400) contradicts its score (50: 1-100): used, with a warning.
+    ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston", "volume_mm3", "category"],
+                     [["a", "0", "0", "0"], ["b", "50", "60", "2"], ["c", "500", "550", "3"]])
     pred = _write_csv(tmp_path / "results.csv", ["scan_id", "status", "agatston", "protocol",
                                                  "volume_mm3"],
                       [["a", "ok", "0", "cac", "0"], ["b", "ok", "60", "cac", "70"],
@@ -330,7 +341,9 @@ def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--by", "protocol",
                  "--out", str(out)]) == 0, capsys.readouterr().err
     metrics = _strict_json(out / "metrics.json")
-    assert metrics["kappa_linear"] == pytest.approx(1.0)
+    assert metrics["kappa_linear"] == pytest.approx(
+        cohen_kappa_score([0, 2, 3], [0, 1, 3], weights="linear"))
+    assert len(metrics["warnings"]) == 1 and metrics["warnings"][0].startswith("b: ")
     assert metrics["icc_volume"] is not None  # the reference has volumes here
     ctac = metrics["by_protocol"]["ctac"]
     assert ctac["n"] == 1 and ctac["kappa_linear"] is None and ctac["icc_agatston"] is None
