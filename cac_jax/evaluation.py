@@ -118,7 +118,8 @@ def kappa_std_errors(table: np.ndarray, kappa: float,
 
     Fleiss, Cohen & Everitt (1969), "Large sample standard errors of kappa and weighted kappa"
     (Psychol. Bull. 72:323), in the form of Fleiss, Levin & Paik (2003), eqs. 18.15 and 18.16:
-        var = [sum_ij p_ij (w_ij - (wbar_i. + wbar_.j)(1 - k))^2 - (k - p_e(1 - k))^2] / (n (1 - p_e)^2)
+        var = [sum_ij p_ij (w_ij - (wbar_i. + wbar_.j)(1 - k))^2 - (k - p_e(1 - k))^2]
+              / (n (1 - p_e)^2)
     with wbar_i. = sum_j p_.j w_ij and wbar_.j = sum_i p_i. w_ij.
     """
     table = np.asarray(table, dtype=np.float64)
@@ -979,6 +980,13 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{round(value, digits) + 0.0:.{digits}f}"
 
 
+def format_p(value: float | None) -> str:
+    """A p-value as papers print it: 3 decimals, or "<0.001"."""
+    if value is None:
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def _fmt_ci(values: list[float] | None, digits: int = 3) -> str:
     return "n/a" if values is None else f"{_fmt(values[0], digits)} to {_fmt(values[1], digits)}"
 
@@ -1003,7 +1011,8 @@ def _group_section(title: str, block: dict[str, Any], figures: dict[str, str],
     if "model_2" in block:
         blocks.append((labels[1], block["model_2"]))
     lines = [f"## {title}", "", f"n = {block['n']} cases.", "",
-             "| model | kappa (linear) | 95% CI (asymptotic) | 95% CI (bootstrap) | exact agreement "
+             "| model | kappa (linear) | 95% CI (asymptotic) | 95% CI (bootstrap) | exact "
+             "agreement "
              "| ICC(2,1) Agatston (95% CI) | ICC(2,1) volume | Bland-Altman bias, log(A+1) "
              "(95% LoA) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -1019,7 +1028,7 @@ def _group_section(title: str, block: dict[str, Any], figures: dict[str, str],
         z = block["z_test"]
         lines += ["", f"Difference of kappas ({labels[0]} - {labels[1]}): "
                       f"{_fmt(z['difference'])}, z = {_fmt(z['z'], 2)}, "
-                      f"p = {_fmt(z['p'], 3)}. Assumption: {z['assumption']}."]
+                      f"p = {format_p(z['p'])}. Assumption: {z['assumption']}."]
         if z["null_reason"]:
             lines.append(f"(Not computed: {z['null_reason']}.)")
         paired = block.get("z_test_paired_bootstrap")
@@ -1027,17 +1036,17 @@ def _group_section(title: str, block: dict[str, Any], figures: dict[str, str],
             lines += ["", f"Paired bootstrap ({paired['n_resamples']} resamples, "
                           f"{paired['n_defined']} with both kappas defined): difference 95% CI "
                           f"{_fmt_ci(paired['difference_ci95'])}, z = {_fmt(paired['z'], 2)}, "
-                          f"p = {_fmt(paired['p'], 3)}. {paired['assumption']}."]
+                          f"p = {format_p(paired['p'])}. {paired['assumption']}."]
     for label, b in blocks:
         lines += ["", f"Concordance, {label} (rows reference, columns prediction; count and "
                       "row percentage):", ""]
         lines += _matrix_table(b, CATEGORY_NAMES)
         if "five_class" in b:
             five = b["five_class"]
+            exact = five["exact_agreement"]
             lines += ["", f"Five categories, {label}: kappa {_fmt(five['kappa_linear'])} "
                           f"(95% CI {_fmt_ci(five['kappa_linear_ci95'])}), exact agreement "
-                          f"{_fmt(None if five['exact_agreement'] is None else 100 * five['exact_agreement'], 1)}%.",
-                      ""]
+                          f"{_fmt(None if exact is None else 100 * exact, 1)}%.", ""]
             lines += _matrix_table(five, CATEGORY_NAMES_5)
     for label, b in blocks:
         for note in b["kappa_linear_notes"]:

@@ -1,4 +1,4 @@
-"""`cac-jax evaluate`: agreement of predicted calcium scores with a reference (the paper's protocol).
+"""`cac-jax evaluate`: agreement of predicted calcium scores with a reference (the paper's design).
 
 Reads a `results.csv` from `cac-jax infer` (optionally a second model's) and a reference CSV (a
 manifest or any CSV with `scan_id` and `agatston`), and writes `OUT/metrics.json`, `OUT/report.md`
@@ -76,7 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluates and writes the outputs; prints a one-paragraph summary."""
-    from cac_jax.evaluation import EvaluationInputError, EvaluationInputs, evaluate, write_outputs
+    from cac_jax.evaluation import (
+        EvaluationInputError,
+        EvaluationInputs,
+        evaluate,
+        format_p,
+        write_outputs,
+    )
 
     inputs = EvaluationInputs(pred=args.pred, ref=args.ref, pred2=args.pred2,
                               by_protocol=args.by == "protocol", ref_protocol=args.ref_protocol,
@@ -98,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             + f"  exact agreement={fmt(metrics['exact_agreement'])}"
             + f"  ICC(Agatston)={fmt(metrics['icc_agatston'])}")
     if "z_test_p" in metrics:
-        line += f"  kappa_2={fmt(metrics['kappa_linear_2'])}  z-test p={fmt(metrics['z_test_p'])}"
+        line += (f"  kappa_2={fmt(metrics['kappa_linear_2'])}"
+                 f"  z-test p={format_p(metrics['z_test_p'])}")
     print(line)
     for name, block in metrics.get("by_protocol", {}).items():
         print(f"  {name}: n={block['n']}  kappa={fmt(block['kappa_linear'])}")
