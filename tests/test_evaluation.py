@@ -375,3 +375,16 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(named) in err[0], err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_evaluate_imports_neither_jax_nor_tensorflow():
+    """Evaluation runs on a statistician's laptop: no JAX, no TensorFlow (README)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cac_jax.cli, cac_jax.evaluation, cac_jax.commands.evaluate; "
+            "cac_jax.cli.build_parser(); "
+            "print('tensorflow' in sys.modules, 'jax' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False False"
