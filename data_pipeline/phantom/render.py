@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from data_pipeline.phantom import sites
 from data_pipeline.phantom.anatomy import (
     ALPHA_HEAD,
     Anatomy,
@@ -40,7 +41,6 @@ from data_pipeline.phantom.anatomy import (
     heart_extent,
     rib_drop,
 )
-from data_pipeline.phantom import sites
 from data_pipeline.phantom.plaques import Calcification
 from data_pipeline.phantom.sites import SitePreset
 
