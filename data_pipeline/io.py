@@ -105,6 +105,7 @@ class StudyMetadata:
     slice_thickness_mm: float | None = None
     kvp: float | None = None
     manufacturer: str | None = None
+    convolution_kernel: str | None = None   # DICOM ConvolutionKernel (reconstruction kernel)
     ecg_gated: bool | None = None    # from the header where it says (module docstring)
     protocol: str | None = None      # "cac" | "ctac" where known (gated -> cac, ungated -> ctac)
     skipped_series: tuple[str, ...] = ()   # "UID (description): reason" for series not chosen
@@ -319,6 +320,8 @@ def write_dicom_series(volume: CTVolume, out_dir: str | os.PathLike, *, series_n
         ds.SliceThickness = _ds(thickness)
         if meta.kvp is not None:
             ds.KVP = _ds(meta.kvp)
+        if meta.convolution_kernel:
+            ds.ConvolutionKernel = meta.convolution_kernel
         ds.ProtocolName = protocol_name
         if sync is not None:
             ds.CardiacSynchronizationTechnique = sync

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from data_pipeline.phantom.cohort import MIN_SIZE
+from data_pipeline.phantom.sites import SITES
 
 EPILOG = """\
 Layout: OUT/manifest.csv; OUT/<patient_id>/<protocol>/dicom/*.dcm;
@@ -17,8 +18,14 @@ OUT/previews/<scan_id>.png with --preview. Labels: 1 LAD (incl. left main), 2 LC
 5 aortic calcium, 6 valve calcium, 7 other non-coronary calcium (costal cartilage); bone is
 not labelled. Deterministic per --seed; patient k is the same whatever --patients is.
 
-example:
+Sites (--site): acquisition presets applied to both protocols; a non-default site images its
+own patients (ids like syn0-site2-0000) and writes its name to the manifest's site column and
+its Manufacturer, ConvolutionKernel and KVP to the DICOM headers.
+{sites}
+
+examples:
   cac-jax synth --out demo_cohort --patients 40 --size 256 --seed 0 --preview --workers 2
+  cac-jax synth --out site2_cohort --patients 12 --size 256 --seed 0 --site site2
 """
 
 
@@ -63,6 +70,14 @@ def _proportions(text: str) -> tuple[float, ...]:
     return values
 
 
+def _site_table() -> str:
+    """The presets for --help: name and description, wrapped."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(p.description, width=96, initial_indent=f"  {p.name:9s}",
+                                    subsequent_indent=" " * 11) for p in SITES.values())
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `synth` subcommand to the `cac-jax` parser."""
     parser = subparsers.add_parser(
@@ -71,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Renders synthetic patients (anatomy, coronary plaques, aortic/valve/cartilage "
                     "calcium) imaged by an ECG-gated CAC protocol and an ungated low-dose CTAC "
                     "protocol, with ground-truth labels and true Agatston scores.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(sites=_site_table()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -90,6 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="shares of CAC categories 0, 1-100, 101-400, >400 (default equal)")
     parser.add_argument("--ctac-overlap", action="store_true",
                         help="reconstruct CTAC as overlapping 5 mm slices every 2.5 mm")
+    parser.add_argument("--site", choices=tuple(SITES), default="default",
+                        help="acquisition-site preset (noise, field of view, slice thickness, "
+                             "kernel, kVp; see below; default: default)")
     parser.set_defaults(func=handler)
 
 
@@ -105,7 +123,8 @@ def handler(args: argparse.Namespace) -> int:
         rows = generate_cohort(args.out, patients=args.patients, protocols=args.protocols,
                                size=args.size, seed=args.seed, preview=args.preview,
                                category_proportions=args.proportions, workers=args.workers,
-                               ctac_overlap=args.ctac_overlap, progress=bar.update)
+                               ctac_overlap=args.ctac_overlap, progress=bar.update,
+                               site=args.site)
     for protocol in args.protocols:
         counts = Counter(row.category for row in rows if row.protocol == protocol)
         summary = ", ".join(f"category {c}: {counts.get(c, 0)}" for c in range(4))
