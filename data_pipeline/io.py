@@ -1163,7 +1163,7 @@ def _check_nifti_payload(path: Path, gzipped: bool, error: type[InputError]) -> 
     try:
         with opener(path, "rb") as f:
             header = f.read(540)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise error(path, f"unreadable image file ({type(exc).__name__}: {exc})") from None
     needed = _nifti_size(header)
     if needed is None:
