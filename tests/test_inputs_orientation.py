@@ -218,7 +218,7 @@ def test_labels_exported_with_simpleitk_from_a_gantry_tilted_series(tmp_path, ti
 
 
 def test_mask_written_back_for_a_feet_first_nifti_has_its_grid(tmp_path):
-    nifti_variant(tmp_path / "ct.nii", (True, False, True), swap=False)
+    nifti_variant(tmp_path / "ct.nii", (True, False, True), swap_xy=False)
     volume = io.read_study(tmp_path / "ct.nii")
     mask = mask_of(volume)
     io.write_labels(tmp_path / "mask.nii.gz", mask, like=volume)
