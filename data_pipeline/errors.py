@@ -20,7 +20,7 @@ class InputError(ValueError):
         # One line, always: decoders and ITK put several lines in their messages, and a batch
         # log (or the CLI's "file: problem" contract) must keep one study per line.
         self.problem = one_line(problem)
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
 
 class StudyReadError(InputError):
