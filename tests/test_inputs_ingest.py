@@ -95,6 +95,13 @@ def test_overwrite_that_fails_keeps_the_old_dataset_and_empty_folder_is_built(tm
     # ... and leaves the dataset it was to replace exactly as it was, and nothing beside it.
     assert snapshot(data_dir) == built
     assert sorted(p.name for p in (data_dir / "cac_ct").iterdir()) == ["1.0.0"]
+    # Its own manifest copy cannot be the input of a rebuild that would replace it.
+    copy = data_dir / "cac_ct" / "1.0.0" / "manifest.csv"
+    code, _, err = ingest(capfd, "--manifest", copy, "--data-dir", data_dir, "--overwrite")
+    assert code == 2 and err.strip() == (f"cac-jax ingest: error: {copy}: is inside the dataset "
+                                         f"folder {copy.parent} that --overwrite would replace; "
+                                         "copy it elsewhere first")
+    assert snapshot(data_dir) == built
     # Without --overwrite an existing dataset is refused before TensorFlow is needed.
     code, _, err = ingest(capfd, "--manifest", manifest, "--data-dir", data_dir)
     assert code == 2 and "dataset already built here" in err

@@ -139,6 +139,10 @@ def preflight(args: argparse.Namespace) -> tuple[Path, int]:
     if probe.exists() and not probe.is_dir():
         raise InputError(probe, f"is a file, not a directory (the dataset goes to {target}); "
                                 "--data-dir must be a directory (it is created when missing)")
+    if args.overwrite and target.is_dir() and \
+            Path(args.manifest).resolve().is_relative_to(target.resolve()):
+        raise InputError(args.manifest, f"is inside the dataset folder {target} that --overwrite "
+                                        "would replace; copy it elsewhere first")
     rows, errors = parse_manifest(args.manifest)
     if errors and not args.skip_bad:
         more = (f" (and {len(errors) - 1} more bad rows; --skip-bad skips them)"
@@ -146,6 +150,15 @@ def preflight(args: argparse.Namespace) -> tuple[Path, int]:
         raise ManifestError(errors[0].path, errors[0].problem + more)
     if not rows:
         raise ManifestError(args.manifest, "no usable rows in the manifest")
+    if args.overwrite and target.is_dir():
+        # The old dataset is replaced only after a successful build, but its files must not be
+        # the inputs of the new one (its manifest.csv copy, say).
+        inside = [str(path) for row in rows
+                  for path in (row.image, row.calcium_labels, row.heart_mask)
+                  if path is not None and path.resolve().is_relative_to(target.resolve())]
+        if inside:
+            raise InputError(inside[0], f"is inside the dataset folder {target} that --overwrite "
+                                        "would replace; copy it elsewhere first")
     if target.is_dir() and any(target.iterdir()) and not args.overwrite:
         what = ("dataset already built here" if (target / "dataset_info.json").exists()
                 else "folder holds files but no finished dataset")
