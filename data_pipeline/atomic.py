@@ -67,11 +67,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     target.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(target.suffixes)
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        # mkstemp creates 0600 files; a new file gets what a plain open() gives (0666 & ~umask).
-        mode = 0o666 & ~_UMASK
+    mode = output_mode(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}",
                                     dir=target.parent)
     os.close(fd)
@@ -96,6 +92,15 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def output_mode(target: Path) -> int:
+    """The permission bits a write to `target` gives: those of the file it replaces, else what a
+    plain open() gives a new file (0666 & ~umask; mkstemp would give 0600)."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

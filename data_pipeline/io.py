@@ -64,7 +64,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
-from data_pipeline.atomic import atomic_path
+from data_pipeline.atomic import atomic_path, output_mode, resolve_output
 from data_pipeline.errors import InputError, LabelError, StudyReadError
 
 # Suffixes SimpleITK reads for us (.mha is single-file MetaImage).
@@ -1271,12 +1271,17 @@ def _writable_dtype(array: np.ndarray) -> np.ndarray:
 def _write_metaimage_pair(path: Path, image: sitk.Image) -> None:
     """Writes name.mhd + name.zraw atomically: both go to a temporary folder beside the target
     (so the header's ElementDataFile already names the final .zraw), then the data file is
-    moved into place and the header last, so a reader never sees a header without its data."""
+    moved into place and the header last, so a reader never sees a header without its data.
+    Symbolic links and permissions follow `data_pipeline.atomic`'s rules."""
+    path = resolve_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         sitk.WriteImage(image, str(tmp_dir / path.name), useCompression=True)
         header = tmp_dir / path.name
+        for written in sorted(tmp_dir.iterdir()):
+            os.chmod(written, output_mode(path if written == header else
+                                          path.parent / written.name))
         for side in sorted(tmp_dir.iterdir()):
             if side != header:
                 os.replace(side, path.parent / side.name)

@@ -179,3 +179,20 @@ def test_output_onto_input_check_names_option(tmp_path):
     assert check_output_path(folder / "score.json", [folder], option="--json").name == \
         "score.json"
     assert os.path.exists(folder / "IM1.dcm")
+
+
+def test_metaimage_pair_rewrite_keeps_modes_and_follows_a_link(study, tmp_path):
+    dicom, _ = study
+    volume = io.read_study(dicom)
+    mask = np.zeros(volume.shape, np.uint8)
+    out = tmp_path / "out" / "mask.mhd"
+    io.write_labels(out, mask, like=volume)
+    for path in (out, out.with_suffix(".zraw")):
+        path.chmod(0o640)
+    link = tmp_path / "mask_link.mhd"
+    link.symlink_to(out)
+    mask[1, 2, 3] = 1
+    io.write_labels(link, mask, like=volume)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(io.read_labels(out, like=volume), mask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (out, out.with_suffix(".zraw"))} == {0o640}
