@@ -45,15 +45,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cac_jax.scoring import cac_category
 from data_pipeline import labels as labels_lib
 from data_pipeline import splits as splits_lib
+from data_pipeline.agatston import agatston_score, cac_category
 from data_pipeline.atomic import atomic_write_text
+from data_pipeline.config import DATASET_VERSION
 from data_pipeline.errors import InputError, ManifestError
 from data_pipeline.manifest import SPLITS, ManifestRow, parse_manifest
 
 DEFAULT_NAME = "cac_ct"
-DATASET_VERSION = "1.0.0"
 _INT16 = np.iinfo(np.int16)
 
 
@@ -71,11 +71,15 @@ def features() -> tfds.features.FeaturesDict:
         "hu": _volume(np.int16),  # (z, y, x) Hounsfield units, rounded
         "calcium_class": _volume(np.uint8),  # (z, y, x) 0 background, 1 coronary, 2 non-coronary
         "heart_mask": _volume(np.uint8),  # (z, y, x) {0, 1}
-        "calcium_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),  # annotated calcium
+        # Slices with any annotated calcium (label > 0: coronary or non-coronary): the sampler's
+        # positive slices for the calcium task (both calcium classes are rare; see labels.py).
+        "annotated_calcium_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
         "heart_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
         "has_calcium_labels": tfds.features.Tensor(shape=(), dtype=np.bool_),
         "has_heart_mask": tfds.features.Tensor(shape=(), dtype=np.bool_),
         "num_slices": tfds.features.Tensor(shape=(), dtype=np.int32),
+        # (z, y, x) of `hu`: lets the input pipeline size its buffers before decoding any volume.
+        "shape_zyx": tfds.features.Tensor(shape=(3,), dtype=np.int32),
         "spacing_zyx_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
         "agatston": tfds.features.Tensor(shape=(), dtype=np.float32),  # NaN when unknown
         "category": tfds.features.Tensor(shape=(), dtype=np.int32),  # -1 when unknown
@@ -106,28 +110,38 @@ def _read_files(row: ManifestRow, manifest_path: os.PathLike | str = ""):
     return volume, calcium, heart
 
 
+def score_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> float | None:
+    """Reads a row's files (`ManifestError` naming the row when they fail) and returns the Agatston
+    score of its reference labels, or None when the manifest gives the score or category or the
+    row has no calcium labels (then nothing needs scoring)."""
+    volume, calcium, _ = _read_files(row, manifest_path)
+    if row.category is not None or row.agatston is not None or calcium is None:
+        return None
+    return agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston
+
+
 def check_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> int | None:
     """Reads a row's files (`ManifestError` naming the row when they fail) and returns its CAC
     category (manifest `category`/`agatston`, else scored from its labels; None if unknown)."""
-    volume, calcium, _ = _read_files(row, manifest_path)
-    if row.category is not None or row.agatston is not None or calcium is None:
-        return splits_lib.scan_category(row)
-    from cac_jax.scoring import agatston_score
-
-    return cac_category(agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
+    score = score_row(row, manifest_path)
+    return splits_lib.scan_category(row) if score is None else cac_category(score)
 
 
-def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
-    """Reads one manifest row into the stored example (numpy); errors name the row."""
+def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "", *,
+             scored_agatston: float | None = None) -> dict:
+    """Reads one manifest row into the stored example (numpy); errors name the row.
+
+    `scored_agatston`: the score of the row's labels when the caller already computed it (the
+    builder scores each scan once, while assigning the splits); else it is scored here when the
+    manifest gives none.
+    """
     volume, calcium, heart = _read_files(row, manifest_path)
     hu = volume.hu
     empty = np.zeros((0, 0, 0), np.uint8)
     num_slices = hu.shape[0]
-    agatston = row.agatston
+    agatston = row.agatston if scored_agatston is None else scored_agatston
     category = row.category
     if calcium is not None and agatston is None:
-        from cac_jax.scoring import agatston_score
-
         agatston = agatston_score(hu, calcium, volume.spacing_zyx_mm).agatston
     if category is None and agatston is not None:
         category = cac_category(agatston)
@@ -139,13 +153,14 @@ def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
         "hu": np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16),
         "calcium_class": empty if calcium is None else labels_lib.calcium_classes(calcium, hu),
         "heart_mask": empty if heart is None else labels_lib.heart_classes(heart),
-        "calcium_slice": (np.zeros(num_slices, bool) if calcium is None
-                          else labels_lib.calcium_slices(calcium)),
+        "annotated_calcium_slice": (np.zeros(num_slices, bool) if calcium is None
+                                    else labels_lib.annotated_calcium_slices(calcium)),
         "heart_slice": (np.zeros(num_slices, bool) if heart is None
                         else labels_lib.heart_slices(heart)),
         "has_calcium_labels": calcium is not None,
         "has_heart_mask": heart is not None,
         "num_slices": np.int32(num_slices),
+        "shape_zyx": np.asarray(hu.shape, np.int32),
         "spacing_zyx_mm": np.asarray(volume.spacing_zyx_mm, np.float32),
         "agatston": np.float32(math.nan if agatston is None else agatston),
         "category": np.int32(-1 if category is None else category),
@@ -170,25 +185,16 @@ def _print_warning(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def _category_from_labels(row: ManifestRow) -> int | None:
-    """A scan's category scored from its reference labels (rows without agatston/category)."""
-    if row.calcium_labels is None:
-        return None
-    from cac_jax.scoring import agatston_score
-    from data_pipeline import io as io_lib
-
-    volume = io_lib.read_study(row.image)
-    calcium = io_lib.read_labels(row.calcium_labels, like=volume)
-    return cac_category(
-        agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
-
-
 class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Whole CT scans with calcium classes and heart masks, from a local manifest."""
 
     name = DEFAULT_NAME
     VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: "Whole scans; calcium classes and heart mask in one dataset."}
+    RELEASE_NOTES = {
+        "1.0.0": "Whole scans; calcium classes and heart mask in one dataset.",
+        "1.1.0": "annotated_calcium_slice (was calcium_slice), shape_zyx; neighbour distance and "
+                 "the resulting slice offsets in the metadata.",
+    }
 
     def __init__(self, *, manifest_path: str | os.PathLike | None = None, split_seed: int = 0,
                  skip_bad: bool = False, progress: bool = True,
@@ -208,6 +214,8 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.parsed_manifest = parsed_manifest
         self.skipped: list[dict[str, str]] = []
         self.assignment: list[splits_lib.PatientSplit] = []
+        # Agatston of each scan scored from its labels while assigning splits (None: not scored).
+        self.scores: dict[str, float | None] = {}
         self._built_now = False
         super().__init__(**kwargs)
 
@@ -248,16 +256,15 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._skip(str(err.problem).split(":")[0], str(err))
 
         if self.skip_bad:
-            rows, categories = self._readable_rows(rows)
+            rows = self._readable_rows(rows)
 
-            def category_of(row: ManifestRow) -> int | None:
-                return categories[row.scan_id]
-        else:
-            def category_of(row: ManifestRow) -> int | None:
-                try:
-                    return _category_from_labels(row)
-                except InputError as err:
-                    raise row_error(row, self.manifest_path, err) from err
+        def category_of(row: ManifestRow) -> int | None:
+            # Called only for rows the manifest gives no score or category; each is read and
+            # scored once here (or in _readable_rows) and the score is reused for its record.
+            if row.scan_id not in self.scores:
+                self.scores[row.scan_id] = score_row(row, self.manifest_path)
+            score = self.scores[row.scan_id]
+            return None if score is None else cac_category(score)
 
         self.assignment = splits_lib.assign_splits(rows, seed=self.split_seed,
                                                    category_of=category_of)
@@ -271,13 +278,13 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return generators
 
     def _readable_rows(self, rows: list[ManifestRow]):
-        """(rows whose files read, {scan_id: category}); the others are skipped (skip_bad)."""
+        """The rows whose files read (scored into `self.scores`); the others are skipped."""
         from tqdm import tqdm
 
-        good, categories = [], {}
+        good = []
         for row in tqdm(rows, desc="check", unit="scan", disable=not self.progress):
             try:
-                categories[row.scan_id] = check_row(row, self.manifest_path)
+                self.scores[row.scan_id] = score_row(row, self.manifest_path)
             except ManifestError as err:
                 self._skip(row.where, str(err), scan_id=row.scan_id)
                 continue
@@ -285,14 +292,15 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not good:
             raise ManifestError(self.manifest_path, "no row of the manifest could be read "
                                                     f"({len(self.skipped)} skipped)")
-        return good, categories
+        return good
 
     def _generate_examples(self, split: str, rows: list[ManifestRow]) -> Iterator[tuple[str, dict]]:
         from tqdm import tqdm
 
         for row in tqdm(rows, desc=f"ingest {split}", unit="scan", disable=not self.progress):
             try:
-                example = read_row(row, self.manifest_path)
+                example = read_row(row, self.manifest_path,
+                                   scored_agatston=self.scores.get(row.scan_id))
             except ManifestError as err:
                 if not self.skip_bad:
                     raise

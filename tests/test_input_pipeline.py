@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_tfds_builder import write_tiny_cohort  # noqa: E402
 
 from data_pipeline import labels as labels_lib  # noqa: E402
-from data_pipeline.config import data_config  # noqa: E402
+from data_pipeline.config import DATASET_VERSION, data_config  # noqa: E402
 from data_pipeline.input_pipeline import make_dataset  # noqa: E402
 
 DEVICES = 2
@@ -30,7 +30,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     manifest = write_tiny_cohort(root, patients=10, split_column=True)
     build_dataset(manifest, root / "tfds", name="tiny", progress=False)
-    loaded = tfds.builder_from_directory(str(root / "tfds" / "tiny" / "1.0.0"))
+    loaded = tfds.builder_from_directory(str(root / "tfds" / "tiny" / DATASET_VERSION))
     scans = {}
     for split in loaded.info.splits:
         for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
@@ -254,7 +254,7 @@ def _one_scan_store(hu, target):
     from data_pipeline import input_pipeline as ip
 
     info = ip.ScanInfo("s", "p", "cac", "site", tuple(hu.shape), (3.0, 0.7, 0.7), None, None, 0)
-    return ip._ScanStore([info], [hu.reshape(-1)], [target.reshape(-1)])
+    return ip._MemoryStore.from_arrays([info], [hu], [target])
 
 
 def test_augmentation_differs_between_hosts_and_is_deterministic():

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from data_pipeline import labels as labels_lib
+from data_pipeline.config import DATASET_VERSION
 from data_pipeline.errors import ManifestError
 from data_pipeline.manifest import ManifestRow, write_manifest
 
@@ -85,7 +86,7 @@ def built(tmp_path_factory):
 
 def test_builds_whole_scans_with_metadata(built):
     root, manifest, data_dir, builder = built
-    path = data_dir / "tiny" / "1.0.0"
+    path = data_dir / "tiny" / DATASET_VERSION
     assert (path / "dataset_info.json").exists()
     loaded = tfds.builder_from_directory(str(path))
     total = sum(info.num_examples for info in loaded.info.splits.values())
@@ -99,7 +100,7 @@ def test_builds_whole_scans_with_metadata(built):
     np.testing.assert_array_equal(ex["hu"], hu)
     np.testing.assert_array_equal(ex["calcium_class"], labels_lib.calcium_classes(labels, hu))
     np.testing.assert_array_equal(ex["heart_mask"], heart)
-    np.testing.assert_array_equal(ex["calcium_slice"], [False, True, True, False, False, True])
+    np.testing.assert_array_equal(ex["annotated_calcium_slice"], [False, True, True, False, False, True])
     np.testing.assert_allclose(ex["spacing_zyx_mm"], [3.0, 0.7, 0.7], rtol=1e-6)
     assert ex["protocol"] == b"cac" and ex["patient_id"] == b"P001"
     assert math.isclose(float(ex["agatston"]), 10.0) and int(ex["category"]) == 1
@@ -110,7 +111,7 @@ def test_builds_whole_scans_with_metadata(built):
 
 def test_split_audit_written_and_patient_disjoint(built):
     root, manifest, data_dir, builder = built
-    path = data_dir / "tiny" / "1.0.0"
+    path = data_dir / "tiny" / DATASET_VERSION
     audit = json.loads((path / "splits.json").read_text())
     assert audit["seed"] == 3
     splits_of = {}
@@ -142,7 +143,7 @@ def test_overwrite_with_bad_manifest_keeps_the_dataset(built, tmp_path):
     bad.write_text("patient_id,scan_id\nP0,P0_cac\n")
     with pytest.raises(ManifestError, match="lacks required column"):
         build_dataset(bad, data_dir, name="tiny", overwrite=True, progress=False)
-    assert (data_dir / "tiny" / "1.0.0" / "dataset_info.json").exists()
+    assert (data_dir / "tiny" / DATASET_VERSION / "dataset_info.json").exists()
 
 
 @pytest.mark.parametrize("problem", ["no file", "no columns", "bad row"])
@@ -211,7 +212,7 @@ def test_bad_row_error_names_row_and_skip_bad(tmp_path, problem, expected):
     builder = build_dataset(manifest, tmp_path / "tfds", name="bad", skip_bad=True,
                             progress=False, on_skip=skipped_lines.append)
     assert len(skipped_lines) == 1 and "row 2" in skipped_lines[0]
-    path = tmp_path / "tfds" / "bad" / "1.0.0"
+    path = tmp_path / "tfds" / "bad" / DATASET_VERSION
     skipped = json.loads((path / "skipped.json").read_text())
     assert len(skipped) == 1 and "P000_ctac" in skipped[0]["problem"]
     total = sum(info.num_examples for info in builder.info.splits.values())
@@ -265,10 +266,10 @@ def test_row_failing_while_written_leaves_audit(tmp_path, monkeypatch):
     manifest = write_tiny_cohort(tmp_path, patients=3, split_column=True)
     read_row = tfds_builder.read_row
 
-    def flaky(row, manifest_path=""):
+    def flaky(row, manifest_path="", **kwargs):
         if row.scan_id == "P000_ctac":
             raise ManifestError(manifest_path, f"{row.where}: changed on disk")
-        return read_row(row, manifest_path)
+        return read_row(row, manifest_path, **kwargs)
 
     monkeypatch.setattr(tfds_builder, "read_row", flaky)
     builder = tfds_builder.build_dataset(manifest, tmp_path / "tfds", name="flaky",
@@ -312,7 +313,7 @@ def test_ingest_command(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "skipped row 2 (scan_id='P000_ctac')" in err
     assert "dataset cli 1.0.0" in out and "skipped 1 row(s)" in out
-    audit = json.loads((data_dir / "cli" / "1.0.0" / "splits.json").read_text())
+    audit = json.loads((data_dir / "cli" / DATASET_VERSION / "splits.json").read_text())
     assert audit["seed"] == 4
 
 
