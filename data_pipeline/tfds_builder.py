@@ -201,9 +201,12 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                  on_skip: Callable[[str], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
                  parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
+                 neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM,
                  **kwargs):
         """`parsed_manifest`: the result of `load_manifest` when the caller already checked it;
-        `on_warning` gets warnings such as an empty split (default: printed to stderr)."""
+        `on_warning` gets warnings such as an empty split (default: printed to stderr);
+        `neighbour_mm`: the neighbour distance recorded in the metadata with the slice offsets it
+        gives these scans (training uses `config.data.neighbour_mm`; see README)."""
         # Set before the base __init__, which may call _info().
         self.manifest_path = None if manifest_path is None else Path(manifest_path)
         self.split_seed = int(split_seed)
@@ -212,6 +215,9 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.on_skip = on_skip
         self.on_warning = _print_warning if on_warning is None else on_warning
         self.parsed_manifest = parsed_manifest
+        self.neighbour_mm = float(neighbour_mm)
+        labels_lib.neighbour_offset(3.0, self.neighbour_mm)  # rejects a bad distance up front
+        self.neighbour_offsets: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
         self.assignment: list[splits_lib.PatientSplit] = []
         # Agatston of each scan scored from its labels while assigning splits (None: not scored).
@@ -306,7 +312,18 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     raise
                 self._skip(row.where, str(err), scan_id=row.scan_id)
                 continue
+            self._record_neighbours(row.protocol, float(example["spacing_zyx_mm"][0]))
             yield row.scan_id, example
+
+    def _record_neighbours(self, protocol: str, spacing_z_mm: float) -> None:
+        """Counts scans per (protocol, slice offset) for the metadata: what `neighbour_mm` means
+        on this dataset (e.g. CTAC at 5 mm keeps offset 1, a 0.625 mm series gets 5)."""
+        offset = str(labels_lib.neighbour_offset(spacing_z_mm, self.neighbour_mm))
+        counts = self.neighbour_offsets.setdefault(protocol, {})
+        counts[offset] = counts.get(offset, 0) + 1
+        # Saved with the dataset (metadata.json) when TFDS writes its info after generation.
+        self.info.metadata["neighbour_mm"] = self.neighbour_mm
+        self.info.metadata["neighbour_offsets"] = self.neighbour_offsets
 
     def download_and_prepare(self, *args, **kwargs):
         """Builds the dataset (if absent), then writes the audit files next to it and warns
@@ -372,19 +389,21 @@ def make_builder(data_dir: str | os.PathLike, *, manifest_path: str | os.PathLik
                  progress: bool = True, on_skip: Callable[[str], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
                  parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
-                 ) -> CacCtBuilder:
+                 neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM) -> CacCtBuilder:
     """A builder instance writing to DATA_DIR/NAME/VERSION (`name` gives the dataset its name)."""
     cls = _builder_class(name)
     return cls(data_dir=os.fspath(Path(data_dir).expanduser()), manifest_path=manifest_path,
                split_seed=split_seed, skip_bad=skip_bad, progress=progress, on_skip=on_skip,
-               on_warning=on_warning, parsed_manifest=parsed_manifest)
+               on_warning=on_warning, parsed_manifest=parsed_manifest,
+               neighbour_mm=neighbour_mm)
 
 
 def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike, *,
                   name: str = DEFAULT_NAME, split_seed: int = 0, skip_bad: bool = False,
                   overwrite: bool = False, progress: bool = True,
                   on_skip: Callable[[str], None] | None = None,
-                  on_warning: Callable[[str], None] | None = None) -> CacCtBuilder:
+                  on_warning: Callable[[str], None] | None = None,
+                  neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM) -> CacCtBuilder:
     """Builds the dataset from a manifest into DATA_DIR/NAME/VERSION; returns the builder.
 
     The data directory and the manifest are checked before anything is created or removed.
@@ -400,7 +419,8 @@ def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike,
         shutil.rmtree(target)  # only once the inputs are checked
     builder = make_builder(data_dir, manifest_path=manifest_path, name=name, split_seed=split_seed,
                            skip_bad=skip_bad, progress=progress, on_skip=on_skip,
-                           on_warning=on_warning, parsed_manifest=parsed)
+                           on_warning=on_warning, parsed_manifest=parsed,
+                           neighbour_mm=neighbour_mm)
     # One progress bar (ours, per scan) instead of TFDS's several per split.
     tfds.disable_progress_bar()
     builder.download_and_prepare(

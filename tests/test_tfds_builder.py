@@ -50,8 +50,13 @@ def tiny_scan(seed: int, size: int, slices: int):
     return hu, labels, heart
 
 
-def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = False) -> Path:
-    """Manifest + NIfTI files: patients alternate 64 and 32 px and 5..7 slices; some have ctac."""
+def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = False,
+                      ctac_spacing_z: float = 3.0, agatston: bool = True) -> Path:
+    """Manifest + NIfTI files: patients alternate 64 and 32 px and 5..7 slices; some have ctac.
+
+    Slices are 3 mm apart (`ctac_spacing_z` for the ctac scans); without `agatston` the manifest
+    gives no reference score or category, so the builder scores the labels.
+    """
     rows = []
     for p in range(patients):
         pid = f"P{p:03d}"
@@ -61,13 +66,15 @@ def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = Fal
             slices = 5 + (p % 3)
             hu, labels, heart = tiny_scan(p * 7 + len(protocol), size, slices)
             folder = root / pid / protocol
+            spacing = (ctac_spacing_z if protocol == "ctac" else 3.0, 0.7, 0.7)
             rows.append(ManifestRow(
                 patient_id=pid, scan_id=f"{pid}_{protocol}", protocol=protocol,
-                image=_write(folder / "image.nii.gz", hu),
-                calcium_labels=_write(folder / "calcium_labels.nii.gz", labels),
-                heart_mask=_write(folder / "heart_mask.nii.gz", heart), site="test",
+                image=_write(folder / "image.nii.gz", hu, spacing),
+                calcium_labels=_write(folder / "calcium_labels.nii.gz", labels, spacing),
+                heart_mask=_write(folder / "heart_mask.nii.gz", heart, spacing), site="test",
                 split=(["train", "validation", "test"][p % 3] if split_column else None),
-                agatston=float(10 * p), category=p % 4))
+                agatston=float(10 * p) if agatston else None,
+                category=p % 4 if agatston else None))
     manifest = root / "manifest.csv"
     write_manifest(manifest, rows)
     return manifest
@@ -312,7 +319,7 @@ def test_ingest_command(tmp_path, capsys):
                     "--seed", "4", "--skip-bad", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert "skipped row 2 (scan_id='P000_ctac')" in err
-    assert "dataset cli 1.0.0" in out and "skipped 1 row(s)" in out
+    assert f"dataset cli {DATASET_VERSION}" in out and "skipped 1 row(s)" in out
     audit = json.loads((data_dir / "cli" / DATASET_VERSION / "splits.json").read_text())
     assert audit["seed"] == 4
 
@@ -352,3 +359,34 @@ def test_builds_from_generated_phantom_cohort(tmp_path):
     batch = next(make_dataset(config, "train", local_devices=2))
     assert batch["image"].shape == (2, 2, 3, 64, 64, 1)
     assert set(np.unique(batch["label"])) <= {0, 1, 2}
+
+
+def test_scans_are_scored_once_and_neighbours_recorded(tmp_path, monkeypatch):
+    """Without reference scores in the manifest each scan's labels are scored once (for the
+    splits; the record reuses it), and the metadata records the neighbour distance and offsets."""
+    from data_pipeline import agatston, tfds_builder
+
+    manifest = write_tiny_cohort(tmp_path, patients=4, agatston=False, ctac_spacing_z=1.25)
+    scored = []
+    real = agatston.agatston_score
+
+    def counting(hu, labels, spacing, **kwargs):
+        scored.append(hu.shape)
+        return real(hu, labels, spacing, **kwargs)
+
+    monkeypatch.setattr(tfds_builder, "agatston_score", counting)
+    builder = tfds_builder.build_dataset(manifest, tmp_path / "tfds", name="once", progress=False)
+    assert len(scored) == 6  # 4 cac + 2 ctac scans, each scored exactly once
+    loaded = tfds.builder_from_directory(builder.data_dir)
+    by_id = {}
+    for split in loaded.info.splits:
+        for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
+            by_id[ex["scan_id"].decode()] = ex
+    assert len(by_id) == 6
+    for ex in by_id.values():  # the stored score is the scorer's, category from it
+        assert np.isfinite(ex["agatston"]) and ex["category"] >= 0
+        assert tuple(ex["shape_zyx"]) == ex["hu"].shape
+    metadata = json.loads((Path(builder.data_dir) / "metadata.json").read_text())
+    assert metadata["neighbour_mm"] == 3.0
+    # 3 mm cac slices: offset 1; 1.25 mm ctac slices: round(3 / 1.25) = 2.
+    assert metadata["neighbour_offsets"] == {"cac": {"1": 4}, "ctac": {"2": 2}}
