@@ -10,19 +10,34 @@ plain dicts of numpy arrays shaped for `jax.pmap` over the local devices:
   (padding of a smaller scan, or rotated-in corners) and on padding samples; use it in the loss;
 - `valid` (devices, per_device_batch) bool: False for padding samples (last evaluation batch);
 - `scan_index`, `slice_index` (devices, per_device_batch) int32 and, in evaluation, `scan_id`
-  (bytes): where the sample came from; `iterator.scans` describes the scans by `scan_index`.
+  (bytes): where the sample came from; `iterator.scans` describes the scans by `scan_index`
+  (with each scan's `neighbour_offset`); `iterator.cache` and `iterator.neighbour_mm` say how the
+  batches were made.
 
 How (design):
-- Each host loads only its shard of scans (`tfds.split_for_jax_process`: whole scans, disjoint,
-  covering the split), decodes them once and keeps them in memory (int16 HU + uint8 target, one flat
-  buffer each: ~2 bytes + 1 byte per voxel). A sample is a (scan, slice) index; cutting its window is
-  three contiguous `tf.slice`s, so storage is never tripled and no Python runs per sample. (A host
-  shard must fit in RAM: ~27 MB per 512 x 512 x 70 scan, i.e. thousands of scans on a training host.)
-- Training epochs are planned in TF from stateless random numbers keyed by (seed, epoch): every
+- Each host reads only its shard of scans (`tfds.split_for_jax_process`: whole scans, disjoint,
+  covering the split; TFDS slicing such as "train[:100]" selects a subset). The scans' metadata
+  (ids, shapes, spacing, per-slice flags) is read first without decoding any volume.
+- `config.data.cache` says where the voxels live: "memory" decodes the shard once into one
+  preallocated int16 HU and one uint8 target buffer (3 bytes per voxel: ~55 MB per 512 x 512 x 70
+  scan), filled scan by scan, so loading peaks at the decoded size plus one scan; "stream" reads
+  each scan from the TFDS records when the sampling plan reaches it (random access by record
+  offset, the next block decoded in the background) and holds about two blocks of scans, whatever
+  the dataset's size; "auto" picks memory when the shard fits `memory_budget_gb`. Both modes give
+  the same batches for a seed. The voxels stay in numpy and tf.data reaches them through one
+  `tf.numpy_function` per sample that returns its window: a `tf.constant` captured by a tf.data
+  function is copied by tf.data's graph rewrites (twice the RAM), and creating a `tf.Variable`
+  from numpy transiently needs three times the buffer.
+- Windows: each slice with its neighbours `neighbour_offset(dz, config.data.neighbour_mm)` slices
+  away (a physical distance, 3 mm by default; edges repeat), cut by `labels.window_indices`, the
+  function inference uses.
+- Training epochs are planned from stateless random numbers keyed by (seed, epoch): every
   positive slice (calcium task: any annotated calcium; heart task: any heart) times
-  `positive_fraction`, plus `negative_fraction` of the other slices, re-drawn each epoch, in a random
-  order. The epoch size is fixed, so step s of a resumed run starts at sample s * host_batch of the
-  same stream: resume is exact with only the step recorded in the checkpoint.
+  `positive_fraction`, plus `negative_fraction` of the other slices, re-drawn each epoch; the
+  epoch visits the scans in a random order in blocks of `shuffle_block_scans` scans and shuffles
+  each block's samples together (what streaming needs; memory mode follows the same plan). The
+  epoch size is fixed, so step s of a resumed run starts at sample s * host_batch of the same
+  stream: resume is exact with only the step recorded in the checkpoint.
 - Augmentation (training only, respects anatomy: no left-right flip): rotation, zoom, translation
   and optional random crop in ONE affine resample per sample (`ImageProjectiveTransformV3`,
   bilinear for the image, nearest for label and weight), then intensity jitter and noise. Its random
@@ -171,7 +186,8 @@ def _builder(data):
 def _host_split(builder, split: str, process_index: int, process_count: int):
     import tensorflow_datasets as tfds
 
-    if split not in builder.info.splits:
+    # TFDS slicing ("train[:100]", "train[10%:]") picks a subset of a split's scans.
+    if split.split("[", 1)[0] not in builder.info.splits:
         raise InputError(_dataset_path_of(builder), f"dataset has no {split!r} split (it has "
                                                    f"{', '.join(builder.info.splits)})")
     if not 0 <= process_index < process_count:

@@ -3,13 +3,18 @@
 One dataset stores both label kinds, so one build serves the calcium and the heart task (the input
 pipeline picks the targets): per scan, HU as int16, the 3 training calcium classes (uint8, mapped by
 `data_pipeline.labels.calcium_classes` at build time), the heart mask (uint8 {0, 1}), per-slice
-"has calcium" / "has heart" flags for the sampler, spacing, protocol, ids, site, and the reference
+"annotated calcium" / "has heart" flags for the sampler, spacing, protocol, ids, site, and the reference
 Agatston score and category. Scans are stored whole (not as 3-slice windows, which would triple the
 storage); the pipeline cuts windows. A scan without calcium labels or heart mask stores an empty
 (0, 0, 0) array and `has_calcium_labels` / `has_heart_mask` = False.
 
 Volumes are zlib-compressed records (`tfds.features.Tensor(..., encoding="zlib")`): CT compresses
 well and decoding happens once per scan when the pipeline loads it.
+
+Per scan the metadata also stores `shape_zyx` (so the input pipeline sizes its buffers before
+decoding) and the slice flags are `annotated_calcium_slice` (any calcium label, coronary or not:
+the calcium task's positive slices). The dataset's `metadata.json` records the neighbour distance
+(`neighbour_mm`, 3 mm by default) and how many scans of each protocol get which slice offset.
 
 Build: `cac-jax ingest --manifest M.csv --data-dir D [--name N] [--seed S] [--skip-bad]`, or
 `CacCtBuilder(data_dir=D, manifest_path=M, split_seed=S).download_and_prepare()`. The result lives in
@@ -24,7 +29,11 @@ half-made dataset folder behind (and never removes an existing one with `overwri
 With `skip_bad`, every row's files are read once before the splits are assigned and the rows that
 fail are skipped then, so the assignment (and the validation/test balance) covers exactly the scans
 that go into the dataset, and no split is planned on rows that all fail (TFDS cannot write a split
-without examples). This costs one extra read of each scan, only with `skip_bad`. A row that still
+without examples). The splits need each scan's CAC category before any record is written: a row
+without `agatston`/`category` in the manifest is read and scored then (as is every row with
+`skip_bad`), and its record reuses that score, so each scan is scored once; its files are read a
+second time to write the record (holding every decoded scan until then would need the whole
+cohort in RAM). A row that still
 fails when its example is written (its files changed in between) is skipped there; the audit files
 always describe the dataset as built: skipped scans are left out of splits.json/splits.csv (a
 patient left with no scan disappears from them) and listed under "skipped" in splits.json (and in
