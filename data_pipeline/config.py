@@ -60,7 +60,8 @@ def data_config(task: str = "calcium", local: bool = False) -> ml_collections.Co
     c.cache = "auto"
     c.memory_budget_gb = 0.0
     # Each epoch visits the scans in a random order in blocks of this many scans and shuffles the
-    # samples of a block together (0: the whole shard as one block, memory mode only).
+    # samples of a block together (0: the whole shard as one block; stream mode would then hold
+    # every scan, so keep it > 0 there).
     c.shuffle_block_scans = 4 if local else 8
 
     # Augmentation (training only; anatomy-respecting: no left-right flips).

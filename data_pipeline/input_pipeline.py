@@ -60,6 +60,7 @@ import math
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -444,6 +445,8 @@ class _StreamStore(_Source):
         self._seen_keys: set[int] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                           thread_name_prefix="scan-stream")
+        # The reader thread ends with the store (an iterator dropped mid-stream leaves none).
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         self.reads = 0  # scans decoded so far (a dropped scan read again counts again)
 
     def _load(self, scan):
