@@ -95,12 +95,14 @@ def make_cohort(out: Path, patients: int, size: int, seed: int):
     return rows, kind
 
 
-def pipeline_config(data_dir: Path, size: int, batch: int, cache: str):
+def pipeline_config(data_dir: Path, size: int, batch: int, cache: str, block_scans: int):
     from data_pipeline.config import data_config
 
     config = data_config("calcium")
     config.data_dir, config.name, config.seed = str(data_dir), "bench", 0
     config.image_size, config.per_device_batch, config.cache = size, batch, cache
+    if block_scans:
+        config.shuffle_block_scans = block_scans
     return config
 
 
@@ -109,7 +111,7 @@ def child(args) -> int:
     from data_pipeline.input_pipeline import _tf, make_dataset
 
     _tf()
-    config = pipeline_config(args.data_dir, args.size, args.batch, args.child)
+    config = pipeline_config(args.data_dir, args.size, args.batch, args.child, args.block_scans)
     before = psutil.Process().memory_info().rss
     # Start the peak (VmHWM) afresh here, so importing TensorFlow does not set it (Linux >= 4.0).
     Path("/proc/self/clear_refs").write_text("5")
@@ -143,7 +145,8 @@ def _vm_hwm() -> int:
 def measure_rss(data_dir: Path, scans: int, cache: str, args) -> dict:
     command = [sys.executable, os.fspath(Path(__file__).resolve()), "--child", cache,
                "--scans", str(scans), "--data-dir", os.fspath(data_dir), "--size", str(args.size),
-               "--batch", str(args.batch), "--child-batches", str(args.child_batches)]
+               "--batch", str(args.batch), "--child-batches", str(args.child_batches),
+               "--block-scans", str(args.block_scans)]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"measurement {cache} x {scans} failed:\n{out.stderr[-3000:]}")
@@ -219,7 +222,7 @@ def make_step(step_batch: int, size: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="6,12,24,40",
+    parser.add_argument("--sizes", default="6,12,20",
                         help="dataset sizes (scans) of the RSS measurement")
     parser.add_argument("--throughput-scans", type=int, default=12)
     parser.add_argument("--size", type=int, default=512)
@@ -227,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--child-batches", type=int, default=6)
     parser.add_argument("--step-batch", type=int, default=2)
+    parser.add_argument("--block-scans", type=int, default=0,
+                        help="config.data.shuffle_block_scans (0: the config's default); streaming "
+                             "holds about twice as many scans")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--drain", type=int, default=6,
                         help="untimed batches before each timed pipeline segment")
@@ -267,7 +273,7 @@ def main(argv=None) -> int:
 
         iterators = {}
         for cache in ("memory", "stream"):
-            config = pipeline_config(tmp / "tfds", args.size, args.batch, cache)
+            config = pipeline_config(tmp / "tfds", args.size, args.batch, cache, args.block_scans)
             iterators[cache] = make_dataset(config, f"train[:{args.throughput_scans}]",
                                             train=True, local_devices=1)
             time_pipeline(iterators[cache], 2)
