@@ -1,32 +1,37 @@
-"""Input-pipeline benchmark: tf.data throughput vs the training step it feeds, build time, RAM.
+"""Input-pipeline benchmark: RAM against dataset size (memory and streaming mode), throughput
+against the training step it feeds, and TFDS build time.
 
     python benchmarks/bench_input_pipeline.py            # writes benchmarks/results/bench_input_pipeline.{json,md}
 
-Measured in one run on one machine, side by side:
-1. a synthetic cohort at 512 px (the phantom's `generate_cohort`; a labelled stand-in if the
-   phantom package is missing), built into a TFDS dataset: seconds per scan;
-2. the training pipeline (calcium task, 512 px, batch 16, augmentation on): samples/s after warm-up,
-   and its peak RSS increase (from before `make_dataset` to after the warm-up batches, before any
-   model exists);
-3. the training step it feeds: a jit-compiled grad step of softmax cross-entropy with optax Adam
-   (1e-3) on the default ConvLSTM calcium model (`cac_jax.models.build_model`), samples/s at
-   --step-batch (a CPU step at batch 16 and 512 px takes about a minute; per-sample cost is ~linear
-   in the batch on CPU, so a smaller batch gives the same samples/s), and the same step fed by the
-   live pipeline (both sharing the CPU), to show whether the pipeline slows the step;
-4. the ratio pipeline samples/s / step samples/s (the design asks for >= 3x), as the median over
-   interleaved rounds (pipeline, step, fed step), so load from other jobs hits both sides alike.
+Measured in one run on one machine:
+1. a synthetic cohort of gated CAC scans at 512 px (the phantom's `generate_cohort`; a labelled
+   stand-in if the phantom package is missing), every scan in the train split, built into a TFDS
+   dataset: seconds per scan;
+2. peak RSS against dataset size: for each size N (--sizes, first N scans of the split: TFDS
+   slicing "train[:N]") and each cache mode (memory, stream), a fresh subprocess opens the training
+   pipeline (calcium task, 512 px, batch 16, augmentation on) and draws --child-batches batches;
+   it reports its RSS before `make_dataset`, its peak RSS from there on (Linux VmHWM, reset after
+   the imports; loading transients included) and the decoded bytes of the scans. The memory-mode target (issue 10): from 6 to 12
+   scans the peak grows by at most 1.5x the decoded bytes added; streaming stays flat;
+3. throughput, side by side in this process: the memory and streaming pipelines on the same
+   --throughput-scans scans, and a jit-compiled grad step of softmax cross-entropy with optax
+   Adam (1e-3) on the default ConvLSTM calcium model (`cac_jax.models.build_model`) at
+   --step-batch (per-sample cost is ~linear in the batch on CPU); median over interleaved rounds
+   (memory pipeline, streaming pipeline, step), so load from other jobs hits all alike;
+4. the float32 matmul peak of this machine (jnp.dot of 2048 x 2048, best of 5), in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,33 +43,6 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from data_pipeline.atomic import atomic_write_text  # noqa: E402
-
-
-class PeakRss:
-    """Samples this process's RSS every 10 ms; `peak` is the maximum seen since start()."""
-
-    def __init__(self):
-        self.process = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self):
-        self.peak = self.process.memory_info().rss
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
 
 
 def standin_cohort(out: Path, patients: int, size: int, seed: int):
@@ -100,27 +78,96 @@ def standin_cohort(out: Path, patients: int, size: int, seed: int):
 
 
 def make_cohort(out: Path, patients: int, size: int, seed: int):
+    """Gated scans only (the issue's measure), every row in the train split."""
+    from data_pipeline.manifest import read_manifest, write_manifest
+
     try:
         from data_pipeline.phantom import generate_cohort
     except ImportError:
-        return standin_cohort(out, patients, size, seed), "stand-in noise volumes (no phantom package)"
-    return generate_cohort(out, patients=patients, size=size, seed=seed), "phantom generate_cohort"
+        standin_cohort(out, patients, size, seed)
+        kind = "stand-in noise volumes (no phantom package)"
+    else:
+        generate_cohort(out, patients=patients, size=size, seed=seed, protocols=("cac",))
+        kind = "phantom generate_cohort, gated CAC scans"
+    rows = [dataclasses.replace(row, split="train") for row in read_manifest(out / "manifest.csv")
+            if row.protocol == "cac"]
+    write_manifest(out / "manifest.csv", rows)
+    return rows, kind
 
 
-def open_pipeline(data_dir: Path, size: int, batch: int):
-    """The training iterator (calcium task, augmentation on) and its load time and peak RSS."""
+def pipeline_config(data_dir: Path, size: int, batch: int, cache: str, block_scans: int):
     from data_pipeline.config import data_config
-    from data_pipeline.input_pipeline import make_dataset
 
     config = data_config("calcium")
     config.data_dir, config.name, config.seed = str(data_dir), "bench", 0
-    config.image_size, config.per_device_batch = size, batch
-    rss = PeakRss().start()
-    before = rss.peak
+    config.image_size, config.per_device_batch, config.cache = size, batch, cache
+    if block_scans:
+        config.shuffle_block_scans = block_scans
+    return config
+
+
+def child(args) -> int:
+    """One RSS measurement in a fresh process: prints a JSON line."""
+    from data_pipeline.input_pipeline import _tf, make_dataset
+
+    _tf()
+    config = pipeline_config(args.data_dir, args.size, args.batch, args.child, args.block_scans)
+    before = psutil.Process().memory_info().rss
+    # Start the peak (VmHWM) afresh here, so importing TensorFlow does not set it (Linux >= 4.0).
+    Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
-    iterator = make_dataset(config, "train", local_devices=1)
+    iterator = make_dataset(config, f"train[:{args.scans}]", train=True, local_devices=1)
     next(iterator)
-    return iterator, rss, before, time.perf_counter() - t0
+    first_s = time.perf_counter() - t0
+    for _ in range(args.child_batches):
+        next(iterator)
+    peak = _vm_hwm()
+    store = iterator.store
+    print(json.dumps({
+        "cache": iterator.cache, "scans": len(iterator.scans),
+        "decoded_mb": store.decoded_bytes / 2**20, "rss_before_mb": before / 2**20,
+        "peak_rss_mb": peak / 2**20, "peak_growth_mb": (peak - before) / 2**20,
+        "seconds_to_first_batch": first_s, "batches": args.child_batches + 1,
+        "scans_read": getattr(store, "reads", len(iterator.scans)),
+        "shuffle_block_scans": int(config.shuffle_block_scans),
+    }), flush=True)
+    return 0
+
+
+def _vm_hwm() -> int:
+    """Peak resident set size since the last reset (bytes), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def measure_rss(data_dir: Path, scans: int, cache: str, args) -> dict:
+    command = [sys.executable, os.fspath(Path(__file__).resolve()), "--child", cache,
+               "--scans", str(scans), "--data-dir", os.fspath(data_dir), "--size", str(args.size),
+               "--batch", str(args.batch), "--child-batches", str(args.child_batches),
+               "--block-scans", str(args.block_scans)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement {cache} x {scans} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak_gflops() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def time_pipeline(iterator, batches: int) -> float:
@@ -175,26 +222,37 @@ def make_step(step_batch: int, size: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=3)
+    parser.add_argument("--sizes", default="6,12,20",
+                        help="dataset sizes (scans) of the RSS measurement")
+    parser.add_argument("--throughput-scans", type=int, default=12)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--child-batches", type=int, default=6)
     parser.add_argument("--step-batch", type=int, default=2)
+    parser.add_argument("--block-scans", type=int, default=0,
+                        help="config.data.shuffle_block_scans (0: the config's default); streaming "
+                             "holds about twice as many scans")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--drain", type=int, default=6,
                         help="untimed batches before each timed pipeline segment")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
+    parser.add_argument("--scans", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    sizes = sorted({int(n) for n in args.sizes.split(",")})
 
-    from data_pipeline.input_pipeline import _tf
+    from data_pipeline.input_pipeline import _tf, make_dataset
     from data_pipeline.tfds_builder import build_dataset
 
     _tf()
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        rows, cohort_kind = make_cohort(tmp / "cohort", args.patients, args.size, seed=0)
+        rows, cohort_kind = make_cohort(tmp / "cohort", max(sizes), args.size, seed=0)
         cohort_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         builder = build_dataset(tmp / "cohort" / "manifest.csv", tmp / "tfds", name="bench",
@@ -206,68 +264,104 @@ def main(argv=None) -> int:
                  "build_seconds": build_s, "build_seconds_per_scan": build_s / scans,
                  "stored_mb": stored / 2**20}
         print(json.dumps(build), flush=True)
-        iterator, rss, before, load_s = open_pipeline(tmp / "tfds", args.size, args.batch)
-        time_pipeline(iterator, args.warmup)
-        pipeline_peak = rss.peak  # the pipeline alone, full prefetch, before the model exists
+
+        rss = []
+        for n in sizes:
+            for cache in ("memory", "stream"):
+                rss.append(measure_rss(tmp / "tfds", n, cache, args))
+                print(json.dumps(rss[-1]), flush=True)
+
+        iterators = {}
+        for cache in ("memory", "stream"):
+            config = pipeline_config(tmp / "tfds", args.size, args.batch, cache, args.block_scans)
+            iterators[cache] = make_dataset(config, f"train[:{args.throughput_scans}]",
+                                            train=True, local_devices=1)
+            time_pipeline(iterators[cache], 2)
         run_step, step = make_step(args.step_batch, args.size)
-        fixed = next(iterator)
+        fixed = next(iterators["memory"])
         run_step(fixed)  # compile
-        # Interleaved rounds (pipeline, step alone, step fed by the live pipeline), so that load
-        # from other jobs on the shared machine hits both sides alike; the ratio is per round.
         rounds = []
         for _ in range(args.rounds):
-            # The step's idle time let the prefetch buffer fill: drain it untimed so the timed
-            # batches measure steady-state production, not buffered ones.
-            time_pipeline(iterator, args.drain)
-            pipe_s = time_pipeline(iterator, args.batches)
-            alone_s = run_step(fixed)
-            fed_s = run_step(next(iterator))
-            rounds.append({"pipeline_samples_per_s": args.batches * args.batch / pipe_s,
-                           "step_s": alone_s, "fed_step_s": fed_s,
-                           "step_samples_per_s": args.step_batch / alone_s})
-            print(json.dumps(rounds[-1]), flush=True)
-        peak = rss.stop()
-    pipeline = {
-        "samples_per_s": statistics.median(r["pipeline_samples_per_s"] for r in rounds),
-        "batch": args.batch, "batches_per_round": args.batches, "image_size": args.size,
-        "seconds_to_first_batch": load_s, "samples_per_epoch": iterator.samples_per_epoch,
-        "scans": len(iterator.scans), "rss_before_mb": before / 2**20,
-        "pipeline_peak_rss_increase_mb": (pipeline_peak - before) / 2**20,
-        "process_peak_rss_mb": peak / 2**20,
-    }
-    step.update({
-        "step_s_median": statistics.median(r["step_s"] for r in rounds),
-        "fed_step_s_median": statistics.median(r["fed_step_s"] for r in rounds),
-    })
+            entry = {}
+            for cache, iterator in iterators.items():
+                # The other side's time let the prefetch buffer fill: drain it untimed so the
+                # timed batches measure steady-state production, not buffered ones.
+                time_pipeline(iterator, args.drain)
+                entry[f"{cache}_samples_per_s"] = (args.batches * args.batch
+                                                   / time_pipeline(iterator, args.batches))
+            entry["step_s"] = run_step(fixed)
+            entry["step_samples_per_s"] = args.step_batch / entry["step_s"]
+            rounds.append(entry)
+            print(json.dumps(entry), flush=True)
+        peak_gflops = matmul_peak_gflops()
+
+    def median(key):
+        return statistics.median(r[key] for r in rounds)
+
+    step["step_s_median"] = median("step_s")
     step["samples_per_s"] = args.step_batch / step["step_s_median"]
-    step["fed_samples_per_s"] = args.step_batch / step["fed_step_s_median"]
-    ratio = statistics.median(r["pipeline_samples_per_s"] / r["step_samples_per_s"]
-                              for r in rounds)
+    throughput = {
+        "scans": args.throughput_scans, "batch": args.batch, "image_size": args.size,
+        "memory_samples_per_s": median("memory_samples_per_s"),
+        "stream_samples_per_s": median("stream_samples_per_s"),
+        "memory_over_step": statistics.median(r["memory_samples_per_s"] / r["step_samples_per_s"]
+                                              for r in rounds),
+        "stream_over_step": statistics.median(r["stream_samples_per_s"] / r["step_samples_per_s"]
+                                              for r in rounds),
+    }
+    by = {(r["cache"], r["scans"]): r for r in rss}
+    target = None
+    if ("memory", 6) in by and ("memory", 12) in by:
+        grow = by["memory", 12]["peak_growth_mb"] - by["memory", 6]["peak_growth_mb"]
+        added = by["memory", 12]["decoded_mb"] - by["memory", 6]["decoded_mb"]
+        target = {"peak_growth_mb": grow, "decoded_added_mb": added, "ratio": grow / added,
+                  "target_ratio": 1.5}
     result = {
         "command": " ".join(["python benchmarks/bench_input_pipeline.py", *(argv or sys.argv[1:])]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
                    "(shared with other jobs)",
-        "build": build, "pipeline": pipeline, "step": step, "rounds": rounds,
-        "pipeline_over_step": ratio,
-        "fed_step_over_alone": step["fed_step_s_median"] / step["step_s_median"],
+        "float32_matmul_peak_gflops": peak_gflops,
+        "build": build, "rss": rss, "memory_target_6_to_12": target,
+        "throughput": throughput, "step": step, "rounds": rounds,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "bench_input_pipeline.json", json.dumps(result, indent=2) + "\n")
+    rss_rows = "\n".join(
+        f"| {n} | {by['memory', n]['decoded_mb']:.0f} | {by['memory', n]['peak_growth_mb']:.0f} "
+        f"({by['memory', n]['peak_growth_mb'] / by['memory', n]['decoded_mb']:.2f}x) | "
+        f"{by['stream', n]['peak_growth_mb']:.0f} | {by['stream', n]['scans_read']} |"
+        for n in sizes)
+    target_line = ("" if target is None else
+                   f"Memory mode from 6 to 12 scans: peak RSS grows {target['peak_growth_mb']:.0f} MB "
+                   f"for {target['decoded_added_mb']:.0f} MB of decoded scans = "
+                   f"**{target['ratio']:.2f}x** (target <= 1.5x).\n")
     md = f"""# Input pipeline benchmark
 
-Command: `{result['command']}` on {result['machine']}; one run, side by side.
-Cohort: {build['cohort']}, {build['scans']} scans at {args.size} px.
+Command: `{result['command']}` on {result['machine']}; one run; float32 matmul peak
+{peak_gflops:.0f} GFLOP/s in the same run.
+Cohort: {build['cohort']}, {build['scans']} scans at {args.size} px, all in the train split.
+TFDS build: {build['build_seconds_per_scan']:.2f} s per scan ({build['stored_mb']:.0f} MB stored, zlib).
 
-| measure | value |
-|---|---|
-| TFDS build time per scan | {build['build_seconds_per_scan']:.2f} s ({build['stored_mb']:.1f} MB stored, zlib) |
-| pipeline throughput (calcium, {args.size} px, batch {args.batch}, augmentation on) | {pipeline['samples_per_s']:.1f} samples/s |
-| pipeline: load + first batch | {pipeline['seconds_to_first_batch']:.1f} s |
-| pipeline RAM: peak RSS increase, make_dataset to {args.warmup} warm-up batches (before the model) | {pipeline['pipeline_peak_rss_increase_mb']:.0f} MB |
-| training step alone ({step['model']}, batch {step['step_batch']}) | {step['step_s_median']:.2f} s = {step['samples_per_s']:.2f} samples/s |
-| training step fed by the live pipeline | {step['fed_step_s_median']:.2f} s = {step['fed_samples_per_s']:.2f} samples/s |
-| **pipeline / step throughput** (median over {args.rounds} interleaved rounds) | **{ratio:.0f}x** |
-| whole process peak RSS (TF + JAX + pipeline + model + step) | {pipeline['process_peak_rss_mb']:.0f} MB |
+## Peak RSS against dataset size
+
+A fresh process per cell: peak RSS (loading included) minus RSS before `make_dataset`, after
+{args.child_batches + 1} batches of {args.batch} (calcium, {args.size} px, augmentation on).
+Streaming holds about 2 x `shuffle_block_scans` ({rss[0]['shuffle_block_scans']}) scans.
+
+| scans | decoded MB | memory mode: peak growth MB | stream mode: peak growth MB | stream: scans read |
+|---:|---:|---:|---:|---:|
+{rss_rows}
+
+{target_line}
+## Throughput against the training step
+
+| measure ({throughput['scans']} scans, batch {args.batch}, median of {args.rounds} interleaved rounds) | samples/s |
+|---|---:|
+| pipeline, memory mode | {throughput['memory_samples_per_s']:.1f} |
+| pipeline, stream mode | {throughput['stream_samples_per_s']:.1f} |
+| training step ({step['model']}, batch {step['step_batch']}, {step['step_s_median']:.2f} s) | {step['samples_per_s']:.2f} |
+| **memory pipeline / step** | **{throughput['memory_over_step']:.0f}x** |
+| **stream pipeline / step** | **{throughput['stream_over_step']:.0f}x** |
 
 Step: {step['loss']}, jit on {step['jax_backend']}; per-sample cost on CPU is ~linear in the batch.
 """

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from data_pipeline.constants import DEFAULT_NEIGHBOUR_MM
+
 TASKS = ("calcium", "heart")
+# Version of the stored dataset format (`tfds_builder` writes it, the input pipeline reads it).
+DATASET_VERSION = "1.1.0"
 
 
 def data_config(task: str = "calcium", local: bool = False) -> ml_collections.ConfigDict:
@@ -20,7 +24,7 @@ def data_config(task: str = "calcium", local: bool = False) -> ml_collections.Co
     # Where `cac-jax ingest --data-dir D --name N` wrote the dataset (D/N/VERSION).
     c.data_dir = "data/tfds"
     c.name = "cac_ct"
-    c.version = "1.0.0"
+    c.version = DATASET_VERSION
     # Seed of sampling, shuffling and augmentation; None -> the top-level `config.seed`.
     c.seed = ml_collections.FieldReference(None, field_type=int)
 
@@ -41,6 +45,24 @@ def data_config(task: str = "calcium", local: bool = False) -> ml_collections.Co
     else:
         c.positive_fraction = 1.0
         c.negative_fraction = 0.5
+
+    # Neighbour slices at a physical distance: offset max(1, round(neighbour_mm / slice spacing))
+    # per scan (labels.neighbour_offset; inference uses the same function and reads this value
+    # from the checkpoint's config). 3 mm = one gated CAC slice, the spacing Agatston scoring is
+    # defined on; CTAC at 3-5 mm keeps offset 1, thin series reach 3 mm (0.625 mm -> 5 slices).
+    c.neighbour_mm = DEFAULT_NEIGHBOUR_MM
+
+    # Where the host's scans live while training. "memory": decoded once (3 bytes per voxel, e.g.
+    # 55 MB for a 512 x 512 x 70 scan); "stream": read from the TFDS records as the sampling plan
+    # reaches them, holding about 2 * shuffle_block_scans scans; "auto": memory when the decoded
+    # shard fits in memory_budget_gb (0: half the RAM available when the pipeline starts).
+    # Both modes give identical batches for the same seed.
+    c.cache = "auto"
+    c.memory_budget_gb = 0.0
+    # Each epoch visits the scans in a random order in blocks of this many scans and shuffles the
+    # samples of a block together (0: the whole shard as one block; stream mode would then hold
+    # every scan, so keep it > 0 there).
+    c.shuffle_block_scans = 4 if local else 8
 
     # Augmentation (training only; anatomy-respecting: no left-right flips).
     c.augment = ml_collections.ConfigDict()

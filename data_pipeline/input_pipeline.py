@@ -10,19 +10,34 @@ plain dicts of numpy arrays shaped for `jax.pmap` over the local devices:
   (padding of a smaller scan, or rotated-in corners) and on padding samples; use it in the loss;
 - `valid` (devices, per_device_batch) bool: False for padding samples (last evaluation batch);
 - `scan_index`, `slice_index` (devices, per_device_batch) int32 and, in evaluation, `scan_id`
-  (bytes): where the sample came from; `iterator.scans` describes the scans by `scan_index`.
+  (bytes): where the sample came from; `iterator.scans` describes the scans by `scan_index`
+  (with each scan's `neighbour_offset`); `iterator.cache` and `iterator.neighbour_mm` say how the
+  batches were made.
 
 How (design):
-- Each host loads only its shard of scans (`tfds.split_for_jax_process`: whole scans, disjoint,
-  covering the split), decodes them once and keeps them in memory (int16 HU + uint8 target, one flat
-  buffer each: ~2 bytes + 1 byte per voxel). A sample is a (scan, slice) index; cutting its window is
-  three contiguous `tf.slice`s, so storage is never tripled and no Python runs per sample. (A host
-  shard must fit in RAM: ~27 MB per 512 x 512 x 70 scan, i.e. thousands of scans on a training host.)
-- Training epochs are planned in TF from stateless random numbers keyed by (seed, epoch): every
+- Each host reads only its shard of scans (`tfds.split_for_jax_process`: whole scans, disjoint,
+  covering the split; TFDS slicing such as "train[:100]" selects a subset). The scans' metadata
+  (ids, shapes, spacing, per-slice flags) is read first without decoding any volume.
+- `config.data.cache` says where the voxels live: "memory" decodes the shard once into one
+  preallocated int16 HU and one uint8 target buffer (3 bytes per voxel: ~55 MB per 512 x 512 x 70
+  scan), filled scan by scan, so loading peaks at the decoded size plus one scan; "stream" reads
+  each scan from the TFDS records when the sampling plan reaches it (random access by record
+  offset, the next block decoded in the background) and holds about two blocks of scans, whatever
+  the dataset's size; "auto" picks memory when the shard fits `memory_budget_gb`. Both modes give
+  the same batches for a seed. The voxels stay in numpy and tf.data reaches them through one
+  `tf.numpy_function` per sample that returns its window: a `tf.constant` captured by a tf.data
+  function is copied by tf.data's graph rewrites (twice the RAM), and creating a `tf.Variable`
+  from numpy transiently needs three times the buffer.
+- Windows: each slice with its neighbours `neighbour_offset(dz, config.data.neighbour_mm)` slices
+  away (a physical distance, 3 mm by default; edges repeat), cut by `labels.window_indices`, the
+  function inference uses.
+- Training epochs are planned from stateless random numbers keyed by (seed, epoch): every
   positive slice (calcium task: any annotated calcium; heart task: any heart) times
-  `positive_fraction`, plus `negative_fraction` of the other slices, re-drawn each epoch, in a random
-  order. The epoch size is fixed, so step s of a resumed run starts at sample s * host_batch of the
-  same stream: resume is exact with only the step recorded in the checkpoint.
+  `positive_fraction`, plus `negative_fraction` of the other slices, re-drawn each epoch; the
+  epoch visits the scans in a random order in blocks of `shuffle_block_scans` scans and shuffles
+  each block's samples together (what streaming needs; memory mode follows the same plan). The
+  epoch size is fixed, so step s of a resumed run starts at sample s * host_batch of the same
+  stream: resume is exact with only the step recorded in the checkpoint.
 - Augmentation (training only, respects anatomy: no left-right flip): rotation, zoom, translation
   and optional random crop in ONE affine resample per sample (`ImageProjectiveTransformV3`,
   bilinear for the image, nearest for label and weight), then intensity jitter and noise. Its random
@@ -38,17 +53,22 @@ How (design):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator
+import struct
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline import labels as labels_lib
 from data_pipeline.errors import InputError
-from data_pipeline.labels import HU_WINDOW
+from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM, HU_WINDOW
 
 _TF_CONFIGURED = False
 INFINITE = 2**62
@@ -89,6 +109,8 @@ class ScanInfo:
     agatston: float | None
     category: int | None
     num_positive_slices: int
+    # Slices between the centre and each neighbour: labels.neighbour_offset(dz, neighbour_mm).
+    neighbour_offset: int = 1
 
 
 @dataclasses.dataclass
@@ -115,6 +137,9 @@ class InputIterator:
     host_batch: int
     samples_per_epoch: int
     steps: int | None
+    cache: str = "memory"  # where the scans are: "memory" or "stream" (config.data.cache)
+    neighbour_mm: float = DEFAULT_NEIGHBOUR_MM  # neighbour distance the windows were cut at
+    store: object = None  # the scan source (memory or streaming), for inspection
     _iterator: Iterator | None = None
 
     @property
@@ -162,7 +187,8 @@ def _builder(data):
 def _host_split(builder, split: str, process_index: int, process_count: int):
     import tensorflow_datasets as tfds
 
-    if split not in builder.info.splits:
+    # TFDS slicing ("train[:100]", "train[10%:]") picks a subset of a split's scans.
+    if split.split("[", 1)[0] not in builder.info.splits:
         raise InputError(_dataset_path_of(builder), f"dataset has no {split!r} split (it has "
                                                    f"{', '.join(builder.info.splits)})")
     if not 0 <= process_index < process_count:
@@ -183,87 +209,271 @@ def _num_examples(builder, host_split) -> int:
 
 def _target_keys(task: str) -> tuple[str, str, str]:
     if task == "calcium":
-        return "calcium_class", "calcium_slice", "has_calcium_labels"
+        return "calcium_class", "annotated_calcium_slice", "has_calcium_labels"
     if task == "heart":
         return "heart_mask", "heart_slice", "has_heart_mask"
     raise ValueError(f"unknown task {task!r}")
 
 
-def _load_scans(builder, host_split, task: str, options):
-    """Decodes the host's scans that have the task's targets; returns arrays and ScanInfo list."""
-    import tensorflow_datasets as tfds
+class _Records:
+    """Random access to the examples of a host split in the dataset's TFRecord files.
 
-    target_key, flag_key, has_key = _target_keys(task)
-    if _num_examples(builder, host_split) == 0:  # TFDS refuses to read an empty sub-split
-        return [], [], [], []
-    wanted = {"scan_id", "patient_id", "protocol", "site", "hu", target_key, flag_key, has_key,
-              "spacing_zyx_mm", "agatston", "category"}
-    decoders = tfds.decode.PartialDecoding({k: True for k in wanted})
-    ds = builder.as_dataset(split=host_split, shuffle_files=False, decoders=decoders)
-    ds = ds.with_options(options)
-    scans, hu_parts, target_parts, flags = [], [], [], []
-    for ex in tfds.as_numpy(ds):
+    TFDS reads TFRecords front to back; streaming needs scan i whenever the sampling plan asks for
+    it, so the record offsets are indexed once (headers only: 12 bytes read per record) and each
+    example is read with one seek and decoded by TFDS's own numpy decoder
+    (`ExampleParserNp` and each feature's `decode_example_np`). Example i is the i-th of `builder.as_dataset(split,
+    shuffle_files=False)`: the same file instructions, in the same order.
+    """
+
+    def __init__(self, builder, host_split):
+        tf = _tf()
+        from tensorflow_datasets.core import example_parser
+
+        self._gfile = tf.io.gfile
+        self.features = builder.info.features
+        # TFDS's numpy parser (what `deserialize_example_np` uses); each feature is then decoded
+        # on its own, so reading the metadata never decompresses a volume.
+        self._parser = example_parser.ExampleParserNp(self.features.get_serialized_info())
+        self.locations: list[tuple[str, int, int]] = []
+        if _num_examples(builder, host_split) == 0:
+            return
+        for instruction in builder.info.splits[host_split].file_instructions:
+            offsets = self._offsets(instruction.filename)
+            if len(offsets) != instruction.examples_in_shard:
+                raise InputError(instruction.filename, f"holds {len(offsets)} records, the dataset "
+                                                       f"says {instruction.examples_in_shard}; "
+                                                       "rebuild it with `cac-jax ingest`")
+            chosen = offsets[instruction.skip:instruction.skip + instruction.take]
+            self.locations.extend((instruction.filename, start, size) for start, size in chosen)
+
+    def _offsets(self, path: str) -> list[tuple[int, int]]:
+        """(data offset, length) of every record of a TFRecord file (uncompressed, as TFDS writes:
+        8-byte little-endian length, 4-byte length CRC, data, 4-byte data CRC)."""
+        out = []
+        with self._gfile.GFile(path, "rb") as f:
+            size = self._gfile.stat(path).length
+            position = 0
+            while position < size:
+                f.seek(position)
+                header = f.read(12)
+                if len(header) < 12:
+                    raise InputError(path, f"truncated TFRecord file (header at byte {position})")
+                (length,) = struct.unpack("<Q", header[:8])
+                start = position + 12
+                position = start + length + 4
+                if position > size:
+                    raise InputError(path, f"truncated TFRecord file (record at byte {start})")
+                out.append((start, length))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def read(self, index: int, keys) -> dict:
+        """The decoded features `keys` of example `index` (numpy)."""
+        path, start, size = self.locations[index]
+        with self._gfile.GFile(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(size)
+        if len(raw) != size:
+            raise InputError(path, f"truncated TFRecord file (record at byte {start})")
+        parsed = self._parser.parse_example(raw)
+        return {key: self.features[key].decode_example_np(parsed[key]) for key in keys}
+
+
+_META_KEYS = ("scan_id", "patient_id", "protocol", "site", "shape_zyx", "spacing_zyx_mm",
+              "agatston", "category")
+
+
+def _read_meta(records: _Records, task: str, neighbour_mm: float):
+    """(ScanInfo list, record index per scan, per-slice positive flags) of the scans with the
+    task's targets, without decoding any volume."""
+    _, flag_key, has_key = _target_keys(task)
+    scans, record_index, flags = [], [], []
+    for index in range(len(records)):
+        ex = records.read(index, (*_META_KEYS, flag_key, has_key))
         if not ex[has_key]:
             continue
-        hu, target = ex["hu"], ex[target_key]
         agatston = float(ex["agatston"])
+        spacing = tuple(float(v) for v in ex["spacing_zyx_mm"])
         scans.append(ScanInfo(
-            scan_id=ex["scan_id"].decode(), patient_id=ex["patient_id"].decode(),
-            protocol=ex["protocol"].decode(), site=ex["site"].decode(),
-            shape_zyx=tuple(int(n) for n in hu.shape),
-            spacing_zyx_mm=tuple(float(v) for v in ex["spacing_zyx_mm"]),
+            scan_id=_text(ex["scan_id"]), patient_id=_text(ex["patient_id"]),
+            protocol=_text(ex["protocol"]), site=_text(ex["site"]),
+            shape_zyx=tuple(int(n) for n in ex["shape_zyx"]), spacing_zyx_mm=spacing,
             agatston=None if math.isnan(agatston) else agatston,
             category=None if int(ex["category"]) < 0 else int(ex["category"]),
-            num_positive_slices=int(ex[flag_key].sum())))
-        hu_parts.append(hu.reshape(-1))
-        target_parts.append(target.reshape(-1).astype(np.uint8, copy=False))
-        flags.append(ex[flag_key].astype(bool))
-    return scans, hu_parts, target_parts, flags
+            num_positive_slices=int(ex[flag_key].sum()),
+            neighbour_offset=labels_lib.neighbour_offset(spacing[0], neighbour_mm)))
+        record_index.append(index)
+        flags.append(np.asarray(ex[flag_key], bool))
+    return scans, record_index, flags
 
 
-class _ScanStore:
-    """The host's scans as flat int16/uint8 buffers with per-slice lookup tables (TF tensors)."""
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    def __init__(self, scans, hu_parts, target_parts):
+
+class _Source:
+    """The host's scans for the tf.data graph: per-slice lookup tables (TF) and the voxels (numpy).
+
+    The voxels stay in numpy and reach tf.data through `tf.numpy_function` (one call per sample,
+    returning the 3-slice window): a `tf.constant` captured by a tf.data function is copied by
+    tf.data's graph rewrites (twice the RAM), and a `tf.Variable` needs a second full-size copy
+    while it is created. Subclasses hold the voxels in memory or stream them from the records.
+    """
+
+    def __init__(self, scans: list[ScanInfo], records: _Records | None, record_index, task: str):
         tf = _tf()
-        self.num_scans = len(scans)
-        shapes = np.asarray([s.shape_zyx for s in scans], np.int64).reshape(-1, 3)
-        voxels = shapes.prod(axis=1)
-        starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
-        slices_per_scan = shapes[:, 0]
+        self.scans = scans
+        self.records = records
+        self.record_index = list(record_index)
+        self.target_key = _target_keys(task)[0]
+        self.shapes = np.asarray([s.shape_zyx for s in scans], np.int64).reshape(-1, 3)
+        self.offsets = np.asarray([s.neighbour_offset for s in scans], np.int64)
+        slices_per_scan = self.shapes[:, 0]
         self.num_slices = int(slices_per_scan.sum())
-        slice_scan = np.repeat(np.arange(self.num_scans), slices_per_scan)
+        self.slice_scan_np = np.repeat(np.arange(len(scans)), slices_per_scan)
         first_slice = np.concatenate([[0], np.cumsum(slices_per_scan)[:-1]]).astype(np.int64)
-        self.slice_scan_np = slice_scan
-        self.slice_z_np = np.arange(self.num_slices) - first_slice[slice_scan]
-        self.hu = self._flat(tf, hu_parts, np.int16)
-        self.target = self._flat(tf, target_parts, np.uint8)
-        self.shapes = tf.constant(shapes)
-        self.starts = tf.constant(starts)
-        self.slice_scan = tf.constant(slice_scan.astype(np.int64))
+        self.slice_z_np = np.arange(self.num_slices) - first_slice[self.slice_scan_np]
+        self.slice_scan = tf.constant(self.slice_scan_np.astype(np.int64))
         self.slice_z = tf.constant(self.slice_z_np.astype(np.int64))
+        self.shapes_t = tf.constant(self.shapes)
         self.scan_ids = tf.constant([s.scan_id for s in scans] or [""])
 
-    @staticmethod
-    def _flat(tf, parts: list, dtype):
-        """One TF buffer from the per-scan arrays; empties `parts` so peak RAM stays ~2x."""
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
-        parts.clear()
-        return tf.constant(flat)
+    @property
+    def decoded_bytes(self) -> int:
+        """Decoded size of the scans: int16 HU + uint8 target, 3 bytes per voxel."""
+        return int(self.shapes.prod(axis=1).sum()) * 3
 
-    def window(self, k):
-        """(hu (3, h, w) int16, target (h, w) uint8, scan index, z) of global slice k."""
+    def _decode(self, scan: int) -> tuple[np.ndarray, np.ndarray]:
+        """(hu (z, y, x) int16, target (z, y, x) uint8) of one scan, read from the records."""
+        ex = self.records.read(self.record_index[scan], ("hu", self.target_key))
+        hu = np.asarray(ex["hu"], np.int16)
+        target = np.asarray(ex[self.target_key]).astype(np.uint8, copy=False)
+        if hu.shape != tuple(self.shapes[scan]) or target.shape != hu.shape:
+            raise InputError(self.scans[scan].scan_id, f"stored volume shape {hu.shape} / "
+                                                       f"target {target.shape} differ from "
+                                                       f"shape_zyx {tuple(self.shapes[scan])}")
+        return hu, target
+
+    def volumes(self, scan: int, key: int) -> tuple[np.ndarray, np.ndarray]:
+        """(hu, target) of `scan` as (z, y, x) arrays; `key` names the sampling block asking."""
+        raise NotImplementedError
+
+    def _window_np(self, scan, z, key):
+        scan, z = int(scan), int(z)
+        hu, target = self.volumes(scan, int(key))
+        zs = labels_lib.window_indices(hu.shape[0], np.asarray([z]), int(self.offsets[scan]))[0]
+        return hu[zs], target[z]
+
+    def window(self, k, key=0):
+        """(hu (3, h, w) int16, target (h, w) uint8, scan index, z) of global slice k.
+
+        The neighbours are `neighbour_offset` slices away (`labels.window_indices`, the function
+        inference uses), edges repeated.
+        """
         tf = _tf()
-        scan = self.slice_scan[k]
-        z = self.slice_z[k]
-        shape = self.shapes[scan]
-        nz, h, w = shape[0], shape[1], shape[2]
-        hw = h * w
-        start = self.starts[scan]
-        zs = tf.clip_by_value(tf.stack([z - 1, z, z + 1]), 0, nz - 1)
-        hu = tf.stack([tf.slice(self.hu, [start + zz * hw], [hw]) for zz in tf.unstack(zs)])
-        target = tf.slice(self.target, [start + z * hw], [hw])
-        return tf.reshape(hu, [3, h, w]), tf.reshape(target, [h, w]), scan, z
+        scan = tf.gather(self.slice_scan, k)
+        z = tf.gather(self.slice_z, k)
+        hu, target = tf.numpy_function(self._window_np, [scan, z, tf.cast(key, tf.int64)],
+                                       [tf.int16, tf.uint8], stateful=False)
+        shape = tf.gather(self.shapes_t, scan)
+        hu = tf.reshape(hu, [3, shape[1], shape[2]])
+        target = tf.reshape(target, [shape[1], shape[2]])
+        return hu, target, scan, z
+
+
+class _MemoryStore(_Source):
+    """Every scan of the host decoded once into one preallocated int16 and one uint8 buffer.
+
+    The buffers are sized from the stored shapes before any volume is decoded and filled one scan
+    at a time, so loading needs the decoded bytes plus one scan in flight, never twice the shard.
+    """
+
+    def __init__(self, scans, records, record_index, task, *, progress: bool = False):
+        super().__init__(scans, records, record_index, task)
+        voxels = self.shapes.prod(axis=1)
+        self.starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
+        self.hu = np.empty(int(voxels.sum()), np.int16)
+        self.target = np.empty(int(voxels.sum()), np.uint8)
+        for scan in range(len(scans)):
+            hu, target = self._decode(scan)
+            start, count = int(self.starts[scan]), int(voxels[scan])
+            self.hu[start:start + count] = hu.reshape(-1)
+            self.target[start:start + count] = target.reshape(-1)
+            del hu, target
+
+    @classmethod
+    def from_arrays(cls, scans: list[ScanInfo], hu_list, target_list, task: str = "calcium"):
+        """A store of in-memory volumes (tests and tools); no records behind it."""
+        store = cls.__new__(cls)
+        _Source.__init__(store, scans, None, range(len(scans)), task)
+        voxels = store.shapes.prod(axis=1)
+        store.starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
+        store.hu = np.concatenate([np.asarray(h, np.int16).reshape(-1) for h in hu_list])
+        store.target = np.concatenate([np.asarray(t, np.uint8).reshape(-1) for t in target_list])
+        return store
+
+    def volumes(self, scan, key):
+        del key
+        start = int(self.starts[scan])
+        count = int(self.shapes[scan].prod())
+        shape = tuple(self.shapes[scan])
+        return (self.hu[start:start + count].reshape(shape),
+                self.target[start:start + count].reshape(shape))
+
+
+class _StreamStore(_Source):
+    """Scans read from the records when the sampling plan reaches them: bounded memory.
+
+    The plan names, for every sample, its block key (training: the epoch's block of
+    `shuffle_block_scans` scans; evaluation: the scan). When a key is first asked for, the scans of
+    the next key are decoded in the background; a least-recently-used cache holds about two
+    blocks of scans. The batches do not depend on the cache (a scan it dropped is read again), so
+    they are identical to memory mode's.
+    """
+
+    def __init__(self, scans, records, record_index, task, *, block_scans: int,
+                 block_of: Callable[[int], Sequence[int]]):
+        super().__init__(scans, records, record_index, task)
+        import concurrent.futures
+
+        self.block_of = block_of
+        self.capacity = 2 * max(1, block_scans) + 2
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._seen_keys: set[int] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                          thread_name_prefix="scan-stream")
+        # The reader thread ends with the store (an iterator dropped mid-stream leaves none).
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        self.reads = 0  # scans decoded so far (a dropped scan read again counts again)
+
+    def _load(self, scan):
+        self.reads += 1
+        return self._decode(scan)
+
+    def _future(self, scan: int):
+        future = self._cache.get(scan)
+        if future is None:
+            future = self._pool.submit(self._load, scan)
+            self._cache[scan] = future
+        self._cache.move_to_end(scan)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return future
+
+    def volumes(self, scan, key):
+        with self._lock:
+            future = self._future(scan)
+            if key not in self._seen_keys:
+                self._seen_keys.add(key)
+                for upcoming in self.block_of(key + 1):
+                    if upcoming not in self._cache:
+                        self._future(int(upcoming))
+                    # Keep the asking scan most recent: the prefetch must not evict it.
+                self._cache.move_to_end(scan)
+        return future.result()
 
 
 def _plain(fn):
@@ -318,9 +528,10 @@ def _augment_key(tf, seed: int, purpose: int, process_index: int, index):
         _key(tf, seed, purpose, process_index), tf.cast(index, tf.int64))
 
 
-def _train_sample(tf, store: _ScanStore, data, seed: int, index, k, process_index: int = 0):
+def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: int = 0,
+                  key=0):
     """Augmented training sample of global slice k; randomness keyed by (host, sample index)."""
-    hu, target, scan, z = store.window(k)
+    hu, target, scan, z = store.window(k, key)
     image = _window_hu(tf, hu)
     h = tf.cast(tf.shape(hu)[1], tf.float32)
     w = tf.cast(tf.shape(hu)[2], tf.float32)
@@ -359,11 +570,11 @@ def _train_sample(tf, store: _ScanStore, data, seed: int, index, k, process_inde
             "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32)}
 
 
-def _eval_sample(tf, store: _ScanStore, size: int, num_real: int, i):
+def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
     """Slice i of the host's scans in order, at the top-left of the frame; padding marked."""
     valid = i < num_real
     k = tf.minimum(i, num_real - 1)
-    hu, target, scan, z = store.window(k)
+    hu, target, scan, z = store.window(k, tf.gather(store.slice_scan, k))
     h, w = tf.shape(target)[0], tf.shape(target)[1]
     pad = [[0, size - h], [0, size - w]]  # top-left placement: no resampling
     image = tf.pad(_window_hu(tf, hu), [[0, 0], *pad])[..., None]
@@ -383,29 +594,75 @@ def _padding_sample(tf, size: int):
             "scan_id": tf.constant("")}
 
 
-def _epoch_plan(tf, flags: np.ndarray, positive_fraction: float, negative_fraction: float,
-                seed: int):
-    """Returns (samples per epoch, fn(epoch) -> int64 tensor of global slice indices)."""
-    positives = np.flatnonzero(flags).astype(np.int64)
-    negatives = np.flatnonzero(~flags).astype(np.int64)
-    n_pos = int(round(positive_fraction * len(positives)))
-    n_neg = int(round(negative_fraction * len(negatives)))
-    pos_t, neg_t = tf.constant(positives), tf.constant(negatives)
+class _EpochPlan:
+    """Training samples of each epoch, in order, from stateless per-(seed, epoch) random numbers.
 
-    def pick(pool, count, purpose, epoch):
-        if count == 0:
-            return tf.zeros([0], tf.int64)
-        keys = tf.random.stateless_uniform(tf.shape(pool), seed=_key(tf, seed, purpose, epoch))
-        return tf.gather(pool, tf.math.top_k(keys, k=count, sorted=True).indices)
+    Every positive slice times `positive_fraction` plus `negative_fraction` of the others, drawn
+    anew each epoch (paper's majority-class subset sampling) over the host's whole shard. Order:
+    the epoch's random permutation of the scans, cut into blocks of `block_scans` scans; the
+    samples of one block are shuffled together and the blocks follow each other. The same plan
+    drives memory and streaming mode (streaming holds about two blocks of scans), so both give
+    the same batches. The epoch size is fixed, so step s starts at sample s * host_batch of the
+    same stream: resume is exact with only the step recorded.
+    """
 
-    def plan(epoch):
-        chosen = tf.concat([pick(pos_t, n_pos, _PURPOSE_POSITIVE, epoch),
-                            pick(neg_t, n_neg, _PURPOSE_NEGATIVE, epoch)], axis=0)
-        keys = tf.random.stateless_uniform(tf.shape(chosen),
-                                           seed=_key(tf, seed, _PURPOSE_ORDER, epoch))
-        return tf.gather(chosen, tf.argsort(keys, stable=True))
+    def __init__(self, flags: np.ndarray, slice_scan: np.ndarray, num_scans: int,
+                 positive_fraction: float, negative_fraction: float, seed: int,
+                 block_scans: int):
+        self.positives = np.flatnonzero(flags).astype(np.int64)
+        self.negatives = np.flatnonzero(~flags).astype(np.int64)
+        self.n_pos = int(round(positive_fraction * len(self.positives)))
+        self.n_neg = int(round(negative_fraction * len(self.negatives)))
+        self.slice_scan = np.asarray(slice_scan, np.int64)
+        self.num_scans = int(num_scans)
+        self.seed = int(seed) & 0x7FFFFFFF
+        self.block_scans = int(block_scans) if block_scans > 0 else max(1, self.num_scans)
+        self.num_blocks = max(1, math.ceil(self.num_scans / self.block_scans))
+        self._lock = threading.Lock()
+        self._plans: collections.OrderedDict = collections.OrderedDict()
 
-    return n_pos + n_neg, plan
+    @property
+    def samples(self) -> int:
+        return self.n_pos + self.n_neg
+
+    def _rng(self, purpose: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, purpose, int(epoch)])
+
+    def _compute(self, epoch: int):
+        pos = self.positives[self._rng(_PURPOSE_POSITIVE, epoch).permutation(
+            len(self.positives))[:self.n_pos]]
+        neg = self.negatives[self._rng(_PURPOSE_NEGATIVE, epoch).permutation(
+            len(self.negatives))[:self.n_neg]]
+        chosen = np.concatenate([pos, neg])
+        rng = self._rng(_PURPOSE_ORDER, epoch)
+        scan_order = rng.permutation(self.num_scans)
+        rank = np.empty(self.num_scans, np.int64)
+        rank[scan_order] = np.arange(self.num_scans)
+        block = rank[self.slice_scan[chosen]] // self.block_scans
+        order = np.lexsort((rng.random(len(chosen)), block))
+        keys = int(epoch) * self.num_blocks + block[order]
+        return chosen[order], keys, scan_order
+
+    def _get(self, epoch: int):
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                plan = self._compute(epoch)
+                self._plans[epoch] = plan
+                while len(self._plans) > 3:
+                    self._plans.popitem(last=False)
+            return plan
+
+    def plan(self, epoch) -> tuple[np.ndarray, np.ndarray]:
+        """(global slice indices, block keys) of the epoch's samples, in order."""
+        chosen, keys, _ = self._get(int(epoch))
+        return chosen, keys
+
+    def block_of(self, key: int) -> np.ndarray:
+        """The scans of block `key` (= epoch * num_blocks + block)."""
+        epoch, block = divmod(int(key), self.num_blocks)
+        scan_order = self._get(epoch)[2]
+        return scan_order[block * self.block_scans:(block + 1) * self.block_scans]
 
 
 def _options(tf, data):
@@ -445,6 +702,29 @@ def _host_slice_counts(builder, split: str, task: str, process_count: int) -> li
     return counts
 
 
+CACHE_MODES = ("memory", "stream", "auto")
+
+
+def _cache_mode(data, scans: list[ScanInfo]) -> str:
+    """`config.data.cache`: memory | stream | auto (memory when the host's decoded scans fit in
+    `memory_budget_gb`, default half the RAM available now)."""
+    mode = str(data.get("cache", "memory"))
+    if mode not in CACHE_MODES:
+        raise InputError(None, f"config.data.cache must be one of {', '.join(CACHE_MODES)}, "
+                               f"got {mode!r}")
+    if mode != "auto":
+        return mode
+    decoded = sum(int(np.prod(s.shape_zyx)) for s in scans) * 3
+    budget_gb = float(data.get("memory_budget_gb", 0) or 0)
+    if budget_gb > 0:
+        budget = budget_gb * 2**30
+    else:
+        import psutil
+
+        budget = psutil.virtual_memory().available / 2
+    return "memory" if decoded <= budget else "stream"
+
+
 def make_dataset(config, split: str, *, process_index: int = 0, process_count: int = 1,
                  local_devices: int = 1, train: bool | None = None,
                  start_step: int = 0) -> InputIterator:
@@ -460,27 +740,48 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
     builder = _builder(data)
     host_split = _host_split(builder, split, process_index, process_count)
     options = _options(tf, data)
-    scans, hu_parts, target_parts, flags = _load_scans(builder, host_split, data.task, options)
+    neighbour_mm = float(data.get("neighbour_mm", labels_lib.DEFAULT_NEIGHBOUR_MM))
+    records = _Records(builder, host_split)
+    scans, record_index, flags = _read_meta(records, data.task, neighbour_mm)
     if train and not scans:
         raise InputError(dataset_path(data), f"no scans with {data.task} targets in the {split!r} "
                                              f"split of process {process_index}/{process_count}")
-    store = _ScanStore(scans, hu_parts, target_parts)
-    del hu_parts, target_parts
+    mode = _cache_mode(data, scans)
+    slice_scan = np.repeat(np.arange(len(scans)), [s.shape_zyx[0] for s in scans]).astype(np.int64)
+    block_scans = int(data.get("shuffle_block_scans", 0) or 0)
+    plan = None
+    if train:
+        plan = _EpochPlan(np.concatenate(flags) if flags else np.zeros(0, bool), slice_scan,
+                          len(scans), float(data.positive_fraction),
+                          float(data.negative_fraction), seed, block_scans)
+    if mode == "memory":
+        store = _MemoryStore(scans, records, record_index, data.task)
+    elif train:
+        store = _StreamStore(scans, records, record_index, data.task,
+                             block_scans=plan.block_scans, block_of=plan.block_of)
+    else:  # evaluation walks the scans in order: block key = scan index
+        store = _StreamStore(scans, records, record_index, data.task, block_scans=1,
+                             block_of=lambda key: [key] if 0 <= key < len(scans) else [])
     if train:
         per_device = int(data.per_device_batch)
         host_batch = local_devices * per_device
-        samples, plan = _epoch_plan(tf, np.concatenate(flags), float(data.positive_fraction),
-                                    float(data.negative_fraction), seed)
+        samples = plan.samples
         if samples == 0:
             raise InputError(dataset_path(data), "sampling keeps no slices (check the fractions)")
         first_sample = int(start_step) * host_batch
         first_epoch, skip = divmod(first_sample, samples)
-        indices = tf.data.Dataset.range(first_epoch, INFINITE).flat_map(
-            _plain(lambda epoch: tf.data.Dataset.from_tensor_slices(plan(epoch))))
+
+        def epoch_samples(epoch):
+            k, key = tf.numpy_function(plan.plan, [epoch], [tf.int64, tf.int64], stateful=False)
+            k.set_shape([None])
+            key.set_shape([None])
+            return tf.data.Dataset.from_tensor_slices((k, key))
+
+        indices = tf.data.Dataset.range(first_epoch, INFINITE).flat_map(_plain(epoch_samples))
         ds = tf.data.Dataset.zip(tf.data.Dataset.range(first_sample, INFINITE),
                                  indices.skip(skip))
-        ds = ds.map(_plain(lambda index, k: _train_sample(tf, store, data, seed, index, k,
-                                                          process_index)),
+        ds = ds.map(_plain(lambda index, kk: _train_sample(tf, store, data, seed, index, kk[0],
+                                                           process_index, kk[1])),
                     num_parallel_calls=tf.data.AUTOTUNE)
         steps = None
     else:
@@ -504,4 +805,5 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
             ds = ds.map(_plain(lambda i: _padding_sample(tf, size)))
     ds = _shape_batches(tf, ds, local_devices, per_device, int(data.prefetch_batches))
     return InputIterator(dataset=ds.with_options(options), scans=scans, split=split, train=train,
-                         host_batch=host_batch, samples_per_epoch=samples, steps=steps)
+                         host_batch=host_batch, samples_per_epoch=samples, steps=steps,
+                         cache=mode, neighbour_mm=neighbour_mm, store=store)

@@ -17,18 +17,22 @@ import math
 
 import numpy as np
 
-# Agatston 1990: calcium is 130 HU and above.
-CALCIUM_HU = 130.0
+from data_pipeline.constants import (
+    CALCIUM_THRESHOLD_HU,
+    CORONARY_LABELS,
+    DEFAULT_NEIGHBOUR_MM,
+    FIRST_NON_CORONARY_LABEL,
+)
+
+# Agatston 1990: calcium is 130 HU and above (one source: data_pipeline.constants).
+CALCIUM_HU = CALCIUM_THRESHOLD_HU
 # Paper, "Preprocessing": min-max thresholding between -800 HU and 1200 HU.
 HU_WINDOW = (-800.0, 1200.0)
 NUM_CALCIUM_CLASSES = 3  # background, coronary calcium, non-coronary calcium
 NUM_HEART_CLASSES = 2
-CORONARY_LABELS = (1, 2, 3, 4)  # Agatston contract: 1 LAD, 2 LCX, 3 RCA, 4 undetermined
 WINDOW = 3  # adjacent slices per sample (the centre and its two neighbours)
-# Distance between a centre slice and each neighbour the models see, in mm: one gated CAC slice
-# spacing (3 mm, the reconstruction Agatston scoring is defined on). Issue 10: "adjacent" is a
-# physical distance, so a 0.625 mm series gives neighbours 5 slices away, not 0.6 mm away.
-DEFAULT_NEIGHBOUR_MM = 3.0
+# DEFAULT_NEIGHBOUR_MM (3 mm, from data_pipeline.constants): the distance between a centre slice
+# and each neighbour the models see; `neighbour_offset` turns it into slices.
 
 
 def calcium_classes(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
@@ -41,8 +45,8 @@ def calcium_classes(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
     hu = np.asarray(hu)
     if labels.shape != hu.shape:
         raise ValueError(f"labels shape {labels.shape} differs from HU shape {hu.shape}")
-    coronary = (labels >= 1) & (labels <= 4)
-    non_coronary = (labels >= 5) | (~coronary & (hu >= CALCIUM_HU))
+    coronary = np.isin(labels, CORONARY_LABELS)
+    non_coronary = (labels >= FIRST_NON_CORONARY_LABEL) | (~coronary & (hu >= CALCIUM_HU))
     classes = np.zeros(labels.shape, np.uint8)
     classes[non_coronary] = 2
     classes[coronary] = 1
@@ -115,11 +119,14 @@ def model_inputs(hu: np.ndarray, centres: np.ndarray | None = None,
     return window_hu(slice_windows(hu, centres, offset))[..., None]
 
 
-def calcium_slices(labels: np.ndarray) -> np.ndarray:
-    """Per axial slice, whether the annotation marks any calcium (label > 0): bool (z,).
+def annotated_calcium_slices(labels: np.ndarray) -> np.ndarray:
+    """Per axial slice, whether the annotation marks any calcium, coronary or not (label > 0).
 
-    The sampler keeps every such slice each epoch (paper's majority-class subset sampling); bone
-    at HU >= 130 alone does not make a slice positive, else nearly every slice would be.
+    These are the calcium task's positive slices: the sampler keeps every one each epoch (paper's
+    majority-class subset sampling) and draws a fraction of the rest. Slices whose only annotation
+    is non-coronary (aorta, valves) count on purpose: telling that calcium from coronary calcium
+    is the model's job, and both classes are rare. Unannotated bone at HU >= 130 does not make a
+    slice positive, else nearly every slice would be. bool (z,).
     """
     labels = np.asarray(labels)
     return (labels.reshape(labels.shape[0], -1) > 0).any(axis=1)

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cac_jax.scoring import cac_category
+from data_pipeline.agatston import cac_category
 from data_pipeline.atomic import atomic_write_text
+from data_pipeline.constants import NUM_CATEGORIES
 from data_pipeline.errors import ManifestError
 from data_pipeline.manifest import SPLITS, ManifestRow
 
-NUM_CATEGORIES = 4
 EVAL_FRACTION = 0.1  # paper: 80:10:10
 # From this many patients to assign on, validation and test get at least one patient each.
 MIN_PATIENTS_FOR_EVAL = 3

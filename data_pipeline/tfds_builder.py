@@ -3,13 +3,18 @@
 One dataset stores both label kinds, so one build serves the calcium and the heart task (the input
 pipeline picks the targets): per scan, HU as int16, the 3 training calcium classes (uint8, mapped by
 `data_pipeline.labels.calcium_classes` at build time), the heart mask (uint8 {0, 1}), per-slice
-"has calcium" / "has heart" flags for the sampler, spacing, protocol, ids, site, and the reference
+"annotated calcium" / "has heart" flags for the sampler, spacing, protocol, ids, site, and the reference
 Agatston score and category. Scans are stored whole (not as 3-slice windows, which would triple the
 storage); the pipeline cuts windows. A scan without calcium labels or heart mask stores an empty
 (0, 0, 0) array and `has_calcium_labels` / `has_heart_mask` = False.
 
 Volumes are zlib-compressed records (`tfds.features.Tensor(..., encoding="zlib")`): CT compresses
 well and decoding happens once per scan when the pipeline loads it.
+
+Per scan the metadata also stores `shape_zyx` (so the input pipeline sizes its buffers before
+decoding) and the slice flags are `annotated_calcium_slice` (any calcium label, coronary or not:
+the calcium task's positive slices). The dataset's `metadata.json` records the neighbour distance
+(`neighbour_mm`, 3 mm by default) and how many scans of each protocol get which slice offset.
 
 Build: `cac-jax ingest --manifest M.csv --data-dir D [--name N] [--seed S] [--skip-bad]`, or
 `CacCtBuilder(data_dir=D, manifest_path=M, split_seed=S).download_and_prepare()`. The result lives in
@@ -24,7 +29,11 @@ half-made dataset folder behind (and never removes an existing one with `overwri
 With `skip_bad`, every row's files are read once before the splits are assigned and the rows that
 fail are skipped then, so the assignment (and the validation/test balance) covers exactly the scans
 that go into the dataset, and no split is planned on rows that all fail (TFDS cannot write a split
-without examples). This costs one extra read of each scan, only with `skip_bad`. A row that still
+without examples). The splits need each scan's CAC category before any record is written: a row
+without `agatston`/`category` in the manifest is read and scored then (as is every row with
+`skip_bad`), and its record reuses that score, so each scan is scored once; its files are read a
+second time to write the record (holding every decoded scan until then would need the whole
+cohort in RAM). A row that still
 fails when its example is written (its files changed in between) is skipped there; the audit files
 always describe the dataset as built: skipped scans are left out of splits.json/splits.csv (a
 patient left with no scan disappears from them) and listed under "skipped" in splits.json (and in
@@ -45,15 +54,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cac_jax.scoring import cac_category
 from data_pipeline import labels as labels_lib
 from data_pipeline import splits as splits_lib
+from data_pipeline.agatston import agatston_score, cac_category
 from data_pipeline.atomic import atomic_write_text
+from data_pipeline.config import DATASET_VERSION
 from data_pipeline.errors import InputError, ManifestError
 from data_pipeline.manifest import SPLITS, ManifestRow, parse_manifest
 
 DEFAULT_NAME = "cac_ct"
-DATASET_VERSION = "1.0.0"
 _INT16 = np.iinfo(np.int16)
 
 
@@ -71,11 +80,15 @@ def features() -> tfds.features.FeaturesDict:
         "hu": _volume(np.int16),  # (z, y, x) Hounsfield units, rounded
         "calcium_class": _volume(np.uint8),  # (z, y, x) 0 background, 1 coronary, 2 non-coronary
         "heart_mask": _volume(np.uint8),  # (z, y, x) {0, 1}
-        "calcium_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),  # annotated calcium
+        # Slices with any annotated calcium (label > 0: coronary or non-coronary): the sampler's
+        # positive slices for the calcium task (both calcium classes are rare; see labels.py).
+        "annotated_calcium_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
         "heart_slice": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
         "has_calcium_labels": tfds.features.Tensor(shape=(), dtype=np.bool_),
         "has_heart_mask": tfds.features.Tensor(shape=(), dtype=np.bool_),
         "num_slices": tfds.features.Tensor(shape=(), dtype=np.int32),
+        # (z, y, x) of `hu`: lets the input pipeline size its buffers before decoding any volume.
+        "shape_zyx": tfds.features.Tensor(shape=(3,), dtype=np.int32),
         "spacing_zyx_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
         "agatston": tfds.features.Tensor(shape=(), dtype=np.float32),  # NaN when unknown
         "category": tfds.features.Tensor(shape=(), dtype=np.int32),  # -1 when unknown
@@ -106,28 +119,38 @@ def _read_files(row: ManifestRow, manifest_path: os.PathLike | str = ""):
     return volume, calcium, heart
 
 
+def score_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> float | None:
+    """Reads a row's files (`ManifestError` naming the row when they fail) and returns the Agatston
+    score of its reference labels, or None when the manifest gives the score or category or the
+    row has no calcium labels (then nothing needs scoring)."""
+    volume, calcium, _ = _read_files(row, manifest_path)
+    if row.category is not None or row.agatston is not None or calcium is None:
+        return None
+    return agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston
+
+
 def check_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> int | None:
     """Reads a row's files (`ManifestError` naming the row when they fail) and returns its CAC
     category (manifest `category`/`agatston`, else scored from its labels; None if unknown)."""
-    volume, calcium, _ = _read_files(row, manifest_path)
-    if row.category is not None or row.agatston is not None or calcium is None:
-        return splits_lib.scan_category(row)
-    from cac_jax.scoring import agatston_score
-
-    return cac_category(agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
+    score = score_row(row, manifest_path)
+    return splits_lib.scan_category(row) if score is None else cac_category(score)
 
 
-def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
-    """Reads one manifest row into the stored example (numpy); errors name the row."""
+def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "", *,
+             scored_agatston: float | None = None) -> dict:
+    """Reads one manifest row into the stored example (numpy); errors name the row.
+
+    `scored_agatston`: the score of the row's labels when the caller already computed it (the
+    builder scores each scan once, while assigning the splits); else it is scored here when the
+    manifest gives none.
+    """
     volume, calcium, heart = _read_files(row, manifest_path)
     hu = volume.hu
     empty = np.zeros((0, 0, 0), np.uint8)
     num_slices = hu.shape[0]
-    agatston = row.agatston
+    agatston = row.agatston if scored_agatston is None else scored_agatston
     category = row.category
     if calcium is not None and agatston is None:
-        from cac_jax.scoring import agatston_score
-
         agatston = agatston_score(hu, calcium, volume.spacing_zyx_mm).agatston
     if category is None and agatston is not None:
         category = cac_category(agatston)
@@ -139,13 +162,14 @@ def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> dict:
         "hu": np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16),
         "calcium_class": empty if calcium is None else labels_lib.calcium_classes(calcium, hu),
         "heart_mask": empty if heart is None else labels_lib.heart_classes(heart),
-        "calcium_slice": (np.zeros(num_slices, bool) if calcium is None
-                          else labels_lib.calcium_slices(calcium)),
+        "annotated_calcium_slice": (np.zeros(num_slices, bool) if calcium is None
+                                    else labels_lib.annotated_calcium_slices(calcium)),
         "heart_slice": (np.zeros(num_slices, bool) if heart is None
                         else labels_lib.heart_slices(heart)),
         "has_calcium_labels": calcium is not None,
         "has_heart_mask": heart is not None,
         "num_slices": np.int32(num_slices),
+        "shape_zyx": np.asarray(hu.shape, np.int32),
         "spacing_zyx_mm": np.asarray(volume.spacing_zyx_mm, np.float32),
         "agatston": np.float32(math.nan if agatston is None else agatston),
         "category": np.int32(-1 if category is None else category),
@@ -170,34 +194,28 @@ def _print_warning(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def _category_from_labels(row: ManifestRow) -> int | None:
-    """A scan's category scored from its reference labels (rows without agatston/category)."""
-    if row.calcium_labels is None:
-        return None
-    from cac_jax.scoring import agatston_score
-    from data_pipeline import io as io_lib
-
-    volume = io_lib.read_study(row.image)
-    calcium = io_lib.read_labels(row.calcium_labels, like=volume)
-    return cac_category(
-        agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston)
-
-
 class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Whole CT scans with calcium classes and heart masks, from a local manifest."""
 
     name = DEFAULT_NAME
     VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: "Whole scans; calcium classes and heart mask in one dataset."}
+    RELEASE_NOTES = {
+        "1.0.0": "Whole scans; calcium classes and heart mask in one dataset.",
+        "1.1.0": "annotated_calcium_slice (was calcium_slice), shape_zyx; neighbour distance and "
+                 "the resulting slice offsets in the metadata.",
+    }
 
     def __init__(self, *, manifest_path: str | os.PathLike | None = None, split_seed: int = 0,
                  skip_bad: bool = False, progress: bool = True,
                  on_skip: Callable[[str], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
                  parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
+                 neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM,
                  **kwargs):
         """`parsed_manifest`: the result of `load_manifest` when the caller already checked it;
-        `on_warning` gets warnings such as an empty split (default: printed to stderr)."""
+        `on_warning` gets warnings such as an empty split (default: printed to stderr);
+        `neighbour_mm`: the neighbour distance recorded in the metadata with the slice offsets it
+        gives these scans (training uses `config.data.neighbour_mm`; see README)."""
         # Set before the base __init__, which may call _info().
         self.manifest_path = None if manifest_path is None else Path(manifest_path)
         self.split_seed = int(split_seed)
@@ -206,8 +224,13 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.on_skip = on_skip
         self.on_warning = _print_warning if on_warning is None else on_warning
         self.parsed_manifest = parsed_manifest
+        self.neighbour_mm = float(neighbour_mm)
+        labels_lib.neighbour_offset(3.0, self.neighbour_mm)  # rejects a bad distance up front
+        self.neighbour_offsets: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
         self.assignment: list[splits_lib.PatientSplit] = []
+        # Agatston of each scan scored from its labels while assigning splits (None: not scored).
+        self.scores: dict[str, float | None] = {}
         self._built_now = False
         super().__init__(**kwargs)
 
@@ -248,16 +271,15 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._skip(str(err.problem).split(":")[0], str(err))
 
         if self.skip_bad:
-            rows, categories = self._readable_rows(rows)
+            rows = self._readable_rows(rows)
 
-            def category_of(row: ManifestRow) -> int | None:
-                return categories[row.scan_id]
-        else:
-            def category_of(row: ManifestRow) -> int | None:
-                try:
-                    return _category_from_labels(row)
-                except InputError as err:
-                    raise row_error(row, self.manifest_path, err) from err
+        def category_of(row: ManifestRow) -> int | None:
+            # Called only for rows the manifest gives no score or category; each is read and
+            # scored once here (or in _readable_rows) and the score is reused for its record.
+            if row.scan_id not in self.scores:
+                self.scores[row.scan_id] = score_row(row, self.manifest_path)
+            score = self.scores[row.scan_id]
+            return None if score is None else cac_category(score)
 
         self.assignment = splits_lib.assign_splits(rows, seed=self.split_seed,
                                                    category_of=category_of)
@@ -271,13 +293,13 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return generators
 
     def _readable_rows(self, rows: list[ManifestRow]):
-        """(rows whose files read, {scan_id: category}); the others are skipped (skip_bad)."""
+        """The rows whose files read (scored into `self.scores`); the others are skipped."""
         from tqdm import tqdm
 
-        good, categories = [], {}
+        good = []
         for row in tqdm(rows, desc="check", unit="scan", disable=not self.progress):
             try:
-                categories[row.scan_id] = check_row(row, self.manifest_path)
+                self.scores[row.scan_id] = score_row(row, self.manifest_path)
             except ManifestError as err:
                 self._skip(row.where, str(err), scan_id=row.scan_id)
                 continue
@@ -285,20 +307,32 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not good:
             raise ManifestError(self.manifest_path, "no row of the manifest could be read "
                                                     f"({len(self.skipped)} skipped)")
-        return good, categories
+        return good
 
     def _generate_examples(self, split: str, rows: list[ManifestRow]) -> Iterator[tuple[str, dict]]:
         from tqdm import tqdm
 
         for row in tqdm(rows, desc=f"ingest {split}", unit="scan", disable=not self.progress):
             try:
-                example = read_row(row, self.manifest_path)
+                example = read_row(row, self.manifest_path,
+                                   scored_agatston=self.scores.get(row.scan_id))
             except ManifestError as err:
                 if not self.skip_bad:
                     raise
                 self._skip(row.where, str(err), scan_id=row.scan_id)
                 continue
+            self._record_neighbours(row.protocol, float(example["spacing_zyx_mm"][0]))
             yield row.scan_id, example
+
+    def _record_neighbours(self, protocol: str, spacing_z_mm: float) -> None:
+        """Counts scans per (protocol, slice offset) for the metadata: what `neighbour_mm` means
+        on this dataset (e.g. CTAC at 5 mm keeps offset 1, a 0.625 mm series gets 5)."""
+        offset = str(labels_lib.neighbour_offset(spacing_z_mm, self.neighbour_mm))
+        counts = self.neighbour_offsets.setdefault(protocol, {})
+        counts[offset] = counts.get(offset, 0) + 1
+        # Saved with the dataset (metadata.json) when TFDS writes its info after generation.
+        self.info.metadata["neighbour_mm"] = self.neighbour_mm
+        self.info.metadata["neighbour_offsets"] = self.neighbour_offsets
 
     def download_and_prepare(self, *args, **kwargs):
         """Builds the dataset (if absent), then writes the audit files next to it and warns
@@ -364,19 +398,21 @@ def make_builder(data_dir: str | os.PathLike, *, manifest_path: str | os.PathLik
                  progress: bool = True, on_skip: Callable[[str], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
                  parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
-                 ) -> CacCtBuilder:
+                 neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM) -> CacCtBuilder:
     """A builder instance writing to DATA_DIR/NAME/VERSION (`name` gives the dataset its name)."""
     cls = _builder_class(name)
     return cls(data_dir=os.fspath(Path(data_dir).expanduser()), manifest_path=manifest_path,
                split_seed=split_seed, skip_bad=skip_bad, progress=progress, on_skip=on_skip,
-               on_warning=on_warning, parsed_manifest=parsed_manifest)
+               on_warning=on_warning, parsed_manifest=parsed_manifest,
+               neighbour_mm=neighbour_mm)
 
 
 def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike, *,
                   name: str = DEFAULT_NAME, split_seed: int = 0, skip_bad: bool = False,
                   overwrite: bool = False, progress: bool = True,
                   on_skip: Callable[[str], None] | None = None,
-                  on_warning: Callable[[str], None] | None = None) -> CacCtBuilder:
+                  on_warning: Callable[[str], None] | None = None,
+                  neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM) -> CacCtBuilder:
     """Builds the dataset from a manifest into DATA_DIR/NAME/VERSION; returns the builder.
 
     The data directory and the manifest are checked before anything is created or removed.
@@ -389,7 +425,8 @@ def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike,
     try:
         builder = make_builder(data_dir, manifest_path=manifest_path, name=name,
                                split_seed=split_seed, skip_bad=skip_bad, progress=progress,
-                               on_skip=on_skip, on_warning=on_warning, parsed_manifest=parsed)
+                               on_skip=on_skip, on_warning=on_warning, parsed_manifest=parsed,
+                               neighbour_mm=neighbour_mm)
         # One progress bar (ours, per scan) instead of TFDS's several per split.
         tfds.disable_progress_bar()
         builder.download_and_prepare(

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_tfds_builder import write_tiny_cohort  # noqa: E402
 
 from data_pipeline import labels as labels_lib  # noqa: E402
-from data_pipeline.config import data_config  # noqa: E402
+from data_pipeline.config import DATASET_VERSION, data_config  # noqa: E402
+from data_pipeline.errors import InputError  # noqa: E402
 from data_pipeline.input_pipeline import make_dataset  # noqa: E402
 
 DEVICES = 2
@@ -28,9 +29,10 @@ def dataset(tmp_path_factory):
     from data_pipeline.tfds_builder import build_dataset
 
     root = tmp_path_factory.mktemp("pipeline")
-    manifest = write_tiny_cohort(root, patients=10, split_column=True)
+    # ctac slices 1.5 mm apart: neighbours 2 slices away at the default 3 mm.
+    manifest = write_tiny_cohort(root, patients=10, split_column=True, ctac_spacing_z=1.5)
     build_dataset(manifest, root / "tfds", name="tiny", progress=False)
-    loaded = tfds.builder_from_directory(str(root / "tfds" / "tiny" / "1.0.0"))
+    loaded = tfds.builder_from_directory(str(root / "tfds" / "tiny" / DATASET_VERSION))
     scans = {}
     for split in loaded.info.splits:
         for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
@@ -74,8 +76,9 @@ def test_train_centre_label_matches_scan(dataset):
     # No augmentation, frame = the 64 px scans' own size: the sample is the slice itself.
     it = make_dataset(_config(data_dir, augment=False, negative_fraction=1.0), "train",
                       local_devices=DEVICES)
-    checked = 0
-    for batch in _take(it, 8):
+    checked = collections.Counter()
+    assert {s.protocol: s.neighbour_offset for s in it.scans} == {"cac": 1, "ctac": 2}
+    for batch in _take(it, 16):
         for d in range(DEVICES):
             for b in range(2):
                 info = it.scans[batch["scan_index"][d, b]]
@@ -84,15 +87,18 @@ def test_train_centre_label_matches_scan(dataset):
                 if ex["hu"].shape[1] != 64:
                     continue
                 np.testing.assert_array_equal(batch["label"][d, b], ex["calcium_class"][z])
-                window = labels_lib.window_hu(labels_lib.slice_windows(ex["hu"], [z])[0])
+                # The neighbours at the scan's own offset, as inference cuts them.
+                window = labels_lib.model_inputs(ex["hu"], [z], info.neighbour_offset)[0, ..., 0]
                 np.testing.assert_allclose(batch["image"][d, b, ..., 0], window, atol=1e-6)
-                checked += 1
-    assert checked > 0
+                checked[info.neighbour_offset] += 1
+    assert checked[1] > 0 and checked[2] > 0
 
 
 def test_eval_order_windows_edges_and_padding(dataset):
     data_dir, scans = dataset
-    it = make_dataset(_config(data_dir), "validation", local_devices=DEVICES)
+    # neighbour_mm 6: the 3 mm validation scans get neighbours 2 slices away.
+    it = make_dataset(_config(data_dir, neighbour_mm=6.0), "validation", local_devices=DEVICES)
+    assert it.neighbour_mm == 6.0 and {s.neighbour_offset for s in it.scans} == {2}
     seen = []
     batches = list(it)
     assert len(batches) == it.steps
@@ -109,7 +115,9 @@ def test_eval_order_windows_edges_and_padding(dataset):
             ex = scans[scan_id]
             nz, h, w = ex["hu"].shape
             image = flat["image"][i, ..., 0]
-            expected = labels_lib.window_hu(ex["hu"][[max(z - 1, 0), z, min(z + 1, nz - 1)]])
+            expected = labels_lib.window_hu(ex["hu"][[max(z - 2, 0), z, min(z + 2, nz - 1)]])
+            np.testing.assert_array_equal(  # the one TF-free function inference uses
+                expected, labels_lib.model_inputs(ex["hu"], [z], 2)[0, ..., 0])
             np.testing.assert_allclose(image[:, :h, :w], expected, atol=1e-6)
             np.testing.assert_array_equal(flat["label"][i, :h, :w], ex["calcium_class"][z])
             assert flat["weight"][i, :h, :w].min() == 1.0 and flat["weight"][i].sum() == h * w
@@ -254,7 +262,7 @@ def _one_scan_store(hu, target):
     from data_pipeline import input_pipeline as ip
 
     info = ip.ScanInfo("s", "p", "cac", "site", tuple(hu.shape), (3.0, 0.7, 0.7), None, None, 0)
-    return ip._ScanStore([info], [hu.reshape(-1)], [target.reshape(-1)])
+    return ip._MemoryStore.from_arrays([info], [hu], [target])
 
 
 def test_augmentation_differs_between_hosts_and_is_deterministic():
@@ -280,15 +288,15 @@ def test_augmentation_differs_between_hosts_and_is_deterministic():
 
 
 def test_resume_is_exact_on_every_host(dataset):
+    """Per host, a run resumed at step 3 continues the stream exactly, in either cache mode (here
+    a memory-mode run resumed in stream mode)."""
     data_dir, _ = dataset
-    config = _config(data_dir)
     for index in range(2):
         kwargs = dict(process_index=index, process_count=2, local_devices=1)
-        first = _take(make_dataset(config, "train", **kwargs), 5)
-        resumed = _take(make_dataset(config, "train", start_step=3, **kwargs), 2)
-        for a, b in zip(first[3:], resumed):
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key])
+        first = _take(make_dataset(_config(data_dir, cache="memory"), "train", **kwargs), 5)
+        resumed = make_dataset(_config(data_dir, cache="stream"), "train", start_step=3, **kwargs)
+        assert resumed.cache == "stream"
+        _same_batches(first[3:], _take(resumed, 2))
 
 
 def test_label_stays_on_its_structure_under_rotation_and_zoom():
@@ -313,3 +321,86 @@ def test_label_stays_on_its_structure_under_rotation_and_zoom():
         shifted = max(image[np.roll(label, shift, axis)].mean()
                       for axis in (0, 1) for shift in (-1, 1))
         assert on_label > 2.0 * shifted, (index, on_label, shifted)
+
+
+def _same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_stream_mode_gives_memory_mode_batches(dataset):
+    """Same seed, same batches whether the scans are held in memory or streamed from the records,
+    for training (also resumed) and evaluation; streaming holds a bounded number of scans."""
+    data_dir, _ = dataset
+    memory_cfg = _config(data_dir, cache="memory", shuffle_block_scans=2)
+    stream_cfg = _config(data_dir, cache="stream", shuffle_block_scans=2)
+    memory = make_dataset(memory_cfg, "train", local_devices=DEVICES)
+    stream = make_dataset(stream_cfg, "train", local_devices=DEVICES)
+    assert (memory.cache, stream.cache) == ("memory", "stream")
+    steps = 2 * memory.steps_per_epoch + 1  # past an epoch boundary (new plan, new blocks)
+    from_stream = _take(stream, steps)
+    _same_batches(_take(memory, steps), from_stream)
+    store = stream.store
+    assert len(store._cache) <= store.capacity == 2 * 2 + 2
+    assert store.reads > len(stream.scans)  # scans were dropped and read again: it streams
+    resumed = make_dataset(stream_cfg, "train", local_devices=DEVICES, start_step=3)
+    _same_batches(from_stream[3:6], _take(resumed, 3))
+    for split in ("validation", "test"):
+        _same_batches(list(make_dataset(memory_cfg, split, local_devices=DEVICES)),
+                      list(make_dataset(stream_cfg, split, local_devices=DEVICES)))
+
+
+def test_blocks_shuffle_scans_and_keep_the_sampled_set(dataset):
+    """Each epoch visits the scans block by block (block_scans scans at a time); a block's samples
+    are shuffled together, and the epoch's set is the same whatever the block size."""
+    data_dir, _ = dataset
+    its = {b: make_dataset(_config(data_dir, cache="memory", shuffle_block_scans=b), "train",
+                           local_devices=1) for b in (0, 2)}
+    epoch = {}
+    for blocks, it in its.items():
+        samples = it.samples_per_epoch
+        batches = _take(it, samples // it.host_batch)
+        epoch[blocks] = [(int(b["scan_index"][0, i]), int(b["slice_index"][0, i]))
+                         for b in batches for i in range(it.host_batch)]
+    assert collections.Counter(epoch[0]) == collections.Counter(epoch[2])
+    assert epoch[0] != epoch[2]  # but in another order
+
+
+def test_epoch_plan_blocks():
+    """The plan's samples come block after block; each block's samples are from its own scans."""
+    from data_pipeline import input_pipeline as ip
+
+    slices = np.array([5, 6, 7, 5, 6, 7, 5])
+    slice_scan = np.repeat(np.arange(len(slices)), slices)
+    flags = np.arange(slice_scan.size) % 3 == 0
+    plan = ip._EpochPlan(flags, slice_scan, len(slices), 1.0, 0.5, seed=4, block_scans=3)
+    assert plan.num_blocks == 3
+    for epoch in (0, 1):
+        chosen, keys = plan.plan(epoch)
+        assert len(chosen) == plan.samples == flags.sum() + round(0.5 * (~flags).sum())
+        assert set(chosen[flags[chosen]]) == set(np.flatnonzero(flags))  # every positive
+        assert np.all(np.diff(keys) >= 0)  # block after block
+        assert set(keys) <= set(range(epoch * 3, epoch * 3 + 3))
+        scans_seen = set()
+        for key in np.unique(keys):
+            scans = set(slice_scan[chosen[keys == key]])
+            assert scans <= set(plan.block_of(key)) and len(plan.block_of(key)) <= 3
+            scans_seen |= scans
+        assert scans_seen == set(range(len(slices)))
+    assert not np.array_equal(plan.plan(0)[0], plan.plan(1)[0])  # redrawn each epoch
+
+
+def test_auto_cache_mode_streams_over_budget_and_rejects_unknown_modes(dataset):
+    data_dir, _ = dataset
+    # TFDS slicing picks a subset of the split's scans (here the first two).
+    small = make_dataset(_config(data_dir, cache="auto", memory_budget_gb=1e-6), "train[:2]",
+                         train=True)
+    assert small.cache == "stream" and len(small.scans) == 2
+    assert small.train and small.steps is None
+    large = make_dataset(_config(data_dir, cache="auto", memory_budget_gb=1.0), "train")
+    assert large.cache == "memory"
+    with pytest.raises(InputError, match="config.data.cache"):
+        make_dataset(_config(data_dir, cache="disk"), "train")

@@ -47,7 +47,7 @@ def test_slice_windows_and_flags():
                                                         [2, 3, 3]])
     labels = np.zeros((3, 2, 2), np.int16)
     labels[1, 0, 0] = 6
-    np.testing.assert_array_equal(L.calcium_slices(labels), [False, True, False])
+    np.testing.assert_array_equal(L.annotated_calcium_slices(labels), [False, True, False])
     np.testing.assert_array_equal(L.heart_slices(labels), [False, True, False])
 
 

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from data_pipeline import labels as labels_lib
+from data_pipeline.config import DATASET_VERSION
 from data_pipeline.errors import ManifestError
 from data_pipeline.manifest import ManifestRow, write_manifest
 
@@ -49,8 +50,13 @@ def tiny_scan(seed: int, size: int, slices: int):
     return hu, labels, heart
 
 
-def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = False) -> Path:
-    """Manifest + NIfTI files: patients alternate 64 and 32 px and 5..7 slices; some have ctac."""
+def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = False,
+                      ctac_spacing_z: float = 3.0, agatston: bool = True) -> Path:
+    """Manifest + NIfTI files: patients alternate 64 and 32 px and 5..7 slices; some have ctac.
+
+    Slices are 3 mm apart (`ctac_spacing_z` for the ctac scans); without `agatston` the manifest
+    gives no reference score or category, so the builder scores the labels.
+    """
     rows = []
     for p in range(patients):
         pid = f"P{p:03d}"
@@ -60,13 +66,15 @@ def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = Fal
             slices = 5 + (p % 3)
             hu, labels, heart = tiny_scan(p * 7 + len(protocol), size, slices)
             folder = root / pid / protocol
+            spacing = (ctac_spacing_z if protocol == "ctac" else 3.0, 0.7, 0.7)
             rows.append(ManifestRow(
                 patient_id=pid, scan_id=f"{pid}_{protocol}", protocol=protocol,
-                image=_write(folder / "image.nii.gz", hu),
-                calcium_labels=_write(folder / "calcium_labels.nii.gz", labels),
-                heart_mask=_write(folder / "heart_mask.nii.gz", heart), site="test",
+                image=_write(folder / "image.nii.gz", hu, spacing),
+                calcium_labels=_write(folder / "calcium_labels.nii.gz", labels, spacing),
+                heart_mask=_write(folder / "heart_mask.nii.gz", heart, spacing), site="test",
                 split=(["train", "validation", "test"][p % 3] if split_column else None),
-                agatston=float(10 * p), category=p % 4))
+                agatston=float(10 * p) if agatston else None,
+                category=p % 4 if agatston else None))
     manifest = root / "manifest.csv"
     write_manifest(manifest, rows)
     return manifest
@@ -85,7 +93,7 @@ def built(tmp_path_factory):
 
 def test_builds_whole_scans_with_metadata(built):
     root, manifest, data_dir, builder = built
-    path = data_dir / "tiny" / "1.0.0"
+    path = data_dir / "tiny" / DATASET_VERSION
     assert (path / "dataset_info.json").exists()
     loaded = tfds.builder_from_directory(str(path))
     total = sum(info.num_examples for info in loaded.info.splits.values())
@@ -99,7 +107,7 @@ def test_builds_whole_scans_with_metadata(built):
     np.testing.assert_array_equal(ex["hu"], hu)
     np.testing.assert_array_equal(ex["calcium_class"], labels_lib.calcium_classes(labels, hu))
     np.testing.assert_array_equal(ex["heart_mask"], heart)
-    np.testing.assert_array_equal(ex["calcium_slice"], [False, True, True, False, False, True])
+    np.testing.assert_array_equal(ex["annotated_calcium_slice"], [False, True, True, False, False, True])
     np.testing.assert_allclose(ex["spacing_zyx_mm"], [3.0, 0.7, 0.7], rtol=1e-6)
     assert ex["protocol"] == b"cac" and ex["patient_id"] == b"P001"
     assert math.isclose(float(ex["agatston"]), 10.0) and int(ex["category"]) == 1
@@ -110,7 +118,7 @@ def test_builds_whole_scans_with_metadata(built):
 
 def test_split_audit_written_and_patient_disjoint(built):
     root, manifest, data_dir, builder = built
-    path = data_dir / "tiny" / "1.0.0"
+    path = data_dir / "tiny" / DATASET_VERSION
     audit = json.loads((path / "splits.json").read_text())
     assert audit["seed"] == 3
     splits_of = {}
@@ -142,7 +150,7 @@ def test_overwrite_with_bad_manifest_keeps_the_dataset(built, tmp_path):
     bad.write_text("patient_id,scan_id\nP0,P0_cac\n")
     with pytest.raises(ManifestError, match="lacks required column"):
         build_dataset(bad, data_dir, name="tiny", overwrite=True, progress=False)
-    assert (data_dir / "tiny" / "1.0.0" / "dataset_info.json").exists()
+    assert (data_dir / "tiny" / DATASET_VERSION / "dataset_info.json").exists()
 
 
 @pytest.mark.parametrize("problem", ["no file", "no columns", "bad row"])
@@ -211,7 +219,7 @@ def test_bad_row_error_names_row_and_skip_bad(tmp_path, problem, expected):
     builder = build_dataset(manifest, tmp_path / "tfds", name="bad", skip_bad=True,
                             progress=False, on_skip=skipped_lines.append)
     assert len(skipped_lines) == 1 and "row 2" in skipped_lines[0]
-    path = tmp_path / "tfds" / "bad" / "1.0.0"
+    path = tmp_path / "tfds" / "bad" / DATASET_VERSION
     skipped = json.loads((path / "skipped.json").read_text())
     assert len(skipped) == 1 and "P000_ctac" in skipped[0]["problem"]
     total = sum(info.num_examples for info in builder.info.splits.values())
@@ -265,10 +273,10 @@ def test_row_failing_while_written_leaves_audit(tmp_path, monkeypatch):
     manifest = write_tiny_cohort(tmp_path, patients=3, split_column=True)
     read_row = tfds_builder.read_row
 
-    def flaky(row, manifest_path=""):
+    def flaky(row, manifest_path="", **kwargs):
         if row.scan_id == "P000_ctac":
             raise ManifestError(manifest_path, f"{row.where}: changed on disk")
-        return read_row(row, manifest_path)
+        return read_row(row, manifest_path, **kwargs)
 
     monkeypatch.setattr(tfds_builder, "read_row", flaky)
     builder = tfds_builder.build_dataset(manifest, tmp_path / "tfds", name="flaky",
@@ -311,8 +319,8 @@ def test_ingest_command(tmp_path, capsys):
                     "--seed", "4", "--skip-bad", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert "skipped row 2 (scan_id='P000_ctac')" in err
-    assert "dataset cli 1.0.0" in out and "skipped 1 row(s)" in out
-    audit = json.loads((data_dir / "cli" / "1.0.0" / "splits.json").read_text())
+    assert f"dataset cli {DATASET_VERSION}" in out and "skipped 1 row(s)" in out
+    audit = json.loads((data_dir / "cli" / DATASET_VERSION / "splits.json").read_text())
     assert audit["seed"] == 4
 
 
@@ -351,3 +359,34 @@ def test_builds_from_generated_phantom_cohort(tmp_path):
     batch = next(make_dataset(config, "train", local_devices=2))
     assert batch["image"].shape == (2, 2, 3, 64, 64, 1)
     assert set(np.unique(batch["label"])) <= {0, 1, 2}
+
+
+def test_scans_are_scored_once_and_neighbours_recorded(tmp_path, monkeypatch):
+    """Without reference scores in the manifest each scan's labels are scored once (for the
+    splits; the record reuses it), and the metadata records the neighbour distance and offsets."""
+    from data_pipeline import agatston, tfds_builder
+
+    manifest = write_tiny_cohort(tmp_path, patients=4, agatston=False, ctac_spacing_z=1.25)
+    scored = []
+    real = agatston.agatston_score
+
+    def counting(hu, labels, spacing, **kwargs):
+        scored.append(hu.shape)
+        return real(hu, labels, spacing, **kwargs)
+
+    monkeypatch.setattr(tfds_builder, "agatston_score", counting)
+    builder = tfds_builder.build_dataset(manifest, tmp_path / "tfds", name="once", progress=False)
+    assert len(scored) == 6  # 4 cac + 2 ctac scans, each scored exactly once
+    loaded = tfds.builder_from_directory(builder.data_dir)
+    by_id = {}
+    for split in loaded.info.splits:
+        for ex in tfds.as_numpy(loaded.as_dataset(split=split)):
+            by_id[ex["scan_id"].decode()] = ex
+    assert len(by_id) == 6
+    for ex in by_id.values():  # the stored score is the scorer's, category from it
+        assert np.isfinite(ex["agatston"]) and ex["category"] >= 0
+        assert tuple(ex["shape_zyx"]) == ex["hu"].shape
+    metadata = json.loads((Path(builder.data_dir) / "metadata.json").read_text())
+    assert metadata["neighbour_mm"] == 3.0
+    # 3 mm cac slices: offset 1; 1.25 mm ctac slices: round(3 / 1.25) = 2.
+    assert metadata["neighbour_offsets"] == {"cac": {"1": 4}, "ctac": {"2": 2}}

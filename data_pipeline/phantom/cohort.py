@@ -3,7 +3,7 @@
 One patient = one anatomy (`anatomy.sample_anatomy`) and one set of calcifications, imaged by
 both protocols. The patient's target CAC category is met on the *gated CAC* scan: coronary
 plaques are taken from an ordered candidate list (`plaques.coronary_candidates`) until the
-Agatston score that `cac_jax.scoring.agatston_score` measures on the rendered, noisy CAC image
+Agatston score that `data_pipeline.agatston.agatston_score` measures on the rendered, noisy CAC image
 (with the expert-style labels of `render.compose`) lies in the target category; the last plaque
 is shrunk or swapped when one plaque overshoots. The CTAC scan renders the same calcium with its
 own resolution, noise and motion, and its true score is measured on its own image: it may fall in
@@ -148,7 +148,7 @@ def _volume(hu: np.ndarray, grid: render.Grid, protocol: render.Protocol, patien
 
 
 def _score(hu: np.ndarray, labels: np.ndarray, grid: render.Grid) -> float:
-    from cac_jax.scoring import agatston_score
+    from data_pipeline.agatston import agatston_score
 
     return float(agatston_score(hu, labels, grid.spacing_zyx_mm,
                                 slice_thickness_mm=grid.thickness_mm).agatston)
@@ -175,7 +175,7 @@ def _scene(anat: Anatomy, protocol: render.Protocol, size: int, noise_rng) -> _S
 
 def _design_coronary(anat: Anatomy, scene: _Scene, category: int, rng, others) -> list:
     """Coronary plaques whose CAC-scan Agatston score lies in `category` (see module doc)."""
-    from cac_jax.scoring import cac_category
+    from data_pipeline.agatston import cac_category
 
     if category == 0:
         return []
@@ -233,7 +233,7 @@ def _design_coronary(anat: Anatomy, scene: _Scene, category: int, rng, others) -
 
 def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
             clip_to_heart: bool, site: SitePreset) -> SyntheticScan:
-    from cac_jax.scoring import cac_category
+    from data_pipeline.agatston import cac_category
 
     patches = [p for p in (render.calcification_patch(c, scene.grid, scene.protocol,
                                                       scene.anatomy_hu) for c in calcs)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.phantom import sites
 from data_pipeline.phantom.anatomy import (
     ALPHA_HEAD,
@@ -45,7 +46,7 @@ from data_pipeline.phantom.plaques import Calcification
 from data_pipeline.phantom.sites import SitePreset
 
 HU_AIR = -1000.0
-CALCIUM_HU = 130.0               # Agatston 1990 threshold
+CALCIUM_HU = CALCIUM_THRESHOLD_HU  # Agatston 1990 threshold (one source: data_pipeline.constants)
 FOOTPRINT_HU = 50.0              # a calcification "shows" where it adds at least this much
 CHUNK_SLICES = 8                 # output slices rendered at a time (memory, cache)
 
