@@ -245,8 +245,8 @@ def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx
         "loss": main_loss + aux_weight * aux_loss,
         "focal_loss": main_loss,
         "aux_loss": aux_loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
@@ -611,6 +611,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with config.unlocked():
             config.data.seed = int(config.seed)
 
+    from data_pipeline.input_pipeline import dataset_path
+
+    data_path = dataset_path(config.data)
+    if not (data_path / "dataset_info.json").exists():  # before any compilation
+        raise InputError(data_path, "no dataset here; build it with `cac-jax ingest --manifest "
+                                    f"M.csv --data-dir {config.data.data_dir} --name "
+                                    f"{config.data.name}`")
     # Refuse to resume a run of another config (which keys differ).
     config_file = workdir / ckpt_lib.CONFIG_FILE
     if config_file.exists():
