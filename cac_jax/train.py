@@ -726,7 +726,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                                      config.train.progress),
                unit="step", dynamic_ncols=True, desc=f"train {config.model.arch}/{config.task}")
     t_start = time.perf_counter()
-    t_compute = 0.0
     last_log_time, last_log_step = time.perf_counter(), start_step
     step = start_step
     last_saved = restored
@@ -738,19 +737,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with _Preemption() as preemption:
             while step < total_steps and not host.stopped_early:
                 batch = _shard_batch(next(train_iter))
-                t0 = time.perf_counter()
                 state, metrics = p_train(state, batch, scale_dev)
                 step += 1
                 bar.update(1)
                 row = None
                 if step % int(config.train.log_every) == 0 or step == total_steps:
                     metrics = _unreplicate(metrics)
-                    t_compute += time.perf_counter() - t0
                     now = time.perf_counter()
                     row = {"step": step, **{k: float(v) for k, v in metrics.items()},
                            "learning_rate": float(config.train.learning_rate) * lr_scale,
                            "samples_per_s": (step - last_log_step) * int(config.train.batch_size)
-                           / max(now - last_log_time, 1e-9)}
+                           / max(now - last_log_time, 1e-9),
+                           "elapsed_s": now - t_start}
                     last_log_time, last_log_step = now, step
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
                     last_metrics = row
@@ -772,6 +770,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     if patience and host.evals_since_best >= patience:
                         host.stopped_early = True
                     row = {**(row or {"step": step}), **eval_metrics,
+                           "elapsed_s": time.perf_counter() - t_start,
                            "learning_rate_next": float(config.train.learning_rate) * lr_scale}
                     # Keep evaluation time out of the next row's training throughput.
                     last_log_time = time.perf_counter()
