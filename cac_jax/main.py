@@ -1,0 +1,93 @@
+"""Thin training entry: `python -m cac_jax.main --config configs/NAME.py[:local] --workdir DIR
+[--config.KEY=VALUE ...]` (ml_collections config_flags); the logic lives in `cac_jax.train`.
+
+`cac-jax train` takes the same arguments. Bad input (unknown config key, missing dataset,
+inconsistent config) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from data_pipeline.errors import InputError
+
+USAGE = ("usage: cac-jax train --config configs/NAME.py[:local] --workdir DIR "
+         "[--config.KEY=VALUE ...]")
+
+
+def _one_line(err: BaseException) -> str:
+    """An absl/ml_collections error as one line (they embed tracebacks and file lists)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = [lines[0].rstrip(":"), lines[-1]]
+    return " ".join(" ".join(lines).split())
+
+
+def parse_flags(argv: Sequence[str]):
+    """(config, workdir) from command-line arguments, on a private absl FlagValues.
+
+    Raises InputError for a missing or unreadable config file, an unknown key or a bad value.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    argv = ["cac-jax train", *argv]
+    # config_flags finds the `--config.KEY=VALUE` overrides in the argv it is given at
+    # definition (sys.argv by default, which is not ours inside a subcommand).
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file (configs/NAME.py[:local])", flag_values=values,
+        lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "training workdir (created; a rerun resumes it)",
+                        flag_values=values)
+    try:
+        values(argv)
+        config, workdir = values.config, values.workdir
+        if config is not None:
+            # A config file that failed to load is a placeholder that raises on first use.
+            config.get("task")
+    except flags.Error as err:
+        raise InputError(None, f"{_one_line(err)} ({USAGE})") from None
+    except (FileNotFoundError, OSError) as err:
+        raise InputError(getattr(err, "filename", None),
+                         f"cannot read the config: {_one_line(err)}") from None
+    except (AttributeError, KeyError, ValueError, TypeError) as err:
+        raise InputError(None, f"bad config: {_one_line(err)}") from None
+    if config is None:
+        raise InputError(None, f"--config is required ({USAGE})")
+    if not workdir:
+        raise InputError(None, f"--workdir is required ({USAGE})")
+    return config, workdir
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse, train, print the summary line; exit code 0 (143 after a SIGTERM save)."""
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        print(USAGE)
+        print("  Trains (or resumes) the experiment in DIR: config.json, checkpoints/, "
+              "metrics.jsonl, tensorboard/, summary.json.")
+        return 0
+    config, workdir = parse_flags(argv)
+    from cac_jax.train import train_and_evaluate
+
+    summary = train_and_evaluate(config, workdir)
+    best = summary["best_value"]
+    print(f"trained {summary['arch']}/{summary['task']} to step {summary['steps']} "
+          f"({summary['steps_this_run']} steps in {summary['wall_time_s']:.1f} s); best "
+          f"{summary['best_metric']} = {best if best is None else round(best, 4)} at step "
+          f"{summary['best_step']}; {summary['workdir']}/summary.json")
+    return 143 if summary["preempted"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except InputError as err:
+        print(f"cac-jax train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
