@@ -354,12 +354,30 @@ class Scorer:
                                                    timings=timings)
         calcium_out = self._runners["calcium"].predict(hu, spacing, probabilities=probabilities,
                                                        timings=timings)
-        t0 = time.perf_counter()
         if probabilities:
             heart_pred = np.argmax(heart_out, axis=-1)
             calcium_pred = np.argmax(calcium_out, axis=-1)
         else:
             heart_pred, calcium_pred = heart_out, calcium_out
+        result = self.score_predictions(volume, heart_pred, calcium_pred, timings=timings)
+        return dataclasses.replace(
+            result,
+            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:])
+                                 for role, r in self._runners.items()},
+            neighbour_offsets={role: labels_lib.neighbour_offset(spacing[0], r.neighbour_mm)
+                               for role, r in self._runners.items()},
+            probabilities=({"heart": heart_out, "calcium": calcium_out} if probabilities
+                           else None))
+
+    def score_predictions(self, volume, heart_pred: np.ndarray, calcium_pred: np.ndarray, *,
+                          timings: dict[str, float] | None = None) -> StudyResult:
+        """The post-processing and scoring of `score`, on given predictions: `heart_pred`
+        (z, y, x), non-zero = heart; `calcium_pred` (z, y, x) classes 0 background, 1 coronary,
+        2 non-coronary calcium. Fed the true labels it scores a perfect prediction."""
+        hu = volume.hu
+        spacing = tuple(float(s) for s in volume.spacing_zyx_mm)
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
         heart = postprocess.heart_silhouette(heart_pred, spacing, 0.0)
         silhouette = (postprocess.heart_silhouette(heart, spacing, self.heart_dilation_mm)
                       if self.heart_dilation_mm > 0 else heart)
@@ -372,20 +390,17 @@ class Scorer:
         notes = [f"skipped series {note}" for note in volume.metadata.skipped_series]
         if notes:
             score = dataclasses.replace(score, warnings=score.warnings + tuple(notes))
-        timings["scoring"] = time.perf_counter() - t0
-        non_coronary = ((calcium_pred == postprocess.NON_CORONARY_CLASS)
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        non_coronary = ((np.asarray(calcium_pred) == postprocess.NON_CORONARY_CLASS)
                         & (hu >= CALCIUM_THRESHOLD_HU) & (labels == 0))
         labels[non_coronary] = NON_CORONARY_LABEL
+        timings["postprocess"] += time.perf_counter() - t0
         voxel_ml = float(np.prod(spacing)) / 1000.0
         return StudyResult(
             score=score, calcium_labels=labels, heart_mask=heart,
             heart_volume_ml=float(heart.sum()) * voxel_ml, timings=timings,
-            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:])
-                                 for role, r in self._runners.items()},
-            neighbour_offsets={role: labels_lib.neighbour_offset(spacing[0], r.neighbour_mm)
-                               for role, r in self._runners.items()},
-            probabilities=({"heart": heart_out, "calcium": calcium_out} if probabilities
-                           else None))
+            model_spacing_yx_mm={}, neighbour_offsets={})
 
 
 def check_role(trained, role: str) -> None:
