@@ -1,0 +1,251 @@
+"""Orbax checkpoints of training runs, and `load_trained(path)` for inference (no TensorFlow).
+
+A training workdir (`cac-jax train --workdir DIR`) holds `DIR/config.json` and `DIR/checkpoints/`,
+an Orbax `CheckpointManager` directory with one folder per saved step. Each step folder is
+self-sufficient; it holds four items:
+- `variables`: the model variables for `model.apply` (`{"params": ...}` plus `"batch_stats"` with
+  BatchNorm), as host arrays (float32 master weights);
+- `train_state`: optimizer state and the run's base RNG key data (resume only);
+- `meta` (JSON): step, validation metrics of that step, plateau and early-stopping state, the data
+  position (the step: the input pipeline resumes exactly from it), and the dataset's in-plane pixel
+  spacing;
+- `config` (JSON): the resolved training config, so inference rebuilds the model from the
+  checkpoint alone.
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed
+during a write leaves no folder that reads as a checkpoint; `load_trained` also refuses a step
+folder whose items are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from data_pipeline.errors import InputError
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+ITEMS = ("variables", "train_state", "meta", "config")
+# Orbax marks a finished step folder with this file (written last, before the rename).
+_FINALIZED_MARKER = "_CHECKPOINT_METADATA"
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model restored from a checkpoint (what inference needs, nothing of training)."""
+
+    config: ml_collections.ConfigDict  # the resolved training config stored with the checkpoint
+    model: Any  # flax.linen.Module: cac_jax.models.build_model(config)
+    variables: dict  # for model.apply: {"params": ...} (+ "batch_stats" with BatchNorm)
+    step: int
+    path: pathlib.Path  # the checkpoint step folder that was loaded
+    workdir: pathlib.Path
+    task: str  # "calcium" | "heart"
+    num_classes: int
+    pixel_spacing_mm: dict  # {"min", "median", "max"}: in-plane spacing of the training scans
+    neighbour_mm: float
+    metrics: dict  # validation metrics recorded at that step ({} if none)
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON-compatible data (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def config_from_dict(data: dict) -> ml_collections.ConfigDict:
+    """Inverse of `config_to_dict` (lists stay lists; the models accept any sequence)."""
+    return ml_collections.ConfigDict(data)
+
+
+def best_options(config) -> tuple[str, str]:
+    """(metric name, "min" | "max") that chooses the best checkpoint of a run."""
+    name = str(config.train.best_metric)
+    mode = "min" if name.endswith("loss") else "max"
+    return name, mode
+
+
+def _best_value(metrics: dict, name: str) -> float:
+    value = metrics.get(name) if metrics else None
+    if value is None or not math.isfinite(float(value)):
+        return math.nan
+    return float(value)
+
+
+def make_manager(workdir: str | pathlib.Path, config, *, keep: int | None = None,
+                 read_only: bool = False):
+    """An Orbax CheckpointManager for `workdir/checkpoints`: the latest `keep` plus the best.
+
+    The best is ranked on `config.train.best_metric` among checkpoints saved with validation
+    metrics (`save(step, args=..., metrics=...)`).
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as policies
+
+    name, mode = best_options(config)
+    keep = int(config.train.keep_checkpoints if keep is None else keep)
+
+    def metric(metrics):
+        value = _best_value(metrics, name)
+        if math.isnan(value):  # a failed evaluation ranks last
+            return -math.inf if mode == "max" else math.inf
+        return value
+
+    # BestN keeps the highest after an ascending sort; reverse it when lower is better.
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=metric, reverse=(mode == "min"), n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=metric, best_mode=mode,
+        keep_checkpoints_without_metrics=True, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=not read_only)
+    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
+                                 options=options, item_names=ITEMS)
+
+
+def save_args(variables, train_state, meta: dict, config):
+    """The Orbax Composite argument that saves one step's four items."""
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables),
+        train_state=ocp.args.StandardSave(train_state),
+        meta=ocp.args.JsonSave(meta),
+        config=ocp.args.JsonSave(config_to_dict(config)))
+
+
+def _is_step_folder(path: pathlib.Path) -> bool:
+    return path.is_dir() and path.name.isdigit() and path.parent.name == CHECKPOINT_DIR
+
+
+def _check_complete(step_dir: pathlib.Path) -> None:
+    if not (step_dir / _FINALIZED_MARKER).exists():
+        raise InputError(step_dir, "incomplete checkpoint (not finalised: the run was probably "
+                                   "killed while writing it)")
+    missing = [item for item in ("variables", "meta", "config") if not (step_dir / item).is_dir()]
+    if missing:
+        raise InputError(step_dir, f"incomplete checkpoint: missing item(s) {', '.join(missing)}")
+
+
+def _read_json_item(step_dir: pathlib.Path, item: str) -> dict:
+    """A JsonSave item: Orbax's JsonCheckpointHandler writes it as `ITEM/metadata`."""
+    path = step_dir / item / "metadata"
+    if not path.is_file():
+        raise InputError(step_dir / item, "incomplete checkpoint: item has no data")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"unreadable checkpoint item: {err}") from None
+
+
+class _DropReadOnlyNotices(logging.Filter):
+    """Orbax warns that a read-only manager is read-only; for loading that is the point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "read_only" not in message and "read only" not in message
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    drop = _DropReadOnlyNotices()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(step folder, workdir) for a training workdir (its best, else latest step) or a step folder."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise InputError(path, "no such checkpoint or training workdir")
+    if not path.is_dir():
+        raise InputError(path, "not a training workdir or checkpoint folder (a file)")
+    path = path.absolute()
+    if _is_step_folder(path):
+        return path, path.parent.parent
+    if path.name.isdigit() or ".orbax-checkpoint-tmp" in path.name:
+        if ".orbax-checkpoint-tmp" in path.name:
+            raise InputError(path, "incomplete checkpoint (a temporary folder of an unfinished "
+                                   "write)")
+        raise InputError(path, f"a step folder must lie in a training workdir's "
+                               f"{CHECKPOINT_DIR}/ folder")
+    ckpt_dir = path / CHECKPOINT_DIR
+    if not (path / CONFIG_FILE).is_file() or not ckpt_dir.is_dir():
+        raise InputError(path, f"not a cac-jax training workdir (needs {CONFIG_FILE} and "
+                               f"{CHECKPOINT_DIR}/)")
+    try:
+        config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        with _quiet_absl():
+            manager = make_manager(path, config, read_only=True)
+    except (ValueError, KeyError, AttributeError) as err:
+        raise InputError(path / CONFIG_FILE, f"unreadable training config: {err}") from None
+    try:
+        step = manager.best_step()
+        if step is None:
+            step = manager.latest_step()
+    finally:
+        manager.close()
+    if step is None:
+        raise InputError(path, "training workdir has no complete checkpoint yet")
+    return ckpt_dir / str(step), path
+
+
+def load_trained(path: str | pathlib.Path) -> TrainedModel:
+    """Restore the model of a training workdir (best, else latest checkpoint) or of a step folder.
+
+    Parameters are restored by Orbax into abstract shapes (`jax.eval_shape(model.init, ...)`) on
+    this process's first device, so a GPU-trained checkpoint loads on a CPU-only machine. Raises
+    `InputError` naming the path for anything that is not a complete cac-jax checkpoint.
+    """
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from cac_jax.models import build_model
+    from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM
+
+    step_dir, workdir = resolve_checkpoint(path)
+    _check_complete(step_dir)
+    meta = _read_json_item(step_dir, "meta")
+    try:
+        config = config_from_dict(_read_json_item(step_dir, "config"))
+        model = build_model(config)
+        task = str(config.task)
+        num_classes = int(config.model.num_classes)
+    except (ValueError, KeyError, AttributeError, TypeError) as err:
+        raise InputError(step_dir / "config", f"checkpoint config does not build a model: "
+                                              f"{err}") from None
+    size = int(config.data.get("crop_size", 0) or config.data.image_size)
+    sample = jax.ShapeDtypeStruct((1, 3, size, size, 1), jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), sample)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        variables = checkpointer.restore(step_dir / "variables", abstract)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise InputError(step_dir, f"checkpoint does not match its config's model: "
+                                   f"{str(err).splitlines()[0]}") from None
+    finally:
+        checkpointer.close()
+    spacing = meta.get("pixel_spacing_mm") or {}
+    neighbour = config.data.get("neighbour_mm", None)
+    return TrainedModel(
+        config=config, model=model, variables=dict(variables), step=int(meta["step"]),
+        path=step_dir, workdir=workdir, task=task, num_classes=num_classes,
+        pixel_spacing_mm=dict(spacing),
+        neighbour_mm=float(DEFAULT_NEIGHBOUR_MM if neighbour is None else neighbour),
+        metrics=dict(meta.get("metrics") or {}))

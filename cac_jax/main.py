@@ -1,0 +1,79 @@
+"""Thin training entry: `python -m cac_jax.main --config configs/NAME.py[:local] --workdir DIR
+[--config.KEY=VALUE ...]` (ml_collections config_flags); the logic lives in `cac_jax.train`.
+
+`cac-jax train` takes the same arguments. Bad input (unknown config key, missing dataset,
+inconsistent config) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from data_pipeline.errors import InputError
+
+USAGE = ("usage: cac-jax train --config configs/NAME.py[:local] --workdir DIR "
+         "[--config.KEY=VALUE ...]")
+
+
+def parse_flags(argv: Sequence[str]):
+    """(config, workdir) from command-line arguments, on a private absl FlagValues.
+
+    Raises InputError for a missing or unreadable config file, an unknown key or a bad value.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file (configs/NAME.py[:local])", flag_values=values,
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "training workdir (created; a rerun resumes it)",
+                        flag_values=values)
+    try:
+        values(["cac-jax train", *argv])
+        config, workdir = values.config, values.workdir
+    except flags.Error as err:
+        raise InputError(None, f"{err} ({USAGE})") from None
+    except (FileNotFoundError, OSError) as err:
+        raise InputError(getattr(err, "filename", None), f"cannot read the config: "
+                                                         f"{err.strerror or err}") from None
+    except (AttributeError, KeyError, ValueError, TypeError) as err:
+        raise InputError(None, f"bad config: {err}") from None
+    if config is None:
+        raise InputError(None, f"--config is required ({USAGE})")
+    if not workdir:
+        raise InputError(None, f"--workdir is required ({USAGE})")
+    return config, workdir
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse, train, print the summary line; exit code 0 (143 after a SIGTERM save)."""
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        print(USAGE)
+        print("  Trains (or resumes) the experiment in DIR: config.json, checkpoints/, "
+              "metrics.jsonl, tensorboard/, summary.json.")
+        return 0
+    config, workdir = parse_flags(argv)
+    from cac_jax.train import train_and_evaluate
+
+    summary = train_and_evaluate(config, workdir)
+    best = summary["best_value"]
+    print(f"trained {summary['arch']}/{summary['task']} to step {summary['steps']} "
+          f"({summary['steps_this_run']} steps in {summary['wall_time_s']:.1f} s); best "
+          f"{summary['best_metric']} = {best if best is None else round(best, 4)} at step "
+          f"{summary['best_step']}; {summary['workdir']}/summary.json")
+    return 143 if summary["preempted"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except InputError as err:
+        print(f"cac-jax train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

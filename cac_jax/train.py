@@ -1,0 +1,800 @@
+"""Training: the data-parallel focal-loss step, validation, and the loop with Orbax checkpoints.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) one experiment (DESIGN.md "Training"):
+- the step is a per-device function with explicit collectives over the named axis `AXIS`
+  (`lax.pmean` of gradients, BatchNorm statistics and metrics), mapped over the local devices with
+  `jax.pmap`; the state is replicated. Multi-host: `jax.distributed.initialize()` first, each host
+  feeds its own shard (`make_dataset(process_index=...)`);
+- Adam (learning rate 1e-3, paper) with the rate scaled by `optax.contrib.reduce_on_plateau` stepped
+  on the validation loss at each evaluation, early stopping on `config.train.best_metric`;
+- everything periodic (logging, evaluation, plateau, early stop, checkpoints) happens at global
+  step counts, so every host does it at the same step even though hosts' epochs differ in length;
+- validation: loss, Dice per class, and per-scan Agatston categories with the linearly weighted
+  kappa the paper reports (calcium model: predicted coronary class at HU >= 130 inside the
+  reference heart mask, scored by `cac_jax.postprocess`, the code inference uses; heart model:
+  the naive 130 HU threshold inside the predicted heart silhouette);
+- the workdir: `config.json`, `checkpoints/` (Orbax: latest K plus best; see `cac_jax.checkpoints`),
+  `metrics.jsonl`, TensorBoard events in `tensorboard/`, and `summary.json` at the end.
+A run killed at any point resumes from its latest complete checkpoint with the same command and
+continues the same sequence (state, RNG, data position, plateau and early-stop state are saved);
+SIGTERM saves a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+
+from cac_jax import checkpoints as ckpt_lib
+from cac_jax.losses import focal_loss_map
+from cac_jax.models import build_model
+from cac_jax.models.config import NUM_CLASSES
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.errors import InputError
+
+AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
+# Keys a resumed run may change: the length of the run and how it is shown.
+RESUMABLE_KEYS = ("train.steps", "train.progress")
+CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
+HEART_CLASS_NAMES = ("background", "heart")
+# The paper's four Agatston categories (0, 1-100, 101-400, >400).
+NUM_CATEGORIES = 4
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(InputError):
+    """The experiment config is inconsistent or does not fit the run (devices, data)."""
+
+
+class TrainState(struct.PyTreeNode):
+    """What the step changes: parameters, BatchNorm statistics, optimizer state, step."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks and derived settings
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": value} of a (nested) config, lists for tuples."""
+    data = ckpt_lib.config_to_dict(config) if isinstance(config, ml_collections.ConfigDict) \
+        else config
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """One source of truth for the task: `config.task` must match the data and model settings."""
+    task = config.get("task")
+    if task not in NUM_CLASSES:
+        raise ConfigError(None, f"config.task={task!r}: expected one of {sorted(NUM_CLASSES)}")
+    for key, value in (("data.task", config.data.task), ("model.task", config.model.task)):
+        if value != task:
+            raise ConfigError(None, f"config.{key}={value!r} differs from config.task={task!r}; "
+                                    f"set them alike (one task per run)")
+    if int(config.model.num_classes) != NUM_CLASSES[task]:
+        raise ConfigError(None, f"config.model.num_classes={config.model.num_classes} does not fit "
+                                f"the {task} data's {NUM_CLASSES[task]} classes")
+    alpha = tuple(config.train.focal_alpha)
+    if len(alpha) != NUM_CLASSES[task]:
+        raise ConfigError(None, f"config.train.focal_alpha has {len(alpha)} values; the {task} "
+                                f"task has {NUM_CLASSES[task]} classes")
+    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
+        if int(config.train[key]) < 1:
+            raise ConfigError(None, f"config.train.{key} must be >= 1, got {config.train[key]}")
+
+
+def resolve_devices(config) -> list:
+    """The local devices to map over; the global batch must split evenly over all devices."""
+    local = jax.local_devices()
+    wanted = int(config.train.get("num_devices", 0) or 0)
+    if wanted:
+        if jax.process_count() > 1:
+            raise ConfigError(None, "config.train.num_devices is for single-process runs; "
+                                    "multi-host runs use every device")
+        if wanted > len(local):
+            raise ConfigError(None, f"config.train.num_devices={wanted} but only {len(local)} "
+                                    f"local devices exist")
+        local = local[:wanted]
+    total = len(local) * jax.process_count()
+    batch = int(config.train.batch_size)
+    if batch % total:
+        raise ConfigError(None, f"config.train.batch_size={batch} is not divisible by the "
+                                f"{total} devices; use a multiple of {total}")
+    return local
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """Keys whose values differ between a workdir's config and this run's (resumable ones aside)."""
+    a, b = flatten(saved), flatten(config)
+    keys = sorted(set(a) | set(b))
+    return [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in keys
+            if k not in RESUMABLE_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer and the per-device steps
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam (or AdamW with weight decay) at the base rate, optionally after gradient clipping.
+
+    The plateau factor multiplies the updates inside the step (`lr_scale`): it changes only at
+    evaluations, on the host, from `optax.contrib.reduce_on_plateau`.
+    """
+    t = config.train
+    parts = []
+    if float(t.grad_clip_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(t.grad_clip_norm)))
+    if float(t.weight_decay) > 0:
+        parts.append(optax.adamw(float(t.learning_rate), weight_decay=float(t.weight_decay)))
+    else:
+        parts.append(optax.adam(float(t.learning_rate)))
+    return optax.chain(*parts)
+
+
+def make_plateau(config) -> optax.GradientTransformationExtraArgs:
+    """reduce_on_plateau counted in evaluations (one `update` per validation loss)."""
+    t = config.train
+    return optax.contrib.reduce_on_plateau(
+        factor=float(t.plateau_factor), patience=int(t.plateau_patience),
+        rtol=float(t.plateau_rtol), cooldown=int(t.plateau_cooldown),
+        min_scale=float(t.plateau_min_scale), accumulation_size=1)
+
+
+def model_for_training(config) -> Any:
+    """The model with synchronised BatchNorm over the data axis (GroupNorm needs no axis)."""
+    if config.model.norm == "batch" and not config.model.get("bn_axis_name"):
+        config = ml_collections.ConfigDict(config)
+        config.model.bn_axis_name = AXIS
+    return build_model(config)
+
+
+def init_state(config, model, tx, sample_shape) -> TrainState:
+    """A fresh TrainState (host arrays) from `config.seed`."""
+    key = jax.random.key(int(config.seed))
+    variables = jax.jit(model.init)(key, jnp.zeros(sample_shape, jnp.float32))
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params))
+    return jax.device_get(state)
+
+
+def _losses(config, logits, aux, labels, weight):
+    """(per-pixel main focal loss, per-pixel aux focal loss sum) for one device's batch."""
+    t = config.train
+    kwargs = dict(alpha=tuple(float(a) for a in t.focal_alpha), gamma=float(t.focal_gamma))
+    main = focal_loss_map(logits, labels, **kwargs)
+    aux_loss = jnp.zeros_like(main)
+    if float(t.aux_loss_weight) > 0:
+        for name in ("temporal", "spatial"):
+            if name in aux:
+                aux_loss = aux_loss + focal_loss_map(aux[name], labels, **kwargs)
+    return main, aux_loss
+
+
+def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx, config):
+    """One optimizer step on one device's share of the global batch (run under `pmap(AXIS)`).
+
+    The loss is normalised by the global weight sum (`psum` over devices), so the pmean of the
+    device gradients equals the gradient of one mean over the whole global batch: any device count
+    gives the same update.
+    """
+    images, labels, weight = batch["image"], batch["label"], batch["weight"]
+    num_devices = lax.psum(1, AXIS)
+    total_weight = jnp.maximum(lax.psum(jnp.sum(weight), AXIS), 1e-12)
+    aux_weight = float(config.train.aux_loss_weight)
+    use_bn = bool(state.batch_stats)
+
+    def loss_fn(params):
+        variables = {"params": params}
+        if use_bn:
+            variables["batch_stats"] = state.batch_stats
+            (logits, aux), updates = model.apply(variables, images, train=True,
+                                                 mutable=["batch_stats"])
+        else:
+            logits, aux = model.apply(variables, images, train=True)
+            updates = {}
+        main, aux_loss = _losses(config, logits, aux, labels, weight)
+        # This device's share of the global mean, times the device count (pmean divides by it).
+        main_sum = jnp.sum(main * weight) / total_weight
+        aux_sum = jnp.sum(aux_loss * weight) / total_weight
+        loss = (main_sum + aux_weight * aux_sum) * num_devices
+        return loss, (main_sum, aux_sum, updates)
+
+    (_, (main_sum, aux_sum, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    grads = lax.pmean(grads, AXIS)
+    step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    step_updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), step_updates)
+    params = optax.apply_updates(state.params, step_updates)
+    batch_stats = state.batch_stats
+    if use_bn:
+        batch_stats = lax.pmean(updates["batch_stats"], AXIS)
+    main_loss = lax.psum(main_sum, AXIS)
+    aux_loss = lax.psum(aux_sum, AXIS)
+    metrics = {
+        "loss": main_loss + aux_weight * aux_loss,
+        "focal_loss": main_loss,
+        "aux_loss": aux_loss,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model, config):
+    """Validation on one device: predictions (int8) and summed loss / Dice counts over `AXIS`."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    logits, aux = model.apply(variables, batch["image"], train=False)
+    labels, weight = batch["label"], batch["weight"]
+    main, _ = _losses(config, logits, {}, labels, weight)
+    pred = jnp.argmax(logits, axis=-1)
+    classes = jnp.arange(int(config.model.num_classes))
+    on = weight[..., None] > 0
+    pred_1h = (pred[..., None] == classes) & on
+    true_1h = (labels[..., None] == classes) & on
+    sums = {
+        "loss_sum": jnp.sum(main * weight),
+        "weight_sum": jnp.sum(weight),
+        "intersection": jnp.sum(pred_1h & true_1h, axis=(0, 1, 2)).astype(jnp.float32),
+        "predicted": jnp.sum(pred_1h, axis=(0, 1, 2)).astype(jnp.float32),
+        "true": jnp.sum(true_1h, axis=(0, 1, 2)).astype(jnp.float32),
+    }
+    return pred.astype(jnp.int8), lax.psum(sums, AXIS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: per-scan categories and kappa
+
+
+def linear_kappa(confusion: np.ndarray) -> float:
+    """Linearly weighted Cohen's kappa of a (reference x predicted) category count matrix.
+
+    sklearn's `cohen_kappa_score` on the expanded pairs; NaN when it is undefined (one category).
+    """
+    from sklearn.metrics import cohen_kappa_score
+
+    confusion = np.asarray(confusion, np.int64)
+    ref, pred = np.nonzero(confusion)
+    counts = confusion[ref, pred]
+    y_ref, y_pred = np.repeat(ref, counts), np.repeat(pred, counts)
+    if y_ref.size == 0 or (len(set(y_ref)) == 1 and set(y_ref) == set(y_pred)):
+        return math.nan
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = cohen_kappa_score(y_ref, y_pred, labels=list(range(NUM_CATEGORIES)),
+                                  weights="linear")
+    return float(value)
+
+
+def _reference_heart_masks(data, split: str, scan_ids: set[str]) -> dict[str, np.ndarray]:
+    """The reference heart masks of the given scans, read from the TFDS dataset."""
+    import tensorflow_datasets as tfds
+
+    from data_pipeline.input_pipeline import dataset_path
+
+    builder = tfds.builder_from_directory(os.fspath(dataset_path(data)))
+    decoders = tfds.decode.PartialDecoding(
+        {"scan_id": True, "heart_mask": True, "has_heart_mask": True})
+    masks = {}
+    if split not in builder.info.splits or not builder.info.splits[split].num_examples:
+        return masks
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    for ex in tfds.as_numpy(ds):
+        scan_id = ex["scan_id"].decode()
+        if scan_id in scan_ids and ex["has_heart_mask"]:
+            masks[scan_id] = ex["heart_mask"].astype(bool)
+    return masks
+
+
+def _train_pixel_spacing(data) -> dict:
+    """min/median/max in-plane pixel spacing (mm) of the training split, for inference."""
+    import tensorflow_datasets as tfds
+
+    from data_pipeline.input_pipeline import dataset_path
+
+    builder = tfds.builder_from_directory(os.fspath(dataset_path(data)))
+    decoders = tfds.decode.PartialDecoding({"spacing_zyx_mm": True})
+    ds = builder.as_dataset(split="train", shuffle_files=False, decoders=decoders)
+    values = [float(v) for ex in tfds.as_numpy(ds) for v in ex["spacing_zyx_mm"][1:]]
+    if not values:
+        return {}
+    return {"min": float(np.min(values)), "median": float(np.median(values)),
+            "max": float(np.max(values))}
+
+
+class _ScanCollector:
+    """Reassembles per-slice predictions and HU into whole scans on the host."""
+
+    def __init__(self, scans):
+        self.scans = scans
+        self.pred = [np.zeros(s.shape_zyx, np.uint8) for s in scans]
+        self.hu = [np.zeros(s.shape_zyx, np.int16) for s in scans]
+        self.true = [np.zeros(s.shape_zyx, np.uint8) for s in scans]
+
+    def add(self, pred: np.ndarray, batch: dict) -> None:
+        valid = batch["valid"].reshape(-1)
+        scan_index = batch["scan_index"].reshape(-1)
+        slice_index = batch["slice_index"].reshape(-1)
+        pred = pred.reshape(-1, *pred.shape[-2:])
+        labels = batch["label"].reshape(-1, *batch["label"].shape[-2:])
+        centre = batch["image"].reshape(-1, *batch["image"].shape[-4:])[:, 1, ..., 0]
+        for i in np.flatnonzero(valid):
+            s, z = int(scan_index[i]), int(slice_index[i])
+            _, h, w = self.scans[s].shape_zyx
+            self.pred[s][z] = pred[i, :h, :w]
+            self.true[s][z] = labels[i, :h, :w]
+            # The windowed image gives HU back exactly within [-800, 1200] (stored int16 HU,
+            # scaled by 1/2000): enough for the 130/200/300/400 HU rules.
+            self.hu[s][z] = np.rint(centre[i, :h, :w] * 2000.0 - 800.0).astype(np.int16)
+
+
+def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> tuple:
+    """(model confusion 4x4, naive-threshold confusion 4x4) of reference vs predicted category."""
+    from cac_jax.baselines import threshold_score
+    from cac_jax.postprocess import heart_silhouette, predicted_score
+
+    model_cm = np.zeros((NUM_CATEGORIES, NUM_CATEGORIES), np.int64)
+    naive_cm = np.zeros_like(model_cm)
+    for info, pred, hu, true in zip(collector.scans, collector.pred, collector.hu, collector.true):
+        heart = heart_masks.get(info.scan_id)
+        if heart is None or heart.shape != hu.shape:
+            continue  # no reference heart mask: no category for this scan
+        if config.task == "calcium":
+            predicted = predicted_score(hu, pred, heart, info.spacing_zyx_mm).category
+        else:
+            silhouette = heart_silhouette(pred, info.spacing_zyx_mm)
+            predicted = threshold_score(hu, silhouette, info.spacing_zyx_mm).category
+        reference = info.category
+        if reference is None:
+            if config.task != "calcium":
+                continue
+            # No reference score stored: the true coronary class scored the same way.
+            reference = predicted_score(hu, true, heart, info.spacing_zyx_mm).category
+        naive = threshold_score(hu, heart, info.spacing_zyx_mm).category
+        model_cm[reference, predicted] += 1
+        naive_cm[reference, naive] += 1
+    return model_cm, naive_cm
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class _HostState:
+    """Loop state kept on the host and saved in the checkpoint's `meta`."""
+
+    plateau: Any  # optax ReduceLROnPlateauState
+    best_value: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+    def to_json(self) -> dict:
+        p = self.plateau
+        return {"plateau": {k: float(np.asarray(getattr(p, k))) for k in p._fields},
+                "best_value": self.best_value, "best_step": self.best_step,
+                "evals_since_best": self.evals_since_best, "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_json(cls, data: dict, template) -> _HostState:
+        plateau = template._replace(**{
+            k: jnp.asarray(v, dtype=np.asarray(getattr(template, k)).dtype)
+            for k, v in data["plateau"].items()})
+        return cls(plateau=plateau, best_value=data.get("best_value"),
+                   best_step=data.get("best_step"),
+                   evals_since_best=int(data.get("evals_since_best", 0)),
+                   stopped_early=bool(data.get("stopped_early", False)))
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class _Writer:
+    """metrics.jsonl + TensorBoard (tf.summary) on process 0."""
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        # Rows logged after the checkpoint we resume from would be repeated: drop them.
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        # tf.summary.scalar needs the tensorboard package (not a dependency): write the same
+        # scalar events with the core op and the scalars plugin's metadata.
+        self._metadata = summary_pb2.SummaryMetadata()
+        self._metadata.plugin_data.plugin_name = "scalars"
+        self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = {k: _json_safe(v) for k, v in row.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        with self.tb.as_default(step=int(row["step"])):
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and value is not None:
+                    self._tf.summary.write(key, self._tf.constant(float(value), self._tf.float32),
+                                           metadata=self._metadata)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _setup_distributed(config) -> None:
+    """jax.distributed.initialize() when the config or the environment asks for several hosts."""
+    d = config.train.distributed
+    mode = str(d.mode)
+    if mode == "off" or jax.distributed.is_initialized():
+        return
+    if mode == "explicit":
+        # CPU collectives across processes go through gloo (loopback or a cluster network); the
+        # setting only concerns the CPU backend, so it is harmless on accelerator hosts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(str(d.coordinator_address), int(d.num_processes),
+                                   int(d.process_id))
+        return
+    if mode != "auto":
+        raise ConfigError(None, f"config.train.distributed.mode={mode!r}: expected auto, "
+                                f"explicit or off")
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    if slurm or tpu_pod:
+        jax.distributed.initialize()
+
+
+def _replicate(tree, devices):
+    """One copy of `tree` per device, stacked on a leading axis sharded over `devices` (pmap's
+    input layout), without a host-side stack of the copies."""
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
+                                          jax.sharding.PartitionSpec(AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback((len(devices), *x.shape), sharding,
+                                            lambda index: x[None])
+
+    return jax.tree.map(put, tree)
+
+
+def _unreplicate(tree):
+    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+
+def _shard_batch(batch: dict, keys=("image", "label", "weight")) -> dict:
+    """The arrays the step needs (strings such as `scan_id` stay on the host)."""
+    return {k: batch[k] for k in keys}
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _sum_processes(array: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return array
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array)).sum(axis=0)
+
+
+class _Preemption:
+    """SIGTERM (SLURM, TPU preemption) sets a flag; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler (the caller handles signals)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(config, p_eval, state, val_iter, heart_masks, host_state_plateau=None) -> dict:
+    """Validation metrics of the replicated `state` on `val_iter` (every host, same steps)."""
+    num_classes = int(config.model.num_classes)
+    names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
+    totals = None
+    collector = _ScanCollector(val_iter.scans)
+    for batch in val_iter:
+        pred, sums = p_eval(state, _shard_batch(batch))
+        sums = jax.device_get(jax.tree.map(lambda x: x[0], sums))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        collector.add(np.asarray(pred), batch)
+    metrics = {}
+    if totals is None:
+        return metrics
+    metrics["val_loss"] = float(totals["loss_sum"] / max(float(totals["weight_sum"]), 1e-12))
+    dice = []
+    for c in range(1, num_classes):
+        denom = float(totals["predicted"][c] + totals["true"][c])
+        value = 2.0 * float(totals["intersection"][c]) / denom if denom else math.nan
+        metrics[f"val_dice_{names[c]}"] = value
+        dice.append(value)
+    finite = [d for d in dice if math.isfinite(d)]
+    metrics["val_dice_mean"] = float(np.mean(finite)) if finite else math.nan
+    model_cm, naive_cm = scan_categories(config, collector, heart_masks)
+    model_cm, naive_cm = _sum_processes(model_cm), _sum_processes(naive_cm)
+    metrics["val_kappa"] = linear_kappa(model_cm)
+    metrics["val_kappa_naive"] = linear_kappa(naive_cm)
+    metrics["val_exact"] = float(np.trace(model_cm) / max(model_cm.sum(), 1))
+    metrics["val_scans"] = int(model_cm.sum())
+    return metrics
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train (or resume) the experiment `config` in `workdir`; returns the summary dict."""
+    _setup_distributed(config)
+    check_config(config)
+    workdir = pathlib.Path(workdir).absolute()
+    devices = resolve_devices(config)
+    n_local = len(devices)
+    n_global = n_local * jax.process_count()
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    config = ml_collections.ConfigDict(config)  # our copy: derived fields are set below
+    with config.unlocked():
+        config.data.per_device_batch = int(config.train.batch_size) // n_global
+    if config.data.get("seed") is None:
+        with config.unlocked():
+            config.data.seed = int(config.seed)
+
+    # Refuse to resume a run of another config (which keys differ).
+    config_file = workdir / ckpt_lib.CONFIG_FILE
+    if config_file.exists():
+        saved = json.loads(config_file.read_text())
+        diffs = config_differences(saved, config)
+        if diffs:
+            raise ConfigError(config_file, "workdir holds a run of a different config; differing "
+                                           "keys: " + "; ".join(diffs))
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_file, json.dumps(ckpt_lib.config_to_dict(config), indent=2))
+
+    from data_pipeline.input_pipeline import make_dataset
+
+    model = model_for_training(config)
+    tx = make_optimizer(config)
+    plateau = make_plateau(config)
+    size = int(config.data.crop_size or config.data.image_size)
+    fresh = init_state(config, model, tx, (1, 3, size, size, 1))
+    host = _HostState(plateau=plateau.init({}))
+    name, mode = ckpt_lib.best_options(config)
+
+    manager = ckpt_lib.make_manager(workdir, config)
+    start_step = 0
+    restored = manager.latest_step()
+    if restored is not None:
+        import orbax.checkpoint as ocp
+
+        variables = {"params": fresh.params}
+        if fresh.batch_stats:
+            variables["batch_stats"] = fresh.batch_stats
+        train_items = {"opt_state": fresh.opt_state, "step": np.asarray(fresh.step)}
+        items = manager.restore(restored, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(variables),
+            train_state=ocp.args.StandardRestore(train_items),
+            meta=ocp.args.JsonRestore()))
+        v, ts = items["variables"], items["train_state"]
+        fresh = TrainState(step=jnp.asarray(ts["step"], jnp.int32), params=v["params"],
+                           batch_stats=v.get("batch_stats", {}), opt_state=ts["opt_state"])
+        fresh = jax.device_get(fresh)
+        host = _HostState.from_json(items["meta"]["host"], host.plateau)
+        start_step = int(items["meta"]["step"])
+    total_steps = int(config.train.steps)
+
+    state = _replicate(fresh, devices)
+    p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config),
+                       axis_name=AXIS, devices=devices, donate_argnums=(0,))
+    p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config),
+                      axis_name=AXIS, devices=devices)
+
+    writer = _Writer(workdir, start_step, enabled=is_main)
+    val_iter = make_dataset(config, "validation", process_index=process_index,
+                            process_count=process_count, local_devices=n_local, train=False)
+    heart_masks = _reference_heart_masks(config.data, "validation",
+                                         {s.scan_id for s in val_iter.scans})
+    spacing = _train_pixel_spacing(config.data)
+    train_iter = None
+    if start_step < total_steps and not host.stopped_early:
+        train_iter = make_dataset(config, "train", process_index=process_index,
+                                  process_count=process_count, local_devices=n_local,
+                                  start_step=start_step)
+
+    def save(step: int, metrics: dict | None) -> None:
+        host_state = _unreplicate(state)
+        variables = {"params": host_state.params}
+        if host_state.batch_stats:
+            variables["batch_stats"] = host_state.batch_stats
+        train_items = {"opt_state": host_state.opt_state, "step": np.asarray(host_state.step)}
+        meta = {"step": step, "metrics": {k: _json_safe(v) for k, v in (metrics or {}).items()},
+                "host": host.to_json(), "data_position": {"start_step": step},
+                "pixel_spacing_mm": spacing, "task": config.task,
+                "num_classes": int(config.model.num_classes)}
+        clean = None
+        if metrics:
+            clean = {k: float(v) for k, v in metrics.items()
+                     if isinstance(v, int | float) and math.isfinite(float(v))}
+        manager.save(step, args=ckpt_lib.save_args(variables, train_items, meta, config),
+                     metrics=clean, force=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and
+                                                                     config.train.progress),
+               unit="step", dynamic_ncols=True, desc=f"train {config.model.arch}/{config.task}")
+    t_start = time.perf_counter()
+    t_compute = 0.0
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    step = start_step
+    last_saved = restored
+    preempted = False
+    lr_scale = float(host.plateau.scale)
+    scale_dev = _replicate(jnp.asarray(lr_scale, jnp.float32), devices)
+    last_metrics: dict = {}
+    try:
+        with _Preemption() as preemption:
+            while step < total_steps and not host.stopped_early:
+                batch = _shard_batch(next(train_iter))
+                t0 = time.perf_counter()
+                state, metrics = p_train(state, batch, scale_dev)
+                step += 1
+                bar.update(1)
+                row = None
+                if step % int(config.train.log_every) == 0 or step == total_steps:
+                    metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+                    t_compute += time.perf_counter() - t0
+                    now = time.perf_counter()
+                    row = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                           "learning_rate": float(config.train.learning_rate) * lr_scale,
+                           "samples_per_s": (step - last_log_step) * int(config.train.batch_size)
+                           / max(now - last_log_time, 1e-9)}
+                    last_log_time, last_log_step = now, step
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
+                    last_metrics = row
+                eval_metrics = None
+                if step % int(config.train.eval_every) == 0 or step == total_steps:
+                    eval_metrics = evaluate(config, p_eval, state, val_iter, heart_masks)
+                    # Plateau on the validation loss (paper), once per evaluation.
+                    _, host.plateau = plateau.update(
+                        updates={}, state=host.plateau, value=jnp.asarray(
+                            eval_metrics.get("val_loss", math.inf), jnp.float32))
+                    lr_scale = float(host.plateau.scale)
+                    scale_dev = _replicate(jnp.asarray(lr_scale, jnp.float32), devices)
+                    value = float(eval_metrics.get(name, math.nan))
+                    if _improved(value, host.best_value, mode):
+                        host.best_value, host.best_step, host.evals_since_best = value, step, 0
+                    else:
+                        host.evals_since_best += 1
+                    patience = int(config.train.early_stop_patience)
+                    if patience and host.evals_since_best >= patience:
+                        host.stopped_early = True
+                    row = {**(row or {"step": step}), **eval_metrics,
+                           "learning_rate_next": float(config.train.learning_rate) * lr_scale}
+                    # Keep evaluation time out of the next row's training throughput.
+                    last_log_time = time.perf_counter()
+                    if host.stopped_early and is_main:
+                        bar.write(f"early stop at step {step}: no better {name} in {patience} "
+                                  f"evaluations (best {host.best_value} at {host.best_step})")
+                if row is not None:
+                    writer.write(row)
+                stop_now = (_any_process(preemption.requested)
+                            if step % int(config.train.log_every) == 0 or process_count == 1
+                            else False)
+                if (eval_metrics is not None or step % int(config.train.checkpoint_every) == 0
+                        or step == total_steps or host.stopped_early or stop_now):
+                    save(step, eval_metrics)
+                    last_saved = step
+                if stop_now:
+                    preempted = True
+                    if is_main:
+                        bar.write(f"SIGTERM: checkpoint saved at step {step}; exiting")
+                    break
+        if last_saved != step and step > 0:
+            save(step, None)
+    finally:
+        manager.wait_until_finished()
+        bar.close()
+        writer.close()
+    wall = time.perf_counter() - t_start
+    steps_run = step - start_step
+    best_step = manager.best_step()
+    manager.close()
+    peak = _peak_memory_bytes(devices[0])
+    summary = {
+        "workdir": os.fspath(workdir), "task": config.task, "arch": config.model.arch,
+        "steps": step, "steps_this_run": steps_run, "resumed_from": restored,
+        "best_step": best_step, "best_metric": name, "best_value": host.best_value,
+        "stopped_early": host.stopped_early, "preempted": preempted,
+        "wall_time_s": wall, "steps_per_s": steps_run / wall if wall > 0 else None,
+        "devices": n_global, "processes": process_count,
+        "peak_memory_bytes": peak, "last": {k: _json_safe(v) for k, v in last_metrics.items()},
+    }
+    if is_main:
+        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _peak_memory_bytes(device) -> int | None:
+    """Peak device memory (accelerators) or this process's peak RSS (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 (backends without memory stats)
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
