@@ -240,15 +240,7 @@ class _ModelRunner:
         return classes
 
     def _batch(self, hu, centres, offset, model_hw, bucket) -> np.ndarray:
-        """(B, 3, H_b, W_b, 1) float32: the centres' windows, resampled and padded."""
-        windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]  # (n, 3, h, w)
-        height, width = hu.shape[1:]
-        if model_hw != (height, width):
-            windows = ndimage.zoom(windows, (1, 1, model_hw[0] / height, model_hw[1] / width),
-                                   order=1, mode="nearest", grid_mode=True)
-        images = np.zeros((self.batch_size, 3, *bucket, 1), np.float32)
-        images[:len(centres), :, :model_hw[0], :model_hw[1], 0] = windows
-        return images
+        return padded_inputs(hu, centres, offset, bucket, self.batch_size, model_hw)
 
     def _store(self, out, pending, model_hw, resample) -> float:
         """Copies a finished batch into `out`; returns the seconds spent resampling back."""
@@ -263,6 +255,25 @@ class _ModelRunner:
             values, (1, height / model_hw[0], width / model_hw[1], 1), order=1, mode="nearest",
             grid_mode=True)
         return time.perf_counter() - t0
+
+
+def padded_inputs(hu: np.ndarray, centres: np.ndarray, offset: int, bucket_hw: tuple[int, int],
+                  batch_size: int, model_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Model inputs (batch_size, 3, H_b, W_b, 1) float32 of the centre slices `centres` of `hu`.
+
+    `data_pipeline.labels.model_inputs` (the windows training uses), resampled in-plane to
+    `model_hw` when it differs from the study's (linear, pixel areas aligned), placed top-left
+    and padded with 0 (-800 HU) to `bucket_hw`, and with all-zero samples to `batch_size`.
+    """
+    windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]  # (n, 3, h, w)
+    height, width = hu.shape[1:]
+    model_hw = (height, width) if model_hw is None else tuple(model_hw)
+    if model_hw != (height, width):
+        windows = ndimage.zoom(windows, (1, 1, model_hw[0] / height, model_hw[1] / width),
+                               order=1, mode="nearest", grid_mode=True)
+    images = np.zeros((batch_size, 3, *bucket_hw, 1), np.float32)
+    images[:len(centres), :, :model_hw[0], :model_hw[1], 0] = windows
+    return images
 
 
 # ---------------------------------------------------------------------------------------------
