@@ -201,13 +201,14 @@ class _ModelRunner:
             model_hw = (max(1, round(height * spacing_zyx_mm[1] / target[0])),
                         max(1, round(width * spacing_zyx_mm[2] / target[1])))
         resample = model_hw != (height, width)
-        # Resampled studies come back as probabilities: the linear resample of the argmax would
-        # not be a class map.
+        # A resampled study's model output comes back as probabilities (a linear resample of
+        # class indices would not be a class map); the argmax on the study's grid is taken per
+        # batch, so only a class map of the whole study is held unless probabilities are asked for.
         want_probs = probabilities or resample
         offset = labels_lib.neighbour_offset(spacing_zyx_mm[0], self.neighbour_mm)
         bucket = self.bucket(*model_hw)
         num_classes = int(self.trained.num_classes)
-        out = (np.empty((num_slices, height, width, num_classes), np.float32) if want_probs
+        out = (np.empty((num_slices, height, width, num_classes), np.float32) if probabilities
                else np.empty((num_slices, height, width), np.uint8))
 
         start = time.perf_counter()
@@ -232,12 +233,7 @@ class _ModelRunner:
         timings["preprocess"] = timings.get("preprocess", 0.0) + host
         timings["postprocess"] = timings.get("postprocess", 0.0) + back
         timings[f"{self.role}_model"] = timings.get(f"{self.role}_model", 0.0) + total - host - back
-        if probabilities or not want_probs:
-            return out
-        t0 = time.perf_counter()
-        classes = np.argmax(out, axis=-1).astype(np.uint8)
-        timings["postprocess"] += time.perf_counter() - t0
-        return classes
+        return out
 
     def _batch(self, hu, centres, offset, model_hw, bucket) -> np.ndarray:
         return padded_inputs(hu, centres, offset, bucket, self.batch_size, model_hw)
@@ -251,9 +247,9 @@ class _ModelRunner:
             return 0.0
         t0 = time.perf_counter()
         height, width = out.shape[1:3]
-        out[first:first + count] = ndimage.zoom(
-            values, (1, height / model_hw[0], width / model_hw[1], 1), order=1, mode="nearest",
-            grid_mode=True)
+        values = ndimage.zoom(values, (1, height / model_hw[0], width / model_hw[1], 1), order=1,
+                              mode="nearest", grid_mode=True)
+        out[first:first + count] = values if out.ndim == 4 else np.argmax(values, axis=-1)
         return time.perf_counter() - t0
 
 

@@ -246,6 +246,11 @@ def test_resampled_to_training_spacing_and_back():
     # The score uses the original HU at the original spacing: area of the disc, weight 4 (600 HU).
     area_mm2 = coronary[1].sum() * 0.7 * 0.7
     assert result.score.agatston == pytest.approx(3 * area_mm2 * 4, rel=1e-6)
+    # Probabilities on request come back on the study's grid too, summing to 1.
+    probs = scorer.score(volume_of(hu, spacing=(3.0, 0.7, 0.7)), probabilities=True).probabilities
+    assert probs["calcium"].shape == (3, size, size, 3)
+    np.testing.assert_allclose(probs["heart"].sum(-1), 1.0, atol=1e-5)
+    assert scorer.compilations == {"heart": 1, "calcium": 1}
     # Inside the covered range (2.7 mm / (1 + zoom) .. ): run as is.
     same = scorer.score(volume_of(hu[:, ::4, ::4].copy(), spacing=(3.0, 2.8, 2.8)))
     assert same.model_spacing_yx_mm == {"heart": None, "calcium": None} and not same.resampled
