@@ -394,9 +394,13 @@ def test_killed_batch_resumes_without_redoing(scorer, tmp_path):
 
 def test_manifest_input_and_bad_arguments(scorer, tmp_path, monkeypatch, capsys):
     from cac_jax.cli import main
+    from data_pipeline.io import write_dicom_series
     from data_pipeline.manifest import ManifestRow, write_manifest
 
     paths = _write_cohort(tmp_path, count=2)
+    # The second study as a DICOM series: masks are written in its geometry all the same.
+    write_dicom_series(read_study(paths[1]), tmp_path / "dicom" / "s1", uid_seed="s1")
+    paths[1] = tmp_path / "dicom" / "s1"
     manifest = tmp_path / "manifest.csv"
     write_manifest(manifest, [ManifestRow(patient_id=f"P{k}", scan_id=f"patient {k}",
                                           protocol="ctac", image=p, calcium_labels=None,
@@ -406,16 +410,18 @@ def test_manifest_input_and_bad_arguments(scorer, tmp_path, monkeypatch, capsys)
                         classmethod(lambda cls, h, c, **kw: scorer))
     out = tmp_path / "out"
     assert main(["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C", "--manifest",
-                 str(manifest), "--out", str(out), "--no-progress"]) == 0
+                 str(manifest), "--out", str(out), "--no-progress", "--save-masks"]) == 0
     text = (out / "results.csv").read_text()
-    assert "patient 0," in text and ",ctac,ok," in text
+    assert "patient 0," in text and "patient 1," in text and text.count(",ctac,ok,") == 2
     assert (out / "patient_0.json").exists()
+    heart = read_labels(out / "patient_1_heart_mask.nii.gz", like=read_study(paths[1]))
+    assert heart.shape == read_study(paths[1]).shape
     capsys.readouterr()
     # --out onto a file: one line, exit 2.
     assert main(["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C", "--input",
-                 str(paths[0]), "--out", str(paths[1]), "--no-progress"]) == 2
+                 str(paths[1]), "--out", str(paths[0]), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(paths[1]) in err[0]
+    assert len(err) == 1 and str(paths[0]) in err[0]
 
 
 def test_inference_never_imports_tensorflow(tmp_path):
