@@ -16,6 +16,14 @@ USAGE = ("usage: cac-jax train --config configs/NAME.py[:local] --workdir DIR "
          "[--config.KEY=VALUE ...]")
 
 
+def _one_line(err: BaseException) -> str:
+    """An absl/ml_collections error as one line (they embed tracebacks and file lists)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = [lines[0].rstrip(":"), lines[-1]]
+    return " ".join(" ".join(lines).split())
+
+
 def parse_flags(argv: Sequence[str]):
     """(config, workdir) from command-line arguments, on a private absl FlagValues.
 
@@ -25,21 +33,27 @@ def parse_flags(argv: Sequence[str]):
     from ml_collections import config_flags
 
     values = flags.FlagValues()
+    argv = ["cac-jax train", *argv]
+    # config_flags finds the `--config.KEY=VALUE` overrides in the argv it is given at
+    # definition (sys.argv by default, which is not ours inside a subcommand).
     config_flags.DEFINE_config_file(
         "config", None, "experiment config file (configs/NAME.py[:local])", flag_values=values,
-        lock_config=True)
+        lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "training workdir (created; a rerun resumes it)",
                         flag_values=values)
     try:
-        values(["cac-jax train", *argv])
+        values(argv)
         config, workdir = values.config, values.workdir
+        if config is not None:
+            # A config file that failed to load is a placeholder that raises on first use.
+            config.get("task")
     except flags.Error as err:
-        raise InputError(None, f"{err} ({USAGE})") from None
+        raise InputError(None, f"{_one_line(err)} ({USAGE})") from None
     except (FileNotFoundError, OSError) as err:
-        raise InputError(getattr(err, "filename", None), f"cannot read the config: "
-                                                         f"{err.strerror or err}") from None
+        raise InputError(getattr(err, "filename", None),
+                         f"cannot read the config: {_one_line(err)}") from None
     except (AttributeError, KeyError, ValueError, TypeError) as err:
-        raise InputError(None, f"bad config: {err}") from None
+        raise InputError(None, f"bad config: {_one_line(err)}") from None
     if config is None:
         raise InputError(None, f"--config is required ({USAGE})")
     if not workdir:

@@ -245,8 +245,8 @@ def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx
         "loss": main_loss + aux_weight * aux_loss,
         "focal_loss": main_loss,
         "aux_loss": aux_loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
@@ -495,7 +495,14 @@ def _setup_distributed(config) -> None:
 
 def _replicate(tree, devices):
     """One copy of `tree` per device, stacked on a leading axis sharded over `devices` (pmap's
-    input layout), without a host-side stack of the copies."""
+    input layout), without a host-side stack of the copies.
+
+    With several processes pmap spans every process's devices and takes this host's share as
+    host arrays (local devices, ...), so the copies are stacked on the host instead.
+    """
+    if jax.process_count() > 1:
+        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None],
+                                                      (len(devices), *np.shape(x))), tree)
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
                                           jax.sharding.PartitionSpec(AXIS))
 
@@ -507,8 +514,21 @@ def _replicate(tree, devices):
     return jax.tree.map(put, tree)
 
 
+def _local_array(x) -> np.ndarray:
+    """This host's rows of a pmapped array (leading axis = local devices) as numpy.
+
+    With several processes a pmap output is not fully addressable: read its local shards.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+        parts = [np.asarray(shard.data) for shard in shards]
+        return np.concatenate([p if p.ndim == x.ndim else p[None] for p in parts])
+    return np.asarray(x)
+
+
 def _unreplicate(tree):
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """The first local copy of a replicated pytree, as host arrays."""
+    return jax.tree.map(lambda x: _local_array(x)[0], tree)
 
 
 def _shard_batch(batch: dict, keys=("image", "label", "weight")) -> dict:
@@ -562,9 +582,9 @@ def evaluate(config, p_eval, state, val_iter, heart_masks, host_state_plateau=No
     collector = _ScanCollector(val_iter.scans)
     for batch in val_iter:
         pred, sums = p_eval(state, _shard_batch(batch))
-        sums = jax.device_get(jax.tree.map(lambda x: x[0], sums))
+        sums = _unreplicate(sums)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-        collector.add(np.asarray(pred), batch)
+        collector.add(_local_array(pred), batch)
     metrics = {}
     if totals is None:
         return metrics
@@ -611,6 +631,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with config.unlocked():
             config.data.seed = int(config.seed)
 
+    from data_pipeline.input_pipeline import dataset_path
+
+    data_path = dataset_path(config.data)
+    if not (data_path / "dataset_info.json").exists():  # before any compilation
+        raise InputError(data_path, "no dataset here; build it with `cac-jax ingest --manifest "
+                                    f"M.csv --data-dir {config.data.data_dir} --name "
+                                    f"{config.data.name}`")
     # Refuse to resume a run of another config (which keys differ).
     config_file = workdir / ckpt_lib.CONFIG_FILE
     if config_file.exists():
@@ -656,10 +683,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     total_steps = int(config.train.steps)
 
     state = _replicate(fresh, devices)
+    # Multi-process: pmap over all devices of all processes (devices=None); the collectives
+    # then span the hosts.
+    pmap_devices = devices if process_count == 1 else None
     p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config),
-                       axis_name=AXIS, devices=devices, donate_argnums=(0,))
+                       axis_name=AXIS, devices=pmap_devices, donate_argnums=(0,))
     p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config),
-                      axis_name=AXIS, devices=devices)
+                      axis_name=AXIS, devices=pmap_devices)
 
     writer = _Writer(workdir, start_step, enabled=is_main)
     val_iter = make_dataset(config, "validation", process_index=process_index,
@@ -696,7 +726,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                                      config.train.progress),
                unit="step", dynamic_ncols=True, desc=f"train {config.model.arch}/{config.task}")
     t_start = time.perf_counter()
-    t_compute = 0.0
     last_log_time, last_log_step = time.perf_counter(), start_step
     step = start_step
     last_saved = restored
@@ -708,19 +737,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with _Preemption() as preemption:
             while step < total_steps and not host.stopped_early:
                 batch = _shard_batch(next(train_iter))
-                t0 = time.perf_counter()
                 state, metrics = p_train(state, batch, scale_dev)
                 step += 1
                 bar.update(1)
                 row = None
                 if step % int(config.train.log_every) == 0 or step == total_steps:
-                    metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
-                    t_compute += time.perf_counter() - t0
+                    metrics = _unreplicate(metrics)
                     now = time.perf_counter()
                     row = {"step": step, **{k: float(v) for k, v in metrics.items()},
                            "learning_rate": float(config.train.learning_rate) * lr_scale,
                            "samples_per_s": (step - last_log_step) * int(config.train.batch_size)
-                           / max(now - last_log_time, 1e-9)}
+                           / max(now - last_log_time, 1e-9),
+                           "elapsed_s": now - t_start}
                     last_log_time, last_log_step = now, step
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
                     last_metrics = row
@@ -742,6 +770,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     if patience and host.evals_since_best >= patience:
                         host.stopped_early = True
                     row = {**(row or {"step": step}), **eval_metrics,
+                           "elapsed_s": time.perf_counter() - t_start,
                            "learning_rate_next": float(config.train.learning_rate) * lr_scale}
                     # Keep evaluation time out of the next row's training throughput.
                     last_log_time = time.perf_counter()

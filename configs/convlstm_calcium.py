@@ -2,7 +2,6 @@
 
 ConvLSTM-attention calcium segmenter (the paper's model B: background, coronary, non-coronary calcium).
 Tiny test variant: `--config configs/convlstm_calcium.py:local` (64 px, narrow widths).
-(The training entry point `cac_jax.main` comes with the training issue.)
 """
 
 from cac_jax.config_defaults import get_base_config, parse_config_arg

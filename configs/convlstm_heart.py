@@ -2,7 +2,6 @@
 
 ConvLSTM-attention heart-silhouette segmenter (the paper's model A: background, heart).
 Tiny test variant: `--config configs/convlstm_heart.py:local` (64 px, narrow widths).
-(The training entry point `cac_jax.main` comes with the training issue.)
 """
 
 from cac_jax.config_defaults import get_base_config, parse_config_arg

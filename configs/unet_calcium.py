@@ -2,7 +2,6 @@
 
 UNet baseline (base width 64, the literature's UNet) for calcium segmentation.
 Tiny test variant: `--config configs/unet_calcium.py:local` (64 px, narrow widths).
-(The training entry point `cac_jax.main` comes with the training issue.)
 """
 
 from cac_jax.config_defaults import get_base_config, parse_config_arg

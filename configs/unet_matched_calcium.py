@@ -5,7 +5,6 @@ parameter count is about the default ConvLSTM-attention model's (base 24: 4.37 M
 parameters, benchmarks/results/bench_models.md), so the paper's comparison can be reported both
 against the standard UNet (configs/unet_calcium.py) and at matched size.
 Tiny test variant: `--config configs/unet_matched_calcium.py:local`.
-(The training entry point `cac_jax.main` comes with the training issue.)
 """
 
 from cac_jax.config_defaults import get_base_config, parse_config_arg

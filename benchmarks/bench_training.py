@@ -1,0 +1,248 @@
+"""Training speed: forward vs the real training step, per model, side by side in one run.
+
+    python benchmarks/bench_training.py --quick     # 256 px, batch 2, 3 rounds (minutes on 2 cores)
+    python benchmarks/bench_training.py             # 512 px, batch 2, 5 rounds
+
+For the ConvLSTM-attention (configs/convlstm_calcium.py), UNet-64 (configs/unet_calcium.py) and
+the width-matched UNet (configs/unet_matched_calcium.py), calcium task, float32, on one device:
+- `forward_s`: jit-compiled inference forward at the batch (warm, median of rounds);
+- `step_s`: `cac_jax.train.train_step` itself (focal loss with aux losses, gradients, pmean,
+  Adam), pmapped on one device with the batch already on the device;
+- `step_over_forward` (issue 9's target: <= 4), `samples_per_s` (batch / step_s);
+- `compiled_bytes`: XLA's memory analysis of the compiled step (temp + arguments + outputs -
+  aliased); `peak_rss_bytes`: this process's peak resident memory after the model (cumulative,
+  so only the first model's figure is its own; on accelerators `device_peak_bytes`);
+- `outside_share`: the share of loop time spent outside the compiled step when each step takes a
+  host numpy batch and fetches its metrics (what the training loop does at log_every=1, its
+  worst case): 1 - (device-resident steps) / (host-fed steps with metrics), target <= 5%.
+Rounds are interleaved (matmul, model A forward and step, model B, ...) so load from other
+processes hits all models alike; a float32 matmul (2048) measures this machine's peak in the
+same rounds. Writes benchmarks/results/bench_training.json and .md (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"convlstm": "convlstm_calcium.py", "unet64": "unet_calcium.py",
+          "unet_matched": "unet_matched_calcium.py"}
+MATMUL_N = 2048
+
+
+def load_config(name: str):
+    path = ROOT / "configs" / MODELS[name]
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.dtype = "float32"
+    return config
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    import jax
+
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0, out
+
+
+def _memory(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 (backends without a memory analysis)
+        return None
+
+
+class Bench:
+    """One model's compiled forward and training step, ready to time."""
+
+    def __init__(self, name: str, size: int, batch: int):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from cac_jax import train as train_lib
+
+        self.name = name
+        config = load_config(name)
+        self.model = train_lib.model_for_training(config)
+        tx = train_lib.make_optimizer(config)
+        state = train_lib.init_state(config, self.model, tx, (1, 3, size, size, 1))
+        rng = np.random.default_rng(0)
+        self.host_batch = {
+            "image": rng.uniform(0, 1, (1, batch, 3, size, size, 1)).astype(np.float32),
+            "label": rng.integers(0, 3, (1, batch, size, size)).astype(np.int32),
+            "weight": np.ones((1, batch, size, size), np.float32)}
+        device = jax.local_devices()[:1]
+        self.state = train_lib._replicate(state, device)
+        self.scale = train_lib._replicate(jnp.asarray(1.0, jnp.float32), device)
+        self.batch = train_lib._replicate({k: v[0] for k, v in self.host_batch.items()}, device)
+        self.p_step = jax.pmap(functools.partial(train_lib.train_step, model=self.model, tx=tx,
+                                                 config=config),
+                               axis_name=train_lib.AXIS, devices=device, donate_argnums=(0,))
+        variables = {"params": state.params}
+        self.variables = jax.device_put(variables, jax.local_devices()[0])
+        self.x = jax.device_put(self.host_batch["image"][0], jax.local_devices()[0])
+        self.forward = jax.jit(lambda v, x: self.model.apply(v, x)[0])
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.forward(self.variables, self.x))
+        self.compile_forward_s = time.perf_counter() - t0
+        try:
+            self.compiled_bytes = _memory(self.p_step.lower(self.state, self.batch, self.scale)
+                                          .compile())
+        except Exception:  # noqa: BLE001
+            self.compiled_bytes = None
+        t0 = time.perf_counter()
+        self.state, _ = self.p_step(self.state, self.batch, self.scale)
+        jax.block_until_ready(self.state)
+        self.compile_step_s = time.perf_counter() - t0
+        self.forward_times, self.step_times, self.pure, self.fed = [], [], [], []
+
+    def round(self, loop_steps: int) -> None:
+        import jax
+
+        self.forward_times.append(_timed(self.forward, self.variables, self.x)[0])
+        t, (self.state, _) = _timed(self.p_step, self.state, self.batch, self.scale)
+        self.step_times.append(t)
+        # Device-resident batch, no metric fetches...
+        t0 = time.perf_counter()
+        for _ in range(loop_steps):
+            self.state, metrics = self.p_step(self.state, self.batch, self.scale)
+        jax.block_until_ready((self.state, metrics))
+        self.pure.append(time.perf_counter() - t0)
+        # ...against the loop's way: a host numpy batch in, metrics fetched every step.
+        t0 = time.perf_counter()
+        for _ in range(loop_steps):
+            self.state, metrics = self.p_step(self.state, self.host_batch, self.scale)
+            jax.device_get(jax.tree.map(lambda m: m[0], metrics))
+        self.fed.append(time.perf_counter() - t0)
+
+
+def matmul_gflops() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, a))
+    t, _ = _timed(dot, a, a)
+    return 2 * MATMUL_N**3 / t / 1e9
+
+
+def run(args) -> dict:
+    import jax
+
+    names = args.models
+    benches = {}
+    for name in names:
+        print(f"compiling {name} at {args.size} px, batch {args.batch}", flush=True)
+        benches[name] = Bench(name, args.size, args.batch)
+        benches[name].rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(matmul_gflops())
+        for b in benches.values():
+            b.round(args.loop_steps)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    models = {}
+    for name, b in benches.items():
+        forward = statistics.median(b.forward_times)
+        step = statistics.median(b.step_times)
+        pure, fed = statistics.median(b.pure), statistics.median(b.fed)
+        stats = None
+        try:
+            stats = jax.local_devices()[0].memory_stats()
+        except Exception:  # noqa: BLE001
+            stats = None
+        models[name] = {
+            "forward_s": forward, "step_s": step, "step_over_forward": step / forward,
+            "samples_per_s": args.batch / step, "compiled_bytes": b.compiled_bytes,
+            "peak_rss_bytes": b.rss_after,
+            "device_peak_bytes": (stats or {}).get("peak_bytes_in_use"),
+            "outside_share": max(0.0, 1.0 - pure / fed),
+            "compile_forward_s": b.compile_forward_s, "compile_step_s": b.compile_step_s,
+            "forward_rounds_s": b.forward_times, "step_rounds_s": b.step_times,
+        }
+    return {
+        "size": args.size, "batch": args.batch, "rounds": args.rounds,
+        "loop_steps": args.loop_steps, "dtype": "float32",
+        "matmul_gflops": statistics.median(peaks), "matmul_rounds_gflops": peaks,
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                    "cpus": os.cpu_count(), "device": str(jax.devices()[0]),
+                    "jax": jax.__version__, "load_avg_1m": os.getloadavg()[0]},
+        "models": models,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                flags = pathlib.Path("/proc/cpuinfo").read_text()
+                return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in flags
+                                                        else "")
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Training step vs forward ({res['size']} px, batch {res['batch']}, float32)", "",
+             f"Machine: {res['machine']['processor']}, {res['machine']['cpus']} CPUs, "
+             f"{res['machine']['device']}, jax {res['machine']['jax']}; 1-minute load average "
+             f"{res['machine']['load_avg_1m']:.1f} at the end (shared machine: compare ratios). "
+             f"float32 matmul peak in the same run: {res['matmul_gflops']:.0f} GFLOP/s.", "",
+             "| model | forward s | step s | step / forward | samples/s | compiled MB | "
+             "outside compiled step |", "|---|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        mb = "" if m["compiled_bytes"] is None else f"{m['compiled_bytes'] / 2**20:.0f}"
+        lines.append(f"| {name} | {m['forward_s']:.3f} | {m['step_s']:.3f} | "
+                     f"{m['step_over_forward']:.1f} | {m['samples_per_s']:.2f} | {mb} | "
+                     f"{100 * m['outside_share']:.1f}% |")
+    lines += ["", "Target (issue 9): step <= 4x forward for every model; <= 5% of loop time "
+                  "outside the compiled step. The step is `cac_jax.train.train_step` (focal loss, "
+                  "ConvLSTM aux losses, gradients, Adam)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="256 px, 3 rounds")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--loop-steps", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.rounds = 256, 3
+    res = run(args)
+    from data_pipeline.atomic import atomic_write_text
+
+    md = markdown(res)
+    atomic_write_text(args.out / "bench_training.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(args.out / "bench_training.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

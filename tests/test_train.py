@@ -1,0 +1,312 @@
+"""Training: the pmapped step (8 devices == 1 device), short runs, exact resume after a kill,
+SIGTERM saves, bad input exits 2, and two processes joined by jax.distributed (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_tfds_builder import write_tiny_cohort  # noqa: E402
+
+from cac_jax import checkpoints as ckpt  # noqa: E402
+from cac_jax import main as main_lib  # noqa: E402
+from cac_jax import train as train_lib  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ("convlstm_calcium", "convlstm_heart", "unet_calcium", "unet_heart")
+
+
+def load_config(name: str, arg: str | None = "local"):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny built dataset (9 patients, 32/64 px scans of 5-7 slices, train/validation/test)."""
+    from data_pipeline.tfds_builder import build_dataset
+
+    root = tmp_path_factory.mktemp("train_data")
+    manifest = write_tiny_cohort(root, patients=9, split_column=True)
+    build_dataset(manifest, root / "tfds", name="tiny", progress=False)
+    return root / "tfds"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache, so re-runs (resume) do not compile the same step again."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
+def tiny_config(name: str, data_dir, **train):
+    config = load_config(name)
+    config.data.data_dir = str(data_dir)
+    config.data.name = "tiny"
+    config.train.progress = False
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def rows(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+@pytest.mark.slow
+def test_pmapped_step_on_8_devices_equals_1_device():
+    assert jax.local_device_count() == 8  # tests/conftest.py: 8 virtual CPU devices
+    config, model, tx, state, batch = fixed_step_inputs()
+    results = [pmapped_step(config, model, tx, state, batch, jax.local_devices()[:n],
+                            jax.local_devices()[:n]) for n in (1, 8)]
+    (one, m1), (eight, m8) = results
+    assert int(one.step) == int(eight.step) == 1
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-4)
+    # Adam's first update is lr * g / (|g| + eps), about lr * sign(g): summation-order noise in a
+    # near-zero gradient moves a weight by up to ~lr, so compare within 2% of the rate.
+    lr = float(config.train.learning_rate)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * lr)
+    for a, b in zip(jax.tree.leaves(one.opt_state), jax.tree.leaves(eight.opt_state),
+                    strict=True):  # Adam's moments: the gradients themselves
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    moved = sum(float(np.abs(a - b).sum()) for a, b in
+                zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params), strict=True))
+    assert moved > 0  # the step changed the parameters
+
+
+@pytest.mark.slow
+def test_short_run_then_kill_and_resume_continues_the_same_sequence(data_dir, tmp_path):
+    """8 steps straight vs 4 steps, a kill during the next checkpoint write, and the same command
+    with steps=8: identical losses after the resume and identical final parameters."""
+    common = dict(log_every=1, eval_every=4, checkpoint_every=2)
+    straight = tmp_path / "straight"
+    summary = train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=8, **common),
+                                           straight)
+    assert summary["steps"] == 8 and (straight / "summary.json").exists()
+    assert (straight / "config.json").exists() and list((straight / "tensorboard").iterdir())
+    full = rows(straight)
+    assert [r["step"] for r in full] == list(range(1, 9))
+    for key in ("loss", "learning_rate", "samples_per_s"):
+        assert all(np.isfinite(r[key]) for r in full)
+    evals = [r for r in full if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert {"val_dice_heart", "val_kappa", "val_kappa_naive"} <= set(evals[0])
+
+    resumed = tmp_path / "resumed"
+    train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=4, **common), resumed)
+    # A kill while step 6 was being written: Orbax's temporary folder is left behind, and a
+    # metrics row logged after the last checkpoint.
+    ckpts = resumed / "checkpoints"
+    shutil.copytree(ckpts / "4", ckpts / "6.orbax-checkpoint-tmp-1234")
+    shutil.rmtree(ckpts / "6.orbax-checkpoint-tmp-1234" / "variables")
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
+    summary = train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=8, **common),
+                                           resumed)
+    assert summary["resumed_from"] == 4 and summary["steps_this_run"] == 4
+    again = rows(resumed)
+    assert [r["step"] for r in again] == list(range(1, 9))
+    np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in full], rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in again if "val_loss" in r],
+                               [r["val_loss"] for r in evals], rtol=1e-5)
+    a, b = ckpt.load_trained(straight / "checkpoints" / "8"), ckpt.load_trained(
+        resumed / "checkpoints" / "8")
+    for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    # The config travels with the run; another config refuses to resume and names the keys.
+    with pytest.raises(train_lib.ConfigError, match="train.learning_rate"):
+        train_lib.train_and_evaluate(
+            tiny_config("unet_heart", data_dir, steps=10, learning_rate=0.5, **common), resumed)
+
+
+def _cli(argv, capsys):
+    from cac_jax.cli import main
+
+    code = main(["train", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
+    cfg = str(ROOT / "configs" / "unet_heart.py") + ":local"
+    base = ["--config", cfg, "--workdir", str(tmp_path / "w"), f"--config.data.data_dir={data_dir}",
+            "--config.data.name=tiny", "--config.train.progress=False"]
+    cases = [
+        (["--config", cfg, "--workdir", str(tmp_path / "w"),
+          f"--config.data.data_dir={tmp_path / 'nowhere'}"], "no dataset here"),
+        ([*base, "--config.train.no_such_key=1"], "no_such_key"),
+        ([*base, "--config.train.batch_size=12"], "not divisible by the 8 devices"),
+        ([*base, "--config.data.task=calcium"], "differs from config.task"),
+        ([*base, "--config.model.num_classes=3"], "does not fit"),
+        (["--config", str(tmp_path / "missing.py"), "--workdir", str(tmp_path / "w")], "missing"),
+        (["--workdir", str(tmp_path / "w")], "--config is required"),
+    ]
+    for argv, message in cases:
+        code, err = _cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert message in err, (argv, err)
+        assert err.startswith("cac-jax train: error:") and err.count("\n") == 1, err
+
+
+def test_help_lists_usage(capsys):
+    assert main_lib.main(["--help"]) == 0
+    assert "--workdir" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_config_trains_and_the_loss_decreases(name, data_dir, tmp_path):
+    config = tiny_config(name, data_dir, steps=40, log_every=5, eval_every=20,
+                         checkpoint_every=20)
+    summary = train_lib.train_and_evaluate(config, tmp_path / name)
+    losses = [r["loss"] for r in rows(tmp_path / name) if "loss" in r]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    assert summary["best_step"] in (20, 40)
+    trained = ckpt.load_trained(tmp_path / name)
+    assert trained.task == config.task and trained.step == summary["best_step"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+    workdir = tmp_path / "term"
+    argv = [sys.executable, "-m", "cac_jax.main", "--config",
+            str(ROOT / "configs" / "unet_heart.py") + ":local", "--workdir", str(workdir),
+            f"--config.data.data_dir={data_dir}", "--config.data.name=tiny",
+            "--config.train.steps=100000", "--config.train.log_every=1",
+            "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000",
+            "--config.train.progress=False"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 1
+    assert json.loads((workdir / "summary.json").read_text())["preempted"] is True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_step_inputs():
+    """(config, model, tx, state, global batch of 8) for comparing one pmapped step."""
+    config = load_config("unet_heart")
+    config.train.aux_loss_weight = 0.0
+    model = train_lib.model_for_training(config)
+    tx = train_lib.make_optimizer(config)
+    state = train_lib.init_state(config, model, tx, (1, 3, 32, 32, 1))
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.uniform(0, 1, (8, 3, 32, 32, 1)).astype(np.float32),
+             "label": (rng.uniform(size=(8, 32, 32)) < 0.3).astype(np.int32),
+             "weight": np.ones((8, 32, 32), np.float32)}
+    batch["weight"][5:, :, 20:] = 0.0  # uneven weights per device: global normalisation matters
+    return config, model, tx, state, batch
+
+
+def pmapped_step(config, model, tx, state, batch, devices, pmap_devices):
+    """One train_step over `devices` (this process's) on `batch` (this process's rows)."""
+    p_step = jax.pmap(lambda s, b, lr: train_lib.train_step(s, b, lr, model=model, tx=tx,
+                                                            config=config),
+                      axis_name=train_lib.AXIS, devices=pmap_devices)
+    n = len(devices)
+    sharded = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+    new_state, metrics = p_step(train_lib._replicate(state, devices), sharded,
+                                train_lib._replicate(jnp.asarray(1.0, jnp.float32), devices))
+    return train_lib._unreplicate(new_state), train_lib._unreplicate(metrics)
+
+
+MULTI_HOST_SCRIPT = """
+import sys
+import jax
+import numpy as np
+sys.path.insert(0, {tests!r})
+from cac_jax import train
+from test_train import fixed_step_inputs, pmapped_step, tiny_config
+config = tiny_config("unet_heart", {data!r}, steps=4, log_every=1, eval_every=4,
+                     checkpoint_every=4)
+d = config.train.distributed
+d.mode, d.coordinator_address = "explicit", "127.0.0.1:{port}"
+d.num_processes, d.process_id = 2, {pid}
+train._setup_distributed(config)
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+# One step on a fixed global batch of 8: this process feeds its 4 rows.
+cfg, model, tx, state, batch = fixed_step_inputs()
+rows = slice(4 * {pid}, 4 * {pid} + 4)
+new_state, metrics = pmapped_step(cfg, model, tx, state, {{k: v[rows] for k, v in batch.items()}},
+                                  jax.local_devices(), None)
+np.savez({out!r} + "/step{pid}.npz", loss=metrics["loss"],
+         *jax.tree.leaves(new_state.params))
+# The loop: a few steps, each host on its own shard of the training scans.
+summary = train.train_and_evaluate(config, {out!r} + "/multi")
+print("DONE", summary["steps"], jax.process_count(), summary["devices"])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_8_devices(data_dir, tmp_path):
+    """Two processes with 4 virtual CPU devices each, joined by jax.distributed on loopback
+    (gloo): one step on a fixed global batch equals one process's 8-device step, and the loop
+    trains with both hosts feeding their own shards."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        code = MULTI_HOST_SCRIPT.format(tests=str(ROOT / "tests"), data=str(data_dir), port=port,
+                                        pid=pid, out=str(tmp_path))
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "JAX_PLATFORMS": "cpu"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=1500) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "DONE 4 2 8" in out
+    config, model, tx, state, batch = fixed_step_inputs()
+    single, metrics = pmapped_step(config, model, tx, state, batch, jax.local_devices(),
+                                   jax.local_devices())
+    lr = float(config.train.learning_rate)
+    for pid in range(2):
+        saved = np.load(tmp_path / f"step{pid}.npz")
+        np.testing.assert_allclose(saved["loss"], metrics["loss"], rtol=1e-5)
+        leaves = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+        for a, b in zip(leaves, jax.tree.leaves(single.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * lr)
+    run = rows(tmp_path / "multi")
+    assert [r["step"] for r in run] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in run)
+    trained = ckpt.load_trained(tmp_path / "multi")
+    assert trained.step == 4
