@@ -16,7 +16,7 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("tensorflow_datasets")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_inference import load_config  # noqa: E402
+from test_inference import ROOT  # noqa: E402
 from test_tfds_builder import write_tiny_cohort  # noqa: E402
 
 from cac_jax import inference  # noqa: E402
@@ -28,19 +28,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
-    """(cohort root, heart workdir, calcium workdir) after 4 training steps of each UNet :local."""
-    from cac_jax.train import train_and_evaluate
+    """(cohort root, heart workdir, calcium workdir) after `cac-jax train` of 4 steps of each
+    UNet :local model on a tiny ingested cohort."""
     from data_pipeline.tfds_builder import build_dataset
 
     root = tmp_path_factory.mktemp("e2e")
     manifest = write_tiny_cohort(root, patients=6, split_column=True)
     build_dataset(manifest, root / "tfds", name="tiny", progress=False)
     for task in ("heart", "calcium"):
-        config = load_config(f"unet_{task}")
-        config.data.data_dir, config.data.name = str(root / "tfds"), "tiny"
-        config.train.steps = config.train.eval_every = config.train.checkpoint_every = 4
-        config.train.log_every, config.train.progress, config.train.num_devices = 2, False, 1
-        train_and_evaluate(config, root / task)
+        assert main(["train", f"--config={ROOT / 'configs' / f'unet_{task}.py'}:local",
+                     f"--workdir={root / task}", f"--config.data.data_dir={root / 'tfds'}",
+                     "--config.data.name=tiny", "--config.train.steps=4",
+                     "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
+                     "--config.train.log_every=2", "--config.train.progress=False",
+                     "--config.train.num_devices=1"]) == 0
     return root, root / "heart", root / "calcium"
 
 
