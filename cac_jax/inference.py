@@ -488,6 +488,8 @@ def studies_from_args(inputs: list[str] | None, manifest: str | None,
                       series: str | None = None) -> list[Study]:
     """The studies of `--input PATH...` or `--manifest M.csv` (ids from the manifest, else from
     the paths). Missing files are left for the batch to report per study."""
+    if series is not None and not _reader_accepts_series():
+        raise InputError(None, "--series is not supported by this version of the study reader")
     if manifest is not None:
         from data_pipeline.manifest import read_manifest
 
