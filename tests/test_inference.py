@@ -169,6 +169,34 @@ def test_one_compilation_per_shape_bucket():
     assert scorer.compilations == {"heart": 2, "calcium": 2}
 
 
+def test_streaming_memory_is_bounded_by_the_batch():
+    """The windows of a study are never materialised: host memory of a prediction is the class
+    map plus a batch, far below 3 window copies of the volume."""
+    import tracemalloc
+
+    scorer = inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
+                              threshold_model("calcium", spacing=(0.6, 0.7, 0.8)), batch_size=4)
+    runner = scorer._runners["heart"]
+    runner.predict(np.zeros((4, 64, 64), np.float32), (3.0, 0.7, 0.7), probabilities=False,
+                   timings={})  # compile first
+    peaks = {}
+    for slices in (24, 96):
+        hu = np.full((slices, 64, 64), -1000.0, np.float32)
+        tracemalloc.start()
+        try:
+            classes = runner.predict(hu, (3.0, 0.7, 0.7), probabilities=False, timings={})
+            peaks[slices] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert classes.shape == hu.shape
+    # 4x the slices: the peak grows by the larger class map (uint8), within a batch or two of
+    # inputs, not by the windows (3 x 72 slices of float32: 3.5 MB).
+    class_map_growth = (96 - 24) * 64 * 64
+    batch_bytes = 4 * 3 * 64 * 64 * 4
+    assert peaks[96] - peaks[24] < class_map_growth + 2 * batch_bytes, peaks
+    assert peaks[96] < 3 * hu.nbytes / 3, peaks  # below one window copy of the study
+
+
 def test_streamed_batches_equal_one_call_per_slice(scorer):
     """Batching, padding and the async pipeline give each slice its own model output."""
     hu, _, _ = tiny_study(3, size=48, slices=7)
