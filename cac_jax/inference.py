@@ -1,0 +1,690 @@
+"""Batch inference: CT study -> heart and calcium models -> masks -> Agatston score (no TensorFlow).
+
+DESIGN.md "Inference" and issue 11. For each study:
+1. The 3-slice windows are built exactly as training built them (`data_pipeline.labels`: neighbours
+   `neighbour_offset(spacing_z, neighbour_mm)` slices away, edges repeated, HU windowed to
+   [-800, 1200] and scaled), but never for the whole volume at once: each batch of B centre slices
+   gathers its own windows, so memory is bounded by the batch, not the study (a 512 x 512 x 300
+   study never exists as 3 window copies), and every model runs once per slice.
+2. Resolution: a model sees what it was trained on. The checkpoint records the in-plane pixel
+   spacing of its training scans (min, median, max); its zoom augmentation (`config.data.augment
+   .scale` s) stretched that to [min / (1 + s), max / (1 - s)]. A study outside that range is
+   resampled in-plane (linear, scipy.ndimage) to the training median for the model, and the
+   model's class probabilities are resampled back (linear) onto the study's grid before the
+   argmax. The score is always computed on the study's own HU at its own spacing.
+3. Shapes: each batch is padded to (B, 3, H_b, W_b, 1), with H_b, W_b rounded up to a multiple of
+   `bucket_px` (and of the model's downsampling factor); padding is 0 in window units (-800 HU)
+   at the bottom/right, as the evaluation pipeline places scans top-left. One jit-compiled
+   function per model and bucket, so a cohort of mixed sizes compiles a handful of times;
+   `Scorer.compilations` counts them.
+4. Post-processing (`cac_jax.postprocess`): the heart silhouette (largest 3D component, dilated by
+   `heart_dilation_mm`), the calcium model's coronary class inside it at HU >= 130 labelled 4
+   (coronary, artery not determined), scored by `cac_jax.scoring.agatston_score`.
+
+Reading and writing of studies and masks goes through `read_study_for_inference` and
+`write_mask` below, the one place that knows the `data_pipeline.io` API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from cac_jax import postprocess
+from cac_jax.scoring import (
+    CALCIUM_THRESHOLD_HU,
+    DEFAULT_MIN_AREA_MM2,
+    AgatstonResult,
+    agatston_score,
+)
+from data_pipeline import labels as labels_lib
+from data_pipeline.errors import InputError
+
+DEFAULT_BATCH_SIZE = 8
+# Padded H and W are multiples of this: 512 and 480 px studies share one compiled function,
+# while a 64 px test scan is not padded to 512. Our choice.
+DEFAULT_BUCKET_PX = 64
+# Non-coronary calcium the calcium model finds is written to the saved label map as 5 (orCaScore:
+# labels >= 5 are non-coronary and never scored), so the file shows it but scores the same.
+NON_CORONARY_LABEL = 5
+EXPECTED = {"heart": 2, "calcium": 3}  # task -> number of classes (DESIGN.md "Samples")
+
+
+class ModelMismatchError(InputError):
+    """A checkpoint given for the wrong role (heart vs calcium) or with the wrong class count."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Study I/O: the one place that calls data_pipeline.io
+# ---------------------------------------------------------------------------------------------
+
+def _reader_accepts_series() -> bool:
+    from data_pipeline import io as study_io
+
+    return "series" in inspect.signature(study_io.read_study).parameters
+
+
+def read_study_for_inference(path: str | os.PathLike, series: str | None = None):
+    """Reads a study with `data_pipeline.io.read_study` (passing `series` where it is supported)."""
+    from data_pipeline import io as study_io
+
+    if series is None:
+        return study_io.read_study(path)
+    if not _reader_accepts_series():
+        raise InputError(path, "choosing a series (--series) is not supported by this version "
+                               "of the study reader")
+    return study_io.read_study(path, series=series)
+
+
+def write_mask(path: str | os.PathLike, array: np.ndarray, like) -> None:
+    """Writes a label map or mask in the geometry `like` was read from (atomically)."""
+    from data_pipeline import io as study_io
+
+    writer = getattr(study_io, "write_labels", None)
+    if writer is not None:  # writes back in the input's own orientation where io supports it
+        writer(path, array, like=like)
+    else:
+        study_io.write_volume(path, array, like)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+def spatial_multiple(config) -> int:
+    """The factor H and W of a model's input must be multiples of (its total downsampling)."""
+    cfg = config.model if "model" in config else config
+    if cfg.arch == "convlstm":
+        return 2 ** len(cfg.convlstm.encoder_widths)
+    if cfg.arch == "unet":
+        return 2 ** int(cfg.unet.depth)
+    raise ValueError(f"unknown model arch {cfg.arch!r}")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def covered_spacing_mm(trained) -> tuple[float, float] | None:
+    """In-plane pixel spacings (mm) a model saw in training, zoom augmentation included.
+
+    None when the checkpoint does not record its training spacing (then studies are never
+    resampled). Zoom u in [1 - s, 1 + s] shows a pixel of spacing p as p / u (the input pipeline
+    maps output pixels to input pixels scaled by 1 / u).
+    """
+    spacing = getattr(trained, "pixel_spacing_mm", None) or {}
+    if not all(k in spacing and spacing[k] for k in ("min", "max")):
+        return None
+    augment = trained.config.data.get("augment") if "data" in trained.config else None
+    scale = 0.0
+    if augment is not None and augment.get("enabled", True):
+        scale = float(augment.get("scale", 0.0))
+    scale = min(max(scale, 0.0), 0.99)
+    return float(spacing["min"]) / (1.0 + scale), float(spacing["max"]) / (1.0 - scale)
+
+
+def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float]) -> tuple[float, float] | None:
+    """The in-plane spacing the model should see a study at: None (as it is) when the study's
+    spacing lies inside what training covered, else the training median in both axes."""
+    covered = covered_spacing_mm(trained)
+    if covered is None:
+        return None
+    low, high = covered
+    # A relative tolerance so a study at exactly the training spacing (stored as float32 in
+    # headers) is not resampled for a rounding difference.
+    if all(low * (1 - 1e-4) <= s <= high * (1 + 1e-4) for s in spacing_yx_mm):
+        return None
+    median = float(trained.pixel_spacing_mm.get("median") or math.sqrt(low * high))
+    return median, median
+
+
+def _neighbour_mm(trained) -> float:
+    """The neighbour distance the model was trained with (checkpoint, else config, else 3 mm)."""
+    value = getattr(trained, "neighbour_mm", None)
+    if value is None and "data" in trained.config:
+        value = trained.config.data.get("neighbour_mm")
+    return float(labels_lib.DEFAULT_NEIGHBOUR_MM if value is None else value)
+
+
+class _ModelRunner:
+    """One trained model: jit-compiled per padded input shape, streamed over a study's slices."""
+
+    def __init__(self, trained, role: str, batch_size: int, bucket_px: int):
+        import jax
+
+        self.trained = trained
+        self.role = role
+        self.batch_size = int(batch_size)
+        self.multiple = math.lcm(spatial_multiple(trained.config), int(bucket_px))
+        self.neighbour_mm = _neighbour_mm(trained)
+        self.traces = 0  # incremented while tracing: one per compiled shape bucket
+        self.shapes: set[tuple[int, ...]] = set()
+        model = trained.model
+
+        def forward(variables, images, probabilities: bool):
+            self.traces += 1
+            logits, _ = model.apply(variables, images)
+            if probabilities:
+                return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+            return jax.numpy.argmax(logits, axis=-1).astype(np.uint8)
+
+        self._forward = jax.jit(forward, static_argnames="probabilities")
+        self._variables = jax.device_put(trained.variables)
+
+    def bucket(self, height: int, width: int) -> tuple[int, int]:
+        """Padded (H, W) of the compiled function a (height, width) image runs in."""
+        return _round_up(height, self.multiple), _round_up(width, self.multiple)
+
+    def predict(self, hu: np.ndarray, spacing_zyx_mm, *, probabilities: bool,
+                timings: dict[str, float]) -> np.ndarray:
+        """Class map (z, y, x) uint8, or probabilities (z, y, x, C) float32, on `hu`'s grid.
+
+        Adds "preprocess" (window gathering, windowing, resampling, padding), "<role>_model"
+        (device compute and transfer not hidden behind the host work) and "postprocess"
+        (resampling back) seconds to `timings`.
+        """
+        num_slices, height, width = hu.shape
+        target = model_spacing_mm(self.trained, tuple(spacing_zyx_mm[1:]))
+        if target is None:
+            model_hw = (height, width)
+        else:
+            model_hw = (max(1, round(height * spacing_zyx_mm[1] / target[0])),
+                        max(1, round(width * spacing_zyx_mm[2] / target[1])))
+        resample = model_hw != (height, width)
+        # A resampled study's model output comes back as probabilities (a linear resample of
+        # class indices would not be a class map); the argmax on the study's grid is taken per
+        # batch, so only a class map of the whole study is held unless probabilities are asked for.
+        want_probs = probabilities or resample
+        offset = labels_lib.neighbour_offset(spacing_zyx_mm[0], self.neighbour_mm)
+        bucket = self.bucket(*model_hw)
+        num_classes = int(self.trained.num_classes)
+        out = (np.empty((num_slices, height, width, num_classes), np.float32) if probabilities
+               else np.empty((num_slices, height, width), np.uint8))
+
+        start = time.perf_counter()
+        host = 0.0
+        back = 0.0
+        pending: tuple[int, int, Any] | None = None
+        for centres in iter_batches(num_slices, self.batch_size):
+            t0 = time.perf_counter()
+            first = int(centres[0])
+            images = self._batch(hu, centres, offset, model_hw, bucket)
+            host += time.perf_counter() - t0
+            # Dispatch is asynchronous: the device works on this batch while the host fetches
+            # the previous one and builds the next.
+            result = self._forward(self._variables, images, probabilities=want_probs)
+            self.shapes.add(images.shape)
+            if pending is not None:
+                back += self._store(out, pending, model_hw, resample)
+            pending = (first, len(centres), result)
+        if pending is not None:
+            back += self._store(out, pending, model_hw, resample)
+        total = time.perf_counter() - start
+        timings["preprocess"] = timings.get("preprocess", 0.0) + host
+        timings["postprocess"] = timings.get("postprocess", 0.0) + back
+        timings[f"{self.role}_model"] = timings.get(f"{self.role}_model", 0.0) + total - host - back
+        return out
+
+    def _batch(self, hu, centres, offset, model_hw, bucket) -> np.ndarray:
+        return padded_inputs(hu, centres, offset, bucket, self.batch_size, model_hw)
+
+    def _store(self, out, pending, model_hw, resample) -> float:
+        """Copies a finished batch into `out`; returns the seconds spent resampling back."""
+        first, count, result = pending
+        values = np.asarray(result)[:count, :model_hw[0], :model_hw[1]]
+        if not resample:
+            out[first:first + count] = values
+            return 0.0
+        t0 = time.perf_counter()
+        height, width = out.shape[1:3]
+        values = ndimage.zoom(values, (1, height / model_hw[0], width / model_hw[1], 1), order=1,
+                              mode="nearest", grid_mode=True)
+        out[first:first + count] = values if out.ndim == 4 else np.argmax(values, axis=-1)
+        return time.perf_counter() - t0
+
+
+def padded_inputs(hu: np.ndarray, centres: np.ndarray, offset: int, bucket_hw: tuple[int, int],
+                  batch_size: int, model_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Model inputs (batch_size, 3, H_b, W_b, 1) float32 of the centre slices `centres` of `hu`.
+
+    `data_pipeline.labels.model_inputs` (the windows training uses), resampled in-plane to
+    `model_hw` when it differs from the study's (linear, pixel areas aligned), placed top-left
+    and padded with 0 (-800 HU) to `bucket_hw`, and with all-zero samples to `batch_size`.
+    """
+    windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]  # (n, 3, h, w)
+    height, width = hu.shape[1:]
+    model_hw = (height, width) if model_hw is None else tuple(model_hw)
+    if model_hw != (height, width):
+        windows = ndimage.zoom(windows, (1, 1, model_hw[0] / height, model_hw[1] / width),
+                               order=1, mode="nearest", grid_mode=True)
+    images = np.zeros((batch_size, 3, *bucket_hw, 1), np.float32)
+    images[:len(centres), :, :model_hw[0], :model_hw[1], 0] = windows
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorer
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StudyResult:
+    """What inference gives for one study (all arrays on the study's own (z, y, x) grid)."""
+
+    score: AgatstonResult            # the Agatston result (`.to_json_dict()`: `cac-jax score`'s JSON)
+    calcium_labels: np.ndarray       # int16: 4 scored coronary calcium, 5 non-coronary calcium, 0
+    heart_mask: np.ndarray           # bool: the predicted heart (largest 3D component)
+    heart_volume_ml: float           # volume of `heart_mask`
+    timings: dict[str, float]        # seconds: read, preprocess, heart_model, calcium_model, ...
+    model_spacing_yx_mm: dict[str, tuple[float, float]]  # in-plane spacing each model ran at
+    neighbour_offsets: dict[str, int]  # slices between a centre and its neighbours, per model
+    probabilities: dict[str, np.ndarray] | None = None  # {"heart", "calcium"}: (z, y, x, C)
+
+    @property
+    def resampled(self) -> bool:
+        """Whether any model ran on an in-plane resampled copy of the study."""
+        return any(v is not None for v in self.model_spacing_yx_mm.values())
+
+
+class Scorer:
+    """Scores CT studies with a trained heart model and a trained calcium model.
+
+    `heart` and `calcium` are `cac_jax.checkpoints.TrainedModel`s (or objects with the same
+    fields: config, model, variables, step, path, task, num_classes, pixel_spacing_mm,
+    neighbour_mm). `batch_size` slices run per model call; `bucket_px` rounds padded sizes.
+    """
+
+    def __init__(self, heart, calcium, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 bucket_px: int = DEFAULT_BUCKET_PX,
+                 heart_dilation_mm: float = postprocess.DEFAULT_HEART_DILATION_MM,
+                 min_area_mm2: float = DEFAULT_MIN_AREA_MM2,
+                 calibration_mg_per_hu_mm3: float | None = None, five_class: bool = False):
+        check_role(heart, "heart")
+        check_role(calcium, "calcium")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if bucket_px < 1:
+            raise ValueError(f"bucket_px must be >= 1, got {bucket_px}")
+        self.heart = heart
+        self.calcium = calcium
+        self.heart_dilation_mm = float(heart_dilation_mm)
+        self.score_kwargs = dict(min_area_mm2=min_area_mm2,
+                                 calibration_mg_per_hu_mm3=calibration_mg_per_hu_mm3,
+                                 five_class=five_class)
+        self._runners = {"heart": _ModelRunner(heart, "heart", batch_size, bucket_px),
+                         "calcium": _ModelRunner(calcium, "calcium", batch_size, bucket_px)}
+
+    @classmethod
+    def from_checkpoints(cls, heart_path: str | os.PathLike, calcium_path: str | os.PathLike,
+                         **kwargs) -> Scorer:
+        """Loads both models (a training workdir -> its best checkpoint, or a checkpoint folder)
+        with `cac_jax.checkpoints.load_trained` and builds a Scorer (kwargs as `__init__`)."""
+        from cac_jax.checkpoints import load_trained
+
+        return cls(load_trained(heart_path), load_trained(calcium_path), **kwargs)
+
+    @property
+    def compilations(self) -> dict[str, int]:
+        """Times each model's function was traced and compiled (one per shape bucket)."""
+        return {role: runner.traces for role, runner in self._runners.items()}
+
+    def score_path(self, path: str | os.PathLike, *, series: str | None = None,
+                   probabilities: bool = False):
+        """Reads and scores one study; returns (CTVolume, StudyResult) with the read time in
+        `timings["read"]`."""
+        t0 = time.perf_counter()
+        volume = read_study_for_inference(path, series)
+        read_s = time.perf_counter() - t0
+        result = self.score(volume, probabilities=probabilities)
+        result.timings["read"] = read_s
+        return volume, result
+
+    def score(self, volume, *, probabilities: bool = False) -> StudyResult:
+        """Runs both models on `volume` (a `data_pipeline.io.CTVolume`) and scores it.
+
+        `probabilities=True` also returns each model's class probabilities (z, y, x, C) float32
+        (memory: 4 x C bytes per voxel per model).
+        """
+        hu = volume.hu
+        spacing = tuple(float(s) for s in volume.spacing_zyx_mm)
+        timings: dict[str, float] = {}
+        heart_out = self._runners["heart"].predict(hu, spacing, probabilities=probabilities,
+                                                   timings=timings)
+        calcium_out = self._runners["calcium"].predict(hu, spacing, probabilities=probabilities,
+                                                       timings=timings)
+        if probabilities:
+            heart_pred = np.argmax(heart_out, axis=-1)
+            calcium_pred = np.argmax(calcium_out, axis=-1)
+        else:
+            heart_pred, calcium_pred = heart_out, calcium_out
+        result = self.score_predictions(volume, heart_pred, calcium_pred, timings=timings)
+        return dataclasses.replace(
+            result,
+            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:])
+                                 for role, r in self._runners.items()},
+            neighbour_offsets={role: labels_lib.neighbour_offset(spacing[0], r.neighbour_mm)
+                               for role, r in self._runners.items()},
+            probabilities=({"heart": heart_out, "calcium": calcium_out} if probabilities
+                           else None))
+
+    def score_predictions(self, volume, heart_pred: np.ndarray, calcium_pred: np.ndarray, *,
+                          timings: dict[str, float] | None = None) -> StudyResult:
+        """The post-processing and scoring of `score`, on given predictions: `heart_pred`
+        (z, y, x), non-zero = heart; `calcium_pred` (z, y, x) classes 0 background, 1 coronary,
+        2 non-coronary calcium. Fed the true labels it scores a perfect prediction."""
+        hu = volume.hu
+        spacing = tuple(float(s) for s in volume.spacing_zyx_mm)
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        heart = postprocess.heart_silhouette(heart_pred, spacing, 0.0)
+        silhouette = (postprocess.heart_silhouette(heart, spacing, self.heart_dilation_mm)
+                      if self.heart_dilation_mm > 0 else heart)
+        labels = postprocess.coronary_labels(calcium_pred, hu, silhouette)
+        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score = agatston_score(hu, labels, spacing,
+                               slice_thickness_mm=volume.metadata.slice_thickness_mm,
+                               **self.score_kwargs)
+        notes = [f"skipped series {note}" for note in volume.metadata.skipped_series]
+        if notes:
+            score = dataclasses.replace(score, warnings=score.warnings + tuple(notes))
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        non_coronary = ((np.asarray(calcium_pred) == postprocess.NON_CORONARY_CLASS)
+                        & (hu >= CALCIUM_THRESHOLD_HU) & (labels == 0))
+        labels[non_coronary] = NON_CORONARY_LABEL
+        timings["postprocess"] += time.perf_counter() - t0
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        return StudyResult(
+            score=score, calcium_labels=labels, heart_mask=heart,
+            heart_volume_ml=float(heart.sum()) * voxel_ml, timings=timings,
+            model_spacing_yx_mm={}, neighbour_offsets={})
+
+
+def check_role(trained, role: str) -> None:
+    """Raises ModelMismatchError unless `trained` is a `role` model with the right class count."""
+    task = str(getattr(trained, "task", None) or trained.config.get("task", ""))
+    num_classes = int(trained.num_classes)
+    config_classes = int(trained.config.model.num_classes)
+    path = getattr(trained, "path", None)
+    expected = EXPECTED[role]
+    problems = []
+    if task != role:
+        problems.append(f"it is a {task or 'unknown-task'} model (task {task!r}), "
+                        f"the {role} model must have task {role!r}")
+    if num_classes != expected or config_classes != expected:
+        problems.append(f"it has {num_classes} classes (config: {config_classes}), "
+                        f"a {role} model has {expected}")
+    if problems:
+        raise ModelMismatchError(path, f"given as the {role} model, but " + "; ".join(problems))
+
+
+def iter_batches(num_slices: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Centre-slice indices of each batch, in order (the last batch may be short)."""
+    for first in range(0, num_slices, batch_size):
+        yield np.arange(first, min(first + batch_size, num_slices))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch runs (`cac-jax infer`)
+# ---------------------------------------------------------------------------------------------
+
+# results.csv columns, in order (a contract, issue 11).
+RESULT_COLUMNS = ("scan_id", "image", "protocol", "status", "error", "agatston", "volume_mm3",
+                  "category", "category_name", "n_lesions", "heart_volume_ml", "heart_model",
+                  "calcium_model", "heart_step", "calcium_step", "seconds")
+RESULTS_NAME = "results.csv"
+_GENERIC_NAMES = {"dicom", "dcm", "image", "images", "ct", "series", "study"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """One study to score: its id, where it is, the protocol a manifest gives, the series."""
+
+    scan_id: str
+    image: Path
+    protocol: str = ""
+    series: str | None = None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def scan_ids_for(paths: list[Path]) -> list[str]:
+    """Scan ids for input paths: the file or folder name without its image suffix; where that
+    is generic ("dicom") or not unique, the path below the inputs' common folder, joined by '_'."""
+    resolved = [p.resolve() for p in paths]
+    ids = [_stem(p) for p in resolved]
+    if len(set(ids)) == len(ids) and not any(i.lower() in _GENERIC_NAMES for i in ids):
+        return ids
+    common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if resolved else Path()
+    if len(resolved) == 1:
+        common = resolved[0].parent.parent
+    ids = ["_".join([*p.parent.relative_to(common).parts, _stem(p)]) for p in resolved]
+    return ids
+
+
+def safe_name(scan_id: str) -> str:
+    """A file name for a scan id: characters other than letters, digits, '.', '_', '-' -> '_'."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in scan_id).lstrip(".")
+    return name or "_"
+
+
+def studies_from_args(inputs: list[str] | None, manifest: str | None,
+                      series: str | None = None) -> list[Study]:
+    """The studies of `--input PATH...` or `--manifest M.csv` (ids from the manifest, else from
+    the paths). Missing files are left for the batch to report per study."""
+    if series is not None and not _reader_accepts_series():
+        raise InputError(None, "--series is not supported by this version of the study reader")
+    if manifest is not None:
+        from data_pipeline.manifest import read_manifest
+
+        rows = read_manifest(manifest, check_files=False)
+        return [Study(r.scan_id, Path(r.image), r.protocol, series) for r in rows]
+    paths = [Path(p) for p in inputs or ()]
+    if not paths:
+        raise InputError(None, "no studies given (--input PATH ... or --manifest M.csv)")
+    seen: dict[Path, str] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            raise InputError(p, "given twice in --input")
+        seen[p.resolve()] = str(p)
+    ids = scan_ids_for(paths)
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InputError(None, f"inputs give the same scan id {duplicates[0]!r}; use a manifest "
+                               "to name the studies")
+    return [Study(i, p, "", series) for i, p in zip(ids, paths, strict=True)]
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    """Counts of a batch run; `text()` is the summary line printed at the end."""
+
+    out: Path
+    scored: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def all_failed(self) -> bool:
+        """Every study of the batch failed (nothing scored now or before)."""
+        return self.failed > 0 and self.scored == 0 and self.skipped == 0
+
+    def text(self) -> str:
+        """One summary line."""
+        mean = f"{np.mean(self.seconds):.2f} s" if self.seconds else "n/a"
+        return (f"scored {self.scored}, failed {self.failed}, skipped {self.skipped} (already "
+                f"done); mean {mean} per scored study; results in {self.out / RESULTS_NAME}")
+
+
+def _read_results(path: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    if not path.exists():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
+                raise InputError(path, "is not a results file of this version (other columns); "
+                                       "use another --out or --overwrite")
+            return {row["scan_id"]: row for row in reader}
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(path, f"cannot read the earlier results: {err}") from err
+
+
+def _write_results(path: Path, rows: Mapping[str, Mapping[str, Any]]) -> None:
+    import csv
+    import io
+
+    from data_pipeline.atomic import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows.values():
+        writer.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
+              save_masks: bool = False, save_previews: bool = False, overwrite: bool = False,
+              progress: bool = True, log=None) -> BatchSummary:
+    """Scores `studies` into `out` (see `cac-jax infer --help` for the files).
+
+    A study that cannot be read or scored gets `status=error` and its one-line reason, and the
+    batch goes on. results.csv is rewritten atomically after every study, after that study's
+    other files, so a killed batch leaves only complete rows; a rerun skips the studies whose
+    row says ok for the same image (unless `overwrite`) and retries failed ones.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from data_pipeline.atomic import atomic_write_text
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out must be a folder, but this is a file")
+    image_paths = {s.image.resolve() for s in studies}
+    if out.resolve() in image_paths:
+        raise InputError(out, "--out is one of the input studies; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_NAME
+    rows = {} if overwrite else _read_results(results_path)
+    models = {"heart_model": str(getattr(scorer.heart, "path", "")),
+              "calcium_model": str(getattr(scorer.calcium, "path", "")),
+              "heart_step": int(getattr(scorer.heart, "step", 0) or 0),
+              "calcium_step": int(getattr(scorer.calcium, "step", 0) or 0)}
+    summary = BatchSummary(out)
+    bar = tqdm(studies, unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for study in bar:
+        bar.set_postfix_str(study.scan_id, refresh=False)
+        name = safe_name(study.scan_id)
+        done = rows.get(study.scan_id)
+        if (done is not None and done.get("status") == "ok"
+                and done.get("image") == str(study.image) and (out / f"{name}.json").exists()):
+            summary.skipped += 1
+            continue
+        start = time.perf_counter()
+        row: dict[str, Any] = {"scan_id": study.scan_id, "image": str(study.image),
+                               "protocol": study.protocol, **models}
+        try:
+            volume, result = scorer.score_path(study.image, series=study.series)
+            score = result.score
+            atomic_write_text(out / f"{name}.json",
+                              json.dumps(score.to_json_dict(), indent=2, allow_nan=False) + "\n")
+            if save_masks:
+                write_mask(out / f"{name}_calcium_labels.nii.gz", result.calcium_labels, volume)
+                write_mask(out / f"{name}_heart_mask.nii.gz", result.heart_mask.astype(np.uint8),
+                           volume)
+            if save_previews:
+                save_preview(out / f"{name}.png", volume, result, study.scan_id)
+            row.update(
+                protocol=study.protocol or volume.metadata.protocol or "", status="ok", error="",
+                agatston=f"{score.agatston:.6g}", volume_mm3=f"{score.volume_mm3:.6g}",
+                category=score.category, category_name=score.category_name,
+                n_lesions=len(score.lesions), heart_volume_ml=f"{result.heart_volume_ml:.6g}")
+            summary.scored += 1
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad study must not stop the batch
+            row.update(status="error", error=_one_line(err))
+            summary.failed += 1
+            if log is not None:
+                log(f"error: {row['error']}")
+        seconds = time.perf_counter() - start
+        row["seconds"] = f"{seconds:.3f}"
+        if row["status"] == "ok":
+            summary.seconds.append(seconds)
+        rows[study.scan_id] = row
+        _write_results(results_path, rows)
+    bar.close()
+    return summary
+
+
+def save_preview(path: str | os.PathLike, volume, result: StudyResult, scan_id: str,
+                 *, count: int = 8) -> None:
+    """A PNG of the slices with predicted calcium (coronary red, non-coronary yellow) over the CT,
+    the heart outline in cyan, and the score and category in the title (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    from data_pipeline.atomic import atomic_path
+
+    labels = result.calcium_labels
+    per_slice = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
+    slices = np.flatnonzero(per_slice)
+    if len(slices) > count:  # the slices with the most calcium, shown in order
+        slices = np.sort(slices[np.argsort(-per_slice[slices], kind="stable")[:count]])
+    if len(slices) == 0:  # no calcium: slices through the predicted heart, else the volume
+        heart_z = np.flatnonzero(result.heart_mask.reshape(labels.shape[0], -1).any(axis=1))
+        pool = heart_z if len(heart_z) else np.arange(labels.shape[0])
+        slices = np.unique(pool[np.linspace(0, len(pool) - 1, min(4, len(pool))).astype(int)])
+    hu = volume.hu
+    cols = min(4, len(slices))
+    rows = int(math.ceil(len(slices) / cols))
+    fig = Figure(figsize=(cols * 3.2, rows * 3.2 + 0.7))
+    FigureCanvasAgg(fig)
+    cmap = ListedColormap([(0, 0, 0, 0), (1.0, 0.1, 0.1, 0.9), (1.0, 0.9, 0.1, 0.9)])
+    for k, z in enumerate(slices):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.axis("off")
+        ax.imshow(hu[z], cmap="gray", vmin=-200, vmax=600, interpolation="nearest")
+        shown = np.select([labels[z] == postprocess.UNDETERMINED_CORONARY_LABEL,
+                           labels[z] == NON_CORONARY_LABEL], [1, 2], 0)
+        if shown.any():
+            ax.imshow(np.ma.masked_equal(shown, 0), cmap=cmap, vmin=0, vmax=2,
+                      interpolation="nearest")
+        if result.heart_mask[z].any():
+            ax.contour(result.heart_mask[z], levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(f"slice {z}", fontsize=8)
+    score = result.score
+    fig.suptitle(f"{scan_id}: Agatston {score.agatston:.1f}, category {score.category_name}\n"
+                 "red: coronary calcium (scored), yellow: non-coronary calcium, cyan: heart",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
