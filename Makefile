@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.setup-stamp
 # Several fake CPU devices so data-parallel code paths run in tests without accelerators.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=2
 DEMO_DIR ?= demo_out
+# Extras installed by setup; torch is the PyTorch reference of the framework comparison (CPU build,
+# ~20 s from the local wheel, so the parity tests run in CI). `make setup EXTRAS=dev` skips it.
+EXTRAS ?= dev,torch
 
 .PHONY: setup test test-slow lint format demo bench clean
 
@@ -15,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 lint: setup

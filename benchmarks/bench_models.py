@@ -16,6 +16,13 @@ rounds. Timing rounds are interleaved (matmul, model A, model B, model C, matmul
 from other processes on a shared machine hits all models alike; report the ratios.
 
 Writes benchmarks/results/bench_models.json and .md (atomically).
+
+    python benchmarks/bench_models.py --groupnorm     # GroupNorm formulations side by side
+
+`--groupnorm` times the GroupNorm of cac_jax/models/layers.py (`x * mult + shift` in float32)
+against the centred alternative `(x - mean) * mult + bias` (also float32), forward and gradient,
+float32 compute, at the ConvLSTM's encoder shapes (512 px input, 3 slices), in interleaved rounds,
+and writes benchmarks/results/bench_groupnorm.json and .md.
 """
 
 from __future__ import annotations
@@ -281,6 +288,100 @@ def run(args) -> dict:
     }
 
 
+# The ConvLSTM encoder's GroupNorm inputs at 512 px: 3 slices, stages at H/2 .. H/16.
+GROUPNORM_SHAPES = ((3, 256, 256, 32), (3, 128, 128, 64), (3, 64, 64, 128), (3, 32, 32, 256))
+
+
+def centred_group_norm(x, scale, bias, num_groups: int, epsilon: float = 1e-6):
+    """The centred alternative, (x - mean) * mult + bias in float32: the benchmark's baseline."""
+    import jax
+    import jax.numpy as jnp
+
+    n, h, w, c = x.shape
+    per_group = c // num_groups
+    xf = x.astype(jnp.float32)
+    sum1 = jnp.sum(xf, axis=(1, 2)).reshape(n, num_groups, per_group).sum(-1)
+    sum2 = jnp.sum(xf * xf, axis=(1, 2)).reshape(n, num_groups, per_group).sum(-1)
+    mean = sum1 / (h * w * per_group)
+    var = jnp.maximum(sum2 / (h * w * per_group) - mean * mean, 0.0)
+    mult = jnp.repeat(jax.lax.rsqrt(var + epsilon), per_group, axis=1) * scale
+    centre = jnp.repeat(mean, per_group, axis=1)
+    y = (xf - centre[:, None, None, :]) * mult[:, None, None, :] + bias
+    return y.astype(x.dtype)
+
+
+def run_groupnorm(args) -> dict:
+    """Uncentred (current) vs centred GroupNorm, float32, forward and grad, interleaved rounds."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cac_jax.models.layers import GroupNorm
+
+    rows = []
+    for shape in GROUPNORM_SHAPES:
+        x = jax.random.normal(jax.random.key(0), shape) + 3.0
+        c = shape[-1]
+        params = {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}
+        module = GroupNorm(8)
+        fns = {
+            "uncentred": lambda p, x, m=module: m.apply({"params": p}, x),
+            "centred": lambda p, x: centred_group_norm(x, p["scale"], p["bias"], 8),
+        }
+        compiled = {}
+        for name, fn in fns.items():
+            fwd = jax.jit(fn)
+            grad = jax.jit(jax.grad(lambda p, x, f=fn: jnp.sum(f(p, x) ** 2), argnums=(0, 1)))
+            compiled[name] = (fwd.lower(params, x).compile(), grad.lower(params, x).compile())
+            for f in compiled[name]:
+                jax.block_until_ready(f(params, x))
+        times = {(name, kind): [] for name in fns for kind in ("forward", "grad")}
+        for _ in range(args.repeats):
+            for name in fns:
+                for kind, f in zip(("forward", "grad"), compiled[name]):
+                    start = time.perf_counter()
+                    for _ in range(5):
+                        jax.block_until_ready(f(params, x))
+                    times[(name, kind)].append((time.perf_counter() - start) / 5)
+        row = {"shape": list(shape)}
+        for (name, kind), t in times.items():
+            row[f"{name}_{kind}_ms"] = 1e3 * float(np.median(t))
+        for kind in ("forward", "grad"):
+            row[f"{kind}_ratio_centred_over_uncentred"] = (
+                row[f"centred_{kind}_ms"] / row[f"uncentred_{kind}_ms"])
+        rows.append(row)
+        print(row, flush=True)
+    return {
+        "command": "python benchmarks/bench_models.py " + " ".join(sys.argv[1:]),
+        "repeats": args.repeats,
+        "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "jax": jax.__version__,
+                    "load_average_at_end": os.getloadavg()},
+        "rows": rows,
+    }
+
+
+def groupnorm_markdown(res: dict) -> str:
+    """The GroupNorm comparison as a markdown table."""
+    lines = [
+        "# GroupNorm: uncentred (cac_jax, current) vs centred formulation, float32",
+        "",
+        f"Command: `{res['command']}`; median of {res['repeats']} interleaved rounds of 5 calls; "
+        f"{res['machine']['cpu_count']} CPUs, JAX {res['machine']['jax']}.",
+        "",
+        "| shape (N, H, W, C) | forward ms centred / uncentred | ratio "
+        "| grad ms centred / uncentred | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {tuple(r['shape'])} | {r['centred_forward_ms']:.2f} / {r['uncentred_forward_ms']:.2f} "
+            f"| {r['forward_ratio_centred_over_uncentred']:.2f} "
+            f"| {r['centred_grad_ms']:.2f} / {r['uncentred_grad_ms']:.2f} "
+            f"| {r['grad_ratio_centred_over_uncentred']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict) -> str:
     """The results as a markdown report."""
     s = res["settings"]
@@ -361,6 +462,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
     p.add_argument("--render", type=pathlib.Path, default=None,
                    help="only re-render the markdown from a saved bench_models.json")
+    p.add_argument("--groupnorm", action="store_true",
+                   help="only time the GroupNorm formulations (bench_groupnorm.json/.md)")
     p.add_argument("--child", choices=tuple(MODELS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = dict(size=256, batch=1, repeats=2)
@@ -378,6 +481,15 @@ def main(argv=None) -> int:
     if args.render:
         res = json.loads(args.render.read_text())
         atomic_write_text(args.render.with_suffix(".md"), markdown(res))
+        return 0
+    if args.groupnorm:
+        args.repeats = max(args.repeats, 5)
+        res = run_groupnorm(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "bench_groupnorm.json", json.dumps(res, indent=2) + "\n")
+        md = groupnorm_markdown(res)
+        atomic_write_text(args.out / "bench_groupnorm.md", md)
+        print(md)
         return 0
     res = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,729 @@
+"""The paper's timing and memory study, and the JAX vs PyTorch comparison (`cac-jax bench`).
+
+Protocol (paper, Methods "Timing"): N samples of 16 consecutive slices each; each model segments
+every slice of a sample (one batch of 16 three-slice windows) and the wall time per sample is
+recorded; the report gives median and IQR per model and the Wilcoxon rank-sum test between models
+(`scipy.stats.ranksums`). The paper used N = 1024; the default here is small
+(`DEFAULT_SAMPLES`) because UNet-64 at 512 px costs 1.5-2 s a slice on a 2-core CPU; N is stated
+in every output. Samples are cut from a synthetic 512 px CAC study (`data_pipeline.phantom`) and
+preprocessed by the same `data_pipeline.labels.model_inputs` that inference uses; that
+preprocessing is timed separately, per study. Compilation (JAX `jit`, `torch.compile`) and the
+first (warm-up) call are excluded from the per-sample times and reported on their own. Models are
+built from the experiment configs (configs/*.py; `local=True` takes their tiny `:local`
+variants), with untrained weights, and timed in interleaved rounds (sample i on every model, then
+sample i + 1), so load from other processes hits all models alike.
+
+Frameworks: "jax" (the Flax model under `jax.jit`) and "torch": the PyTorch reference
+(`cac_jax.torch_ref`, the same function on the same weights) as eager NCHW under `no_grad`
+("torch_eager"), `inference_mode` + `channels_last` ("torch_channels_last"), and that model under
+`torch.compile` ("torch_compile", where it compiles). Both use the same number of threads
+(`threads` in the output). `results["torch"]` is the fastest PyTorch variant per model.
+
+Training step (`train_step=True`): focal loss (Lin et al. 2017, gamma 2; for the ConvLSTM plus the
+temporal and spatial branch losses, weight 0.5) and Adam (lr 1e-3), at `train_batch`. Memory: on
+CPU, XLA's compiled memory analysis (JAX) and the resident-set growth while the step runs (both
+frameworks); on a GPU the device's peak (`peak_bytes_in_use`; process-wide, so run one model per
+process for exact per-model peaks, as benchmarks/gpu_check.sh does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.errors import InputError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = {
+    "convlstm": "convlstm_calcium.py",
+    "unet64": "unet_calcium.py",
+    "unet_matched": "unet_matched_calcium.py",
+}
+FRAMEWORKS = ("jax", "torch")
+TORCH_VARIANTS = ("torch_eager", "torch_channels_last", "torch_compile")
+DEFAULT_SAMPLES = 5
+PAPER_SAMPLES = 1024
+AUX_WEIGHT = 0.5
+MATMUL_N = 2048
+
+
+class BenchError(InputError):
+    """A benchmark request that cannot run (unknown model, missing framework, bad size)."""
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    """What `run_bench` measures (the `cac-jax bench` options)."""
+
+    models: tuple[str, ...] = tuple(MODEL_CONFIGS)
+    frameworks: tuple[str, ...] = ("jax",)
+    samples: int = DEFAULT_SAMPLES
+    slices: int = 16
+    size: int = 512
+    train_step: bool = False
+    train_batch: int = 2
+    train_repeats: int = 3
+    local: bool = False
+    dtype: str = "float32"
+    torch_compile: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise BenchError for settings that cannot run."""
+        unknown = [m for m in self.models if m not in MODEL_CONFIGS]
+        if unknown or not self.models:
+            raise BenchError(None, f"unknown model(s) {unknown}: choose from {list(MODEL_CONFIGS)}")
+        bad = [f for f in self.frameworks if f not in FRAMEWORKS]
+        if bad or "jax" not in self.frameworks:
+            raise BenchError(None, f"frameworks must include jax, from {list(FRAMEWORKS)}; got "
+                                   f"{list(self.frameworks)}")
+        if self.size < 16 or self.size % 16:
+            raise BenchError(None, f"--size must be a positive multiple of 16, got {self.size}")
+        for name in ("samples", "slices", "train_batch", "train_repeats"):
+            if getattr(self, name) < 1:
+                raise BenchError(None, f"--{name.replace('_', '-')} must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise BenchError(None, f"--dtype must be float32, bfloat16 or auto, got {self.dtype}")
+        if "torch" in self.frameworks and importlib.util.find_spec("torch") is None:
+            raise BenchError(None, "--frameworks torch needs PyTorch: pip install -e .[torch]")
+
+
+def load_config(name: str, settings: BenchSettings):
+    """The experiment config of benchmark model `name` (configs/*.py), with the bench's dtype."""
+    path = ROOT / "configs" / MODEL_CONFIGS[name]
+    spec = importlib.util.spec_from_file_location(f"bench_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("local" if settings.local else None)
+    config.model.dtype = settings.dtype
+    config.data.image_size = settings.size
+    return config
+
+
+def threads() -> int:
+    """CPU threads both frameworks use: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(frameworks: tuple[str, ...]) -> dict:
+    """CPU model, cores, AVX-512, accelerator, threads and library versions."""
+    import jax
+    import psutil
+
+    cpu_model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu_model in ("unknown", "x86_64", ""):
+                cpu_model = value.strip()
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    devices = jax.devices()
+    info = {
+        "cpu_model": cpu_model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "avx512": any(f.startswith("avx512") for f in flags) if flags else None,
+        "avx512_flags": sorted(f for f in flags if f.startswith("avx512")),
+        "memory_bytes": int(psutil.virtual_memory().total),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "accelerator": None if devices[0].platform == "cpu" else
+        f"{len(devices)} x {getattr(devices[0], 'device_kind', devices[0].platform)}",
+        "threads": threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax": jax.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    import flax
+
+    info["flax"] = flax.__version__
+    if "torch" in frameworks:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
+        if torch.cuda.is_available():
+            info["torch_accelerator"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def study_samples(settings: BenchSettings) -> tuple[list[np.ndarray], dict]:
+    """N samples of `slices` consecutive model inputs from a synthetic study, and its preprocessing time.
+
+    Returns ([(slices, 3, size, size, 1) float32] * samples, preprocessing dict).
+    """
+    from data_pipeline.labels import model_inputs
+    from data_pipeline.phantom import render_scan
+
+    start = time.perf_counter()
+    scan = render_scan(settings.seed, "cac", size=settings.size)
+    render_s = time.perf_counter() - start
+    hu = scan.volume.hu
+    per_study = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model_inputs(hu)
+        per_study.append(time.perf_counter() - start)
+    nz = hu.shape[0]
+    rng = np.random.default_rng(settings.seed)
+    samples = []
+    for _ in range(settings.samples):
+        first = int(rng.integers(0, max(nz - settings.slices, 0) + 1))
+        centres = (first + np.arange(settings.slices)) % nz  # wraps only when the study is short
+        samples.append(model_inputs(hu, centres))
+    prep = {
+        "what": "data_pipeline.labels.model_inputs on a whole study (3-slice windows, HU window)",
+        "study_shape_zyx": list(hu.shape),
+        "per_study_s": float(np.median(per_study)),
+        "per_slice_s": float(np.median(per_study)) / nz,
+        "synthetic_study_render_s": render_s,
+    }
+    return samples, prep
+
+
+# ----------------------------------------------------------------------------------------- JAX
+
+def jax_focal(logits, labels, gamma: float = 2.0):
+    """Mean multi-class focal loss (Lin et al. 2017), float32, from log-softmax."""
+    import jax
+    import jax.numpy as jnp
+
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_pt = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(-jnp.power(-jnp.expm1(log_pt), gamma) * log_pt)
+
+
+class JaxModel:
+    """A model's jitted forward pass (compiled once for the sample shape) and its weights."""
+
+    def __init__(self, name: str, settings: BenchSettings):
+        import jax
+        import jax.numpy as jnp
+
+        from cac_jax.models import build_model, count_params
+
+        self.name, self.config = name, load_config(name, settings)
+        self.model = build_model(self.config)
+        shape = (settings.slices, 3, settings.size, settings.size, 1)
+        # rbg keys: XLA:CPU compiles threefry-based init several times more slowly.
+        self.variables = jax.jit(self.model.init)(jax.random.key(settings.seed, impl="rbg"),
+                                                  jnp.zeros((1, *shape[1:]), jnp.float32))
+        self.params = count_params(self.variables["params"])
+        forward = jax.jit(lambda v, x: self.model.apply(v, x)[0])
+        start = time.perf_counter()
+        self.forward = forward.lower(self.variables, jax.ShapeDtypeStruct(shape, jnp.float32)
+                                     ).compile()
+        self.compile_s = time.perf_counter() - start
+
+    def __call__(self, x: np.ndarray) -> None:
+        import jax
+
+        jax.block_until_ready(self.forward(self.variables, x))
+
+
+def jax_train_step(jm: JaxModel, settings: BenchSettings, rss: RssSampler) -> dict:
+    """Compile and time a focal-loss + Adam step at `train_batch`; memory and forward time too."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    model, batch, size = jm.model, settings.train_batch, settings.size
+    tx = optax.adam(1e-3)
+
+    def loss_fn(params, x, labels):
+        logits, aux = model.apply({"params": params}, x)
+        loss = jax_focal(logits, labels)
+        for branch in ("temporal", "spatial"):
+            if branch in aux:
+                loss = loss + AUX_WEIGHT * jax_focal(aux[branch], labels)
+        return loss
+
+    def step(params, opt_state, x, labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    x = jax.random.uniform(jax.random.key(1), (batch, 3, size, size, 1))
+    labels = jax.random.randint(jax.random.key(2), (batch, size, size), 0,
+                                int(jm.config.model.num_classes))
+    params = jax.tree_util.tree_map(jnp.copy, jm.variables["params"])
+    opt_state = tx.init(params)
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, labels).compile()
+    compile_s = time.perf_counter() - start
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0]).lower(params, x).compile()
+    memory = compiled.memory_analysis()
+    analysis = {
+        "temp": int(memory.temp_size_in_bytes), "argument": int(memory.argument_size_in_bytes),
+        "output": int(memory.output_size_in_bytes),
+        "alias": int(getattr(memory, "alias_size_in_bytes", 0)),
+    }
+    analysis["total"] = (analysis["temp"] + analysis["argument"] + analysis["output"]
+                         - analysis["alias"])
+    params, opt_state, loss = compiled(params, opt_state, x, labels)  # warm-up
+    jax.block_until_ready(loss)
+    step_times, forward_times = [], []
+    with rss.track() as tracked:
+        for _ in range(settings.train_repeats):
+            start = time.perf_counter()
+            params, opt_state, loss = compiled(params, opt_state, x, labels)
+            jax.block_until_ready(loss)
+            step_times.append(time.perf_counter() - start)
+    for _ in range(settings.train_repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(forward(params, x))
+        forward_times.append(time.perf_counter() - start)
+    out = {
+        "batch": batch, "step_s": float(np.median(step_times)), "step_s_all": step_times,
+        "forward_s": float(np.median(forward_times)), "compile_s": compile_s,
+        "loss_finite": bool(np.isfinite(float(loss))), "xla_memory_analysis": analysis,
+        **tracked,
+    }
+    out["step_over_forward"] = out["step_s"] / out["forward_s"]
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+        out["peak_memory_bytes"] = out["device_peak_bytes_in_use"]
+        out["peak_memory_source"] = "device peak_bytes_in_use (process-wide)"
+    else:
+        out["peak_memory_bytes"] = analysis["total"]
+        out["peak_memory_source"] = "XLA memory analysis of the compiled step"
+    return out
+
+
+# --------------------------------------------------------------------------------------- torch
+
+class TorchModel:
+    """The PyTorch twin of a JaxModel (same weights) in one of the TORCH_VARIANTS."""
+
+    def __init__(self, jm: JaxModel, variant: str, settings: BenchSettings):
+        import torch
+
+        from cac_jax.torch_ref import from_flax
+
+        self.variant, self.settings = variant, settings
+        self.num_classes = int(jm.config.model.num_classes)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.channels_last = variant in ("torch_channels_last", "torch_compile")
+        model = from_flax(jm.config, jm.variables["params"]).eval().to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.eager_model = model
+        self.model = torch.compile(model) if variant == "torch_compile" else model
+        self.compile_s = 0.0  # torch.compile compiles lazily: its cost shows in the warm-up
+
+    def _input(self, x: np.ndarray):
+        import torch
+
+        xt = torch.from_numpy(np.ascontiguousarray(x[..., 0])).to(self.device)
+        return xt.contiguous(memory_format=torch.channels_last) if self.channels_last else xt
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.settings.dtype == "bfloat16" or (self.settings.dtype == "auto"
+                                                 and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, x: np.ndarray) -> None:
+        import torch
+
+        guard = torch.no_grad() if self.variant == "torch_eager" else torch.inference_mode()
+        with guard, self._autocast():
+            self.model(self._input(x))
+        self._sync()
+
+    def train_step(self, settings: BenchSettings, rss: RssSampler) -> dict:
+        """Focal loss + Adam step at `train_batch` (eager; torch.compile is not timed here)."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.eager_model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        b, size = settings.train_batch, settings.size
+        x = self._input(torch.rand((b, 3, size, size, 1), generator=gen).numpy())
+        labels = torch.randint(0, self.num_classes, (b, size, size), generator=gen).to(self.device)
+
+        def focal(logits):
+            log_pt = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
+            return torch.mean(-torch.pow(-torch.expm1(log_pt), 2.0) * log_pt)
+
+        def one_step():
+            opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits, aux = model(x)
+            loss = focal(logits)
+            for branch in ("temporal", "spatial"):
+                if branch in aux:
+                    loss = loss + AUX_WEIGHT * focal(aux[branch])
+            loss.backward()
+            opt.step()
+            self._sync()
+            return float(loss.detach())
+
+        one_step()  # warm-up (allocator, oneDNN primitives)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        with rss.track() as tracked:
+            for _ in range(settings.train_repeats):
+                start = time.perf_counter()
+                loss = one_step()
+                times.append(time.perf_counter() - start)
+        forward_times = []
+        with torch.no_grad():
+            for _ in range(settings.train_repeats):
+                start = time.perf_counter()
+                with self._autocast():
+                    model(x)
+                self._sync()
+                forward_times.append(time.perf_counter() - start)
+        model.eval()
+        out = {"batch": b, "step_s": float(np.median(times)), "step_s_all": times,
+               "forward_s": float(np.median(forward_times)), "loss_finite": bool(np.isfinite(loss)),
+               **tracked}
+        out["step_over_forward"] = out["step_s"] / out["forward_s"]
+        if self.device.type == "cuda":
+            out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+            out["peak_memory_source"] = "torch.cuda.max_memory_allocated"
+        else:
+            out["peak_memory_bytes"] = tracked["rss_increase_bytes"]
+            out["peak_memory_source"] = "resident-set growth during the step"
+        return out
+
+
+class RssSampler:
+    """Samples this process's resident set size in a thread while a block runs."""
+
+    def __init__(self, interval_s: float = 0.002):
+        import psutil
+
+        self.proc, self.interval_s = psutil.Process(), interval_s
+
+    def track(self):
+        """Context manager yielding a dict filled on exit: rss_before, rss_peak, rss_increase."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def tracker():
+            result: dict = {}
+            before = self.proc.memory_info().rss
+            peak, done = [before], threading.Event()
+
+            def sample():
+                while not done.is_set():
+                    peak[0] = max(peak[0], self.proc.memory_info().rss)
+                    time.sleep(self.interval_s)
+
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+            try:
+                yield result
+            finally:
+                done.set()
+                thread.join()
+                peak[0] = max(peak[0], self.proc.memory_info().rss)
+                result.update(rss_before_bytes=int(before), rss_peak_bytes=int(peak[0]),
+                              rss_increase_bytes=int(peak[0] - before))
+
+        return tracker()
+
+
+# ------------------------------------------------------------------------------------- the run
+
+def _summary(times: list[float]) -> dict:
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return {"median_s": float(med), "iqr_s": float(q3 - q1), "q1_s": float(q1), "q3_s": float(q3),
+            "n": len(times), "times_s": [float(t) for t in times]}
+
+
+def matmul_peak_gflops(n: int = MATMUL_N, repeats: int = 5) -> float:
+    """float32 (n x n) matmul throughput under JAX (GFLOP/s), the machine's reference peak."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda m: m @ m).lower(a).compile()
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / float(np.median(times)) / 1e9
+
+
+def run_bench(settings: BenchSettings, log=print) -> dict:
+    """Run the study; returns the bench.json dict (see the module docstring)."""
+    settings.check()
+    from scipy import stats
+
+    want_torch = "torch" in settings.frameworks
+    if want_torch:
+        import torch
+
+        torch.set_num_threads(threads())  # the same threads as XLA:CPU's pool
+    result: dict[str, Any] = {
+        "settings": dataclasses.asdict(settings),
+        "protocol": (f"{settings.samples} samples of {settings.slices} consecutive slices at "
+                     f"{settings.size} px (the paper: {PAPER_SAMPLES} samples of 16 slices); "
+                     "time per sample; compilation and warm-up excluded (reported separately)"),
+        "machine": machine_info(settings.frameworks),
+    }
+    log(f"bench: {result['protocol']}")
+    samples, result["preprocessing"] = study_samples(settings)
+    log(f"bench: preprocessing {result['preprocessing']['per_study_s']:.3f} s per study")
+    # A smaller matmul for the tiny :local runs (tests): well below peak, but seconds faster.
+    result["matmul_n"] = matmul_n = 256 if settings.local else MATMUL_N
+    result["matmul_peak_gflops_before"] = matmul_peak_gflops(matmul_n)
+
+    runners: dict[str, dict[str, Any]] = {"jax": {}}
+    warmup: dict[str, dict[str, dict]] = {"jax": {}}
+    errors: dict[str, dict[str, str]] = {}
+    jax_models = {}
+    for name in settings.models:
+        log(f"bench: [jax] {name}: build and compile")
+        jm = JaxModel(name, settings)
+        start = time.perf_counter()
+        jm(samples[0])
+        warmup["jax"][name] = {"compile_s": jm.compile_s, "warmup_s": time.perf_counter() - start}
+        runners["jax"][name], jax_models[name] = jm, jm
+    if want_torch:
+        variants = [v for v in TORCH_VARIANTS if settings.torch_compile or v != "torch_compile"]
+        for variant in variants:
+            runners[variant], warmup[variant] = {}, {}
+            for name in settings.models:
+                log(f"bench: [{variant}] {name}: build and warm up")
+                try:
+                    tm = TorchModel(jax_models[name], variant, settings)
+                    start = time.perf_counter()
+                    tm(samples[0])
+                    warmup[variant][name] = {"compile_s": tm.compile_s,
+                                             "warmup_s": time.perf_counter() - start}
+                    runners[variant][name] = tm
+                except Exception as err:  # torch.compile needs a working C++ toolchain
+                    errors.setdefault(variant, {})[name] = f"{type(err).__name__}: {err}"[:500]
+                    log(f"bench: [{variant}] {name} failed, left out: {errors[variant][name]}")
+
+    times = {fw: {name: [] for name in r} for fw, r in runners.items()}
+    for i, x in enumerate(samples):
+        log(f"bench: sample {i + 1}/{len(samples)}")
+        for fw, models in runners.items():
+            for name, runner in models.items():
+                start = time.perf_counter()
+                runner(x)
+                times[fw][name].append(time.perf_counter() - start)
+    result["matmul_peak_gflops_after"] = matmul_peak_gflops(matmul_n)
+
+    results = {fw: {name: {**_summary(t), "per_slice_median_s": float(np.median(t)) /
+                           settings.slices, **warmup[fw][name]}
+                    for name, t in models.items()} for fw, models in times.items()}
+    if want_torch:
+        best = {}
+        for name in settings.models:
+            candidates = [(results[v][name]["median_s"], v) for v in results
+                          if v.startswith("torch_") and name in results[v]]
+            if candidates:
+                _, variant = min(candidates)
+                best[name] = {**results[variant][name], "variant": variant}
+        results["torch"] = best
+    result["results"] = results
+    result["compile_errors"] = errors
+    for models in results.values():
+        for name, r in models.items():
+            r["params"] = jax_models[name].params
+    result["wilcoxon_p"] = {
+        fw: {f"{a}_vs_{b}": float(stats.ranksums(times_of(results, fw, a),
+                                                 times_of(results, fw, b)).pvalue)
+             for i, a in enumerate(models) for b in list(models)[i + 1:]}
+        for fw, models in results.items() if len(models) > 1
+    }
+    result["ratios"] = ratios(results)
+
+    if settings.train_step:
+        rss = RssSampler()
+        train: dict[str, dict] = {"jax": {}}
+        for name in settings.models:
+            log(f"bench: [jax] {name}: training step")
+            train["jax"][name] = jax_train_step(jax_models[name], settings, rss)
+        if want_torch:
+            for variant in ("torch_eager", "torch_channels_last"):
+                train[variant] = {}
+                for name in settings.models:
+                    log(f"bench: [{variant}] {name}: training step")
+                    tm = TorchModel(jax_models[name], variant, settings)
+                    train[variant][name] = tm.train_step(settings, rss)
+            train["torch"] = {}
+            for name in settings.models:
+                variant = min(("torch_eager", "torch_channels_last"),
+                              key=lambda v, n=name: train[v][n]["step_s"])
+                train["torch"][name] = {**train[variant][name], "variant": variant}
+        result["train_step"] = train
+        result["train_ratios"] = {
+            name: {"jax_step_speedup_vs_best_torch": train["torch"][name]["step_s"]
+                   / train["jax"][name]["step_s"]}
+            for name in settings.models if "torch" in train}
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return result
+
+
+def times_of(results: dict, fw: str, name: str) -> list[float]:
+    """The per-sample times of `name` under framework key `fw`."""
+    return results[fw][name]["times_s"]
+
+
+def ratios(results: dict) -> dict:
+    """ConvLSTM / UNet time ratios within each framework; JAX speed-up over the best PyTorch."""
+    out: dict[str, Any] = {}
+    for fw, models in results.items():
+        if "convlstm" in models:
+            for other in ("unet64", "unet_matched"):
+                if other in models:
+                    out.setdefault(fw, {})[f"{other}_over_convlstm_time"] = (
+                        models[other]["median_s"] / models["convlstm"]["median_s"])
+    if "torch" in results:
+        out["jax_speedup_vs_best_torch"] = {
+            name: results["torch"][name]["median_s"] / results["jax"][name]["median_s"]
+            for name in results["torch"]}
+        out["jax_speedup_vs_torch_variant"] = {
+            v: {name: results[v][name]["median_s"] / results["jax"][name]["median_s"]
+                for name in results[v]}
+            for v in results if v.startswith("torch_")}
+    return out
+
+
+# ------------------------------------------------------------------------------------- reports
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def markdown(res: dict) -> str:
+    """bench.json as a markdown report."""
+    m, s = res["machine"], res["settings"]
+    lines = [
+        "# cac-jax bench: inference time per sample and training step",
+        "",
+        f"Protocol: {res['protocol']}. Models: {', '.join(s['models'])}"
+        f"{' (tiny :local configs)' if s['local'] else ''}, untrained, dtype {s['dtype']}.",
+        f"Machine: {m['cpu_model']}, {m['logical_cores']} logical / {m['physical_cores']} physical "
+        f"cores, AVX-512 {'yes' if m['avx512'] else 'no'}, accelerator {m['accelerator'] or 'none'}"
+        f", {m['threads']} threads; JAX {m['jax']}"
+        + (f", PyTorch {m['torch']}" if "torch" in m else "")
+        + f"; load average {m['load_average_at_start'][0]:.1f} at start, "
+          f"{m['load_average_at_end'][0]:.1f} at end.",
+        f"float32 matmul peak (JAX, {res['matmul_n']}^3): {res['matmul_peak_gflops_before']:.0f} GFLOP/s "
+        f"before, {res['matmul_peak_gflops_after']:.0f} after the timing rounds.",
+        f"Preprocessing (`model_inputs`, whole {res['preprocessing']['study_shape_zyx']} study): "
+        f"{res['preprocessing']['per_study_s']:.3f} s per study, not included below.",
+        "",
+        "## Inference, seconds per sample",
+        "",
+        "| framework | model | params (M) | median s | IQR s | s / slice | n | compile s | "
+        "warm-up s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for fw, models in res["results"].items():
+        for name, r in models.items():
+            label = f"torch (best: {r['variant']})" if fw == "torch" else fw
+            lines.append(
+                f"| {label} | {name} | {r['params'] / 1e6:.2f} | {r['median_s']:.3f} | "
+                f"{r['iqr_s']:.3f} | {r['per_slice_median_s']:.4f} | {r['n']} | "
+                f"{r['compile_s']:.1f} | {r['warmup_s']:.2f} |")
+    lines += ["", "Wilcoxon rank-sum p between models (scipy.stats.ranksums):", ""]
+    for fw, pairs in res["wilcoxon_p"].items():
+        lines.append(f"- {fw}: " + ", ".join(f"{k} p = {v:.3g}" for k, v in pairs.items()))
+    lines += ["", "Ratios (time of the UNet over time of the ConvLSTM; JAX speed-up = PyTorch "
+                  "time / JAX time):", ""]
+    for key, value in res["ratios"].items():
+        lines.append(f"- {key}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else {
+            kk: round(vv, 3) for kk, vv in v.items()}) for k, v in value.items()}))
+    if res.get("compile_errors"):
+        lines += ["", "Left out (failed to build or compile):", ""]
+        for fw, errs in res["compile_errors"].items():
+            for name, err in errs.items():
+                lines.append(f"- {fw} {name}: {err}")
+    if "train_step" in res:
+        lines += ["", f"## Training step (focal loss + Adam), batch {s['train_batch']}", "",
+                  "| framework | model | step s | forward s | step / forward | peak memory GiB "
+                  "(source) | RSS growth GiB |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        for fw, models in res["train_step"].items():
+            for name, r in models.items():
+                label = f"torch (best: {r['variant']})" if fw == "torch" else fw
+                lines.append(
+                    f"| {label} | {name} | {r['step_s']:.3f} | {r['forward_s']:.3f} | "
+                    f"{r['step_over_forward']:.2f} | {_gib(r['peak_memory_bytes'])} "
+                    f"({r['peak_memory_source']}) | {_gib(r['rss_increase_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def box_plot(res: dict, path: pathlib.Path) -> None:
+    """Box plot of the per-sample times, one box per framework and model (PNG, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_pipeline.atomic import atomic_path
+
+    labels, data = [], []
+    for fw, models in res["results"].items():
+        if fw == "torch":  # the best variant is already shown under its own name
+            continue
+        for name, r in models.items():
+            labels.append(f"{fw}\n{name}")
+            data.append(r["times_s"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5))
+    ax.boxplot(data)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+    ax.set_ylabel(f"seconds per {res['settings']['slices']}-slice sample")
+    ax.set_yscale("log")
+    ax.set_title(f"{res['settings']['samples']} samples at {res['settings']['size']} px, "
+                 f"{res['machine']['threads']} threads ({res['machine']['cpu_model'][:40]})",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_outputs(res: dict, out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Write DIR/bench.json, bench.md and bench.png atomically; returns their paths."""
+    from data_pipeline.atomic import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md",
+             "png": out_dir / "bench.png"}
+    atomic_write_text(paths["json"], json.dumps(res, indent=2) + "\n")
+    atomic_write_text(paths["md"], markdown(res))
+    box_plot(res, paths["png"])
+    return paths
