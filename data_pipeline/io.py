@@ -304,11 +304,13 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
     # orientation): compare once both are canonical.
     canonical = _orient(grid)[1]
     like_grid = _Grid(like.hu, like.spacing_zyx_mm, like.origin_xyz_mm, like.direction)
-    if _geometry_problem(canonical, like_grid, like.metadata.source) is None:
+    if _geometry_problem(canonical, like_grid, like.metadata.source,
+                         stored.slice_step_mm) is None:
         return canonical.values
     if not np.allclose(grid.direction, stored.direction, atol=LABEL_DIRECTION_TOL) and \
             np.allclose(canonical.direction, like.direction, atol=LABEL_DIRECTION_TOL):
-        problem = _geometry_problem(canonical, like_grid, like.metadata.source)
+        problem = _geometry_problem(canonical, like_grid, like.metadata.source,
+                                    stored.slice_step_mm)
     raise LabelError(path, problem)
 
 
