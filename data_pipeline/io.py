@@ -1117,9 +1117,11 @@ def _read_image_grid(path: Path, *, error: type[InputError]) -> tuple[_Grid, sit
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "ERROR" in ln), lines[-1] if lines else "")
         detail = re.sub(r"^.*ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", detail)
-        reason = next((ln for ln in lines if ln.startswith("Reason:")), None)
-        if reason:
-            detail += f" ({reason})"
+        # ITK's first line says where it failed; the last one (a NRRD "expected N bytes but
+        # received M", an errno "Reason:") often says why.
+        last = re.sub(r"^\[\w+\] ", "", lines[-1]) if lines else ""
+        if last and last not in detail and "ITK ERROR" not in last:
+            detail += f" ({last})"
         raise error(path, f"unreadable image file ({detail})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise error(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -1156,7 +1158,7 @@ def _check_image_payload(path: Path, error: type[InputError]) -> None:
     suffix = _suffix(path)
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_payload(path, suffix == ".nii.gz", error)
-    elif suffix == ".mhd":
+    elif suffix in (".mhd", ".mha"):
         _check_metaimage_payload(path, error)
 
 
@@ -1219,27 +1221,37 @@ def _gzip_length(path: Path, error: type[InputError]) -> int:
 
 
 def _check_metaimage_payload(path: Path, error: type[InputError]) -> None:
+    """A MetaImage's data (its ElementDataFile, or the bytes after a LOCAL header) must be as
+    long as the header declares; MetaIO would print to stderr and ITK report a wrong reason."""
     try:
-        text = path.read_bytes()[:64 * 1024].decode("latin-1")
+        head = path.read_bytes()[:64 * 1024] if path.suffix.lower() == ".mhd" else \
+            _read_prefix(path, 64 * 1024)
     except OSError as exc:
         raise error(path, f"cannot read file: {exc.strerror or exc}") from None
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
+    fields, header_end = {}, None
+    position = 0
+    for raw_line in head.splitlines(keepends=True):
+        position += len(raw_line)
+        key, sep, value = raw_line.decode("latin-1").partition("=")
         if sep:
             fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
+            header_end = position
             break
     data_name = fields.get("ElementDataFile", "")
-    if not data_name or data_name.upper() == "LOCAL" or data_name.upper().startswith("LIST") \
-            or "%" in data_name:
-        return  # data inline or split over several files: ITK's own checks apply
-    data = path.parent / data_name
-    if not data.is_file():
-        raise error(path, f"its data file {data_name} (ElementDataFile) is missing from "
-                          f"{path.parent}")
+    if not data_name or data_name.upper().startswith("LIST") or "%" in data_name:
+        return  # no header or data split over several files: ITK's own checks apply
+    if data_name.upper() == "LOCAL":
+        data, size = path, path.stat().st_size - (header_end or 0)
+        where = "its voxel data"
+    else:
+        data = path.parent / data_name
+        if not data.is_file():
+            raise error(path, f"its data file {data_name} (ElementDataFile) is missing from "
+                              f"{path.parent}")
+        size = data.stat().st_size
+        where = f"its data file {data_name}"
     compressed = fields.get("CompressedData", "False").lower() == "true"
-    size = data.stat().st_size
     try:
         if compressed:
             expected = int(fields["CompressedDataSize"]) if "CompressedDataSize" in fields else 0
@@ -1248,12 +1260,18 @@ def _check_metaimage_payload(path: Path, error: type[InputError]) -> None:
             channels = int(fields.get("ElementNumberOfChannels", "1"))
             element = _MET_SIZES.get(fields.get("ElementType", ""), 0)
             expected = int(np.prod(dims, dtype=np.int64)) * channels * element
-            expected += max(int(fields.get("HeaderSize", "0")), 0)
+            if data is not path:
+                expected += max(int(fields.get("HeaderSize", "0")), 0)
     except (ValueError, KeyError):
         return  # a malformed header: ITK's message names the field
     if size < expected:
-        raise error(path, f"its data file {data_name} is short: {size} bytes where the header "
-                          f"declares {expected} (truncated copy?)")
+        raise error(path, f"{where} is short: {size} bytes where the header declares "
+                          f"{expected} (truncated copy?)")
+
+
+def _read_prefix(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def _writable_dtype(array: np.ndarray) -> np.ndarray:
