@@ -305,11 +305,13 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
     # orientation): compare once both are canonical.
     canonical = _orient(grid)[1]
     like_grid = _Grid(like.hu, like.spacing_zyx_mm, like.origin_xyz_mm, like.direction)
-    if _geometry_problem(canonical, like_grid, like.metadata.source) is None:
+    if _geometry_problem(canonical, like_grid, like.metadata.source,
+                         stored.slice_step_mm) is None:
         return canonical.values
     if not np.allclose(grid.direction, stored.direction, atol=LABEL_DIRECTION_TOL) and \
             np.allclose(canonical.direction, like.direction, atol=LABEL_DIRECTION_TOL):
-        problem = _geometry_problem(canonical, like_grid, like.metadata.source)
+        problem = _geometry_problem(canonical, like_grid, like.metadata.source,
+                                    stored.slice_step_mm)
     raise LabelError(path, problem)
 
 
@@ -1111,16 +1113,19 @@ def _read_image_file(path: Path, *, error: type[InputError]) -> tuple[_Grid, Stu
 
 def _read_image_grid(path: Path, *, error: type[InputError]) -> tuple[_Grid, sitk.Image]:
     """SimpleITK read; spacing (x, y, z) -> (z, y, x) here and nowhere else."""
-    _check_image_payload(path, error)
     try:
-        image = sitk.ReadImage(str(path))
+        with _checked_source(path, error) as readable:
+            image = sitk.ReadImage(str(readable))
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in str(exc).replace(str(readable), str(path)).splitlines()
+                 if ln.strip()]
         detail = next((ln for ln in lines if "ERROR" in ln), lines[-1] if lines else "")
         detail = re.sub(r"^.*ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", detail)
-        reason = next((ln for ln in lines if ln.startswith("Reason:")), None)
-        if reason:
-            detail += f" ({reason})"
+        # ITK's first line says where it failed; the last one (a NRRD "expected N bytes but
+        # received M", an errno "Reason:") often says why.
+        last = re.sub(r"^\[\w+\] ", "", lines[-1]) if lines else ""
+        if last and last not in detail and "ITK ERROR" not in last:
+            detail += f" ({last})"
         raise error(path, f"unreadable image file ({detail})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise error(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -1146,38 +1151,57 @@ _MET_SIZES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "M
               "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
-def _check_image_payload(path: Path, error: type[InputError]) -> None:
-    """Refuses image files whose voxel data is shorter than their header declares.
+@contextlib.contextmanager
+def _checked_source(path: Path, error: type[InputError]):
+    """Yields the file SimpleITK should read for `path`, after refusing files whose voxel data
+    is shorter than their header declares.
 
     SimpleITK fills the missing voxels of a truncated NIfTI (.nii and .nii.gz) with zeros or
     garbage without an error, and reports a missing or short MetaImage data file in several
-    lines of ITK text; both are caught here first, naming the file. (.nrrd and .mha fail inside
-    ITK, which `_read_image_grid` reports.)
+    lines of ITK text (MetaIO also prints to stderr); these are caught here first, naming the
+    file. (.nrrd fails inside ITK, which `_read_image_grid` reports.) A .nii.gz has to be
+    inflated to know its length: it is inflated once, into a temporary .nii that SimpleITK then
+    reads, rather than inflated twice.
     """
     suffix = _suffix(path)
-    if suffix in (".nii", ".nii.gz"):
-        _check_nifti_payload(path, suffix == ".nii.gz", error)
-    elif suffix == ".mhd":
+    if suffix == ".nii.gz":
+        with tempfile.TemporaryDirectory(prefix="cac_jax_nii_") as folder:
+            plain = Path(folder) / (path.name[:-3] or "image.nii")
+            try:
+                with gzip.open(path, "rb") as source, open(plain, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 22)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise error(path, f"unreadable image file (truncated or corrupt gzip data: "
+                                  f"{type(exc).__name__}: {exc})") from None
+            except OSError as exc:
+                where = "file" if exc.filename in (None, str(path)) else "temporary copy"
+                raise error(path, f"cannot read or inflate the {where}: "
+                                  f"{exc.strerror or exc}") from None
+            _check_nifti_payload(path, plain, error)
+            yield plain
+        return
+    if suffix == ".nii":
+        _check_nifti_payload(path, path, error)
+    elif suffix in (".mhd", ".mha"):
         _check_metaimage_payload(path, error)
+    yield path
 
 
-def _check_nifti_payload(path: Path, gzipped: bool, error: type[InputError]) -> None:
-    opener = gzip.open if gzipped else open
+def _check_nifti_payload(path: Path, plain: Path, error: type[InputError]) -> None:
+    """`plain` (the uncompressed NIfTI of `path`) holds all the bytes its header declares."""
     try:
-        with opener(path, "rb") as f:
+        with open(plain, "rb") as f:
             header = f.read(540)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise error(path, f"unreadable image file ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise error(path, f"cannot read file: {exc.strerror or exc}") from None
     needed = _nifti_size(header)
     if needed is None:
         return  # not a NIfTI header SimpleITK would take: its own error names the problem
-    if gzipped:
-        have = _gzip_length(path, error)
-    else:
-        have = path.stat().st_size
+    have = plain.stat().st_size
     if have < needed:
         raise error(path, f"truncated NIfTI file: the header declares {needed} bytes of "
-                          f"header and voxels but the file holds {have}")
+                          f"header and voxels but the {'inflated ' if plain != path else ''}"
+                          f"file holds {have}")
 
 
 def _nifti_size(header: bytes) -> int | None:
@@ -1202,45 +1226,38 @@ def _nifti_size(header: bytes) -> int | None:
     return max(offset, 348) + voxels * bitpix // 8
 
 
-def _gzip_length(path: Path, error: type[InputError]) -> int:
-    """Uncompressed length of a gzip file; a cut or corrupt stream is an error.
-
-    The whole stream is inflated (once more than SimpleITK will): the trailer's length field
-    cannot be trusted on a cut file, whose last bytes are arbitrary.
-    """
-    total = 0
-    try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                total += len(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise error(path, f"truncated or corrupt gzip data ({type(exc).__name__}: {exc})") \
-            from None
-    return total
-
-
 def _check_metaimage_payload(path: Path, error: type[InputError]) -> None:
+    """A MetaImage's data (its ElementDataFile, or the bytes after a LOCAL header) must be as
+    long as the header declares; MetaIO would print to stderr and ITK report a wrong reason."""
     try:
-        text = path.read_bytes()[:64 * 1024].decode("latin-1")
+        head = path.read_bytes()[:64 * 1024] if path.suffix.lower() == ".mhd" else \
+            _read_prefix(path, 64 * 1024)
     except OSError as exc:
         raise error(path, f"cannot read file: {exc.strerror or exc}") from None
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
+    fields, header_end = {}, None
+    position = 0
+    for raw_line in head.splitlines(keepends=True):
+        position += len(raw_line)
+        key, sep, value = raw_line.decode("latin-1").partition("=")
         if sep:
             fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
+            header_end = position
             break
     data_name = fields.get("ElementDataFile", "")
-    if not data_name or data_name.upper() == "LOCAL" or data_name.upper().startswith("LIST") \
-            or "%" in data_name:
-        return  # data inline or split over several files: ITK's own checks apply
-    data = path.parent / data_name
-    if not data.is_file():
-        raise error(path, f"its data file {data_name} (ElementDataFile) is missing from "
-                          f"{path.parent}")
+    if not data_name or data_name.upper().startswith("LIST") or "%" in data_name:
+        return  # no header or data split over several files: ITK's own checks apply
+    if data_name.upper() == "LOCAL":
+        data, size = path, path.stat().st_size - (header_end or 0)
+        where = "its voxel data"
+    else:
+        data = path.parent / data_name
+        if not data.is_file():
+            raise error(path, f"its data file {data_name} (ElementDataFile) is missing from "
+                              f"{path.parent}")
+        size = data.stat().st_size
+        where = f"its data file {data_name}"
     compressed = fields.get("CompressedData", "False").lower() == "true"
-    size = data.stat().st_size
     try:
         if compressed:
             expected = int(fields["CompressedDataSize"]) if "CompressedDataSize" in fields else 0
@@ -1249,12 +1266,18 @@ def _check_metaimage_payload(path: Path, error: type[InputError]) -> None:
             channels = int(fields.get("ElementNumberOfChannels", "1"))
             element = _MET_SIZES.get(fields.get("ElementType", ""), 0)
             expected = int(np.prod(dims, dtype=np.int64)) * channels * element
-            expected += max(int(fields.get("HeaderSize", "0")), 0)
+            if data is not path:
+                expected += max(int(fields.get("HeaderSize", "0")), 0)
     except (ValueError, KeyError):
         return  # a malformed header: ITK's message names the field
     if size < expected:
-        raise error(path, f"its data file {data_name} is short: {size} bytes where the header "
-                          f"declares {expected} (truncated copy?)")
+        raise error(path, f"{where} is short: {size} bytes where the header declares "
+                          f"{expected} (truncated copy?)")
+
+
+def _read_prefix(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def _writable_dtype(array: np.ndarray) -> np.ndarray:

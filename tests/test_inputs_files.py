@@ -128,3 +128,24 @@ def test_unreadable_label_file_is_not_called_missing(tmp_path, study, capsys):
     image, labels = study
     labels.chmod(0)
     assert_cli_error(capsys, ["--image", image, "--labels", labels], labels, "permission denied")
+
+
+@pytest.mark.parametrize("suffix, keyword", [(".mha", "its voxel data is short"),
+                                             (".nrrd", "expected 2048 bytes but received")])
+def test_truncated_single_file_formats_give_one_line_with_the_reason(tmp_path, study, capsys,
+                                                                      suffix, keyword):
+    image, labels = study
+    volume = io.read_study(image)
+    path = tmp_path / f"labels{suffix}"
+    io.write_labels(path, np.ones(volume.shape, np.uint16), like=volume)
+    path.write_bytes(path.read_bytes()[:-12])
+    assert_cli_error(capsys, ["--image", image, "--labels", path], path, keyword)
+
+
+def test_unreadable_label_file_message(tmp_path, study, monkeypatch):
+    """What a user without read permission sees (simulated: the tests may run as root)."""
+    image, labels = study
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != labels and real_access(p, mode))
+    with pytest.raises(LabelError, match=r"labels\.nii\.gz: cannot read: permission denied"):
+        io.read_labels(labels)
