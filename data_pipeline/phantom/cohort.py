@@ -135,14 +135,11 @@ def _volume(hu: np.ndarray, grid: render.Grid, protocol: render.Protocol, patien
             scan_id: str, manufacturer: str = MANUFACTURER):
     from data_pipeline.io import CTVolume, StudyMetadata
 
-    extra = {}
-    if protocol.kernel is not None:
-        extra["convolution_kernel"] = protocol.kernel
     metadata = StudyMetadata(
         source=f"synthetic:{scan_id}", modality="CT", patient_id=patient_id,
         series_description=protocol.series_description, slice_thickness_mm=protocol.thickness_mm,
-        kvp=protocol.kvp, manufacturer=manufacturer, ecg_gated=protocol.ecg_gated,
-        protocol=protocol.name, **extra)
+        kvp=protocol.kvp, manufacturer=manufacturer, convolution_kernel=protocol.kernel,
+        ecg_gated=protocol.ecg_gated, protocol=protocol.name)
     return CTVolume(hu=hu, spacing_zyx_mm=grid.spacing_zyx_mm, origin_xyz_mm=grid.origin_xyz_mm,
                     direction=_DIRECTION, metadata=metadata)
 
