@@ -117,7 +117,7 @@ def kappa_std_errors(table: np.ndarray, kappa: float,
     """Asymptotic SEs of weighted kappa: (SE, SE under H0 kappa = 0).
 
     Fleiss, Cohen & Everitt (1969), "Large sample standard errors of kappa and weighted kappa"
-    (Psychol. Bull. 72:323), in the form of Fleiss, Levin & Paik (2003), eqs. 18.15 and 18.16:
+    (Psychol. Bull. 72:323), as written in Fleiss, Levin & Paik (2003), chapter 18:
         var = [sum_ij p_ij (w_ij - (wbar_i. + wbar_.j)(1 - k))^2 - (k - p_e(1 - k))^2]
               / (n (1 - p_e)^2)
     with wbar_i. = sum_j p_.j w_ij and wbar_.j = sum_i p_i. w_ij.
@@ -863,10 +863,13 @@ def evaluate(inputs: EvaluationInputs) -> tuple[dict[str, Any], list[Case]]:
                                    ref_path=inputs.ref)
     excluded += unmatched
     if not cases:
-        first = f" (first left out: {excluded[0].scan_id}: {excluded[0].reason})" if excluded \
-            else ""
+        # One example per kind (reference problem, prediction problem) says most in one line.
+        examples = list({e.source: e for e in reversed(excluded)}.values())[::-1][:2]
+        detail = "; ".join(f"{e.scan_id} ({e.source}): {e.reason}" for e in examples)
         raise EvaluationInputError(inputs.pred, f"no prediction row matched a usable reference "
-                                                f"row of {inputs.ref}{first}")
+                                                f"row of {inputs.ref}"
+                                                + (f" ({len(excluded)} rows left out, e.g. "
+                                                   f"{detail})" if excluded else ""))
     volume_reason = (None if "volume_mm3" in ref_fields
                      else "the reference has no volume_mm3 column (a manifest has none)")
     options = dict(two_models=pred2 is not None, five_class=inputs.five_class,

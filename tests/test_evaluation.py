@@ -332,11 +332,12 @@ def test_cli_ref_protocol_matches_each_ctac_scan_to_the_patients_gated_reference
 def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
     # b's given category (2: 101-400) contradicts its score (50: 1-100): used, with a warning.
     ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston", "volume_mm3", "category"],
-                     [["a", "0", "0", "0"], ["b", "50", "60", "2"], ["c", "500", "550", "3"]])
+                     [["a", "0", "0", "0"], ["b", "50", "60", "2"], ["c", "500", "550", "3"],
+                      ["d", "20", "25", ""]])
     pred = _write_csv(tmp_path / "results.csv", ["scan_id", "status", "agatston", "protocol",
                                                  "volume_mm3"],
                       [["a", "ok", "0", "cac", "0"], ["b", "ok", "60", "cac", "70"],
-                       ["c", "ok", "450", "ctac", "500"]])
+                       ["c", "ok", "450", "ctac", "500"], ["a", "ok", "999", "cac", "1"]])
     out = tmp_path / "eval"
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--by", "protocol",
                  "--out", str(out)]) == 0, capsys.readouterr().err
@@ -344,6 +345,9 @@ def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
     assert metrics["kappa_linear"] == pytest.approx(
         cohen_kappa_score([0, 2, 3], [0, 1, 3], weights="linear"))
     assert len(metrics["warnings"]) == 1 and metrics["warnings"][0].startswith("b: ")
+    reasons = {(e["scan_id"], e["source"]): e["reason"] for e in metrics["excluded"]}
+    assert reasons == {("a", "pred"): "duplicate scan_id (row 4; the first row 1 is used)",
+                       ("d", "ref"): "no prediction for this reference row"}
     assert metrics["icc_volume"] is not None  # the reference has volumes here
     ctac = metrics["by_protocol"]["ctac"]
     assert ctac["n"] == 1 and ctac["kappa_linear"] is None and ctac["icc_agatston"] is None
