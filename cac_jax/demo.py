@@ -165,8 +165,9 @@ def make_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
 def build_dataset(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
     _say("[2/7] TFDS dataset from the cohort's manifest (patient splits 80/10/10)")
     data_dir = out / "tfds"
+    built = sorted((data_dir / "cac_ct").glob("*/dataset_info.json"))
     _stage(stamps, "ingest", {"cohort": json.loads((out / ".stamps/cohort.json").read_text())},
-           [data_dir / "cac_ct" / "1.0.0" / "dataset_info.json"],
+           built[-1:] or [data_dir / "cac_ct" / "dataset_info.json"],
            lambda: _cli("ingest", "--manifest", str(out / "cohort" / "manifest.csv"),
                         "--data-dir", str(data_dir), "--seed", str(s.seed), "--overwrite",
                         stage="ingest"))
