@@ -346,7 +346,7 @@ TFDS build: {build['build_seconds_per_scan']:.2f} s per scan ({build['stored_mb'
 
 A fresh process per cell: peak RSS (loading included) minus RSS before `make_dataset`, after
 {args.child_batches + 1} batches of {args.batch} (calcium, {args.size} px, augmentation on).
-Streaming holds about 2 x `shuffle_block_scans` ({rss[0]['shuffle_block_scans']}) scans.
+Streaming holds at most 2 x `shuffle_block_scans` + 2 scans (`shuffle_block_scans` = {rss[0]['shuffle_block_scans']}).
 
 | scans | decoded MB | memory mode: peak growth MB | stream mode: peak growth MB | stream: scans read |
 |---:|---:|---:|---:|---:|
