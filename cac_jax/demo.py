@@ -462,9 +462,12 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
             path = out / "models" / f"{task}_{arch}" / "summary.json"
             if path.exists():
                 info = json.loads(path.read_text())
-                lines.append(f"- {task} {arch}: " + ", ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in info.items() if not isinstance(v, (dict, list))))
+                best = info.get("best_value")
+                lines.append(
+                    f"- {task} {arch}: {info.get('steps')} steps in "
+                    f"{_fmt(info.get('wall_time_s'), '{:.0f}')} s; best {info.get('best_metric')} "
+                    f"{_fmt(best)} at step {info.get('best_step')}"
+                    + (" (stopped early)" if info.get("stopped_early") else ""))
         lines.append("")
     previews = sorted((out / "infer" / "test_convlstm").rglob("*.png"))
     if previews:
