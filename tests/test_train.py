@@ -169,7 +169,9 @@ def test_bad_input_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
 
 
 def test_help_lists_usage(capsys):
-    assert main_lib.main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main_lib.main(["--help"])
+    assert exit_info.value.code == 0
     assert "--workdir" in capsys.readouterr().out
 
 
