@@ -46,7 +46,8 @@ MATMUL_N = 2048
 
 
 def load_config(name: str):
-    path = ROOT / "configs" / MODELS[name]
+    """The config of benchmark model `name` (or of configs/<name>.py), float32 compute."""
+    path = ROOT / "configs" / MODELS.get(name, f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
