@@ -2,6 +2,9 @@
 
     python benchmarks/bench_training.py --quick     # 256 px, batch 2, 3 rounds (minutes on 2 cores)
     python benchmarks/bench_training.py             # 512 px, batch 2, 5 rounds
+    python benchmarks/bench_training.py --curve --data-dir D --name N --seconds 300
+        # learning curve: validation kappa vs minutes of training (128 px), results in
+        # benchmarks/results/learning_curve.json and .md
 
 For the ConvLSTM-attention (configs/convlstm_calcium.py), UNet-64 (configs/unet_calcium.py) and
 the width-matched UNet (configs/unet_matched_calcium.py), calcium task, float32, on one device:
@@ -43,7 +46,8 @@ MATMUL_N = 2048
 
 
 def load_config(name: str):
-    path = ROOT / "configs" / MODELS[name]
+    """The config of benchmark model `name` (or of configs/<name>.py), float32 compute."""
+    path = ROOT / "configs" / MODELS.get(name, f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -222,6 +226,91 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Learning curve (issue 9): the ConvLSTM and the width-matched UNet, calcium and heart.
+CURVE_RUNS = {
+    "convlstm_calcium": ("convlstm_calcium", {}),
+    "unet_matched_calcium": ("unet_matched_calcium", {}),
+    "convlstm_heart": ("convlstm_heart", {}),
+    "unet_matched_heart": ("unet_heart", {"model.unet.base_width": 24}),
+}
+
+
+def curve(args) -> dict:
+    """Train each curve run for `--seconds` on the dataset; validation kappa against time."""
+    from cac_jax.train import train_and_evaluate
+
+    runs = {}
+    for run_name in args.curve_runs:
+        config_name, overrides = CURVE_RUNS[run_name]
+        config = load_config(config_name)
+        config.model.dtype = "auto"
+        config.data.data_dir = str(args.data_dir)
+        config.data.name = args.name
+        config.data.image_size = args.size
+        config.data.per_device_batch = args.curve_batch
+        config.train.batch_size = args.curve_batch
+        config.train.steps = 100000
+        config.train.max_seconds = float(args.seconds)
+        config.train.eval_every = args.eval_every
+        config.train.checkpoint_every = 100000
+        config.train.log_every = 10
+        config.train.early_stop_patience = 0
+        config.train.progress = False
+        for key, value in overrides.items():
+            section, *rest = key.split(".")
+            target = config[section]
+            for part in rest[:-1]:
+                target = target[part]
+            target[rest[-1]] = value
+        workdir = args.workdir / run_name
+        if workdir.exists():
+            import shutil
+
+            shutil.rmtree(workdir)
+        print(f"curve: {run_name} for {args.seconds} s", flush=True)
+        summary = train_and_evaluate(config, workdir)
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        evals = [{k: r.get(k) for k in ("step", "elapsed_s", "val_loss", "val_kappa",
+                                         "val_kappa_naive", "val_exact", "val_dice_mean",
+                                         "val_scans")} for r in rows if "val_loss" in r]
+        runs[run_name] = {"config": config_name, "overrides": overrides, "evaluations": evals,
+                          "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}
+    import jax
+
+    return {"size": args.size, "batch": args.curve_batch, "seconds": args.seconds,
+            "dataset": f"{args.data_dir}/{args.name}",
+            "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(),
+                        "device": str(jax.devices()[0]), "load_avg_1m": os.getloadavg()[0]},
+            "runs": runs}
+
+
+def curve_markdown(res: dict) -> str:
+    lines = [f"# Learning curve: validation kappa vs CPU training time ({res['size']} px, batch "
+             f"{res['batch']})", "",
+             f"Dataset {res['dataset']}; machine {res['machine']['processor']}, "
+             f"{res['machine']['cpus']} CPUs, 1-minute load average "
+             f"{res['machine']['load_avg_1m']:.1f} at the end (shared machine). val_kappa: "
+             "linearly weighted kappa of the per-scan Agatston category (calcium model: "
+             "predicted coronary class inside the reference heart; heart model: 130 HU threshold "
+             "inside the predicted heart); naive: the 130 HU threshold inside the reference "
+             "heart.", ""]
+    for name, run in res["runs"].items():
+        lines += [f"## {name} ({run['steps']} steps in {run['wall_time_s']:.0f} s)", "",
+                  "| step | minutes | val_loss | val_kappa | naive kappa | exact | Dice |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def fmt(v, spec=".3f"):
+            return "n/a" if v is None else format(v, spec)
+
+        for e in run["evaluations"]:
+            lines.append(f"| {e['step']} | {fmt(e['elapsed_s'] / 60, '.1f')} | "
+                         f"{fmt(e['val_loss'], '.4f')} | {fmt(e['val_kappa'])} | "
+                         f"{fmt(e['val_kappa_naive'])} | {fmt(e['val_exact'])} | "
+                         f"{fmt(e['val_dice_mean'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="256 px, 3 rounds")
@@ -231,7 +320,27 @@ def main(argv=None) -> int:
     p.add_argument("--loop-steps", type=int, default=3)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    p.add_argument("--curve", action="store_true",
+                   help="learning curve instead: train each run for --seconds on --data-dir")
+    p.add_argument("--data-dir", type=pathlib.Path, help="TFDS data dir (curve)")
+    p.add_argument("--name", default="cac_ct", help="TFDS dataset name (curve)")
+    p.add_argument("--seconds", type=float, default=300.0, help="training time per run (curve)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (curve)")
+    p.add_argument("--curve-batch", type=int, default=8)
+    p.add_argument("--curve-runs", nargs="+", default=list(CURVE_RUNS), choices=list(CURVE_RUNS))
+    p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/cac_jax_curve"))
     args = p.parse_args(argv)
+    if args.curve:
+        if args.size == 512:
+            args.size = 128
+        res = curve(args)
+        from data_pipeline.atomic import atomic_write_text
+
+        md = curve_markdown(res)
+        atomic_write_text(args.out / "learning_curve.json", json.dumps(res, indent=2) + "\n")
+        atomic_write_text(args.out / "learning_curve.md", md)
+        print(md)
+        return 0
     if args.quick:
         args.size, args.rounds = 256, 3
     res = run(args)

@@ -89,6 +89,9 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     t.aux_loss_weight = 0.4 if arch == "convlstm" else 0.0
 
     t.progress = True  # tqdm progress bar on process 0
+    # > 0: end this run (evaluate, checkpoint) after this many seconds of training; the same
+    # command continues it later (time-boxed runs, e.g. the demo).
+    t.max_seconds = 0.0
 
     # Multi-host: jax.distributed.initialize(). "auto": from the environment on SLURM (more than
     # one task) and TPU pods, else single process; "off": never; "explicit": the fields below.

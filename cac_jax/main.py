@@ -67,7 +67,7 @@ def run(argv: Sequence[str]) -> int:
         print(USAGE)
         print("  Trains (or resumes) the experiment in DIR: config.json, checkpoints/, "
               "metrics.jsonl, tensorboard/, summary.json.")
-        return 0
+        raise SystemExit(0)  # as argparse's --help does
     config, workdir = parse_flags(argv)
     from cac_jax.train import train_and_evaluate
 

@@ -50,7 +50,7 @@ from data_pipeline.errors import InputError
 
 AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
 # Keys a resumed run may change: the length of the run and how it is shown.
-RESUMABLE_KEYS = ("train.steps", "train.progress")
+RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds")
 CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
 HEART_CLASS_NAMES = ("background", "heart")
 # The paper's four Agatston categories (0, 1-100, 101-400, >400).
@@ -729,7 +729,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last_log_time, last_log_step = time.perf_counter(), start_step
     step = start_step
     last_saved = restored
-    preempted = False
+    preempted = timed_out = False
+    max_seconds = float(config.train.get("max_seconds", 0) or 0)
     lr_scale = float(host.plateau.scale)
     scale_dev = _replicate(jnp.asarray(lr_scale, jnp.float32), devices)
     last_metrics: dict = {}
@@ -740,8 +741,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 state, metrics = p_train(state, batch, scale_dev)
                 step += 1
                 bar.update(1)
+                # The time budget (config.train.max_seconds) ends the run like its last step;
+                # hosts agree on it at logging steps (every step with one process).
+                time_up = False
+                if max_seconds and (process_count == 1
+                                    or step % int(config.train.log_every) == 0):
+                    time_up = _any_process(time.perf_counter() - t_start > max_seconds)
+                final = step == total_steps or time_up
                 row = None
-                if step % int(config.train.log_every) == 0 or step == total_steps:
+                if step % int(config.train.log_every) == 0 or final:
                     metrics = _unreplicate(metrics)
                     now = time.perf_counter()
                     row = {"step": step, **{k: float(v) for k, v in metrics.items()},
@@ -753,7 +761,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
                     last_metrics = row
                 eval_metrics = None
-                if step % int(config.train.eval_every) == 0 or step == total_steps:
+                if step % int(config.train.eval_every) == 0 or final:
                     eval_metrics = evaluate(config, p_eval, state, val_iter, heart_masks)
                     # Plateau on the validation loss (paper), once per evaluation.
                     _, host.plateau = plateau.update(
@@ -783,9 +791,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             if step % int(config.train.log_every) == 0 or process_count == 1
                             else False)
                 if (eval_metrics is not None or step % int(config.train.checkpoint_every) == 0
-                        or step == total_steps or host.stopped_early or stop_now):
+                        or final or host.stopped_early or stop_now):
                     save(step, eval_metrics)
                     last_saved = step
+                if time_up:
+                    timed_out = True
+                    if is_main:
+                        bar.write(f"time budget of {max_seconds:.0f} s reached at step {step}")
+                    break
                 if stop_now:
                     preempted = True
                     if is_main:
@@ -806,7 +819,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "workdir": os.fspath(workdir), "task": config.task, "arch": config.model.arch,
         "steps": step, "steps_this_run": steps_run, "resumed_from": restored,
         "best_step": best_step, "best_metric": name, "best_value": host.best_value,
-        "stopped_early": host.stopped_early, "preempted": preempted,
+        "stopped_early": host.stopped_early, "preempted": preempted, "timed_out": timed_out,
         "wall_time_s": wall, "steps_per_s": steps_run / wall if wall > 0 else None,
         "devices": n_global, "processes": process_count,
         "peak_memory_bytes": peak, "last": {k: _json_safe(v) for k, v in last_metrics.items()},

@@ -33,7 +33,11 @@ def _config(name="unet_heart"):
 def _write_run(workdir: pathlib.Path, config, steps_metrics):
     """A workdir saved the way cac_jax.train saves it, with perturbed params per step."""
     model = build_model(config)
-    variables = jax.device_get(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3, 32, 32, 1))))
+    # Shapes only (no compilation): random values stand in for trained weights.
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, 3, 32, 32, 1), jnp.float32))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), abstract)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ckpt.CONFIG_FILE).write_text(json.dumps(ckpt.config_to_dict(config)))
     manager = ckpt.make_manager(workdir, config, keep=1)

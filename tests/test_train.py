@@ -89,14 +89,7 @@ def test_pmapped_step_on_8_devices_equals_1_device():
     assert int(one.step) == int(eight.step) == 1
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-4)
-    # Adam's first update is lr * g / (|g| + eps), about lr * sign(g): summation-order noise in a
-    # near-zero gradient moves a weight by up to ~lr, so compare within 2% of the rate.
-    lr = float(config.train.learning_rate)
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * lr)
-    for a, b in zip(jax.tree.leaves(one.opt_state), jax.tree.leaves(eight.opt_state),
-                    strict=True):  # Adam's moments: the gradients themselves
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    assert_same_update(config, state, one, eight)
     moved = sum(float(np.abs(a - b).sum()) for a, b in
                 zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params), strict=True))
     assert moved > 0  # the step changed the parameters
@@ -176,7 +169,9 @@ def test_bad_input_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
 
 
 def test_help_lists_usage(capsys):
-    assert main_lib.main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main_lib.main(["--help"])
+    assert exit_info.value.code == 0
     assert "--workdir" in capsys.readouterr().out
 
 
@@ -237,6 +232,21 @@ def fixed_step_inputs():
              "weight": np.ones((8, 32, 32), np.float32)}
     batch["weight"][5:, :, 20:] = 0.0  # uneven weights per device: global normalisation matters
     return config, model, tx, state, batch
+
+
+def assert_same_update(config, before, a, b):
+    """Two states after one step agree: Adam's moments (the summed gradients) tightly; weights
+    within the rate (Adam's first update is lr * g / (|g| + eps), about lr * sign(g), so
+    summation-order noise in a near-zero gradient can move that one weight by up to ~lr)."""
+    lr = float(config.train.learning_rate)
+    for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-9)
+    close, total = 0, 0
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=2 * lr)
+        close += int(np.sum(np.abs(np.asarray(x) - np.asarray(y)) <= 0.02 * lr))
+        total += np.size(x)
+    assert close >= 0.999 * total, (close, total)
 
 
 def pmapped_step(config, model, tx, state, batch, devices, pmap_devices):
@@ -304,8 +314,12 @@ def test_two_processes_match_one_process_with_8_devices(data_dir, tmp_path):
         saved = np.load(tmp_path / f"step{pid}.npz")
         np.testing.assert_allclose(saved["loss"], metrics["loss"], rtol=1e-5)
         leaves = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+        close = total = 0
         for a, b in zip(leaves, jax.tree.leaves(single.params), strict=True):
-            np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * lr)
+            np.testing.assert_allclose(a, b, rtol=0, atol=2 * lr)  # see assert_same_update
+            close += int(np.sum(np.abs(a - np.asarray(b)) <= 0.02 * lr))
+            total += a.size
+        assert close >= 0.999 * total, (close, total)
     run = rows(tmp_path / "multi")
     assert [r["step"] for r in run] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in run)
     trained = ckpt.load_trained(tmp_path / "multi")
