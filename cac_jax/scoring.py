@@ -416,16 +416,18 @@ def score_study(
     min_area_mm2: float = DEFAULT_MIN_AREA_MM2,
     calibration_mg_per_hu_mm3: float | None = None,
     five_class: bool = False,
+    series: int | str | None = None,
 ) -> AgatstonResult:
     """Reads a study and its label file (each a DICOM folder or a file SimpleITK reads) and scores it.
 
     The slice thickness from the image header feeds the overlap/gap warning; series skipped while
     reading a DICOM folder, a tube voltage other than 120 kVp and an image that does not look like
-    HU are reported in `warnings`. Raises an `InputError` subclass naming the file on bad input.
+    HU are reported in `warnings`, with the chosen series when there was a choice and header values
+    the reader tolerated. `series` picks a DICOM series (`data_pipeline.io.read_study`). Raises an `InputError` subclass naming the file on bad input.
     """
     from data_pipeline import io as study_io
 
-    volume = study_io.read_study(image_path)
+    volume = study_io.read_study(image_path, series=series)
     labels = study_io.read_labels(labels_path, like=volume)
     metadata = volume.metadata
     try:
@@ -443,6 +445,9 @@ def score_study(
         raise type(err)(path, err.problem) from err
 
     notes = [f"skipped series {note}" for note in metadata.skipped_series]
+    if metadata.skipped_series and metadata.chosen_series:
+        notes.insert(0, f"chosen series {metadata.chosen_series}")
+    notes.extend(metadata.warnings)
     # The 130 HU threshold and the weights were defined at 120 kVp (Agatston 1990).
     if metadata.kvp is not None and abs(float(metadata.kvp) - 120.0) > 0.5:
         notes.append(f"tube voltage is {float(metadata.kvp):g} kVp; the Agatston thresholds are "

@@ -17,8 +17,10 @@ class InputError(ValueError):
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
         self.path = None if path is None else os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        # One line, always: decoders and ITK put several lines in their messages, and a batch
+        # log (or the CLI's "file: problem" contract) must keep one study per line.
+        self.problem = one_line(problem)
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
 
 class StudyReadError(InputError):
@@ -31,3 +33,8 @@ class LabelError(InputError):
 
 class ManifestError(InputError):
     """A manifest file or one of its rows is invalid."""
+
+
+def one_line(text: str) -> str:
+    """`text` with its lines joined by "; " (blank lines and surrounding spaces dropped)."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())

@@ -1,10 +1,15 @@
 """The study manifest: one CSV row per scan, the contract between users' data and the pipeline.
 
-Columns (DESIGN.md): `patient_id, scan_id, protocol (cac|ctac), image, calcium_labels, heart_mask,
-site, split`, optionally `agatston` and `category` (reference score and category; the synthetic
-cohort always writes them). Paths are relative to the manifest's folder (absolute paths also work).
-`calcium_labels` and `heart_mask` may be empty (inference-only rows); `split` may be empty (the
-dataset builder then splits by patient).
+Columns (DESIGN.md): `patient_id, scan_id, protocol (cac|ctac), image, calcium_labels` are
+required; `heart_mask, site, split, series, agatston, category` are optional (a missing column
+means empty in every row). `series` picks a DICOM series of `image` by SeriesNumber or
+SeriesInstanceUID (`data_pipeline.io.read_study`); `agatston` and `category` are the reference
+score and category (the synthetic cohort always writes them). Paths are relative to the
+manifest's folder (absolute paths also work). `calcium_labels` and `heart_mask` may be empty
+(inference-only rows); `split` may be empty (the dataset builder then splits by patient).
+
+Inference-only use (`parse_manifest(path, inference=True)`, `read_manifest(..., inference=True)`)
+needs only `scan_id`, `image` and `protocol`; `patient_id` then defaults to the scan id.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from pathlib import Path
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import ManifestError
 
-REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels", "heart_mask",
-                    "site", "split")
-OPTIONAL_COLUMNS = ("agatston", "category")
+REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels")
+INFERENCE_COLUMNS = ("scan_id", "image", "protocol")
+OPTIONAL_COLUMNS = ("heart_mask", "site", "split", "series", "agatston", "category")
+# The order write_manifest writes them in.
+COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels", "heart_mask", "site",
+           "split", "series", "agatston", "category")
 PROTOCOLS = ("cac", "ctac")
 NUM_CATEGORIES = 4  # the `category` column uses the paper's four classes
 SPLITS = ("train", "validation", "test")
@@ -45,6 +53,7 @@ class ManifestRow:
     agatston: float | None = None
     category: int | None = None
     row_number: int = 0  # 1-based data row number in the file (header is row 0)
+    series: str | None = None  # DICOM SeriesNumber or SeriesInstanceUID to read; None: default
 
     @property
     def where(self) -> str:
@@ -61,11 +70,13 @@ def _optional_path(base: Path, value: str) -> Path | None:
 
 
 def parse_manifest(
-    path: str | os.PathLike, *, check_files: bool = True
+    path: str | os.PathLike, *, check_files: bool = True, inference: bool = False
 ) -> tuple[list[ManifestRow], list[ManifestError]]:
     """Parses a manifest, returning the valid rows and one error per invalid row.
 
-    Problems with the file as a whole (missing, no header, missing columns) raise `ManifestError`.
+    `inference`: only `scan_id`, `image` and `protocol` are required (patient_id defaults to the
+    scan id). Problems with the file as a whole (missing, no header, missing columns) raise
+    `ManifestError`.
     Row problems (unknown protocol, empty ids, missing files when `check_files`, duplicate
     scan ids, bad numbers) are collected so a batch job can report them and go on (`--skip-bad`).
     """
@@ -80,15 +91,19 @@ def parse_manifest(
     if reader.fieldnames is None:
         raise ManifestError(path, "manifest is empty (no header row)")
     fieldnames = [name.strip() for name in reader.fieldnames]
-    missing = [c for c in REQUIRED_COLUMNS if c not in fieldnames]
+    required = INFERENCE_COLUMNS if inference else REQUIRED_COLUMNS
+    missing = [c for c in required if c not in fieldnames]
     if missing:
         raise ManifestError(path, f"manifest lacks required column(s) {', '.join(missing)}; "
-                                  f"expected {', '.join(REQUIRED_COLUMNS)}")
+                                  f"expected at least {', '.join(required)} (optional: "
+                                  f"{', '.join(c for c in COLUMNS if c not in required)})")
     rows: list[ManifestRow] = []
     errors: list[ManifestError] = []
     seen_scan_ids: dict[str, int] = {}
     for number, raw in enumerate(reader, start=1):
         record = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if inference and not record.get("patient_id"):
+            record["patient_id"] = record.get("scan_id", "")
         scan_id = record.get("scan_id", "")
         where = f"row {number} (scan_id={scan_id!r})"
         try:
@@ -153,12 +168,15 @@ def _parse_row(record: dict[str, str], manifest_path: Path, number: int, where: 
     return ManifestRow(
         patient_id=record["patient_id"], scan_id=scan_id, protocol=protocol, image=image,
         calcium_labels=calcium_labels, heart_mask=heart_mask, site=record.get("site", ""),
-        split=split, agatston=agatston, category=category, row_number=number)
+        split=split, agatston=agatston, category=category, row_number=number,
+        series=record.get("series") or None)
 
 
-def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> list[ManifestRow]:
-    """Parses a manifest and raises `ManifestError` on the first invalid row."""
-    rows, errors = parse_manifest(path, check_files=check_files)
+def read_manifest(path: str | os.PathLike, *, check_files: bool = True,
+                  inference: bool = False) -> list[ManifestRow]:
+    """Parses a manifest and raises `ManifestError` on the first invalid row (`inference`: as
+    `parse_manifest`)."""
+    rows, errors = parse_manifest(path, check_files=check_files, inference=inference)
     if errors:
         first = errors[0]
         more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
@@ -181,12 +199,12 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[ManifestRow]) -> None
     base = path.parent
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+    writer.writerow(COLUMNS)
     for row in rows:
         writer.writerow([
             row.patient_id, row.scan_id, row.protocol, _relative(row.image, base),
             _relative(row.calcium_labels, base), _relative(row.heart_mask, base), row.site,
-            row.split or "",
+            row.split or "", row.series or "",
             "" if row.agatston is None else f"{row.agatston:.4f}",
             "" if row.category is None else str(row.category),
         ])

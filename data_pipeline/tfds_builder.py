@@ -385,17 +385,46 @@ def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike,
     _builder_class(name)  # a bad name fails here, before anything is touched
     target = check_data_dir(data_dir, name)
     parsed = load_manifest(manifest_path, skip_bad)
-    if (target / "dataset_info.json").exists():
-        if not overwrite:
-            raise InputError(target, "dataset already built here; pass --overwrite to rebuild it "
-                                     "or --name to build another")
-        shutil.rmtree(target)  # only once the inputs are checked
-    builder = make_builder(data_dir, manifest_path=manifest_path, name=name, split_seed=split_seed,
-                           skip_bad=skip_bad, progress=progress, on_skip=on_skip,
-                           on_warning=on_warning, parsed_manifest=parsed)
-    # One progress bar (ours, per scan) instead of TFDS's several per split.
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    previous = _set_aside(target, overwrite)  # only once the inputs are checked
+    try:
+        builder = make_builder(data_dir, manifest_path=manifest_path, name=name,
+                               split_seed=split_seed, skip_bad=skip_bad, progress=progress,
+                               on_skip=on_skip, on_warning=on_warning, parsed_manifest=parsed)
+        # One progress bar (ours, per scan) instead of TFDS's several per split.
+        tfds.disable_progress_bar()
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    except BaseException:
+        if previous is not None:  # a failed rebuild leaves the old dataset as it was
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(previous, target)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return builder
+
+
+def _set_aside(target: Path, overwrite: bool) -> Path | None:
+    """Makes room for a build at `target`; returns where an existing dataset was moved.
+
+    An existing dataset (or any non-empty folder) needs `overwrite`, and is only renamed beside
+    the target, so a rebuild that fails can put it back; an empty folder (left by an interrupted
+    run) is removed, since TFDS would take it for a finished dataset and build nothing.
+    """
+    if not target.is_dir():
+        return None
+    if not any(target.iterdir()):
+        target.rmdir()
+        return None
+    if not overwrite:
+        what = ("dataset already built here" if (target / "dataset_info.json").exists()
+                else "folder holds files but no finished dataset")
+        raise InputError(target, f"{what}; pass --overwrite to rebuild it or --name to build "
+                                 "another")
+    previous = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    if previous.exists():
+        shutil.rmtree(previous)
+    os.replace(target, previous)
+    return previous

@@ -356,7 +356,8 @@ def test_unwritable_json_output(mhd_study, capsys, tmp_path):
 def test_score_study_reports_skipped_series_and_tube_voltage(tmp_path):
     hu, labels = _arrays()
     volume = dataclasses.replace(_volume(hu, (3.0, 0.5, 0.5), thickness=3.0),
-                                 metadata=StudyMetadata(source="test", kvp=100.0))
+                                 metadata=StudyMetadata(source="test", kvp=100.0,
+                                                       patient_id="CLI001"))
     write_dicom_series(volume, tmp_path / "study" / "main", uid_seed="main")
     short = _volume(hu[:2], (3.0, 0.5, 0.5), thickness=3.0)
     write_dicom_series(short, tmp_path / "study" / "short", series_number=2, uid_seed="short")
@@ -365,8 +366,10 @@ def test_score_study_reports_skipped_series_and_tube_voltage(tmp_path):
     assert result.agatston == pytest.approx(11.0)
     skipped = [w for w in result.warnings if w.startswith("skipped series")]
     assert len(skipped) == 1 and "fewer slices (2)" in skipped[0]
+    (chosen,) = [w for w in result.warnings if w.startswith("chosen series")]
+    assert "SliceThickness 3 mm, closest to the 3 mm of calcium scoring" in chosen
     assert any("100 kVp" in w and "120 kVp" in w for w in result.warnings)
-    assert len(result.warnings) == 2
+    assert len(result.warnings) == 3
 
 
 def test_score_study_warns_when_image_is_not_in_hu(tmp_path):

@@ -44,6 +44,9 @@ def sitk_series(folder: Path) -> sitk.Image:
 
 
 def assert_same_as_sitk(volume: io.CTVolume, image: sitk.Image) -> None:
+    """The volume equals SimpleITK's read of the same input, reoriented to LPS (the canonical
+    orientation), voxel for voxel and in geometry."""
+    image = sitk.DICOMOrient(image, "LPS")
     np.testing.assert_array_equal(volume.hu, sitk.GetArrayFromImage(image).astype(np.float32))
     np.testing.assert_allclose(volume.spacing_zyx_mm, image.GetSpacing()[::-1], atol=1e-4)
     np.testing.assert_allclose(volume.origin_xyz_mm, image.GetOrigin(), atol=1e-4)
@@ -158,9 +161,11 @@ def test_reversed_series_is_sorted_increasing_like_simpleitk(tmp_path):
 
 def test_coronal_flip_orientation_sorts_along_its_own_normal(tmp_path):
     # Row (1,0,0) and column (0,-1,0): the normal is -z, so increasing position runs down in z.
+    # Canonically (LPS) z runs up and y to posterior, so both axes come out reversed.
     stored, _ = write_series(tmp_path, [0.0, 2.5, 5.0], orientation=(1, 0, 0, 0, -1, 0))
     volume = io.read_study(tmp_path)
-    np.testing.assert_array_equal(volume.hu, hu_of(stored))
+    np.testing.assert_array_equal(volume.hu, hu_of(stored)[::-1, ::-1])
+    assert volume.direction == (1, 0, 0, 0, 1, 0, 0, 0, 1)
     assert_same_as_sitk(volume, sitk_series(tmp_path))
 
 
@@ -187,11 +192,17 @@ def test_pydicom_patient_folder_skips_scouts():
 
 
 def test_whole_dicomdirtests_tree_finds_the_one_good_ct_series():
-    volume = io.read_study(pydicom_test_folder())
+    # The tree holds two patients' CT series: refused as a whole, readable by series number.
+    with pytest.raises(StudyReadError, match=r"holds images of 2 patients \(PatientID "
+                                             r"'77654033', '98890234'\)"):
+        io.read_study(pydicom_test_folder())
+    smartscore = next(pydicom.dcmread(p).SeriesInstanceUID
+                      for p in pydicom_test_folder("98892001/CT5N").iterdir())
+    volume = io.read_study(pydicom_test_folder(), series=smartscore)
     assert "SmartScore" in volume.metadata.series_description
     reasons = " | ".join(volume.metadata.skipped_series)
-    for reason in ("modality MR", "modality CR", "localizer", "fewer slices (4)", "no slice image"):
-        assert reason in reasons
+    assert "requested series" in volume.metadata.chosen_series
+    assert reasons.count("not the requested series") == len(volume.metadata.skipped_series) > 3
 
 
 def test_slightly_tilted_axial_series_matches_simpleitk(tmp_path):
@@ -404,6 +415,8 @@ def test_pydicom_encodings_decode_like_the_uncompressed_file(tmp_path, name):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         ds.ImagePositionPatient = [0, 0, 2.5 * k]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        if "RescaleIntercept" not in ds:  # Type 1 for CT
+            ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
         ds.save_as(tmp_path / f"s{k}.dcm")
     volume = io.read_study(tmp_path)
     expected = reference * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
@@ -444,14 +457,12 @@ def test_truncated_pixel_data_names_the_file(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom, on the cut UIDs
 def test_every_truncation_of_a_slice_is_caught(tmp_path):
-    """Cut one slice at each byte: either the read fails naming that file, never silently."""
+    """Cut one slice at each byte: the read fails naming that file, never silently (a file
+    too short for the DICM marker is a cut slice too: ignoring it would drop a slice)."""
     _, paths = write_series(tmp_path, [0.0, 2.5, 5.0], shape=(4, 3))
     data = paths[2].read_bytes()
     for cut in range(0, len(data), 3):
         paths[2].write_bytes(data[:cut])
-        if cut < 132:  # no DICM marker left: the file is not DICOM and is ignored
-            assert io.read_study(tmp_path).shape == (2, 4, 3)
-            continue
         with pytest.raises(StudyReadError, match=r"IM0003\.dcm: "):
             io.read_study(tmp_path)
 
@@ -482,11 +493,15 @@ def test_image_files_give_zyx_spacing_and_float_hu(tmp_path, suffix):
     direction = (0, -1, 0, 1, 0, 0, 0, 0, 1)
     sitk.WriteImage(sitk_image(array, direction=direction), str(tmp_path / f"ct{suffix}"))
     volume = io.read_study(tmp_path / f"ct{suffix}")
-    assert volume.hu.dtype == np.float32 and volume.shape == (4, 6, 5)
-    np.testing.assert_array_equal(volume.hu, array)
-    assert volume.spacing_zyx_mm == pytest.approx((3.0, 0.7, 0.5))
-    assert volume.origin_xyz_mm == pytest.approx((-10.0, 5.0, 40.0))
-    np.testing.assert_allclose(volume.direction, direction, atol=1e-6)
+    # Stored x runs to world +y and stored y to world -x: canonically (LPS) they swap and the
+    # new x axis is reversed.
+    assert volume.hu.dtype == np.float32 and volume.shape == (4, 5, 6)
+    np.testing.assert_array_equal(volume.hu, np.transpose(array, (0, 2, 1))[:, :, ::-1])
+    assert volume.spacing_zyx_mm == pytest.approx((3.0, 0.5, 0.7))
+    assert volume.origin_xyz_mm == pytest.approx((-10.0 - 5 * 0.7, 5.0, 40.0))
+    np.testing.assert_allclose(volume.direction, (1, 0, 0, 0, 1, 0, 0, 0, 1), atol=1e-6)
+    assert_same_as_sitk(volume, sitk.ReadImage(str(tmp_path / f"ct{suffix}")))
+    assert volume.stored.direction == pytest.approx(direction)
     assert volume.metadata.source == str(tmp_path / f"ct{suffix}")
 
 

@@ -6,14 +6,14 @@ import pytest
 
 from data_pipeline.errors import ManifestError
 from data_pipeline.manifest import (
-    REQUIRED_COLUMNS,
+    COLUMNS,
     ManifestRow,
     parse_manifest,
     read_manifest,
     write_manifest,
 )
 
-HEADER = ",".join(REQUIRED_COLUMNS)
+HEADER = "patient_id,scan_id,protocol,image,calcium_labels,heart_mask,site,split"
 
 
 def _touch(path: Path) -> Path:
@@ -31,7 +31,7 @@ def test_round_trip_relative_paths(tmp_path):
     manifest = tmp_path / "manifest.csv"
     write_manifest(manifest, rows)
     text = manifest.read_text()
-    assert text.splitlines()[0] == HEADER + ",agatston,category"
+    assert text.splitlines()[0] == ",".join(COLUMNS) == HEADER + ",series,agatston,category"
     assert "p1/cac/image.nii.gz" in text and str(tmp_path) not in text
     (back,) = read_manifest(manifest)
     assert back == rows[0]

@@ -7,18 +7,29 @@ a manifest with the true Agatston scores (see data_pipeline.phantom).
 from __future__ import annotations
 
 import argparse
+import contextlib
+from pathlib import Path
 
 from data_pipeline.phantom.cohort import MIN_SIZE
+from data_pipeline.phantom.sites import SITES
 
 EPILOG = """\
 Layout: OUT/manifest.csv; OUT/<patient_id>/<protocol>/dicom/*.dcm;
 OUT/<patient_id>/<protocol>/calcium_labels.nii.gz and heart_mask.nii.gz;
-OUT/previews/<scan_id>.png with --preview. Labels: 1 LAD (incl. left main), 2 LCX, 3 RCA,
+OUT/previews/<scan_id>.png with --preview. OUT must be new or empty: a folder that already holds
+files (a manifest.csv, an earlier cohort, anything else) is refused unless --overwrite, so a
+user's manifest or data is never replaced by accident. --size is 48..1024. Labels: 1 LAD (incl. left main), 2 LCX, 3 RCA,
 5 aortic calcium, 6 valve calcium, 7 other non-coronary calcium (costal cartilage); bone is
 not labelled. Deterministic per --seed; patient k is the same whatever --patients is.
 
-example:
+Sites (--site): acquisition presets applied to both protocols; a non-default site images its
+own patients (ids like syn0-site2-0000) and writes its name to the manifest's site column and
+its Manufacturer, ConvolutionKernel and KVP to the DICOM headers.
+{sites}
+
+examples:
   cac-jax synth --out demo_cohort --patients 40 --size 256 --seed 0 --preview --workers 2
+  cac-jax synth --out site2_cohort --patients 12 --size 256 --seed 0 --site site2
 """
 
 
@@ -41,7 +52,16 @@ _positive_int = _int_at_least(1)
 _seed = _int_at_least(0)
 
 
-_size = _int_at_least(MIN_SIZE, " pixels")
+# 1024 px is the largest matrix of the paper's timing study; beyond it one scan needs gigabytes
+# (a 100000 px request would fail with MemoryError after creating the folder).
+MAX_SIZE = 1024
+
+
+def _size(text: str) -> int:
+    value = _int_at_least(MIN_SIZE, " pixels")(text)
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SIZE} pixels, got {value}")
+    return value
 
 
 def _protocols(text: str) -> tuple[str, ...]:
@@ -63,6 +83,14 @@ def _proportions(text: str) -> tuple[float, ...]:
     return values
 
 
+def _site_table() -> str:
+    """The presets for --help: name and description, wrapped."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(p.description, width=96, initial_indent=f"  {p.name:9s}",
+                                    subsequent_indent=" " * 11) for p in SITES.values())
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `synth` subcommand to the `cac-jax` parser."""
     parser = subparsers.add_parser(
@@ -71,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Renders synthetic patients (anatomy, coronary plaques, aortic/valve/cartilage "
                     "calcium) imaged by an ECG-gated CAC protocol and an ungated low-dose CTAC "
                     "protocol, with ground-truth labels and true Agatston scores.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(sites=_site_table()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -88,8 +116,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--proportions", type=_proportions, default=(0.25, 0.25, 0.25, 0.25),
                         metavar="P0,P1,P2,P3",
                         help="shares of CAC categories 0, 1-100, 101-400, >400 (default equal)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out folder that already holds files (replacing "
+                             "its manifest.csv and any earlier cohort files of the same names)")
     parser.add_argument("--ctac-overlap", action="store_true",
                         help="reconstruct CTAC as overlapping 5 mm slices every 2.5 mm")
+    parser.add_argument("--site", choices=tuple(SITES), default="default",
+                        help="acquisition-site preset (noise, field of view, slice thickness, "
+                             "kernel, kVp; see below; default: default)")
     parser.set_defaults(func=handler)
 
 
@@ -99,16 +133,51 @@ def handler(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from cac_jax.commands.score import write_stdout
     from data_pipeline.phantom import generate_cohort
 
-    with tqdm(total=args.patients, unit="patient", desc="synth") as bar:
-        rows = generate_cohort(args.out, patients=args.patients, protocols=args.protocols,
-                               size=args.size, seed=args.seed, preview=args.preview,
-                               category_proportions=args.proportions, workers=args.workers,
-                               ctac_overlap=args.ctac_overlap, progress=bar.update)
+    out = check_out_folder(args.out, overwrite=args.overwrite)
+    created = not out.exists()
+    try:
+        with tqdm(total=args.patients, unit="patient", desc="synth") as bar:
+            rows = generate_cohort(args.out, patients=args.patients, protocols=args.protocols,
+                                   size=args.size, seed=args.seed, preview=args.preview,
+                                   category_proportions=args.proportions, workers=args.workers,
+                                   ctac_overlap=args.ctac_overlap, progress=bar.update,
+                                   site=args.site)
+    except BaseException:
+        if created:  # leave no empty folder behind a failed run
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    lines = []
     for protocol in args.protocols:
         counts = Counter(row.category for row in rows if row.protocol == protocol)
         summary = ", ".join(f"category {c}: {counts.get(c, 0)}" for c in range(4))
-        print(f"{protocol}: {summary}")
-    print(f"wrote {len(rows)} scans and {args.out}/manifest.csv")
+        lines.append(f"{protocol}: {summary}\n")
+    lines.append(f"wrote {len(rows)} scans and {args.out}/manifest.csv\n")
+    write_stdout("".join(lines))
     return 0
+
+
+def check_out_folder(out: str, *, overwrite: bool) -> Path:
+    """The --out folder after checking it may be written: new, empty, or `overwrite` given.
+
+    Nothing is created here, so a refused run leaves the file system as it was.
+    """
+    from data_pipeline.errors import InputError
+
+    if out.strip() == "":
+        raise InputError(None, "--out is empty")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "--out is an existing file, not a folder")
+    if path.is_dir() and not overwrite:
+        entries = sorted(p.name for p in path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise InputError(path, f"--out already holds {len(entries)} entries ({shown}); "
+                                   "synth writes only into a new or empty folder, so nothing "
+                                   "there (a manifest.csv, your data) is replaced; pass "
+                                   "--overwrite to write into it anyway")
+    return path

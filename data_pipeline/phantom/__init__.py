@@ -7,6 +7,9 @@ slices, 0.4-0.7 mm pixels at 512, noise sigma 10-25 HU, sharp) and an ungated lo
 attenuation correction (3-5 mm slices or 5 mm every 2.5 mm, about 1 mm pixels at 512, noise sigma
 40-90 HU, plaques smeared by cardiac motion). The target CAC category is met on the gated scan
 (`cohort`); each scan's true Agatston score is the scorer on its own image and labels.
+Acquisition-site presets (`sites`: `default`, `site2`, `lowdose`, `sharp`) image a cohort as
+another scanner would (field of view, slice thickness, noise, kernel sharpness, kVp), for
+external-site validation sets whose patients are their own.
 
 Ground truth per scan:
 - `heart_mask` (uint8 0/1): the heart silhouette as experts draw it, i.e. the pericardial sac and
@@ -20,7 +23,8 @@ Ground truth per scan:
   >= 130 HU to the non-coronary class.
 
 Public API: `render_scan` / `render_patient` (in memory), `generate_cohort` (files + manifest),
-`patient_seed`, `assign_categories`, `SyntheticScan`, `save_preview`.
+`patient_seed`, `patient_id_for`, `assign_categories`, `SyntheticScan`, `save_preview`, and the
+site presets `SITES` / `get_site` (each of the first five takes `site=`).
 """
 
 from data_pipeline.phantom.cohort import (
@@ -34,6 +38,8 @@ from data_pipeline.phantom.cohort import (
     render_scan,
 )
 from data_pipeline.phantom.preview import save_preview
+from data_pipeline.phantom.sites import SITES, SitePreset, get_site
 
-__all__ = ["DEFAULT_PROPORTIONS", "SyntheticScan", "assign_categories", "generate_cohort",
-           "patient_id_for", "patient_seed", "render_patient", "render_scan", "save_preview"]
+__all__ = ["DEFAULT_PROPORTIONS", "SITES", "SitePreset", "SyntheticScan", "assign_categories",
+           "generate_cohort", "get_site", "patient_id_for", "patient_seed", "render_patient",
+           "render_scan", "save_preview"]

@@ -32,11 +32,12 @@ from data_pipeline.manifest import ManifestRow, write_manifest
 from data_pipeline.phantom import plaques as plaque_lib
 from data_pipeline.phantom import render
 from data_pipeline.phantom.anatomy import Anatomy, sample_anatomy
+from data_pipeline.phantom.sites import SitePreset, get_site
 
 PROTOCOLS = ("cac", "ctac")
 DEFAULT_PROPORTIONS = (0.25, 0.25, 0.25, 0.25)
-SITE = "synthetic"
-MANUFACTURER = "cac-jax synthetic phantom"
+SITE = "synthetic"                                # the default preset's manifest `site`
+MANUFACTURER = "cac-jax synthetic phantom"        # the default preset's DICOM Manufacturer
 _DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # SeedSequence children of a patient: one stream per purpose, so adding draws to one part never
 # changes another.
@@ -63,17 +64,27 @@ class SyntheticScan:
     protocol: str = ""
     target_category: int = 0        # the patient's designed category (met by the CAC scan)
     calcifications: tuple = ()      # the patient's Calcification objects (world mm)
+    site: str = SITE                # the acquisition site preset's manifest `site` value
 
 
-def patient_seed(seed: int, index: int) -> int:
-    """The seed of patient `index` in a cohort generated with `seed` (independent of N)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+def patient_seed(seed: int, index: int, site: str | SitePreset | None = None) -> int:
+    """The seed of patient `index` in a cohort generated with `seed` (independent of N).
+
+    A non-default `site` salts it, so a site's cohort has its own patients for every seed.
+    """
+    preset = get_site(site)
+    key = [int(seed), int(index)] if preset.is_default else [int(seed), int(index), preset.salt]
+    state = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
-def patient_id_for(seed: int, index: int) -> str:
-    """The patient id of patient `index` in a cohort generated with `seed`."""
-    return f"syn{int(seed)}-{int(index):04d}"
+def patient_id_for(seed: int, index: int, site: str | SitePreset | None = None) -> str:
+    """The patient id of patient `index` in a cohort generated with `seed` (a non-default
+    `site`'s name is part of it: `syn0-site2-0003`)."""
+    preset = get_site(site)
+    if preset.is_default:
+        return f"syn{int(seed)}-{int(index):04d}"
+    return f"syn{int(seed)}-{preset.name}-{int(index):04d}"
 
 
 def _check_proportions(proportions: Sequence[float]) -> np.ndarray:
@@ -121,14 +132,17 @@ def _streams(seed: int) -> dict[str, np.random.Generator]:
 
 
 def _volume(hu: np.ndarray, grid: render.Grid, protocol: render.Protocol, patient_id: str,
-            scan_id: str):
+            scan_id: str, manufacturer: str = MANUFACTURER):
     from data_pipeline.io import CTVolume, StudyMetadata
 
+    extra = {}
+    if protocol.kernel is not None:
+        extra["convolution_kernel"] = protocol.kernel
     metadata = StudyMetadata(
         source=f"synthetic:{scan_id}", modality="CT", patient_id=patient_id,
         series_description=protocol.series_description, slice_thickness_mm=protocol.thickness_mm,
-        kvp=protocol.kvp, manufacturer=MANUFACTURER, ecg_gated=protocol.ecg_gated,
-        protocol=protocol.name)
+        kvp=protocol.kvp, manufacturer=manufacturer, ecg_gated=protocol.ecg_gated,
+        protocol=protocol.name, **extra)
     return CTVolume(hu=hu, spacing_zyx_mm=grid.spacing_zyx_mm, origin_xyz_mm=grid.origin_xyz_mm,
                     direction=_DIRECTION, metadata=metadata)
 
@@ -218,7 +232,7 @@ def _design_coronary(anat: Anatomy, scene: _Scene, category: int, rng, others) -
 
 
 def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
-            clip_to_heart: bool) -> SyntheticScan:
+            clip_to_heart: bool, site: SitePreset) -> SyntheticScan:
     from cac_jax.scoring import cac_category
 
     patches = [p for p in (render.calcification_patch(c, scene.grid, scene.protocol,
@@ -233,21 +247,26 @@ def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
     agatston = _score(hu, labels, scene.grid)
     scan_id = f"{patient_id}_{scene.protocol.name}"
     return SyntheticScan(
-        volume=_volume(hu, scene.grid, scene.protocol, patient_id, scan_id),
+        volume=_volume(hu, scene.grid, scene.protocol, patient_id, scan_id, site.manufacturer),
         calcium_labels=labels, heart_mask=scene.heart_mask, agatston=agatston,
         category=cac_category(agatston), patient_id=patient_id, scan_id=scan_id,
-        protocol=scene.protocol.name, target_category=category, calcifications=tuple(calcs))
+        protocol=scene.protocol.name, target_category=category, calcifications=tuple(calcs),
+        site=site.site)
 
 
 def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size: int = 128, *,
                    category: int | None = None, patient_id: str | None = None,
-                   ctac_overlap: bool = False) -> dict[str, SyntheticScan]:
+                   ctac_overlap: bool = False,
+                   site: str | SitePreset | None = None) -> dict[str, SyntheticScan]:
     """Renders one patient's scans in memory: {protocol: SyntheticScan}.
 
     `category` is the target CAC category (0-3) met by the gated scan; None draws it from the
     patient's own seed (equal proportions). The CAC scan is always rendered (the plaque design is
-    measured on it) and returned only when asked for.
+    measured on it) and returned only when asked for. `site` is an acquisition preset
+    (`sites.SITES`, default "default"); it changes how the patient is imaged, not the patient
+    (use `patient_seed(seed, k, site)` for a site's own patients).
     """
+    preset = get_site(site)
     for name in protocols:
         if name not in PROTOCOLS:
             raise ValueError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -261,30 +280,32 @@ def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size
     patient_id = patient_id or f"syn-{patient_seed}"
     anat = sample_anatomy(streams["anatomy"])
     others = plaque_lib.noncoronary_calcifications(anat, category, streams["noncoronary"])
-    cac_protocol = render.sample_protocol("cac", anat, streams["cac"])
-    ctac_protocol = render.sample_protocol("ctac", anat, streams["ctac"], ctac_overlap=ctac_overlap)
+    cac_protocol = render.sample_protocol("cac", anat, streams["cac"], site=preset)
+    ctac_protocol = render.sample_protocol("ctac", anat, streams["ctac"], ctac_overlap=ctac_overlap,
+                                           site=preset)
     cac = _scene(anat, cac_protocol, size, streams["cac-noise"])
     coronary = _design_coronary(anat, cac, category, streams["coronary"], others)
     calcs = list(others) + list(coronary)
     out = {}
     if "cac" in protocols:
-        scan = _finish(cac, calcs, patient_id, category, clip_to_heart=False)
+        scan = _finish(cac, calcs, patient_id, category, clip_to_heart=False, site=preset)
         if scan.category != category:
             raise RuntimeError(f"{scan.scan_id}: designed category {category} but the rendered "
                                f"scan scores {scan.agatston:.1f}")
         out["cac"] = scan
     if "ctac" in protocols:
         ctac = _scene(anat, ctac_protocol, size, streams["ctac-noise"])
-        out["ctac"] = _finish(ctac, calcs, patient_id, category, clip_to_heart=True)
+        out["ctac"] = _finish(ctac, calcs, patient_id, category, clip_to_heart=True, site=preset)
     return {name: out[name] for name in protocols}
 
 
 def render_scan(patient_seed: int, protocol: str, size: int = 128, *, category: int | None = None,
-                patient_id: str | None = None, ctac_overlap: bool = False) -> SyntheticScan:
+                patient_id: str | None = None, ctac_overlap: bool = False,
+                site: str | SitePreset | None = None) -> SyntheticScan:
     """One synthetic scan in memory, no files (the same scan `generate_cohort` writes for
-    `patient_seed(seed, k)` with `category=assign_categories(seed, N, ...)[k]`)."""
+    `patient_seed(seed, k, site)` with `category=assign_categories(seed, N, ...)[k]`)."""
     return render_patient(patient_seed, (protocol,), size, category=category,
-                          patient_id=patient_id, ctac_overlap=ctac_overlap)[protocol]
+                          patient_id=patient_id, ctac_overlap=ctac_overlap, site=site)[protocol]
 
 
 # --------------------------------------------------------------------------- writing
@@ -319,15 +340,17 @@ class _Job:
     size: int
     preview: bool
     ctac_overlap: bool
+    site: SitePreset | None = None
 
 
 def _run_job(job: _Job) -> list[ManifestRow]:
     from data_pipeline.io import write_volume
 
     out = Path(job.out_dir)
-    pid = patient_id_for(job.seed, job.index)
-    scans = render_patient(patient_seed(job.seed, job.index), job.protocols, job.size,
-                           category=job.category, patient_id=pid, ctac_overlap=job.ctac_overlap)
+    pid = patient_id_for(job.seed, job.index, job.site)
+    scans = render_patient(patient_seed(job.seed, job.index, job.site), job.protocols, job.size,
+                           category=job.category, patient_id=pid, ctac_overlap=job.ctac_overlap,
+                           site=job.site)
     rows = []
     for number, (name, scan) in enumerate(scans.items(), start=1):
         folder = out / pid / name
@@ -343,7 +366,7 @@ def _run_job(job: _Job) -> list[ManifestRow]:
 
             save_preview(scan, out / "previews" / f"{scan.scan_id}.png")
         rows.append(ManifestRow(patient_id=pid, scan_id=scan.scan_id, protocol=name, image=dicom,
-                                calcium_labels=labels, heart_mask=mask, site=SITE, split=None,
+                                calcium_labels=labels, heart_mask=mask, site=scan.site, split=None,
                                 agatston=round(scan.agatston, 4), category=scan.category))
     return rows
 
@@ -351,15 +374,19 @@ def _run_job(job: _Job) -> list[ManifestRow]:
 def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 512, seed: int = 0,
                     preview: bool = False, category_proportions=DEFAULT_PROPORTIONS,
                     workers: int = 1, ctac_overlap: bool = False,
-                    progress: Callable[[int], None] | None = None) -> list[ManifestRow]:
+                    progress: Callable[[int], None] | None = None,
+                    site: str | SitePreset | None = None) -> list[ManifestRow]:
     """Generates `patients` synthetic patients into `out_dir` and writes `out_dir/manifest.csv`.
 
     Layout: OUT/<patient_id>/<protocol>/dicom/*.dcm, .../calcium_labels.nii.gz,
     .../heart_mask.nii.gz, OUT/previews/<scan_id>.png (with `preview`), OUT/manifest.csv (true
-    Agatston and category of every scan, site "synthetic", split empty). `workers` > 1 renders
+    Agatston and category of every scan, the site preset's `site` ("synthetic" for the default),
+    split empty). `site` names an acquisition preset (`sites.SITES`): a non-default site images
+    its own patients (salted seeds, the site's name in the patient ids). `workers` > 1 renders
     patients in parallel processes; `progress(n)` is called as each patient finishes.
     Returns the manifest rows.
     """
+    preset = get_site(site)
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
     if seed < 0:
@@ -376,7 +403,7 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     except OSError as exc:
         raise InputError(out, f"cannot create the output folder: {exc.strerror or exc}") from None
     jobs = [_Job(str(out), k, int(seed), categories[k], protocols, int(size), bool(preview),
-                 bool(ctac_overlap)) for k in range(patients)]
+                 bool(ctac_overlap), preset) for k in range(patients)]
     results: dict[int, list[ManifestRow]] = {}
     if workers <= 1:
         for job in jobs:

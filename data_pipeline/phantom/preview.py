@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.atomic import atomic_path
+from data_pipeline.phantom.sites import DEFAULT_SITE, SITES
 
 # Overlay colours (RGBA): LAD red, LCX green, RCA blue, aorta/valve/other calcium orange.
 _COLOURS = {1: (1.0, 0.15, 0.15, 0.9), 2: (0.1, 0.9, 0.2, 0.9), 3: (0.2, 0.5, 1.0, 0.9),
@@ -69,7 +70,8 @@ def save_preview(scan, path: str | os.PathLike, *, count: int = 12) -> None:
         if scan.heart_mask[z].any():
             ax.contour(scan.heart_mask[z][crop], levels=[0.5], colors="cyan", linewidths=0.6)
         ax.set_title(f"slice {z}", fontsize=8)
-    fig.suptitle(f"{scan.scan_id}  protocol={scan.protocol}  Agatston={scan.agatston:.1f} "
+    site = "" if scan.site == SITES[DEFAULT_SITE].site else f"  site={scan.site}"
+    fig.suptitle(f"{scan.scan_id}  protocol={scan.protocol}{site}  Agatston={scan.agatston:.1f} "
                  f"(category {scan.category}, designed {scan.target_category})\n"
                  f"spacing z/y/x {spacing[0]:.2f}/{spacing[1]:.3f}/{spacing[2]:.3f} mm   "
                  "red LAD, green LCX, blue RCA, orange non-coronary, cyan heart",

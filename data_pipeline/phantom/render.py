@@ -12,10 +12,12 @@ Steps, for one patient and one protocol (`Protocol`: gated CAC or ungated low-do
    sub-slices over the thickness and, for CTAC coronary plaques, positions along a cardiac-motion
    path), giving its exact excess over the anatomy it displaces.
 4. Reconstruction kernel and noise: the image plus white noise is blurred in-plane by a Gaussian
-   point-spread function, so the noise is correlated like a real kernel's; the white noise is
-   pre-scaled so that the blurred noise has the protocol's standard deviation. The blur is
-   linear, so each calcification's blurred excess can be added to the blurred anatomy on its own
-   (the category design loop in `cohort` re-renders only the plaques).
+   point-spread function (plus an unsharp-mask edge enhancement for a site's sharp kernel), so
+   the noise is correlated like a real kernel's; the white noise is pre-scaled so that the
+   blurred noise has the protocol's standard deviation. The kernel is linear, so each
+   calcification's blurred excess can be added to the blurred anatomy on its own (the category
+   design loop in `cohort` re-renders only the plaques). A site's tube voltage scales positive
+   CT numbers before the kernel (`apply_contrast`).
 5. Labels, as an expert marks them: a calcification's label seeds the voxels where its blurred
    excess is >= 50 HU (it visibly changes the image) and the final HU is >= 130 (Agatston 1990);
    each coronary label then covers the whole in-slice 8-connected >= 130 HU region it seeds (the
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from data_pipeline.phantom import sites
 from data_pipeline.phantom.anatomy import (
     ALPHA_HEAD,
     Anatomy,
@@ -39,6 +42,7 @@ from data_pipeline.phantom.anatomy import (
     rib_drop,
 )
 from data_pipeline.phantom.plaques import Calcification
+from data_pipeline.phantom.sites import SitePreset
 
 HU_AIR = -1000.0
 CALCIUM_HU = 130.0               # Agatston 1990 threshold
@@ -65,6 +69,11 @@ class Protocol:
     kvp: float
     ecg_gated: bool
     series_description: str
+    # Site preset extras (data_pipeline.phantom.sites); the defaults leave the image unchanged.
+    contrast: float = 1.0            # factor on positive CT numbers (tube voltage, `kvp_contrast`)
+    sharpen: float = 0.0             # edge enhancement gain of the kernel (unsharp mask)
+    sharpen_sigma_mm: float = 1.0
+    kernel: str | None = None        # DICOM ConvolutionKernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +114,12 @@ def make_grid(protocol: Protocol, size: int) -> Grid:
 
 
 def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
-                    ctac_overlap: bool = False) -> Protocol:
-    """Draws the scan parameters of protocol `name` for a patient (independent of image size)."""
+                    ctac_overlap: bool = False, site: SitePreset | None = None) -> Protocol:
+    """Draws the scan parameters of protocol `name` for a patient (independent of image size).
+
+    `site` (data_pipeline.phantom.sites) scales the draws after they are made, so a site's patient
+    sees the same random stream as the default's; `ctac_overlap` wins over a site's CTAC thickness.
+    """
     u = rng.uniform
     heart = anatomy.heart.center
     z_lo, z_hi = anatomy.z_range
@@ -121,7 +134,7 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
         heart_blur = 0.0
         lo, hi = z_lo, z_hi
         phase = np.zeros(0)
-        kvp, gated, desc = 120.0, True, "CaSc gated 3.0 mm"
+        gated = True
     elif name == "ctac":
         # Ungated low-dose attenuation-correction CT: whole-body field of view, thick slices.
         fov = u(460, 560)
@@ -135,8 +148,7 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
         psf = u(0.8, 1.3)
         heart_blur = u(1.5, 3.5)
         lo, hi = z_lo + u(-15, 5), z_hi + u(-5, 15)
-        kvp, gated, desc = 120.0, False, \
-            f"CTAC ungated low dose {thickness:.1f} mm"
+        gated = False
         amplitude = {"LM": (2, 4), "LAD": (3, 7), "LCX": (4, 9), "RCA": (6, 12)}
         for artery, (a_lo, a_hi) in amplitude.items():
             direction = rng.normal(size=3)
@@ -145,6 +157,17 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
         phase = None
     else:
         raise ValueError(f"unknown protocol {name!r}; expected 'cac' or 'ctac'")
+    acq = (site or sites.SITES[sites.DEFAULT_SITE]).acquisition(name)
+    fov *= acq.fov_scale
+    sigma *= acq.noise_scale
+    psf *= acq.psf_scale
+    if acq.thickness_mm is not None and not (name == "ctac" and ctac_overlap):
+        thickness = spacing = float(acq.thickness_mm)
+    kvp = float(acq.kvp)
+    if gated:
+        desc = f"CaSc gated {thickness:.1f} mm"
+    else:
+        desc = f"CTAC ungated low dose {thickness:.1f} mm"
     n = int(np.clip(round((hi - lo) / spacing) + 1, 60 if spacing <= 3 else 36, 100))
     mid = 0.5 * (lo + hi)
     z_first = mid - 0.5 * (n - 1) * spacing
@@ -153,7 +176,9 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
     return Protocol(name=name, fov_mm=fov, center_xy_mm=center, z_first_mm=round(z_first, 3),
                     n_slices=n, spacing_z_mm=spacing, thickness_mm=thickness, noise_sigma_hu=sigma,
                     psf_mm=psf, heart_blur_mm=heart_blur, motion=motion, slice_phase=phase,
-                    kvp=kvp, ecg_gated=gated, series_description=desc)
+                    kvp=kvp, ecg_gated=gated, series_description=desc,
+                    contrast=sites.kvp_contrast(kvp), sharpen=float(acq.sharpen),
+                    sharpen_sigma_mm=float(acq.sharpen_sigma_mm), kernel=acq.kernel)
 
 
 # --------------------------------------------------------------------------- primitives
@@ -561,7 +586,15 @@ def render_anatomy(anat: Anatomy, grid: Grid, protocol: Protocol) -> AnatomyImag
             target[i0:i1] = acc / per_slice
     vessels = _lung_texture(anat, grid)
     hu += lung * vessels * (anat.hu_blood - anat.hu_lung) * 0.9
+    if protocol.contrast != 1.0:
+        hu = apply_contrast(hu, protocol.contrast)
     return AnatomyImage(hu=hu, heart_occ=heart)
+
+
+def apply_contrast(hu: np.ndarray, contrast: float) -> np.ndarray:
+    """Tube-voltage contrast: positive CT numbers times `contrast`, water (0 HU) and everything
+    below it unchanged (see `sites.kvp_contrast`). Applied to noise-free HU before the kernel."""
+    return hu + (contrast - 1.0) * np.maximum(hu, 0.0)
 
 
 # --------------------------------------------------------------------------- kernel and noise
@@ -576,19 +609,60 @@ def blur(volume: np.ndarray, sigma_px: float) -> np.ndarray:
     return ndimage.gaussian_filter(volume, sigma=(0.0, sigma_px, sigma_px), mode="nearest")
 
 
+def sharpen_sigma_px(protocol: Protocol, grid: Grid) -> float:
+    """In-plane sigma (pixels) of the edge enhancement's low-pass Gaussian."""
+    return max(protocol.sharpen_sigma_mm / grid.pixel_mm, 0.5)
+
+
+def kernel_radius_px(protocol: Protocol, grid: Grid) -> int:
+    """How far (pixels) the reconstruction kernel reaches, as scipy truncates it (4 sigma)."""
+    radius = int(4.0 * kernel_sigma_px(protocol, grid) + 0.5)
+    if protocol.sharpen:
+        radius += int(4.0 * sharpen_sigma_px(protocol, grid) + 0.5)
+    return radius
+
+
+def reconstruct(volume: np.ndarray, protocol: Protocol, grid: Grid, mode: str = "nearest"):
+    """The reconstruction kernel, in-plane: a Gaussian point-spread function and, for a sharp
+    (edge-enhancing) kernel, an unsharp mask `k + sharpen * (k - G(k))` that overshoots at edges
+    as sharp clinical kernels do. Linear, so calcifications can be convolved on their own."""
+    sigma = kernel_sigma_px(protocol, grid)
+    out = ndimage.gaussian_filter(volume, sigma=(0.0, sigma, sigma), mode=mode)
+    if protocol.sharpen:
+        s2 = sharpen_sigma_px(protocol, grid)
+        low = ndimage.gaussian_filter(out, sigma=(0.0, s2, s2), mode=mode)
+        out *= 1.0 + protocol.sharpen
+        out -= protocol.sharpen * low
+    return out
+
+
+def noise_gain(protocol: Protocol, grid: Grid) -> float:
+    """Standard deviation of reconstructed unit white noise: the root sum of squares of the
+    kernel's 2D weights, as scipy applies them (truncated Gaussians)."""
+    sigma_px = kernel_sigma_px(protocol, grid)
+    if not protocol.sharpen:
+        radius = int(4.0 * sigma_px + 0.5)
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
+        taps /= taps.sum()
+        return float(np.sum(taps ** 2))    # separable: sqrt((sum t^2)^2)
+    radius = kernel_radius_px(protocol, grid) + 1
+    impulse = np.zeros((1, 2 * radius + 1, 2 * radius + 1), dtype=np.float64)
+    impulse[0, radius, radius] = 1.0
+    response = reconstruct(impulse, protocol, grid, mode="constant")
+    return float(np.sqrt(np.sum(response ** 2)))
+
+
 def noisy_background(anatomy_hu: np.ndarray, protocol: Protocol, grid: Grid,
                      rng: np.random.Generator) -> np.ndarray:
-    """blur(anatomy + white noise), the white noise scaled so the blurred noise has the
-    protocol's sigma (sum of squared kernel weights of scipy's truncated Gaussian)."""
-    sigma_px = kernel_sigma_px(protocol, grid)
-    radius = int(4.0 * sigma_px + 0.5)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
-    taps /= taps.sum()
-    gain = float(np.sum(taps ** 2))            # std of 2D-blurred unit white noise = gain
+    """reconstruct(anatomy + white noise), the white noise scaled so the reconstructed noise
+    has the protocol's sigma (`noise_gain`)."""
+    gain = noise_gain(protocol, grid)
     noise = rng.standard_normal(anatomy_hu.shape, dtype=np.float32)
     noise *= protocol.noise_sigma_hu / gain
     noise += anatomy_hu
-    return blur(noise, sigma_px)
+    if not protocol.sharpen:
+        return blur(noise, kernel_sigma_px(protocol, grid))
+    return reconstruct(noise, protocol, grid)
 
 
 # --------------------------------------------------------------------------- calcifications
@@ -654,19 +728,20 @@ def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
             r2 += q * q
         inside = r2 <= 1.0
         value = np.where(inside, calc.density_hu * (1.0 - 0.3 * r2), 0.0)
+        if protocol.contrast != 1.0:
+            value = apply_contrast(value, protocol.contrast)
         occ[i] = inside.reshape(len(dzs), ny, ss, nx, ss).mean(axis=(0, 2, 4))
         dens[i] = value.reshape(len(dzs), ny, ss, nx, ss).mean(axis=(0, 2, 4))
     if not occ.any():
         return None
     delta = dens - occ * anatomy_hu[zsl, ysl, xsl]
-    sigma = kernel_sigma_px(protocol, grid)
-    pad = int(4.0 * sigma + 0.5) + 1
+    pad = kernel_radius_px(protocol, grid) + 1
     y0, y1 = max(0, ysl.start - pad), min(len(grid.y), ysl.stop + pad)
     x0, x1 = max(0, xsl.start - pad), min(len(grid.x), xsl.stop + pad)
     padded = np.zeros((delta.shape[0], y1 - y0, x1 - x0), dtype=np.float32)
     padded[:, ysl.start - y0:ysl.stop - y0, xsl.start - x0:xsl.stop - x0] = delta
     return Patch(calc.label, (zsl, slice(y0, y1), slice(x0, x1)),
-                 ndimage.gaussian_filter(padded, sigma=(0.0, sigma, sigma), mode="constant"))
+                 reconstruct(padded, protocol, grid, mode="constant"))
 
 
 def compose(background: np.ndarray, patches: Sequence[Patch], region=None):
