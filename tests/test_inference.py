@@ -453,7 +453,8 @@ def test_manifest_input_and_bad_arguments(scorer, tmp_path, monkeypatch, capsys)
 
 
 def test_inference_never_imports_tensorflow(tmp_path):
-    """Importing and running inference (a whole `score`) leaves TensorFlow unimported."""
+    """Importing inference and checkpoint loading, and running a whole `score`, leaves
+    TensorFlow unimported."""
     import subprocess
     import sys
 
@@ -461,7 +462,7 @@ def test_inference_never_imports_tensorflow(tmp_path):
         "import sys, numpy as np\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_inference import threshold_model, volume_of, tiny_study\n"
-        "import cac_jax.cli, cac_jax.commands.infer\n"
+        "import cac_jax.cli, cac_jax.commands.infer, cac_jax.checkpoints\n"
         "from cac_jax import inference\n"
         "scorer = inference.Scorer(threshold_model('heart'), threshold_model('calcium'))\n"
         "hu, _, _ = tiny_study(0, 32, 4)\n"
