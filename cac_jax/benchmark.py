@@ -286,6 +286,7 @@ def jax_train_step(jm: JaxModel, settings: BenchSettings, rss: RssSampler) -> di
             params, opt_state, loss = compiled(params, opt_state, x, labels)
             jax.block_until_ready(loss)
             step_times.append(time.perf_counter() - start)
+    jax.block_until_ready(forward(params, x))  # warm-up
     for _ in range(settings.train_repeats):
         start = time.perf_counter()
         jax.block_until_ready(forward(params, x))
@@ -400,12 +401,13 @@ class TorchModel:
                 times.append(time.perf_counter() - start)
         forward_times = []
         with torch.no_grad():
-            for _ in range(settings.train_repeats):
+            for _ in range(settings.train_repeats + 1):  # the first is a warm-up
                 start = time.perf_counter()
                 with self._autocast():
                     model(x)
                 self._sync()
                 forward_times.append(time.perf_counter() - start)
+        forward_times = forward_times[1:]
         model.eval()
         out = {"batch": b, "step_s": float(np.median(times)), "step_s_all": times,
                "forward_s": float(np.median(forward_times)), "loss_finite": bool(np.isfinite(loss)),

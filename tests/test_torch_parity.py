@@ -42,7 +42,7 @@ def test_logits_agree_on_the_same_weights(arch, bidirectional):
     cfg = _config(arch, local=True, bidirectional=bidirectional)
     model = build_model(cfg)
     x = jax.random.uniform(jax.random.key(1), (2, 3, 64, 64, 1))
-    variables = model.init(jax.random.key(2), x)
+    variables = jax.jit(model.init)(jax.random.key(2), x)
     # Non-trivial norm parameters and biases, so their mapping is exercised too.
     leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
     keys = jax.random.split(jax.random.key(3), len(leaves))
