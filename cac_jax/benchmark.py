@@ -286,6 +286,7 @@ def jax_train_step(jm: JaxModel, settings: BenchSettings, rss: RssSampler) -> di
             params, opt_state, loss = compiled(params, opt_state, x, labels)
             jax.block_until_ready(loss)
             step_times.append(time.perf_counter() - start)
+    jax.block_until_ready(forward(params, x))  # warm-up
     for _ in range(settings.train_repeats):
         start = time.perf_counter()
         jax.block_until_ready(forward(params, x))
@@ -400,12 +401,13 @@ class TorchModel:
                 times.append(time.perf_counter() - start)
         forward_times = []
         with torch.no_grad():
-            for _ in range(settings.train_repeats):
+            for _ in range(settings.train_repeats + 1):  # the first is a warm-up
                 start = time.perf_counter()
                 with self._autocast():
                     model(x)
                 self._sync()
                 forward_times.append(time.perf_counter() - start)
+        forward_times = forward_times[1:]
         model.eval()
         out = {"batch": b, "step_s": float(np.median(times)), "step_s_all": times,
                "forward_s": float(np.median(forward_times)), "loss_finite": bool(np.isfinite(loss)),
@@ -626,6 +628,19 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def load_warning(res: dict) -> list[str]:
+    """A warning line when other processes loaded the machine during the run (shared CPUs)."""
+    m = res["machine"]
+    load = max(m["load_average_at_start"][0], m["load_average_at_end"][0])
+    peaks = (res["matmul_peak_gflops_before"], res["matmul_peak_gflops_after"])
+    if res["settings"]["local"] or (load <= 1.5 * m["logical_cores"]
+                                    and max(peaks) <= 1.5 * min(peaks)):
+        return []
+    return [f"**Warning: the machine was shared during this run (load average up to {load:.1f} on "
+            f"{m['logical_cores']} cores; matmul peak {peaks[0]:.0f} then {peaks[1]:.0f} GFLOP/s): "
+            "absolute times are inflated and the ratios are only indicative.**"]
+
+
 def markdown(res: dict) -> str:
     """bench.json as a markdown report."""
     m, s = res["machine"], res["settings"]
@@ -642,6 +657,7 @@ def markdown(res: dict) -> str:
           f"{m['load_average_at_end'][0]:.1f} at end.",
         f"float32 matmul peak (JAX, {res['matmul_n']}^3): {res['matmul_peak_gflops_before']:.0f} GFLOP/s "
         f"before, {res['matmul_peak_gflops_after']:.0f} after the timing rounds.",
+        *load_warning(res),
         f"Preprocessing (`model_inputs`, whole {res['preprocessing']['study_shape_zyx']} study): "
         f"{res['preprocessing']['per_study_s']:.3f} s per study, not included below.",
         "",
