@@ -1,39 +1,57 @@
-"""The end-to-end demo on a tiny cohort: every stage runs and the summary is consistent."""
+"""The demo's whole path at a tiny size: synth, ingest, train (4 models), infer, evaluate, bench,
+report; and a second run that reuses every stage."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 from cac_jax import demo
 
 
-def test_demo_end_to_end_on_a_tiny_cohort(tmp_path, capsys):
-    settings = demo.DemoSettings(patients=4, size=56, seed=3)  # 56 px: not a multiple of 16
-    summary = demo.run(tmp_path, settings, workers=1)
+def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
+    # The commands run as subprocesses; one CPU device keeps the tiny training runs cheap.
+    monkeypatch.setenv("XLA_FLAGS", "")
+    settings = demo.DemoSettings(
+        patients=4, site2_patients=1, size=64, heart_steps=2, calcium_steps=2, batch_size=2,
+        eval_every=2, bench_samples=1, bench_size=64, workers=1, heart_seconds=0.0,
+        calcium_seconds=0.0, local_models=True)
+    summary = demo.run(tmp_path, settings)
+    out = capfd.readouterr().out
+    assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.md'}"
+
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["settings"] == {"patients": 4, "size": 56, "seed": 3}
-    assert (tmp_path / "summary.md").read_text().startswith("# cac-jax demo")
-    assert len(list((tmp_path / "cohort" / "previews").glob("*.png"))) == 8
+    assert on_disk["test"] == summary["test"]
+    for cohort in ("test", "site2"):
+        for model in ("convlstm", "unet", "naive"):
+            for protocol in ("cac", "ctac"):
+                cell = on_disk[cohort][model][protocol]
+                assert {"kappa_linear", "exact_agreement"} <= set(cell), (cohort, model, protocol)
+                assert cell["n"] >= 1, (cohort, model, protocol)
+                assert 0.0 <= cell["exact_agreement"] <= 1.0
+    for stage in ("synth", "ingest", "train", "infer", "evaluate", "bench", "total"):
+        assert on_disk["seconds"][stage] >= 0.0, stage
 
-    # Scores read back from the files equal the manifest's (written with 4 decimals).
-    assert summary["max_abs_score_difference"] < 1e-3
-    assert summary["true_category_counts"]["cac"] == [1, 1, 1, 1]
-    for name, result in summary["agreement"].items():
-        assert result["n"] == 4, name
-        assert sum(map(sum, result["concordance"])) == 4, name
+    # Trained workdirs that `cac-jax infer` accepted, and every test scan scored.
+    for name in ("heart_convlstm", "calcium_convlstm", "heart_unet", "calcium_unet"):
+        assert (tmp_path / "models" / name / "summary.json").exists(), name
+    with (tmp_path / "eval" / "test_manifest.csv").open() as handle:
+        test_scans = {row["scan_id"] for row in csv.DictReader(handle)}
+    with (tmp_path / "infer" / "test_convlstm" / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["scan_id"] for row in rows} == test_scans
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["results"]["jax"]
 
-    # Patient splits 2/1/1: the training batch is rounded up to the models' multiple of 16.
-    pipeline = summary["pipeline"]
-    assert pipeline["validation_scans"] == 2 and pipeline["train_scans"] == 4
-    assert pipeline["batch_shapes"]["image"] == [1, 4, 3, 64, 64, 1]
-    assert sum(pipeline["batch_label_voxels"].values()) == 4 * 64 * 64
-    model = summary["model"]
-    assert model["logits_shape"] == [4, 64, 64, 3]
-    low, high = model["attention_range"]
-    assert 0.0 < low <= high < 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# cac-jax demo report")
+    assert "**Verdict:**" in report and "## Second site" in report
+    assert "figures/training_curves.png" in report and "bench/bench.png" in report
 
-    # A second run reuses the cohort and the dataset.
-    capsys.readouterr()
-    demo.run(tmp_path, settings, workers=1)
-    out = capsys.readouterr().out
-    assert "reusing the synthetic cohort" in out and "reusing the TFDS dataset" in out
+    # A second run reuses every stage (no training, inference or benchmark again).
+    demo.run(tmp_path, settings)
+    out = capfd.readouterr().out
+    for stage in ("cohort", "site2", "ingest", "train_calcium_convlstm", "infer_test_unet",
+                  "naive_site2", "bench"):
+        assert f"reusing {stage} " in out, stage
+    assert "train convlstm" not in out
