@@ -301,7 +301,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
             wanted = {"manifest": str(manifest), "heart": trained[f"heart_{arch}"],
                       "calcium": trained[f"calcium_{arch}"]}
             _stage(stamps, f"infer_{cohort}_{arch}", wanted, [folder / "results.csv"],
-                   lambda folder=folder, manifest=manifest, arch=arch: _cli(
+                   lambda folder=folder, manifest=manifest, arch=arch, cohort=cohort: _cli(
                        "infer", "--heart-checkpoint", str(out / "models" / f"heart_{arch}"),
                        "--calcium-checkpoint", str(out / "models" / f"calcium_{arch}"),
                        "--manifest", str(manifest), "--out", str(folder), "--save-previews",
