@@ -493,8 +493,9 @@ def studies_from_args(inputs: list[str] | None, manifest: str | None,
     if manifest is not None:
         from data_pipeline.manifest import read_manifest
 
-        rows = read_manifest(manifest, check_files=False)
-        return [Study(r.scan_id, Path(r.image), r.protocol, series) for r in rows]
+        rows = read_manifest(manifest, check_files=False, inference=True)
+        return [Study(r.scan_id, Path(r.image), r.protocol, series if series is not None else r.series)
+                for r in rows]
     paths = [Path(p) for p in inputs or ()]
     if not paths:
         raise InputError(None, "no studies given (--input PATH ... or --manifest M.csv)")

@@ -108,7 +108,7 @@ def _read_files(row: ManifestRow, manifest_path: os.PathLike | str = ""):
 
     column = "image"
     try:
-        volume = io_lib.read_study(row.image)
+        volume = io_lib.read_study(row.image, series=row.series)
         column = "calcium_labels"
         calcium = None if row.calcium_labels is None else io_lib.read_labels(
             row.calcium_labels, like=volume)

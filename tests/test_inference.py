@@ -473,3 +473,17 @@ def test_inference_never_imports_tensorflow(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_three_column_manifest_is_enough_and_its_series_column_is_used(tmp_path):
+    from cac_jax.inference import studies_from_args
+
+    manifest = tmp_path / "studies.csv"
+    manifest.write_text("scan_id,image,protocol,series\n"
+                        "a,a_dicom,cac,3\n"
+                        "b,b.nii.gz,ctac,\n")
+    studies = studies_from_args(None, str(manifest))
+    assert [(s.scan_id, s.image.name, s.protocol, s.series) for s in studies] == [
+        ("a", "a_dicom", "cac", "3"), ("b", "b.nii.gz", "ctac", None)]
+    # --series on the command line wins over the column.
+    assert [s.series for s in studies_from_args(None, str(manifest), series="7")] == ["7", "7"]
