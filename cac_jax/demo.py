@@ -80,15 +80,15 @@ class DemoSettings:
     heart_steps: int = 2000
     calcium_steps: int = 4000
     batch_size: int = 8
-    eval_every: int = 100
+    eval_every: int = 50
     bench_samples: int = 6
     bench_size: int = 128
     site2: str = "site2"
     workers: int = 2
     # Training time boxes (seconds of training per model; 0: none): the demo must fit its budget
     # on a 2-core CPU whatever the machine's speed, so steps are an upper bound.
-    heart_seconds: float = 90.0
-    calcium_seconds: float = 200.0
+    heart_seconds: float = 75.0
+    calcium_seconds: float = 225.0
     # The configs' tiny `:local` widths (tests); the demo itself trains the full models.
     local_models: bool = False
 

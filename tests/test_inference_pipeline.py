@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_tfds_builder import write_tiny_cohort  # noqa: E402
 
 from cac_jax.inference import padded_inputs  # noqa: E402
-from data_pipeline.config import data_config  # noqa: E402
+from data_pipeline.config import DATASET_VERSION, data_config  # noqa: E402
 from data_pipeline.input_pipeline import make_dataset  # noqa: E402
 from data_pipeline.labels import neighbour_offset  # noqa: E402
 
@@ -25,7 +25,7 @@ def test_inference_inputs_equal_evaluation_batches(tmp_path):
 
     manifest = write_tiny_cohort(tmp_path, patients=6, split_column=True)
     build_dataset(manifest, tmp_path / "tfds", name="tiny", progress=False)
-    loaded = tfds.builder_from_directory(str(tmp_path / "tfds" / "tiny" / "1.0.0"))
+    loaded = tfds.builder_from_directory(str(tmp_path / "tfds" / "tiny" / DATASET_VERSION))
     hu = {ex["scan_id"].decode(): ex["hu"]
           for ex in tfds.as_numpy(loaded.as_dataset(split="validation"))}
     config = data_config("calcium", local=True)

@@ -15,6 +15,7 @@ from io_fixtures import write_series
 from test_inputs_dicom import patch, snapshot
 
 from cac_jax.cli import main
+from data_pipeline.config import DATASET_VERSION
 from data_pipeline.manifest import read_manifest
 
 pytest.importorskip("tensorflow_datasets")
@@ -78,10 +79,11 @@ def test_negative_seed_is_refused(tmp_path, capfd):
 def test_overwrite_that_fails_keeps_the_old_dataset_and_empty_folder_is_built(tmp_path, capfd):
     manifest = tiny_manifest(tmp_path)
     data_dir = tmp_path / "tfds"
-    (data_dir / "cac_ct" / "1.0.0").mkdir(parents=True)  # left by an interrupted run
+    (data_dir / "cac_ct" / DATASET_VERSION).mkdir(parents=True)  # left by an interrupted run
     code, out, err = ingest(capfd, "--manifest", manifest, "--data-dir", data_dir)
     assert code == 0, err
-    assert out.startswith(f"dataset cac_ct 1.0.0 in {data_dir / 'cac_ct' / '1.0.0'}: scans")
+    assert out.startswith(f"dataset cac_ct {DATASET_VERSION} in "
+                          f"{data_dir / 'cac_ct' / DATASET_VERSION}: scans")
     assert "Downloading" not in out + err and "oneDNN" not in err and "absl" not in err
     built = snapshot(data_dir)
     assert any(name.endswith("dataset_info.json") for name in built)
@@ -94,9 +96,9 @@ def test_overwrite_that_fails_keeps_the_old_dataset_and_empty_folder_is_built(tm
     assert err.strip().splitlines()[-1].startswith(f"cac-jax ingest: error: {manifest}: row 2")
     # ... and leaves the dataset it was to replace exactly as it was, and nothing beside it.
     assert snapshot(data_dir) == built
-    assert sorted(p.name for p in (data_dir / "cac_ct").iterdir()) == ["1.0.0"]
+    assert sorted(p.name for p in (data_dir / "cac_ct").iterdir()) == [DATASET_VERSION]
     # Its own manifest copy cannot be the input of a rebuild that would replace it.
-    copy = data_dir / "cac_ct" / "1.0.0" / "manifest.csv"
+    copy = data_dir / "cac_ct" / DATASET_VERSION / "manifest.csv"
     code, _, err = ingest(capfd, "--manifest", copy, "--data-dir", data_dir, "--overwrite")
     assert code == 2 and err.strip() == (f"cac-jax ingest: error: {copy}: is inside the dataset "
                                          f"folder {copy.parent} that --overwrite would replace; "

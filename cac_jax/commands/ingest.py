@@ -123,6 +123,7 @@ def preflight(args: argparse.Namespace) -> tuple[Path, int]:
 
     Returns (DATA_DIR/NAME/VERSION, number of usable rows). `build_dataset` repeats these checks.
     """
+    from data_pipeline.config import DATASET_VERSION
     from data_pipeline.errors import InputError, ManifestError
     from data_pipeline.manifest import parse_manifest
 
@@ -132,7 +133,7 @@ def preflight(args: argparse.Namespace) -> tuple[Path, int]:
     if args.data_dir.strip() == "":
         raise InputError(None, "--data-dir is empty")
     data_dir = Path(args.data_dir).expanduser()
-    target = data_dir / args.name / "1.0.0"
+    target = data_dir / args.name / DATASET_VERSION
     probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
