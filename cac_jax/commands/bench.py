@@ -9,6 +9,8 @@ import argparse
 import pathlib
 import sys
 
+from cac_jax.commands import positive_int
+
 EPILOG = """\
 Each sample is SLICES consecutive slices of a synthetic 512 px CAC study, segmented as one batch;
 the time per sample is reported as median and IQR over N samples (the paper: N = 1024, 16 slices),
@@ -26,14 +28,6 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,17 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"comma-separated, from {','.join(MODEL_CONFIGS)} (default: all)")
     parser.add_argument("--frameworks", type=_csv, default=("jax",),
                         help="jax or jax,torch (torch needs: pip install -e .[torch])")
-    parser.add_argument("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
+    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, metavar="N",
                         help=f"samples per model (default {DEFAULT_SAMPLES}; the paper: 1024)")
-    parser.add_argument("--slices", type=_positive_int, default=16,
+    parser.add_argument("--slices", type=positive_int, default=16,
                         help="slices per sample (default 16)")
-    parser.add_argument("--size", type=_positive_int, default=512,
+    parser.add_argument("--size", type=positive_int, default=512,
                         help="slice size in pixels, a multiple of 16 (default 512)")
     parser.add_argument("--train-step", action="store_true",
                         help="also time a focal-loss + Adam training step and its memory")
-    parser.add_argument("--train-batch", type=_positive_int, default=2,
+    parser.add_argument("--train-batch", type=positive_int, default=2,
                         help="batch of the training step (default 2)")
-    parser.add_argument("--train-repeats", type=_positive_int, default=3,
+    parser.add_argument("--train-repeats", type=positive_int, default=3,
                         help="timed training steps per model (default 3)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                         help="compute dtype (auto: bfloat16 on GPU/TPU; default float32)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cac_jax.commands import positive_int
+
 EPILOG = """\
 H and C are each a training workdir (its best checkpoint is used) or a checkpoint folder in one.
 Each PATH is a DICOM folder or an image file (.nii.gz, .mhd, .nrrd); a manifest is a CSV with at
@@ -25,14 +27,6 @@ example:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--input", nargs="+", metavar="PATH", help="studies to score")
     source.add_argument("--manifest", metavar="M.csv", help="manifest of studies to score")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                         help="slices per model call (default: 8)")
     parser.add_argument("--series", default=None, metavar="NUMBER_OR_UID",
                         help="DICOM series to read in each input folder (when the reader "
