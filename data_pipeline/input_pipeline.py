@@ -73,6 +73,7 @@ from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM, HU_WINDOW
 _TF_CONFIGURED = False
 INFINITE = 2**62
 _PURPOSE_POSITIVE, _PURPOSE_NEGATIVE, _PURPOSE_ORDER, _PURPOSE_AUGMENT, _PURPOSE_NOISE = 1, 2, 3, 4, 5
+_PURPOSE_CROP = 6
 
 
 def _drop_tfds_dtype_notice(record: logging.LogRecord) -> bool:
@@ -528,6 +529,28 @@ def _augment_key(tf, seed: int, purpose: int, process_index: int, index):
         _key(tf, seed, purpose, process_index), tf.cast(index, tf.int64))
 
 
+def _positive_crop_centre(tf, data, target, cx, cy, key):
+    """Crop centre (x, y): with probability `crop_positive_fraction`, when the centre slice has
+    class-1 pixels (coronary calcium; heart), one of them picked at random and moved by up to a
+    quarter of the crop each way (so the positive is not always in the middle); else (cx, cy).
+
+    Foreground-centred crops (as nnU-Net oversamples foreground patches): a coronary plaque is a
+    few pixels of a slice, so a random crop would rarely hold one.
+    """
+    u = tf.random.stateless_uniform([4], seed=key, minval=0.0, maxval=1.0)
+    positives = tf.cast(tf.where(tf.equal(target, 1)), tf.float32)  # (n, 2): (y, x)
+    count = tf.shape(positives)[0]
+    # A last row (cy, cx) keeps the gather in range when the slice has no positive pixel.
+    positives = tf.concat([positives, tf.reshape(tf.stack([cy, cx]), [1, 2])], axis=0)
+    pick = tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), count)
+    chosen = tf.gather(positives, pick)
+    quarter = data.crop_size / 4.0
+    use = tf.logical_and(count > 0, u[0] < float(data.crop_positive_fraction))
+    px = chosen[1] + (2.0 * u[2] - 1.0) * quarter
+    py = chosen[0] + (2.0 * u[3] - 1.0) * quarter
+    return tf.where(use, px, cx), tf.where(use, py, cy)
+
+
 def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: int = 0,
                   key=0):
     """Augmented training sample of global slice k; randomness keyed by (host, sample index)."""
@@ -550,6 +573,9 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
         half = data.crop_size / 2.0
         cx = cx + u[2] * tf.maximum(0.0, w / 2.0 - half)
         cy = cy + u[3] * tf.maximum(0.0, h / 2.0 - half)
+        if float(data.get("crop_positive_fraction", 0.0)) > 0:
+            cx, cy = _positive_crop_centre(tf, data, target, cx, cy, _augment_key(
+                tf, seed, _PURPOSE_CROP, process_index, index))
     cx = cx + on * u[4] * aug.translate * size
     cy = cy + on * u[5] * aug.translate * size
     centre_out = (size - 1) / 2.0

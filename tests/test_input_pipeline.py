@@ -404,3 +404,28 @@ def test_auto_cache_mode_streams_over_budget_and_rejects_unknown_modes(dataset):
     assert large.cache == "memory"
     with pytest.raises(InputError, match="config.data.cache"):
         make_dataset(_config(data_dir, cache="disk"), "train")
+
+
+def test_positive_centred_crops_hold_the_positive_class(dataset):
+    """With crop_positive_fraction 1, every crop of a slice with coronary calcium holds some; with
+    0 (plain random crops) a good share of them miss it."""
+    data_dir, scans = dataset
+
+    def crops_with_coronary(fraction):
+        config = _config(data_dir, crop_size=16, crop_positive_fraction=fraction, augment=False,
+                         negative_fraction=0.0)
+        it = make_dataset(config, "train", local_devices=DEVICES)
+        hits = total = 0
+        for batch in _take(it, 12):
+            for label, scan, z in zip(batch["label"].reshape(-1, 16, 16),
+                                      batch["scan_index"].ravel(), batch["slice_index"].ravel()):
+                stored = scans[it.scans[scan].scan_id]["calcium_class"][z]
+                if (stored == 1).any():
+                    total += 1
+                    hits += int((label == 1).any())
+        return hits, total
+
+    hits, total = crops_with_coronary(1.0)
+    assert total >= 10 and hits == total
+    random_hits, random_total = crops_with_coronary(0.0)
+    assert random_total >= 10 and random_hits < random_total

@@ -324,3 +324,23 @@ def test_two_processes_match_one_process_with_8_devices(data_dir, tmp_path):
     assert [r["step"] for r in run] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in run)
     trained = ckpt.load_trained(tmp_path / "multi")
     assert trained.step == 4
+
+
+def test_non_candidate_pixels_weighted_down_for_calcium_only():
+    """Pixels of the centre slice below 130 HU get `non_candidate_weight` (calcium task); the
+    neighbours' values and the heart task leave the pipeline's weight as it is."""
+    config = load_config("convlstm_calcium")
+    config.train.non_candidate_weight = 0.1
+    low, high = -800.0, 1200.0
+    hu = np.full((1, 3, 2, 2), -100.0, np.float32)
+    hu[0, 1, 0, 0] = 130.0   # a candidate (HU >= 130) in the centre slice
+    hu[0, 1, 0, 1] = 129.0   # just below
+    hu[0, 0, 1, 1] = 900.0   # bright only in a neighbour slice: not a candidate
+    images = jnp.asarray(((hu - low) / (high - low))[..., None])
+    weight = jnp.asarray([[[1.0, 1.0], [0.0, 1.0]]])  # one padding pixel stays 0
+    got = np.asarray(train_lib.loss_weight(config, images, weight))
+    np.testing.assert_allclose(got, [[[1.0, 0.1], [0.0, 0.1]]], rtol=1e-6)
+    heart = load_config("convlstm_heart")
+    heart.train.non_candidate_weight = 0.1
+    np.testing.assert_array_equal(np.asarray(train_lib.loss_weight(heart, images, weight)),
+                                  np.asarray(weight))
