@@ -159,13 +159,18 @@ def test_one_compilation_per_shape_bucket():
     assert scorer.compilations == {"heart": 0, "calcium": 0}
     # 64 px (8 and 3 slices: full and short batches) and 48 x 60 px share the 64 x 64 bucket.
     for shape in ((8, 64, 64), (3, 64, 64), (5, 48, 60)):
-        result = scorer.score(volume_of(np.full(shape, -1000.0, np.float32)))
+        hu = np.full(shape, -1000.0, np.float32)
+        hu[:, 10:20, 10:20] = 500.0  # a "heart" on every slice: the calcium model runs too
+        result = scorer.score(volume_of(hu))
         assert result.calcium_labels.shape == shape and result.heart_mask.shape == shape
+        assert result.timings["calcium_slices"] == shape[0]
     assert scorer.compilations == {"heart": 1, "calcium": 1}
     assert scorer._runners["heart"].shapes == {(4, 3, 64, 64, 1)}
     # A taller study opens one more bucket per model, once.
+    hu = np.full((2, 80, 64), -1000.0, np.float32)
+    hu[:, 60:70, 10:20] = 500.0
     for _ in range(2):
-        scorer.score(volume_of(np.full((2, 80, 64), -1000.0, np.float32)))
+        scorer.score(volume_of(hu))
     assert scorer.compilations == {"heart": 2, "calcium": 2}
 
 
@@ -282,6 +287,72 @@ def test_resampled_to_training_spacing_and_back():
     # Inside the covered range (2.7 mm / (1 + zoom) .. ): run as is.
     same = scorer.score(volume_of(hu[:, ::4, ::4].copy(), spacing=(3.0, 2.8, 2.8)))
     assert same.model_spacing_yx_mm == {"heart": None, "calcium": None} and not same.resampled
+
+
+def heart_on_some_slices(seed: int = 0, slices: int = 12, size: int = 64):
+    """A study whose only tissue above 400 HU (a ThresholdNet heart) is a disc on slices 4-7,
+    with calcium-level (130-400 HU) bone on every slice, inside and outside that disc."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28 ** 2, 40.0, -1000.0)
+    hu = hu + rng.normal(0, 20, (slices, size, size))
+    disc = (yy - 30) ** 2 + (xx - 28) ** 2 < 12 ** 2
+    hu[4:8][:, disc] = 500.0 + rng.normal(0, 30, (4, int(disc.sum())))
+    hu[:, 50:56, 26:38] = 250.0  # a vertebra below the heart, on every slice
+    hu[:, 26:34, 26:30] = np.maximum(hu[:, 26:34, 26:30], 300.0)  # calcium-level plaque column
+    return hu.astype(np.float32)
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_calcium_model_runs_only_where_the_heart_is(probabilities):
+    """Running the calcium model only on the slices the dilated heart silhouette reaches gives
+    the score, coronary labels and heart mask of running it on every slice."""
+    heart_model = threshold_model("heart", spacing=(0.6, 0.7, 0.8))
+    calcium_model = trained("unet_calcium", seed=4)
+    volume = volume_of(heart_on_some_slices())
+    results = {}
+    for mode in ("heart", "all"):
+        scorer = inference.Scorer(heart_model, calcium_model, batch_size=4, calcium_slices=mode)
+        results[mode] = scorer.score(volume, probabilities=probabilities)
+        assert scorer.compilations == {"heart": 1, "calcium": 1}
+        assert scorer._runners["calcium"].shapes == {(4, 3, 64, 64, 1)}  # last batch padded
+    skip, full = results["heart"], results["all"]
+    # Heart on slices 4-7, dilated by 3 mm = one 3 mm slice each way: slices 3-8 of 12.
+    np.testing.assert_array_equal(np.flatnonzero(full.heart_mask.any(axis=(1, 2))), [4, 5, 6, 7])
+    np.testing.assert_array_equal(skip.calcium_slices, np.arange(3, 9))
+    np.testing.assert_array_equal(full.calcium_slices, np.arange(12))
+    assert skip.timings["calcium_slices"] == 6 and full.timings["calcium_slices"] == 12
+    assert skip.timings["heart_slices"] == full.timings["heart_slices"] == 12
+    np.testing.assert_array_equal(skip.heart_mask, full.heart_mask)
+    coronary = full.calcium_labels == 4
+    assert coronary.sum() > 0  # the random calcium model calls some coronary calcium
+    np.testing.assert_array_equal(skip.calcium_labels == 4, coronary)
+    assert skip.score.to_json_dict() == full.score.to_json_dict()
+    assert full.score.agatston > 0
+    # Non-coronary calcium is marked where the calcium model ran, and only there.
+    ran = np.zeros(12, bool)
+    ran[3:9] = True
+    np.testing.assert_array_equal(skip.calcium_labels[ran], full.calcium_labels[ran])
+    assert (full.calcium_labels[~ran] == 5).any() and not skip.calcium_labels[~ran].any()
+    if probabilities:
+        calcium = {mode: r.probabilities["calcium"] for mode, r in results.items()}
+        np.testing.assert_allclose(calcium["heart"][ran], calcium["all"][ran], atol=1e-5)
+        # Slices not run: background with certainty.
+        np.testing.assert_array_equal(calcium["heart"][~ran], np.broadcast_to(
+            np.array([1.0, 0.0, 0.0], np.float32), calcium["heart"][~ran].shape))
+        np.testing.assert_array_equal(skip.probabilities["heart"], full.probabilities["heart"])
+
+
+def test_no_heart_no_calcium_model_run():
+    scorer = inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
+                              trained("unet_calcium", seed=4), batch_size=4)
+    result = scorer.score(volume_of(np.full((5, 64, 64), -1000.0, np.float32)))
+    assert result.calcium_slices.size == 0 and result.timings["calcium_slices"] == 0
+    assert scorer.compilations["calcium"] == 0
+    assert not result.calcium_labels.any() and result.score.agatston == 0
+    with pytest.raises(ValueError, match="calcium_slices"):
+        inference.Scorer(threshold_model("heart"), threshold_model("calcium"),
+                         calcium_slices="lungs")
 
 
 def test_covered_spacing_includes_zoom_augmentation():
