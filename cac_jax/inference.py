@@ -9,14 +9,16 @@ DESIGN.md "Inference" and issue 11. For each study:
 2. Resolution: a model sees what it was trained on. The checkpoint records the in-plane pixel
    spacing of its training scans (min, median, max); its zoom augmentation (`config.data.augment
    .scale` s) stretched that to [min / (1 + s), max / (1 - s)]. A study outside that range is
-   resampled in-plane (linear, scipy.ndimage) to the training median for the model, and the
-   model's class probabilities are resampled back (linear) onto the study's grid before the
-   argmax. The score is always computed on the study's own HU at its own spacing.
+   resampled in-plane (linear, scipy.ndimage) to the training median for the model (or, where
+   the study would then overflow the training frame `config.data.image_size`, to the covered
+   spacing that fits it in the frame: `model_spacing_mm`), and the model's class probabilities
+   are resampled back (linear) onto the study's grid before the argmax. The score is always
+   computed on the study's own HU at its own spacing.
 3. Shapes: each batch is padded to (B, 3, H_b, W_b, 1), with H_b, W_b rounded up to a multiple of
-   `bucket_px` (and of the model's downsampling factor); padding is 0 in window units (-800 HU)
-   at the bottom/right, as the evaluation pipeline places scans top-left. One jit-compiled
-   function per model and bucket, so a cohort of mixed sizes compiles a handful of times;
-   `Scorer.compilations` counts them.
+   `bucket_px` (and of the model's downsampling factor) and at least the training frame;
+   padding is 0 in window units (-800 HU) at the bottom/right, as the evaluation pipeline places
+   scans top-left in its frame. One jit-compiled function per model and bucket, so a cohort of
+   mixed sizes compiles a handful of times; `Scorer.compilations` counts them.
 4. Post-processing (`cac_jax.postprocess`): the heart silhouette (largest 3D component, dilated by
    `heart_dilation_mm`), the calcium model's coronary class inside it at HU >= 130 labelled 4
    (coronary, artery not determined), scored by `cac_jax.scoring.agatston_score`.
@@ -137,9 +139,26 @@ def covered_spacing_mm(trained) -> tuple[float, float] | None:
     return float(spacing["min"]) / (1.0 + scale), float(spacing["max"]) / (1.0 - scale)
 
 
-def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float]) -> tuple[float, float] | None:
+def training_frame_px(trained) -> int | None:
+    """Side of the square frame (px) the model was validated on (`config.data.image_size`):
+    training and evaluation place every slice in it, padding smaller scans. None if unknown."""
+    data = trained.config.get("data") if "data" in trained.config else None
+    size = data.get("image_size") if data is not None else None
+    return int(size) if size else None
+
+
+def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float],
+                     shape_yx: tuple[int, int] | None = None) -> tuple[float, float] | None:
     """The in-plane spacing the model should see a study at: None (as it is) when the study's
-    spacing lies inside what training covered, else the training median in both axes."""
+    spacing lies inside what training covered, else one spacing for both axes.
+
+    That spacing is the training median, unless the study (of `shape_yx` pixels) would then not
+    fit the training frame (`training_frame_px`): then the spacing that makes its field of view
+    fill the frame, at most the coarsest covered spacing. A model normalises each sample over
+    its whole frame (GroupNorm), so a resampled study that spills over the frame and is padded
+    up to the next shape bucket is seen in a context it never had in training (a 64 px-trained
+    heart model gave Dice 0.2 instead of 0.8 on its own training scans padded to 128 px).
+    """
     covered = covered_spacing_mm(trained)
     if covered is None:
         return None
@@ -149,7 +168,12 @@ def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float]) -> tuple[float
     if all(low * (1 - 1e-4) <= s <= high * (1 + 1e-4) for s in spacing_yx_mm):
         return None
     median = float(trained.pixel_spacing_mm.get("median") or math.sqrt(low * high))
-    return median, median
+    target = median
+    frame = training_frame_px(trained)
+    if shape_yx is not None and frame:
+        fov_mm = max(float(n) * float(s) for n, s in zip(shape_yx, spacing_yx_mm, strict=True))
+        target = min(max(median, fov_mm / frame), high)
+    return target, target
 
 
 def _neighbour_mm(trained) -> float:
@@ -170,6 +194,10 @@ class _ModelRunner:
         self.role = role
         self.batch_size = int(batch_size)
         self.multiple = math.lcm(spatial_multiple(trained.config), int(bucket_px))
+        frame = training_frame_px(trained)
+        # The smallest bucket is the training frame: a smaller study is padded to it, exactly as
+        # the evaluation pipeline pads it (see `model_spacing_mm` for why the frame matters).
+        self.min_bucket = _round_up(frame, self.multiple) if frame else self.multiple
         self.neighbour_mm = _neighbour_mm(trained)
         self.traces = 0  # incremented while tracing: one per compiled shape bucket
         self.shapes: set[tuple[int, ...]] = set()
@@ -186,8 +214,10 @@ class _ModelRunner:
         self._variables = jax.device_put(trained.variables)
 
     def bucket(self, height: int, width: int) -> tuple[int, int]:
-        """Padded (H, W) of the compiled function a (height, width) image runs in."""
-        return _round_up(height, self.multiple), _round_up(width, self.multiple)
+        """Padded (H, W) of the compiled function a (height, width) image runs in: rounded up
+        to the bucket multiple, and at least the training frame."""
+        return (max(self.min_bucket, _round_up(height, self.multiple)),
+                max(self.min_bucket, _round_up(width, self.multiple)))
 
     def predict(self, hu: np.ndarray, spacing_zyx_mm, *, probabilities: bool,
                 timings: dict[str, float], slices: np.ndarray | None = None) -> np.ndarray:
@@ -209,7 +239,7 @@ class _ModelRunner:
         if selected.size and (selected.min() < 0 or selected.max() >= num_slices
                               or np.any(np.diff(selected) <= 0)):
             raise ValueError(f"slices must be increasing indices below {num_slices}")
-        target = model_spacing_mm(self.trained, tuple(spacing_zyx_mm[1:]))
+        target = model_spacing_mm(self.trained, tuple(spacing_zyx_mm[1:]), (height, width))
         if target is None:
             model_hw = (height, width)
         else:
@@ -421,7 +451,7 @@ class Scorer:
         result = self._finish(volume, heart, silhouette, calcium_pred, timings)
         return dataclasses.replace(
             result,
-            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:])
+            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:], hu.shape[1:])
                                  for role, r in self._runners.items()},
             neighbour_offsets={role: labels_lib.neighbour_offset(spacing[0], r.neighbour_mm)
                                for role, r in self._runners.items()},

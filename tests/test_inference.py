@@ -259,7 +259,9 @@ def test_perfect_prediction_equals_cac_jax_score(scorer, tmp_path, capsys):
 
 
 def test_resampled_to_training_spacing_and_back():
-    """A study at 0.7 mm runs at the models' 2.7 mm and its masks land on its own grid."""
+    """A study at 0.7 mm runs at a training spacing (2.8 mm: its 179 mm field of view in the
+    models' 64 px frame; the median 2.7 mm would spill over it) and its masks land on its own
+    grid."""
     size = 256
     yy, xx = np.mgrid[:size, :size]
     hu = np.full((3, size, size), 0.0, np.float32)
@@ -268,9 +270,10 @@ def test_resampled_to_training_spacing_and_back():
     scorer = inference.Scorer(threshold_model("heart"), threshold_model("calcium"), batch_size=2,
                               heart_dilation_mm=0.0)
     result = scorer.score(volume_of(hu, spacing=(3.0, 0.7, 0.7)))
-    assert result.model_spacing_yx_mm == {"heart": (2.7, 2.7), "calcium": (2.7, 2.7)}
-    # 256 px at 0.7 mm is 66 px at 2.7 mm: one 128 px bucket (not 256).
-    assert scorer._runners["heart"].shapes == {(2, 3, 128, 128, 1)}
+    assert result.model_spacing_yx_mm["heart"] == pytest.approx((2.8, 2.8))
+    assert result.model_spacing_yx_mm["calcium"] == result.model_spacing_yx_mm["heart"]
+    # 256 px at 0.7 mm is 64 px at 2.8 mm: the 64 px frame (at 2.7 mm: 66 px, a 128 px bucket).
+    assert scorer._runners["heart"].shapes == {(2, 3, 64, 64, 1)}
     truth = np.broadcast_to(disc, hu.shape)
     dice = 2 * (result.heart_mask & truth).sum() / (result.heart_mask.sum() + truth.sum())
     assert dice > 0.97
@@ -364,6 +367,27 @@ def test_covered_spacing_includes_zoom_augmentation():
     assert inference.model_spacing_mm(model, (0.44, 0.6)) == (0.7, 0.7)
     model.config.data.augment.enabled = False
     assert inference.model_spacing_mm(model, (0.46, 0.46)) == (0.7, 0.7)
+    # With the study's shape: the median while the study fits the 64 px training frame there,
+    # else the spacing that fits it, at most the coarsest covered (0.9 mm).
+    assert model.config.data.image_size == 64
+    assert inference.model_spacing_mm(model, (0.3, 0.3), (100, 120)) == (0.7, 0.7)
+    assert inference.model_spacing_mm(model, (0.3, 0.3), (160, 180)) == pytest.approx((0.84375,) * 2)
+    assert inference.model_spacing_mm(model, (0.3, 0.3), (250, 100)) == (0.9, 0.9)
+
+
+def test_smaller_studies_run_in_the_training_frame():
+    """A study smaller than the 64 px frame the models were validated in is padded to it, as the
+    evaluation pipeline pads it; a larger one gets the next bucket."""
+    scorer = inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
+                              threshold_model("calcium", spacing=(0.6, 0.7, 0.8)), batch_size=2,
+                              bucket_px=16)
+    runner = scorer._runners["heart"]
+    assert runner.bucket(24, 40) == (64, 64) and runner.bucket(70, 30) == (80, 64)
+    hu = np.full((2, 24, 40), -1000.0, np.float32)
+    hu[:, 5:15, 5:15] = 500.0
+    result = scorer.score(volume_of(hu))
+    assert runner.shapes == {(2, 3, 64, 64, 1)}
+    assert result.heart_mask[:, 5:15, 5:15].all() and result.heart_mask.sum() == 200
 
 
 def test_wrong_role_or_class_count_is_refused():
