@@ -472,6 +472,28 @@ def test_cli_batch_results_masks_previews_errors(scorer, tmp_path, monkeypatch, 
                  str(corrupt), "--out", str(tmp_path / "out2"), "--no-progress"]) == 2
 
 
+def test_cli_calcium_slices_option(scorer, tmp_path, monkeypatch, capsys):
+    from cac_jax.cli import main
+
+    seen = []
+
+    def from_checkpoints(cls, heart, calcium, **kwargs):
+        seen.append(kwargs["calcium_slices"])
+        return scorer
+
+    monkeypatch.setattr(inference.Scorer, "from_checkpoints", classmethod(from_checkpoints))
+    paths = _write_cohort(tmp_path, count=1)
+    argv = ["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C", "--input",
+            str(paths[0]), "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert main([*argv, str(tmp_path / "b"), "--calcium-slices", "all"]) == 0
+    assert seen == ["heart", "all"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "c"), "--calcium-slices", "lungs"])
+    assert "--calcium-slices" in capsys.readouterr().err
+
+
 def test_killed_batch_resumes_without_redoing(scorer, tmp_path):
     paths = _write_cohort(tmp_path, count=3)
     studies = inference.studies_from_args([str(p) for p in paths], None)
