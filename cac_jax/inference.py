@@ -9,17 +9,23 @@ DESIGN.md "Inference" and issue 11. For each study:
 2. Resolution: a model sees what it was trained on. The checkpoint records the in-plane pixel
    spacing of its training scans (min, median, max); its zoom augmentation (`config.data.augment
    .scale` s) stretched that to [min / (1 + s), max / (1 - s)]. A study outside that range is
-   resampled in-plane (linear, scipy.ndimage) to the training median for the model, and the
-   model's class probabilities are resampled back (linear) onto the study's grid before the
-   argmax. The score is always computed on the study's own HU at its own spacing.
+   resampled in-plane (linear, scipy.ndimage) to the training median for the model (or, where
+   the study would then overflow the training frame `config.data.image_size`, to the covered
+   spacing that fits it in the frame: `model_spacing_mm`), and the model's class probabilities
+   are resampled back (linear) onto the study's grid before the argmax. The score is always
+   computed on the study's own HU at its own spacing.
 3. Shapes: each batch is padded to (B, 3, H_b, W_b, 1), with H_b, W_b rounded up to a multiple of
-   `bucket_px` (and of the model's downsampling factor); padding is 0 in window units (-800 HU)
-   at the bottom/right, as the evaluation pipeline places scans top-left. One jit-compiled
-   function per model and bucket, so a cohort of mixed sizes compiles a handful of times;
-   `Scorer.compilations` counts them.
+   `bucket_px` (and of the model's downsampling factor) and at least the training frame;
+   padding is 0 in window units (-800 HU) at the bottom/right, as the evaluation pipeline places
+   scans top-left in its frame. One jit-compiled function per model and bucket, so a cohort of
+   mixed sizes compiles a handful of times; `Scorer.compilations` counts them.
 4. Post-processing (`cac_jax.postprocess`): the heart silhouette (largest 3D component, dilated by
    `heart_dilation_mm`), the calcium model's coronary class inside it at HU >= 130 labelled 4
    (coronary, artery not determined), scored by `cac_jax.scoring.agatston_score`.
+5. Order: the heart model runs first, and by default (`Scorer(calcium_slices="heart")`) the
+   calcium model runs only on the slices the dilated silhouette reaches, the only ones where its
+   coronary class can count; the score and coronary labels are exactly those of running it on
+   every slice (`calcium_slices="all"`). `timings` records how many slices each model ran on.
 
 Reading and writing of studies and masks goes through `read_study_for_inference` and
 `write_mask` below, the one place that knows the `data_pipeline.io` API.
@@ -133,9 +139,26 @@ def covered_spacing_mm(trained) -> tuple[float, float] | None:
     return float(spacing["min"]) / (1.0 + scale), float(spacing["max"]) / (1.0 - scale)
 
 
-def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float]) -> tuple[float, float] | None:
+def training_frame_px(trained) -> int | None:
+    """Side of the square frame (px) the model was validated on (`config.data.image_size`):
+    training and evaluation place every slice in it, padding smaller scans. None if unknown."""
+    data = trained.config.get("data") if "data" in trained.config else None
+    size = data.get("image_size") if data is not None else None
+    return int(size) if size else None
+
+
+def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float],
+                     shape_yx: tuple[int, int] | None = None) -> tuple[float, float] | None:
     """The in-plane spacing the model should see a study at: None (as it is) when the study's
-    spacing lies inside what training covered, else the training median in both axes."""
+    spacing lies inside what training covered, else one spacing for both axes.
+
+    That spacing is the training median, unless the study (of `shape_yx` pixels) would then not
+    fit the training frame (`training_frame_px`): then the spacing that makes its field of view
+    fill the frame, at most the coarsest covered spacing. A model normalises each sample over
+    its whole frame (GroupNorm), so a resampled study that spills over the frame and is padded
+    up to the next shape bucket is seen in a context it never had in training (a 64 px-trained
+    heart model gave Dice 0.2 instead of 0.8 on its own training scans padded to 128 px).
+    """
     covered = covered_spacing_mm(trained)
     if covered is None:
         return None
@@ -145,7 +168,12 @@ def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float]) -> tuple[float
     if all(low * (1 - 1e-4) <= s <= high * (1 + 1e-4) for s in spacing_yx_mm):
         return None
     median = float(trained.pixel_spacing_mm.get("median") or math.sqrt(low * high))
-    return median, median
+    target = median
+    frame = training_frame_px(trained)
+    if shape_yx is not None and frame:
+        fov_mm = max(float(n) * float(s) for n, s in zip(shape_yx, spacing_yx_mm, strict=True))
+        target = min(max(median, fov_mm / frame), high)
+    return target, target
 
 
 def _neighbour_mm(trained) -> float:
@@ -166,6 +194,10 @@ class _ModelRunner:
         self.role = role
         self.batch_size = int(batch_size)
         self.multiple = math.lcm(spatial_multiple(trained.config), int(bucket_px))
+        frame = training_frame_px(trained)
+        # The smallest bucket is the training frame: a smaller study is padded to it, exactly as
+        # the evaluation pipeline pads it (see `model_spacing_mm` for why the frame matters).
+        self.min_bucket = _round_up(frame, self.multiple) if frame else self.multiple
         self.neighbour_mm = _neighbour_mm(trained)
         self.traces = 0  # incremented while tracing: one per compiled shape bucket
         self.shapes: set[tuple[int, ...]] = set()
@@ -182,19 +214,32 @@ class _ModelRunner:
         self._variables = jax.device_put(trained.variables)
 
     def bucket(self, height: int, width: int) -> tuple[int, int]:
-        """Padded (H, W) of the compiled function a (height, width) image runs in."""
-        return _round_up(height, self.multiple), _round_up(width, self.multiple)
+        """Padded (H, W) of the compiled function a (height, width) image runs in: rounded up
+        to the bucket multiple, and at least the training frame."""
+        return (max(self.min_bucket, _round_up(height, self.multiple)),
+                max(self.min_bucket, _round_up(width, self.multiple)))
 
     def predict(self, hu: np.ndarray, spacing_zyx_mm, *, probabilities: bool,
-                timings: dict[str, float]) -> np.ndarray:
+                timings: dict[str, float], slices: np.ndarray | None = None) -> np.ndarray:
         """Class map (z, y, x) uint8, or probabilities (z, y, x, C) float32, on `hu`'s grid.
+
+        `slices` (sorted indices; None: all) are the centre slices the model runs on, each with
+        its 3-slice window gathered from the whole study, so a slice's output does not depend on
+        which others run. The slices not run are class 0 in the class map and background with
+        certainty (probability 1 for class 0, 0 for the others) in the probabilities.
 
         Adds "preprocess" (window gathering, windowing, resampling, padding), "<role>_model"
         (device compute and transfer not hidden behind the host work) and "postprocess"
-        (resampling back) seconds to `timings`.
+        (resampling back) seconds to `timings`, and the number of slices run to
+        "<role>_slices".
         """
         num_slices, height, width = hu.shape
-        target = model_spacing_mm(self.trained, tuple(spacing_zyx_mm[1:]))
+        selected = (np.arange(num_slices) if slices is None
+                    else np.asarray(slices, dtype=np.int64).reshape(-1))
+        if selected.size and (selected.min() < 0 or selected.max() >= num_slices
+                              or np.any(np.diff(selected) <= 0)):
+            raise ValueError(f"slices must be increasing indices below {num_slices}")
+        target = model_spacing_mm(self.trained, tuple(spacing_zyx_mm[1:]), (height, width))
         if target is None:
             model_hw = (height, width)
         else:
@@ -208,16 +253,23 @@ class _ModelRunner:
         offset = labels_lib.neighbour_offset(spacing_zyx_mm[0], self.neighbour_mm)
         bucket = self.bucket(*model_hw)
         num_classes = int(self.trained.num_classes)
-        out = (np.empty((num_slices, height, width, num_classes), np.float32) if probabilities
-               else np.empty((num_slices, height, width), np.uint8))
+        full = selected.size == num_slices
+        if probabilities:
+            out = np.empty((num_slices, height, width, num_classes), np.float32)
+            if not full:
+                skipped = np.setdiff1d(np.arange(num_slices), selected)
+                out[skipped] = 0.0
+                out[skipped, ..., 0] = 1.0
+        else:
+            out = (np.empty if full else np.zeros)((num_slices, height, width), np.uint8)
 
         start = time.perf_counter()
         host = 0.0
         back = 0.0
-        pending: tuple[int, int, Any] | None = None
-        for centres in iter_batches(num_slices, self.batch_size):
+        pending: tuple[np.ndarray, Any] | None = None
+        for first in range(0, selected.size, self.batch_size):
             t0 = time.perf_counter()
-            first = int(centres[0])
+            centres = selected[first:first + self.batch_size]
             images = self._batch(hu, centres, offset, model_hw, bucket)
             host += time.perf_counter() - t0
             # Dispatch is asynchronous: the device works on this batch while the host fetches
@@ -226,13 +278,14 @@ class _ModelRunner:
             self.shapes.add(images.shape)
             if pending is not None:
                 back += self._store(out, pending, model_hw, resample)
-            pending = (first, len(centres), result)
+            pending = (centres, result)
         if pending is not None:
             back += self._store(out, pending, model_hw, resample)
         total = time.perf_counter() - start
         timings["preprocess"] = timings.get("preprocess", 0.0) + host
         timings["postprocess"] = timings.get("postprocess", 0.0) + back
         timings[f"{self.role}_model"] = timings.get(f"{self.role}_model", 0.0) + total - host - back
+        timings[f"{self.role}_slices"] = timings.get(f"{self.role}_slices", 0) + int(selected.size)
         return out
 
     def _batch(self, hu, centres, offset, model_hw, bucket) -> np.ndarray:
@@ -240,16 +293,20 @@ class _ModelRunner:
 
     def _store(self, out, pending, model_hw, resample) -> float:
         """Copies a finished batch into `out`; returns the seconds spent resampling back."""
-        first, count, result = pending
+        centres, result = pending
+        count = len(centres)
+        # Contiguous centres (every batch of a full run) are written as a view, not scattered.
+        rows = (slice(int(centres[0]), int(centres[0]) + count)
+                if int(centres[-1]) - int(centres[0]) == count - 1 else centres)
         values = np.asarray(result)[:count, :model_hw[0], :model_hw[1]]
         if not resample:
-            out[first:first + count] = values
+            out[rows] = values
             return 0.0
         t0 = time.perf_counter()
         height, width = out.shape[1:3]
         values = ndimage.zoom(values, (1, height / model_hw[0], width / model_hw[1], 1), order=1,
                               mode="nearest", grid_mode=True)
-        out[first:first + count] = values if out.ndim == 4 else np.argmax(values, axis=-1)
+        out[rows] = values if out.ndim == 4 else np.argmax(values, axis=-1)
         return time.perf_counter() - t0
 
 
@@ -281,13 +338,20 @@ class StudyResult:
     """What inference gives for one study (all arrays on the study's own (z, y, x) grid)."""
 
     score: AgatstonResult            # the Agatston result (`.to_json_dict()`: `cac-jax score`'s JSON)
-    calcium_labels: np.ndarray       # int16: 4 scored coronary calcium, 5 non-coronary calcium, 0
+    # int16: 4 scored coronary calcium, 5 non-coronary calcium (HU >= 130 where the calcium model
+    # says non-coronary, on the slices it ran on: see `calcium_slices`), 0 elsewhere.
+    calcium_labels: np.ndarray
     heart_mask: np.ndarray           # bool: the predicted heart (largest 3D component)
     heart_volume_ml: float           # volume of `heart_mask`
-    timings: dict[str, float]        # seconds: read, preprocess, heart_model, calcium_model, ...
+    # seconds: read, preprocess, heart_model, calcium_model, postprocess, scoring; and the number
+    # of slices each model ran on: heart_slices, calcium_slices.
+    timings: dict[str, float]
     model_spacing_yx_mm: dict[str, tuple[float, float]]  # in-plane spacing each model ran at
     neighbour_offsets: dict[str, int]  # slices between a centre and its neighbours, per model
-    probabilities: dict[str, np.ndarray] | None = None  # {"heart", "calcium"}: (z, y, x, C)
+    # {"heart", "calcium"}: (z, y, x, C); calcium slices not run are background with certainty.
+    probabilities: dict[str, np.ndarray] | None = None
+    # Indices of the slices the calcium model ran on (None: given predictions, no model run).
+    calcium_slices: np.ndarray | None = None
 
     @property
     def resampled(self) -> bool:
@@ -301,21 +365,37 @@ class Scorer:
     `heart` and `calcium` are `cac_jax.checkpoints.TrainedModel`s (or objects with the same
     fields: config, model, variables, step, path, task, num_classes, pixel_spacing_mm,
     neighbour_mm). `batch_size` slices run per model call; `bucket_px` rounds padded sizes.
+
+    `calcium_slices` says where the calcium model runs. "heart" (the default): the heart model
+    runs first, and the calcium model only on the slices its dilated silhouette reaches, each
+    with its 3-slice window from the whole study. Its coronary class counts only inside that
+    silhouette (and at HU >= 130), so the score, the coronary labels (4) and the heart mask are
+    exactly those of "all", which runs it on every slice. What differs: non-coronary calcium
+    (label 5) is marked only on the slices the calcium model ran on (elsewhere 0: not examined),
+    and with `probabilities=True` the calcium probabilities of the other slices are background
+    with certainty ([1, 0, 0]); `StudyResult.calcium_slices` lists the slices it ran on.
     """
+
+    CALCIUM_SLICES = ("heart", "all")
 
     def __init__(self, heart, calcium, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  bucket_px: int = DEFAULT_BUCKET_PX,
                  heart_dilation_mm: float = postprocess.DEFAULT_HEART_DILATION_MM,
                  min_area_mm2: float = DEFAULT_MIN_AREA_MM2,
-                 calibration_mg_per_hu_mm3: float | None = None, five_class: bool = False):
+                 calibration_mg_per_hu_mm3: float | None = None, five_class: bool = False,
+                 calcium_slices: str = "heart"):
         check_role(heart, "heart")
         check_role(calcium, "calcium")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if bucket_px < 1:
             raise ValueError(f"bucket_px must be >= 1, got {bucket_px}")
+        if calcium_slices not in self.CALCIUM_SLICES:
+            raise ValueError(f"calcium_slices must be one of {self.CALCIUM_SLICES}, "
+                             f"got {calcium_slices!r}")
         self.heart = heart
         self.calcium = calcium
+        self.calcium_slices = calcium_slices
         self.heart_dilation_mm = float(heart_dilation_mm)
         self.score_kwargs = dict(min_area_mm2=min_area_mm2,
                                  calibration_mg_per_hu_mm3=calibration_mg_per_hu_mm3,
@@ -351,6 +431,8 @@ class Scorer:
     def score(self, volume, *, probabilities: bool = False) -> StudyResult:
         """Runs both models on `volume` (a `data_pipeline.io.CTVolume`) and scores it.
 
+        The heart model runs on every slice; the calcium model on the slices the dilated heart
+        silhouette reaches (`calcium_slices="heart"`) or on all of them ("all").
         `probabilities=True` also returns each model's class probabilities (z, y, x, C) float32
         (memory: 4 x C bytes per voxel per model).
         """
@@ -359,35 +441,49 @@ class Scorer:
         timings: dict[str, float] = {}
         heart_out = self._runners["heart"].predict(hu, spacing, probabilities=probabilities,
                                                    timings=timings)
+        heart_pred = np.argmax(heart_out, axis=-1) if probabilities else heart_out
+        heart, silhouette = self._silhouettes(heart_pred, spacing, timings)
+        run = (np.flatnonzero(silhouette.any(axis=(1, 2))) if self.calcium_slices == "heart"
+               else np.arange(hu.shape[0]))
         calcium_out = self._runners["calcium"].predict(hu, spacing, probabilities=probabilities,
-                                                       timings=timings)
-        if probabilities:
-            heart_pred = np.argmax(heart_out, axis=-1)
-            calcium_pred = np.argmax(calcium_out, axis=-1)
-        else:
-            heart_pred, calcium_pred = heart_out, calcium_out
-        result = self.score_predictions(volume, heart_pred, calcium_pred, timings=timings)
+                                                       timings=timings, slices=run)
+        calcium_pred = np.argmax(calcium_out, axis=-1) if probabilities else calcium_out
+        result = self._finish(volume, heart, silhouette, calcium_pred, timings)
         return dataclasses.replace(
             result,
-            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:])
+            model_spacing_yx_mm={role: model_spacing_mm(r.trained, spacing[1:], hu.shape[1:])
                                  for role, r in self._runners.items()},
             neighbour_offsets={role: labels_lib.neighbour_offset(spacing[0], r.neighbour_mm)
                                for role, r in self._runners.items()},
             probabilities=({"heart": heart_out, "calcium": calcium_out} if probabilities
-                           else None))
+                           else None),
+            calcium_slices=run)
 
     def score_predictions(self, volume, heart_pred: np.ndarray, calcium_pred: np.ndarray, *,
                           timings: dict[str, float] | None = None) -> StudyResult:
         """The post-processing and scoring of `score`, on given predictions: `heart_pred`
         (z, y, x), non-zero = heart; `calcium_pred` (z, y, x) classes 0 background, 1 coronary,
         2 non-coronary calcium. Fed the true labels it scores a perfect prediction."""
-        hu = volume.hu
         spacing = tuple(float(s) for s in volume.spacing_zyx_mm)
         timings = {} if timings is None else timings
+        heart, silhouette = self._silhouettes(heart_pred, spacing, timings)
+        return self._finish(volume, heart, silhouette, calcium_pred, timings)
+
+    def _silhouettes(self, heart_pred: np.ndarray, spacing, timings: dict[str, float]):
+        """(heart mask: the largest 3D component, silhouette: it dilated by heart_dilation_mm)."""
         t0 = time.perf_counter()
         heart = postprocess.heart_silhouette(heart_pred, spacing, 0.0)
         silhouette = (postprocess.heart_silhouette(heart, spacing, self.heart_dilation_mm)
                       if self.heart_dilation_mm > 0 else heart)
+        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
+        return heart, silhouette
+
+    def _finish(self, volume, heart: np.ndarray, silhouette: np.ndarray,
+                calcium_pred: np.ndarray, timings: dict[str, float]) -> StudyResult:
+        """Coronary labels inside `silhouette`, the Agatston score, non-coronary labels."""
+        hu = volume.hu
+        spacing = tuple(float(s) for s in volume.spacing_zyx_mm)
+        t0 = time.perf_counter()
         labels = postprocess.coronary_labels(calcium_pred, hu, silhouette)
         timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -159,13 +159,18 @@ def test_one_compilation_per_shape_bucket():
     assert scorer.compilations == {"heart": 0, "calcium": 0}
     # 64 px (8 and 3 slices: full and short batches) and 48 x 60 px share the 64 x 64 bucket.
     for shape in ((8, 64, 64), (3, 64, 64), (5, 48, 60)):
-        result = scorer.score(volume_of(np.full(shape, -1000.0, np.float32)))
+        hu = np.full(shape, -1000.0, np.float32)
+        hu[:, 10:20, 10:20] = 500.0  # a "heart" on every slice: the calcium model runs too
+        result = scorer.score(volume_of(hu))
         assert result.calcium_labels.shape == shape and result.heart_mask.shape == shape
+        assert result.timings["calcium_slices"] == shape[0]
     assert scorer.compilations == {"heart": 1, "calcium": 1}
     assert scorer._runners["heart"].shapes == {(4, 3, 64, 64, 1)}
     # A taller study opens one more bucket per model, once.
+    hu = np.full((2, 80, 64), -1000.0, np.float32)
+    hu[:, 60:70, 10:20] = 500.0
     for _ in range(2):
-        scorer.score(volume_of(np.full((2, 80, 64), -1000.0, np.float32)))
+        scorer.score(volume_of(hu))
     assert scorer.compilations == {"heart": 2, "calcium": 2}
 
 
@@ -254,7 +259,9 @@ def test_perfect_prediction_equals_cac_jax_score(scorer, tmp_path, capsys):
 
 
 def test_resampled_to_training_spacing_and_back():
-    """A study at 0.7 mm runs at the models' 2.7 mm and its masks land on its own grid."""
+    """A study at 0.7 mm runs at a training spacing (2.8 mm: its 179 mm field of view in the
+    models' 64 px frame; the median 2.7 mm would spill over it) and its masks land on its own
+    grid."""
     size = 256
     yy, xx = np.mgrid[:size, :size]
     hu = np.full((3, size, size), 0.0, np.float32)
@@ -263,9 +270,10 @@ def test_resampled_to_training_spacing_and_back():
     scorer = inference.Scorer(threshold_model("heart"), threshold_model("calcium"), batch_size=2,
                               heart_dilation_mm=0.0)
     result = scorer.score(volume_of(hu, spacing=(3.0, 0.7, 0.7)))
-    assert result.model_spacing_yx_mm == {"heart": (2.7, 2.7), "calcium": (2.7, 2.7)}
-    # 256 px at 0.7 mm is 66 px at 2.7 mm: one 128 px bucket (not 256).
-    assert scorer._runners["heart"].shapes == {(2, 3, 128, 128, 1)}
+    assert result.model_spacing_yx_mm["heart"] == pytest.approx((2.8, 2.8))
+    assert result.model_spacing_yx_mm["calcium"] == result.model_spacing_yx_mm["heart"]
+    # 256 px at 0.7 mm is 64 px at 2.8 mm: the 64 px frame (at 2.7 mm: 66 px, a 128 px bucket).
+    assert scorer._runners["heart"].shapes == {(2, 3, 64, 64, 1)}
     truth = np.broadcast_to(disc, hu.shape)
     dice = 2 * (result.heart_mask & truth).sum() / (result.heart_mask.sum() + truth.sum())
     assert dice > 0.97
@@ -284,6 +292,72 @@ def test_resampled_to_training_spacing_and_back():
     assert same.model_spacing_yx_mm == {"heart": None, "calcium": None} and not same.resampled
 
 
+def heart_on_some_slices(seed: int = 0, slices: int = 12, size: int = 64):
+    """A study whose only tissue above 400 HU (a ThresholdNet heart) is a disc on slices 4-7,
+    with calcium-level (130-400 HU) bone on every slice, inside and outside that disc."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28 ** 2, 40.0, -1000.0)
+    hu = hu + rng.normal(0, 20, (slices, size, size))
+    disc = (yy - 30) ** 2 + (xx - 28) ** 2 < 12 ** 2
+    hu[4:8][:, disc] = 500.0 + rng.normal(0, 30, (4, int(disc.sum())))
+    hu[:, 50:56, 26:38] = 250.0  # a vertebra below the heart, on every slice
+    hu[:, 26:34, 26:30] = np.maximum(hu[:, 26:34, 26:30], 300.0)  # calcium-level plaque column
+    return hu.astype(np.float32)
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_calcium_model_runs_only_where_the_heart_is(probabilities):
+    """Running the calcium model only on the slices the dilated heart silhouette reaches gives
+    the score, coronary labels and heart mask of running it on every slice."""
+    heart_model = threshold_model("heart", spacing=(0.6, 0.7, 0.8))
+    calcium_model = trained("unet_calcium", seed=4)
+    volume = volume_of(heart_on_some_slices())
+    results = {}
+    for mode in ("heart", "all"):
+        scorer = inference.Scorer(heart_model, calcium_model, batch_size=4, calcium_slices=mode)
+        results[mode] = scorer.score(volume, probabilities=probabilities)
+        assert scorer.compilations == {"heart": 1, "calcium": 1}
+        assert scorer._runners["calcium"].shapes == {(4, 3, 64, 64, 1)}  # last batch padded
+    skip, full = results["heart"], results["all"]
+    # Heart on slices 4-7, dilated by 3 mm = one 3 mm slice each way: slices 3-8 of 12.
+    np.testing.assert_array_equal(np.flatnonzero(full.heart_mask.any(axis=(1, 2))), [4, 5, 6, 7])
+    np.testing.assert_array_equal(skip.calcium_slices, np.arange(3, 9))
+    np.testing.assert_array_equal(full.calcium_slices, np.arange(12))
+    assert skip.timings["calcium_slices"] == 6 and full.timings["calcium_slices"] == 12
+    assert skip.timings["heart_slices"] == full.timings["heart_slices"] == 12
+    np.testing.assert_array_equal(skip.heart_mask, full.heart_mask)
+    coronary = full.calcium_labels == 4
+    assert coronary.sum() > 0  # the random calcium model calls some coronary calcium
+    np.testing.assert_array_equal(skip.calcium_labels == 4, coronary)
+    assert skip.score.to_json_dict() == full.score.to_json_dict()
+    assert full.score.agatston > 0
+    # Non-coronary calcium is marked where the calcium model ran, and only there.
+    ran = np.zeros(12, bool)
+    ran[3:9] = True
+    np.testing.assert_array_equal(skip.calcium_labels[ran], full.calcium_labels[ran])
+    assert (full.calcium_labels[~ran] == 5).any() and not skip.calcium_labels[~ran].any()
+    if probabilities:
+        calcium = {mode: r.probabilities["calcium"] for mode, r in results.items()}
+        np.testing.assert_allclose(calcium["heart"][ran], calcium["all"][ran], atol=1e-5)
+        # Slices not run: background with certainty.
+        np.testing.assert_array_equal(calcium["heart"][~ran], np.broadcast_to(
+            np.array([1.0, 0.0, 0.0], np.float32), calcium["heart"][~ran].shape))
+        np.testing.assert_array_equal(skip.probabilities["heart"], full.probabilities["heart"])
+
+
+def test_no_heart_no_calcium_model_run():
+    scorer = inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
+                              trained("unet_calcium", seed=4), batch_size=4)
+    result = scorer.score(volume_of(np.full((5, 64, 64), -1000.0, np.float32)))
+    assert result.calcium_slices.size == 0 and result.timings["calcium_slices"] == 0
+    assert scorer.compilations["calcium"] == 0
+    assert not result.calcium_labels.any() and result.score.agatston == 0
+    with pytest.raises(ValueError, match="calcium_slices"):
+        inference.Scorer(threshold_model("heart"), threshold_model("calcium"),
+                         calcium_slices="lungs")
+
+
 def test_covered_spacing_includes_zoom_augmentation():
     model = threshold_model("heart", spacing=(0.5, 0.7, 0.9))
     model.config.data.augment.scale = 0.1
@@ -293,6 +367,27 @@ def test_covered_spacing_includes_zoom_augmentation():
     assert inference.model_spacing_mm(model, (0.44, 0.6)) == (0.7, 0.7)
     model.config.data.augment.enabled = False
     assert inference.model_spacing_mm(model, (0.46, 0.46)) == (0.7, 0.7)
+    # With the study's shape: the median while the study fits the 64 px training frame there,
+    # else the spacing that fits it, at most the coarsest covered (0.9 mm).
+    assert model.config.data.image_size == 64
+    assert inference.model_spacing_mm(model, (0.3, 0.3), (100, 120)) == (0.7, 0.7)
+    assert inference.model_spacing_mm(model, (0.3, 0.3), (160, 180)) == pytest.approx((0.84375,) * 2)
+    assert inference.model_spacing_mm(model, (0.3, 0.3), (250, 100)) == (0.9, 0.9)
+
+
+def test_smaller_studies_run_in_the_training_frame():
+    """A study smaller than the 64 px frame the models were validated in is padded to it, as the
+    evaluation pipeline pads it; a larger one gets the next bucket."""
+    scorer = inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
+                              threshold_model("calcium", spacing=(0.6, 0.7, 0.8)), batch_size=2,
+                              bucket_px=16)
+    runner = scorer._runners["heart"]
+    assert runner.bucket(24, 40) == (64, 64) and runner.bucket(70, 30) == (80, 64)
+    hu = np.full((2, 24, 40), -1000.0, np.float32)
+    hu[:, 5:15, 5:15] = 500.0
+    result = scorer.score(volume_of(hu))
+    assert runner.shapes == {(2, 3, 64, 64, 1)}
+    assert result.heart_mask[:, 5:15, 5:15].all() and result.heart_mask.sum() == 200
 
 
 def test_wrong_role_or_class_count_is_refused():
@@ -375,6 +470,28 @@ def test_cli_batch_results_masks_previews_errors(scorer, tmp_path, monkeypatch, 
     # Every study failed: exit code 2; an empty batch of good studies is never "all failed".
     assert main(["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C", "--input",
                  str(corrupt), "--out", str(tmp_path / "out2"), "--no-progress"]) == 2
+
+
+def test_cli_calcium_slices_option(scorer, tmp_path, monkeypatch, capsys):
+    from cac_jax.cli import main
+
+    seen = []
+
+    def from_checkpoints(cls, heart, calcium, **kwargs):
+        seen.append(kwargs["calcium_slices"])
+        return scorer
+
+    monkeypatch.setattr(inference.Scorer, "from_checkpoints", classmethod(from_checkpoints))
+    paths = _write_cohort(tmp_path, count=1)
+    argv = ["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C", "--input",
+            str(paths[0]), "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert main([*argv, str(tmp_path / "b"), "--calcium-slices", "all"]) == 0
+    assert seen == ["heart", "all"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "c"), "--calcium-slices", "lungs"])
+    assert "--calcium-slices" in capsys.readouterr().err
 
 
 def test_killed_batch_resumes_without_redoing(scorer, tmp_path):

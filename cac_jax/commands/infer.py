@@ -60,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write a PNG per study: calcium over the CT, heart outline, score")
     parser.add_argument("--overwrite", action="store_true",
                         help="score every study again, even those already in results.csv")
+    parser.add_argument("--calcium-slices", choices=("heart", "all"), default="heart",
+                        help="slices the calcium model runs on: those the dilated heart "
+                             "silhouette reaches (default; the same score, faster) or all "
+                             "(non-coronary calcium is then marked on every slice)")
     parser.add_argument("--five-class", action="store_true",
                         help="categories 0, 1-10, 11-100, 101-400, >400")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     studies = inference.studies_from_args(args.input, args.manifest, args.series)
     scorer = inference.Scorer.from_checkpoints(args.heart_checkpoint, args.calcium_checkpoint,
-                                     batch_size=args.batch_size, five_class=args.five_class)
+                                               batch_size=args.batch_size,
+                                               five_class=args.five_class,
+                                               calcium_slices=args.calcium_slices)
     summary = inference.run_batch(
         scorer, studies, args.out, save_masks=args.save_masks,
         save_previews=args.save_previews, overwrite=args.overwrite,
