@@ -150,6 +150,38 @@ def matmul_gflops() -> float:
     return 2 * MATMUL_N**3 / t / 1e9
 
 
+def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) -> dict:
+    """GFLOP/s of one 3x3, channels -> channels, stride-1 convolution at size x size (NHWC, as
+    the models run it): forward, the input gradient and the weight gradient, each compiled
+    alone (2 * B * H * W * 9 * C * C FLOPs each). Where the step / forward ratio exceeds the
+    usual 2-3x, the weight gradient's rate shows why."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    x = jnp.ones((batch, size, size, channels), jnp.float32) * 0.01
+    w = jnp.ones((3, 3, channels, channels), jnp.float32) * 0.01
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+
+    y = conv(x, w)
+    _, vjp = jax.vjp(conv, x, w)
+    functions = {
+        "forward": (jax.jit(conv), (x, w)),
+        "input_gradient": (jax.jit(lambda g: vjp(g)[0]), (y,)),
+        "weight_gradient": (jax.jit(lambda g: vjp(g)[1]), (y,)),
+    }
+    flops = 2.0 * batch * size * size * 9 * channels * channels
+    out = {"size": size, "batch": batch, "channels": channels}
+    for name, (fn, fn_args) in functions.items():
+        jax.block_until_ready(fn(*fn_args))
+        times = [_timed(fn, *fn_args)[0] for _ in range(repeats)]
+        out[f"{name}_gflops"] = flops / statistics.median(times) / 1e9
+    return out
+
+
 def run(args) -> dict:
     import jax
 
@@ -185,6 +217,7 @@ def run(args) -> dict:
             "forward_rounds_s": b.forward_times, "step_rounds_s": b.step_times,
         }
     return {
+        "conv_3x3": conv_gradients(args.size, args.batch),
         "size": args.size, "batch": args.batch, "rounds": args.rounds,
         "loop_steps": args.loop_steps, "dtype": "float32",
         "matmul_gflops": statistics.median(peaks), "matmul_rounds_gflops": peaks,
@@ -220,6 +253,14 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {m['forward_s']:.3f} | {m['step_s']:.3f} | "
                      f"{m['step_over_forward']:.1f} | {m['samples_per_s']:.2f} | {mb} | "
                      f"{100 * m['outside_share']:.1f}% |")
+    conv = res.get("conv_3x3")
+    if conv:
+        lines += ["", f"One 3x3 convolution, {conv['channels']} -> {conv['channels']} channels, "
+                      f"{conv['size']} px, batch {conv['batch']} (same run): forward "
+                      f"{conv['forward_gflops']:.0f} GFLOP/s, input gradient "
+                      f"{conv['input_gradient_gflops']:.0f}, weight gradient "
+                      f"{conv['weight_gradient_gflops']:.0f} (matmul peak "
+                      f"{res['matmul_gflops']:.0f})."]
     lines += ["", "Target (issue 9): step <= 4x forward for every model; <= 5% of loop time "
                   "outside the compiled step. The step is `cac_jax.train.train_step` (focal loss, "
                   "ConvLSTM aux losses, gradients, Adam)."]
@@ -247,8 +288,11 @@ def curve(args) -> dict:
         config.data.data_dir = str(args.data_dir)
         config.data.name = args.name
         config.data.image_size = args.size
-        config.data.per_device_batch = args.curve_batch
-        config.train.batch_size = args.curve_batch
+        # The demo's batches: whole slices for the heart, half-size crops (a quarter of the cost)
+        # for the calcium model.
+        batch = args.curve_batch or (4 if config.task == "heart" else 16)
+        config.data.per_device_batch = batch
+        config.train.batch_size = batch
         config.train.steps = 100000
         config.train.max_seconds = float(args.seconds)
         config.train.eval_every = args.eval_every
@@ -274,10 +318,12 @@ def curve(args) -> dict:
                                          "val_kappa_naive", "val_exact", "val_dice_mean",
                                          "val_scans")} for r in rows if "val_loss" in r]
         runs[run_name] = {"config": config_name, "overrides": overrides, "evaluations": evals,
+                          "batch": batch, "crop_size": int(config.data.crop_size or 0),
                           "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}
     import jax
 
-    return {"size": args.size, "batch": args.curve_batch, "seconds": args.seconds,
+    return {"size": args.size, "batch": args.curve_batch or "heart 4, calcium 16",
+            "seconds": args.seconds,
             "dataset": f"{args.data_dir}/{args.name}",
             "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(),
                         "device": str(jax.devices()[0]), "load_avg_1m": os.getloadavg()[0]},
@@ -295,7 +341,9 @@ def curve_markdown(res: dict) -> str:
              "inside the predicted heart); naive: the 130 HU threshold inside the reference "
              "heart.", ""]
     for name, run in res["runs"].items():
-        lines += [f"## {name} ({run['steps']} steps in {run['wall_time_s']:.0f} s)", "",
+        crop = f", {run['crop_size']} px crops" if run.get("crop_size") else ", whole slices"
+        lines += [f"## {name} ({run['steps']} steps in {run['wall_time_s']:.0f} s, batch "
+                  f"{run.get('batch', res['batch'])}{crop})", "",
                   "| step | minutes | val_loss | val_kappa | naive kappa | exact | Dice |",
                   "|---|---|---|---|---|---|---|"]
 
@@ -326,7 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="cac_ct", help="TFDS dataset name (curve)")
     p.add_argument("--seconds", type=float, default=300.0, help="training time per run (curve)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (curve)")
-    p.add_argument("--curve-batch", type=int, default=8)
+    p.add_argument("--curve-batch", type=int, default=0,
+                   help="batch of every curve run (0: heart 4 whole slices, calcium 16 crops)")
     p.add_argument("--curve-runs", nargs="+", default=list(CURVE_RUNS), choices=list(CURVE_RUNS))
     p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/cac_jax_curve"))
     args = p.parse_args(argv)

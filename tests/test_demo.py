@@ -51,7 +51,7 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
     # A second run reuses every stage (no training, inference or benchmark again).
     demo.run(tmp_path, settings)
     out = capfd.readouterr().out
-    for stage in ("cohort", "site2", "ingest", "train_calcium_convlstm", "infer_test_unet",
+    for stage in ("cohort", "site2", "ingest", "train_calcium_convlstm", "infer_unet",
                   "naive_site2", "bench"):
         assert f"reusing {stage} " in out, stage
     assert "train convlstm" not in out
