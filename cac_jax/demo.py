@@ -288,12 +288,18 @@ def naive_results(manifest: Path, out_csv: Path) -> None:
             record.update(status="error", error=str(err).splitlines()[0])
         record["seconds"] = f"{time.perf_counter() - t0:.3f}"
         lines.append(record)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    _write_results(out_csv, lines)
+
+
+def _write_results(path: Path, rows) -> None:
+    """Writes rows (dicts) as a results.csv with the `cac-jax infer` columns, atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULTS_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=RESULTS_COLUMNS, lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(lines)
-    atomic_write_text(out_csv, buffer.getvalue())
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _voxel_ml(volume) -> float:
@@ -330,13 +336,7 @@ def split_results(results: Path, cohorts: dict[str, tuple[Path, Path]]) -> None:
         mine = [r for r in rows if r["scan_id"] in ids]
         if len(mine) != len(ids):
             raise DemoError(f"{results} has {len(mine)} of the {len(ids)} studies of {manifest}")
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=RESULTS_COLUMNS, lineterminator="\n",
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(mine)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(target, buffer.getvalue())
+        _write_results(target, mine)
 
 
 def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path]:
