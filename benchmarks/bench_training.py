@@ -39,6 +39,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cac_jax.demo import HALF_WIDTH_CONVLSTM, MATCHED_UNET  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"convlstm": "convlstm_calcium.py", "unet64": "unet_calcium.py",
           "unet_matched": "unet_matched_calcium.py"}
@@ -173,12 +175,39 @@ def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) 
         "input_gradient": (jax.jit(lambda g: vjp(g)[0]), (y,)),
         "weight_gradient": (jax.jit(lambda g: vjp(g)[1]), (y,)),
     }
+    # The reformulation tried for the weight gradient: an explicit im2col matrix P (B*H*W, 9*C)
+    # of the padded input's nine shifts, and one matmul g^T (C, B*H*W) @ P, the layout in which
+    # XLA:CPU's dot runs near its matmul rate. Timed apart: building P, the matmul, both.
+    def patches(x):
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        shifts = [xp[:, i:i + size, j:j + size, :] for i in range(3) for j in range(3)]
+        return jnp.stack(shifts, axis=3).reshape(-1, 9 * channels)
+
+    def matmul(g, p):
+        return g.reshape(-1, channels).T @ p
+
+    def im2col(x, g):
+        return matmul(g, patches(x)).reshape(channels, 3, 3, channels).transpose(1, 2, 3, 0)
+
+    p = jax.jit(patches)(x)
+    functions.update({
+        "im2col_build": (jax.jit(patches), (x,)),
+        "im2col_matmul": (jax.jit(matmul), (y, p)),
+        "im2col_weight_gradient": (jax.jit(im2col), (x, y)),
+    })
     flops = 2.0 * batch * size * size * 9 * channels * channels
     out = {"size": size, "batch": batch, "channels": channels}
     for name, (fn, fn_args) in functions.items():
         jax.block_until_ready(fn(*fn_args))
         times = [_timed(fn, *fn_args)[0] for _ in range(repeats)]
-        out[f"{name}_gflops"] = flops / statistics.median(times) / 1e9
+        if name == "im2col_build":
+            out["im2col_build_s"] = statistics.median(times)
+        else:
+            out[f"{name}_gflops"] = flops / statistics.median(times) / 1e9
+    reference = functions["weight_gradient"][0](y)
+    mine = functions["im2col_weight_gradient"][0](x, y)
+    out["im2col_max_rel_diff"] = float(jnp.max(jnp.abs(mine - reference))
+                                       / jnp.max(jnp.abs(reference)))
     return out
 
 
@@ -261,6 +290,19 @@ def markdown(res: dict) -> str:
                       f"{conv['input_gradient_gflops']:.0f}, weight gradient "
                       f"{conv['weight_gradient_gflops']:.0f} (matmul peak "
                       f"{res['matmul_gflops']:.0f})."]
+        if "im2col_weight_gradient_gflops" in conv:
+            lines += ["", "The weight gradient reformulated as im2col + one matmul (g^T @ P, "
+                          "P = the nine shifts of the padded input, (B*H*W, 9*C)): the matmul "
+                          f"alone runs at {conv['im2col_matmul_gflops']:.0f} GFLOP/s, but XLA:CPU "
+                          f"takes {conv['im2col_build_s'] * 1e3:.0f} ms to build P, so the whole "
+                          f"runs at {conv['im2col_weight_gradient_gflops']:.0f} GFLOP/s (max "
+                          f"relative difference to XLA's gradient "
+                          f"{conv['im2col_max_rel_diff']:.1e}): "
+                          + ("no faster than the convolution's own weight gradient."
+                             if conv["im2col_weight_gradient_gflops"]
+                             <= 1.2 * conv["weight_gradient_gflops"] else
+                             "faster than the convolution's own weight gradient on this "
+                             "machine.")]
     lines += ["", "Target (issue 9): step <= 4x forward for every model; <= 5% of loop time "
                   "outside the compiled step. The step is `cac_jax.train.train_step` (focal loss, "
                   "ConvLSTM aux losses, gradients, Adam)."]
@@ -268,11 +310,13 @@ def markdown(res: dict) -> str:
 
 
 # Learning curve (issue 9): the ConvLSTM and the width-matched UNet, calcium and heart.
+# The demo's models (cac_jax.demo.TRAINED): the ConvLSTM at half the configs' widths and the UNet
+# width-matched to it (base 12), so the curve is the one the demo's time boxes are chosen from.
 CURVE_RUNS = {
-    "convlstm_calcium": ("convlstm_calcium", {}),
-    "unet_matched_calcium": ("unet_matched_calcium", {}),
-    "convlstm_heart": ("convlstm_heart", {}),
-    "unet_matched_heart": ("unet_heart", {"model.unet.base_width": 24}),
+    "convlstm_calcium": ("convlstm_calcium", HALF_WIDTH_CONVLSTM),
+    "unet_matched_calcium": ("unet_matched_calcium", MATCHED_UNET),
+    "convlstm_heart": ("convlstm_heart", HALF_WIDTH_CONVLSTM),
+    "unet_matched_heart": ("unet_heart", MATCHED_UNET),
 }
 
 
@@ -314,9 +358,10 @@ def curve(args) -> dict:
         print(f"curve: {run_name} for {args.seconds} s", flush=True)
         summary = train_and_evaluate(config, workdir)
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        evals = [{k: r.get(k) for k in ("step", "elapsed_s", "val_loss", "val_kappa",
-                                         "val_kappa_naive", "val_exact", "val_dice_mean",
-                                         "val_scans")} for r in rows if "val_loss" in r]
+        keys = ("step", "elapsed_s", "val_loss", "val_kappa", "val_kappa_naive", "val_exact",
+                "val_dice_mean", "val_scans", "val_kappa_cac", "val_kappa_naive_cac",
+                "val_exact_cac", "val_kappa_ctac", "val_kappa_naive_ctac", "val_exact_ctac")
+        evals = [{k: r.get(k) for k in keys} for r in rows if "val_loss" in r]
         runs[run_name] = {"config": config_name, "overrides": overrides, "evaluations": evals,
                           "batch": batch, "crop_size": int(config.data.crop_size or 0),
                           "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}
@@ -344,8 +389,9 @@ def curve_markdown(res: dict) -> str:
         crop = f", {run['crop_size']} px crops" if run.get("crop_size") else ", whole slices"
         lines += [f"## {name} ({run['steps']} steps in {run['wall_time_s']:.0f} s, batch "
                   f"{run.get('batch', res['batch'])}{crop})", "",
-                  "| step | minutes | val_loss | val_kappa | naive kappa | exact | Dice |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| step | minutes | val_loss | val_kappa | naive kappa | exact | CAC kappa "
+                  "(naive) | CTAC kappa (naive) | Dice |",
+                  "|---|---|---|---|---|---|---|---|---|"]
 
         def fmt(v, spec=".3f"):
             return "n/a" if v is None else format(v, spec)
@@ -354,6 +400,8 @@ def curve_markdown(res: dict) -> str:
             lines.append(f"| {e['step']} | {fmt(e['elapsed_s'] / 60, '.1f')} | "
                          f"{fmt(e['val_loss'], '.4f')} | {fmt(e['val_kappa'])} | "
                          f"{fmt(e['val_kappa_naive'])} | {fmt(e['val_exact'])} | "
+                         f"{fmt(e.get('val_kappa_cac'))} ({fmt(e.get('val_kappa_naive_cac'))}) | "
+                         f"{fmt(e.get('val_kappa_ctac'))} ({fmt(e.get('val_kappa_naive_ctac'))}) | "
                          f"{fmt(e['val_dice_mean'])} |")
         lines.append("")
     return "\n".join(lines)

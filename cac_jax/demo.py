@@ -32,7 +32,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_write_text
@@ -103,6 +104,14 @@ class DemoSettings:
     calcium_seconds: float = 120.0
     # The configs' tiny `:local` widths (tests); the demo itself trains the full models.
     local_models: bool = False
+    # `--quick`: a check of the path, not of the models (the report says so).
+    smoke: bool = False
+    # `cac-jax train` (and `infer`) processes run at once. 1 gives each model every core (the
+    # full demo: its models are judged); 2 overlaps one process's start-up (imports, model init,
+    # compilation: ~20 s each on 2 cores) with another's work (--quick: a smoke run).
+    train_jobs: int = 1
+    # `cac-jax evaluate` processes run at once (each is mostly start-up; output is per folder).
+    eval_jobs: int = 2
 
     @classmethod
     def full(cls, **overrides) -> DemoSettings:
@@ -112,8 +121,10 @@ class DemoSettings:
     def quick(cls, **overrides) -> DemoSettings:
         return dataclasses.replace(
             cls(patients=20, site2_patients=4, size=64, heart_steps=400, calcium_steps=800,
-                batch_size=4, calcium_batch_size=16, eval_every=1000, bench_samples=3, bench_size=64, heart_seconds=20.0,
-                calcium_seconds=40.0), **overrides)
+                batch_size=4, calcium_batch_size=16, eval_every=1000, bench_samples=3,
+                bench_size=64, heart_seconds=10.0, calcium_seconds=20.0, train_jobs=2,
+                smoke=True),
+            **overrides)
 
     @property
     def image_size(self) -> int:
@@ -132,6 +143,21 @@ def _cli(*args: str, stage: str) -> None:
     if proc.returncode != 0:
         raise DemoError(f"stage {stage!r} failed (exit {proc.returncode}): "
                         f"cac-jax {' '.join(args)}")
+
+
+def _run_all(tasks: Sequence[Callable[[], object]], jobs: int) -> list:
+    """Runs the independent `tasks` (`jobs` at a time, in order); returns their values. One at a
+    time, the first failure stops the rest; with jobs > 1 every task runs (the others are already
+    under way), then the first failure in task order is raised."""
+    if jobs <= 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]
 
 
 class _Stamps:
@@ -214,6 +240,7 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, float
          f"{s.batch_size} whole slices / {s.calcium_batch_size} half-size crops, "
          f"{s.image_size} px)")
     seconds = {}
+    tasks = []
     for (task, arch), (config, extra) in TRAINED.items():
         workdir = out / "models" / f"{task}_{arch}"
         steps = s.heart_steps if task == "heart" else s.calcium_steps
@@ -231,6 +258,8 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, float
                   "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
         args = ["train", "--config", _config_path(config), "--workdir", str(workdir)]
         args += [f"--config.{key}={value}" for key, value in overrides.items()]
+        if s.train_jobs > 1:
+            args.append("--config.train.progress=False")  # two progress bars would interleave
 
         def run(workdir=workdir, args=args, task=task, arch=arch):
             if workdir.exists():
@@ -238,9 +267,13 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, float
             _say(f"      {task} model, {arch}:")
             _cli(*args, stage=f"train {task}_{arch}")
 
-        t0 = time.perf_counter()
-        _stage(stamps, f"train_{task}_{arch}", wanted, [workdir / "summary.json"], run)
-        seconds[f"{task}_{arch}"] = time.perf_counter() - t0
+        def timed(name=f"{task}_{arch}", wanted=wanted, workdir=workdir, run=run):
+            t0 = time.perf_counter()
+            _stage(stamps, f"train_{name}", wanted, [workdir / "summary.json"], run)
+            seconds[name] = time.perf_counter() - t0
+
+        tasks.append(timed)
+    _run_all(tasks, s.train_jobs)
     return seconds
 
 
@@ -348,6 +381,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
     # One `infer` run per architecture over both cohorts (one start-up and compilation each),
     # then its results.csv split per cohort for the evaluation.
     combined = _combined_manifest(out, manifests)
+    tasks = []
     for arch in MODELS:
         folder = out / "infer" / arch
         wanted = {"manifest": {k: str(v) for k, v in manifests.items()},
@@ -363,7 +397,9 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
                 cohort: (manifest, out / "infer" / f"{cohort}_{arch}" / "results.csv")
                 for cohort, manifest in manifests.items()})
 
-        _stage(stamps, f"infer_{arch}", wanted, outputs, run_infer)
+        tasks.append(lambda arch=arch, wanted=wanted, outputs=outputs, run_infer=run_infer:
+                     _stage(stamps, f"infer_{arch}", wanted, outputs, run_infer))
+    _run_all(tasks, s.train_jobs)
     for cohort, manifest in manifests.items():
         naive = out / "infer" / f"{cohort}_naive" / "results.csv"
         _stage(stamps, f"naive_{cohort}", {"manifest": str(manifest)}, [naive],
@@ -371,30 +407,31 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
     return manifests
 
 
-def evaluate(out: Path, manifests: dict[str, Path], stamps: _Stamps) -> dict:
+def evaluate(out: Path, manifests: dict[str, Path], stamps: _Stamps, jobs: int = 1) -> dict:
     _say("[5/7] agreement with the truth (cac-jax evaluate): kappa, concordance, z-test")
-    metrics = {}
+    runs = {}  # metrics key -> (output folder, evaluate arguments)
     for cohort, manifest in manifests.items():
+        ref = ["--ref", str(manifest), "--by", "protocol"]
         for model in (*MODELS, "naive"):
-            folder = out / "eval" / f"{cohort}_{model}"
             pred = out / "infer" / f"{cohort}_{model}" / "results.csv"
-            _cli("evaluate", "--pred", str(pred), "--ref", str(manifest), "--by", "protocol",
-                 "--out", str(folder), stage=f"evaluate {cohort} {model}")
-            metrics[(cohort, model)] = json.loads((folder / "metrics.json").read_text())
-        folder = out / "eval" / f"{cohort}_convlstm_vs_unet"
-        _cli("evaluate", "--pred", str(out / "infer" / f"{cohort}_convlstm" / "results.csv"),
-             "--pred2", str(out / "infer" / f"{cohort}_unet" / "results.csv"),
-             "--ref", str(manifest), "--by", "protocol", "--out", str(folder),
-             stage=f"evaluate {cohort} convlstm vs unet")
-        metrics[(cohort, "comparison")] = json.loads((folder / "metrics.json").read_text())
+            runs[(cohort, model)] = (f"{cohort}_{model}", ["--pred", str(pred), *ref])
+        convlstm, unet = (str(out / "infer" / f"{cohort}_{m}" / "results.csv") for m in MODELS)
+        runs[(cohort, "comparison")] = (f"{cohort}_convlstm_vs_unet",
+                                        ["--pred", convlstm, "--pred2", unet, *ref])
         # The paper's CTAC design: CTAC predictions against the same patients' gated reference.
-        folder = out / "eval" / f"{cohort}_ctac_vs_gated"
-        _cli("evaluate", "--pred", str(out / "infer" / f"{cohort}_convlstm" / "results.csv"),
-             "--pred2", str(out / "infer" / f"{cohort}_unet" / "results.csv"),
-             "--ref", str(manifest), "--ref-protocol", "cac", "--by", "protocol",
-             "--out", str(folder), stage=f"evaluate {cohort} CTAC vs gated reference")
-        metrics[(cohort, "ctac_vs_gated")] = json.loads((folder / "metrics.json").read_text())
-    return metrics
+        runs[(cohort, "ctac_vs_gated")] = (f"{cohort}_ctac_vs_gated",
+                                           ["--pred", convlstm, "--pred2", unet, *ref,
+                                            "--ref-protocol", "cac"])
+
+    def one(key):
+        folder, args = runs[key]
+        _cli("evaluate", *args, "--out", str(out / "eval" / folder),
+             stage=f"evaluate {folder}")
+        return json.loads((out / "eval" / folder / "metrics.json").read_text())
+
+    keys = list(runs)
+    values = _run_all([lambda key=key: one(key) for key in keys], jobs)
+    return dict(zip(keys, values, strict=True))
 
 
 def bench(out: Path, s: DemoSettings, stamps: _Stamps) -> Path:
@@ -511,6 +548,8 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
              f"time-boxed: heart {s.heart_seconds:.0f} s (batch {s.batch_size}, whole slices), "
              f"calcium {s.calcium_seconds:.0f} s (batch {s.calcium_batch_size}, "
              f"{s.image_size // 2} px crops); steps reached are under Training. "
+             + (f"{s.train_jobs} models trained at a time (sharing the cores: fewer steps "
+                "each). " if s.train_jobs > 1 else "")
              + ("The ConvLSTM runs at half the configs' widths (a quarter of the FLOPs) and the "
                 "UNet is width-matched to it (base 12, the same parameter count). "
                 if not s.local_models else "Both models at the configs' tiny `:local` widths. ")
@@ -525,7 +564,10 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
     else:
         missing = ", ".join(p.upper() for p in PROTOCOLS if p not in verdict)
         lines += [f"**Verdict:** the trained ConvLSTM does NOT beat the naive threshold on the "
-                  f"held-out test patients for {missing} in this run (see the tables).", ""]
+                  f"held-out test patients for {missing} in this run (see the tables)."
+                  + (" This was a smoke run (`--quick`: seconds of training at 64 px, "
+                     f"{s.patients} patients): it checks the path, not the models; the full demo "
+                     "trains for minutes at 128 px." if s.smoke else ""), ""]
     for cohort, title in (("test", "Held-out test patients"), ("site2", "Second site")):
         lines += [f"## {title}", "",
                   "| model | protocol | n | kappa (linear) | 95% CI | exact agreement |",
@@ -607,7 +649,7 @@ def run(out: Path, s: DemoSettings) -> dict:
     timed("ingest", build_dataset, out, s, stamps)
     timed("train", train_models, out, s, stamps)
     manifests = timed("infer", score_cohorts, out, s, stamps)
-    metrics = timed("evaluate", evaluate, out, manifests, stamps)
+    metrics = timed("evaluate", evaluate, out, manifests, stamps, s.eval_jobs)
     bench_dir = timed("bench", bench, out, s, stamps)
     _say("[7/7] report")
     summary = summarise(metrics)

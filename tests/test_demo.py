@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from cac_jax import demo
 
 
@@ -15,7 +17,7 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
     settings = demo.DemoSettings(
         patients=4, site2_patients=1, size=64, heart_steps=2, calcium_steps=2, batch_size=2,
         eval_every=2, bench_samples=1, bench_size=64, workers=1, heart_seconds=0.0,
-        calcium_seconds=0.0, local_models=True)
+        calcium_seconds=0.0, local_models=True, train_jobs=2, eval_jobs=2)
     summary = demo.run(tmp_path, settings)
     out = capfd.readouterr().out
     assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.md'}"
@@ -55,3 +57,22 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
                   "naive_site2", "bench"):
         assert f"reusing {stage} " in out, stage
     assert "train convlstm" not in out
+
+
+@pytest.mark.parametrize("jobs, expected_ran", [(1, [0, 1]), (2, [0, 1, 2, 3])])
+def test_run_all_raises_the_first_failure(jobs, expected_ran):
+    ran = []
+
+    def task(k, fails):
+        def run():
+            ran.append(k)
+            if fails:
+                raise demo.DemoError(f"stage {k} failed")
+            return k
+        return run
+
+    tasks = [task(0, False), task(1, True), task(2, False), task(3, True)]
+    with pytest.raises(demo.DemoError, match="^stage 1 failed$"):
+        demo._run_all(tasks, jobs)
+    assert sorted(ran) == expected_ran
+    assert demo._run_all([task(5, False), task(6, False)], jobs) == [5, 6]

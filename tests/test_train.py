@@ -112,6 +112,9 @@ def test_short_run_then_kill_and_resume_continues_the_same_sequence(data_dir, tm
     evals = [r for r in full if "val_loss" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert {"val_dice_heart", "val_kappa", "val_kappa_naive"} <= set(evals[0])
+    validated = [p for p in ("cac", "ctac") if f"val_kappa_{p}" in evals[0]]
+    assert validated, evals[0]  # per-protocol kappa for the protocols validated
+    assert all({f"val_kappa_naive_{p}", f"val_exact_{p}"} <= set(evals[0]) for p in validated)
 
     resumed = tmp_path / "resumed"
     train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=4, **common), resumed)
@@ -344,3 +347,34 @@ def test_non_candidate_pixels_weighted_down_for_calcium_only():
     heart.train.non_candidate_weight = 0.1
     np.testing.assert_array_equal(np.asarray(train_lib.loss_weight(heart, images, weight)),
                                   np.asarray(weight))
+
+
+def test_scan_categories_per_protocol():
+    """Each validated scan lands in its own protocol's confusion matrices (reference row,
+    predicted column); a protocol with no scan keeps zeros, so every host sums the same arrays."""
+    from data_pipeline.input_pipeline import ScanInfo
+
+    config = load_config("convlstm_calcium")
+    shape, spacing = (2, 16, 16), (3.0, 1.0, 1.0)
+    hu = np.zeros(shape, np.int16)
+    hu[1, 4:8, 4:8] = 450  # 16 mm^2 at weight 4, z 3 mm: Agatston 64 (category 1)
+    heart = np.ones(shape, bool)
+    coronary = np.zeros(shape, np.uint8)
+    coronary[1, 4:8, 4:8] = 1
+    nothing = np.zeros(shape, np.uint8)
+    collector = train_lib._ScanCollector([
+        ScanInfo("a_cac", "a", "cac", "s", shape, spacing, 64.0, 1, 1),
+        ScanInfo("b_cac", "b", "cac", "s", shape, spacing, 0.0, 0, 0),
+    ])
+    collector.pred = [coronary, coronary]  # right for a, a false call for b
+    collector.hu = [hu, hu]
+    collector.true = [coronary, nothing]
+    matrices = train_lib.scan_categories(config, collector, {"a_cac": heart, "b_cac": heart})
+    assert set(matrices) == {"cac", "ctac"}
+    model_cm, naive_cm = matrices["cac"]
+    expected = np.zeros((4, 4), np.int64)
+    expected[1, 1] = 1  # a: reference 1, predicted 1
+    expected[0, 1] = 1  # b: reference 0, predicted 1
+    np.testing.assert_array_equal(model_cm, expected)
+    np.testing.assert_array_equal(naive_cm, expected)  # the threshold sees the same 450 HU
+    assert not matrices["ctac"][0].any() and not matrices["ctac"][1].any()
