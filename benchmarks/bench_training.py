@@ -163,8 +163,10 @@ def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) 
     import jax.numpy as jnp
     from jax import lax
 
-    x = jnp.ones((batch, size, size, channels), jnp.float32) * 0.01
-    w = jnp.ones((3, 3, channels, channels), jnp.float32) * 0.01
+    kx, kw = jax.random.split(jax.random.key(0))
+    # Random values, so a transposed or shifted gradient would show in the im2col check below.
+    x = jax.random.normal(kx, (batch, size, size, channels), jnp.float32)
+    w = jax.random.normal(kw, (3, 3, channels, channels), jnp.float32) * 0.05
     dims = ("NHWC", "HWIO", "NHWC")
 
     def conv(x, w):
@@ -362,7 +364,7 @@ def curve(args) -> dict:
             import shutil
 
             shutil.rmtree(workdir)
-        print(f"curve: {run_name} for {args.seconds} s", flush=True)
+        print(f"curve: {run_name} for {seconds} s", flush=True)
         summary = train_and_evaluate(config, workdir)
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         keys = ("step", "elapsed_s", "val_loss", "val_kappa", "val_kappa_naive", "val_exact",

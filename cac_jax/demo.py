@@ -151,12 +151,20 @@ def _run_all(tasks: Sequence[Callable[[], object]], jobs: int) -> list:
     under way), then the first failure in task order is raised."""
     if jobs <= 1:
         return [task() for task in tasks]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         futures = [pool.submit(task) for task in tasks]
         errors = [f.exception() for f in futures]
-    for error in errors:
-        if error is not None:
-            raise error
+    except BaseException:
+        # Ctrl-C: start nothing more (the running children got the signal too).
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    errors = [e for e in errors if e is not None]
+    for later in errors[1:]:
+        _say(f"      also failed: {later}")
+    if errors:
+        raise errors[0]
     return [f.result() for f in futures]
 
 
@@ -565,9 +573,10 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
         missing = ", ".join(p.upper() for p in PROTOCOLS if p not in verdict)
         lines += [f"**Verdict:** the trained ConvLSTM does NOT beat the naive threshold on the "
                   f"held-out test patients for {missing} in this run (see the tables)."
-                  + (" This was a smoke run (`--quick`: seconds of training at 64 px, "
-                     f"{s.patients} patients): it checks the path, not the models; the full demo "
-                     "trains for minutes at 128 px." if s.smoke else ""), ""]
+                  + (" This was a smoke run (`--quick`: seconds of training at "
+                     f"{s.image_size} px, {s.patients} patients): it checks the path, not the "
+                     "models; the full demo trains for minutes at 128 px." if s.smoke else ""),
+                  ""]
     for cohort, title in (("test", "Held-out test patients"), ("site2", "Second site")):
         lines += [f"## {title}", "",
                   "| model | protocol | n | kappa (linear) | 95% CI | exact agreement |",

@@ -424,6 +424,8 @@ def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dic
             # No reference score stored: the true coronary class scored the same way.
             reference = predicted_score(hu, true, heart, info.spacing_zyx_mm).category
         naive = threshold_score(hu, heart, info.spacing_zyx_mm).category
+        if info.protocol not in matrices:
+            continue  # not a protocol of the manifest contract (ingest refuses those)
         model_cm, naive_cm = matrices[info.protocol]
         model_cm[reference, predicted] += 1
         naive_cm[reference, naive] += 1

@@ -364,17 +364,26 @@ def test_scan_categories_per_protocol():
     nothing = np.zeros(shape, np.uint8)
     collector = train_lib._ScanCollector([
         ScanInfo("a_cac", "a", "cac", "s", shape, spacing, 64.0, 1, 1),
-        ScanInfo("b_cac", "b", "cac", "s", shape, spacing, 0.0, 0, 0),
+        ScanInfo("b_ctac", "b", "ctac", "s", shape, spacing, 0.0, 0, 0),
+        ScanInfo("c_cac", "c", "cac", "s", shape, spacing, 0.0, 0, 0),
     ])
-    collector.pred = [coronary, coronary]  # right for a, a false call for b
-    collector.hu = [hu, hu]
-    collector.true = [coronary, nothing]
-    matrices = train_lib.scan_categories(config, collector, {"a_cac": heart, "b_cac": heart})
+    # Right for a; a false call for b; nothing called for c (whose 450 HU the threshold counts).
+    collector.pred = [coronary, coronary, nothing]
+    collector.hu = [hu, hu, hu]
+    collector.true = [coronary, nothing, nothing]
+    matrices = train_lib.scan_categories(
+        config, collector, {"a_cac": heart, "b_ctac": heart, "c_cac": heart})
     assert set(matrices) == {"cac", "ctac"}
-    model_cm, naive_cm = matrices["cac"]
-    expected = np.zeros((4, 4), np.int64)
-    expected[1, 1] = 1  # a: reference 1, predicted 1
-    expected[0, 1] = 1  # b: reference 0, predicted 1
-    np.testing.assert_array_equal(model_cm, expected)
-    np.testing.assert_array_equal(naive_cm, expected)  # the threshold sees the same 450 HU
-    assert not matrices["ctac"][0].any() and not matrices["ctac"][1].any()
+
+    def matrix(*cells):
+        m = np.zeros((4, 4), np.int64)
+        for row, column in cells:
+            m[row, column] += 1
+        return m
+
+    model_cac, naive_cac = matrices["cac"]
+    np.testing.assert_array_equal(model_cac, matrix((1, 1), (0, 0)))
+    np.testing.assert_array_equal(naive_cac, matrix((1, 1), (0, 1)))
+    model_ctac, naive_ctac = matrices["ctac"]
+    np.testing.assert_array_equal(model_ctac, matrix((0, 1)))
+    np.testing.assert_array_equal(naive_ctac, matrix((0, 1)))
