@@ -400,7 +400,8 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
             _cli("infer", "--heart-checkpoint", str(out / "models" / f"heart_{arch}"),
                  "--calcium-checkpoint", str(out / "models" / f"calcium_{arch}"),
                  "--manifest", str(combined), "--out", str(folder), "--save-previews",
-                 "--overwrite", stage=f"infer {arch}")
+                 "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+                 stage=f"infer {arch}")
             split_results(folder / "results.csv", {
                 cohort: (manifest, out / "infer" / f"{cohort}_{arch}" / "results.csv")
                 for cohort, manifest in manifests.items()})
