@@ -241,13 +241,12 @@ def _config_path(relative: str) -> str:
     return str(Path(__file__).resolve().parent.parent / relative)
 
 
-def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, float]:
+def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
     _say(f"[3/7] training heart and calcium models, ConvLSTM-attention (half width) and "
          f"width-matched UNet "
          f"(time boxes {s.heart_seconds:.0f} s heart / {s.calcium_seconds:.0f} s calcium, batch "
          f"{s.batch_size} whole slices / {s.calcium_batch_size} half-size crops, "
          f"{s.image_size} px)")
-    seconds = {}
     tasks = []
     for (task, arch), (config, extra) in TRAINED.items():
         workdir = out / "models" / f"{task}_{arch}"
@@ -275,14 +274,10 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, float
             _say(f"      {task} model, {arch}:")
             _cli(*args, stage=f"train {task}_{arch}")
 
-        def timed(name=f"{task}_{arch}", wanted=wanted, workdir=workdir, run=run):
-            t0 = time.perf_counter()
-            _stage(stamps, f"train_{name}", wanted, [workdir / "summary.json"], run)
-            seconds[name] = time.perf_counter() - t0
-
-        tasks.append(timed)
+        # Each run's own wall time is in its workdir's summary.json.
+        tasks.append(lambda name=f"train_{task}_{arch}", wanted=wanted, workdir=workdir, run=run:
+                     _stage(stamps, name, wanted, [workdir / "summary.json"], run))
     _run_all(tasks, s.train_jobs)
-    return seconds
 
 
 def _test_manifest(out: Path) -> Path:
@@ -416,7 +411,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
     return manifests
 
 
-def evaluate(out: Path, manifests: dict[str, Path], stamps: _Stamps, jobs: int = 1) -> dict:
+def evaluate(out: Path, manifests: dict[str, Path], jobs: int = 1) -> dict:
     _say("[5/7] agreement with the truth (cac-jax evaluate): kappa, concordance, z-test")
     runs = {}  # metrics key -> (output folder, evaluate arguments)
     for cohort, manifest in manifests.items():
@@ -659,7 +654,7 @@ def run(out: Path, s: DemoSettings) -> dict:
     timed("ingest", build_dataset, out, s, stamps)
     timed("train", train_models, out, s, stamps)
     manifests = timed("infer", score_cohorts, out, s, stamps)
-    metrics = timed("evaluate", evaluate, out, manifests, stamps, s.eval_jobs)
+    metrics = timed("evaluate", evaluate, out, manifests, s.eval_jobs)
     bench_dir = timed("bench", bench, out, s, stamps)
     _say("[7/7] report")
     summary = summarise(metrics)
