@@ -76,6 +76,10 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     t.plateau_rtol = 1e-4
     t.plateau_cooldown = 0
     t.plateau_min_scale = 1e-3
+    # > 0: the rate falls linearly to 0 over this last fraction of the run's budget (`steps`, or
+    # `max_seconds` when that ends the run first; `train.anneal_factor`). 0: the paper's constant
+    # rate (with the plateau cuts). A time-boxed run then depends on the machine's speed.
+    t.anneal_fraction = 0.0
     # Early stopping: stop after this many evaluations without a better best_metric (0: never).
     t.early_stop_patience = 10
 

@@ -6,7 +6,8 @@
   `jax.pmap`; the state is replicated. Multi-host: `jax.distributed.initialize()` first, each host
   feeds its own shard (`make_dataset(process_index=...)`);
 - Adam (learning rate 1e-3, paper) with the rate scaled by `optax.contrib.reduce_on_plateau` stepped
-  on the validation loss at each evaluation, early stopping on `config.train.best_metric`;
+  on the validation loss at each evaluation, and optionally annealed to 0 at the end of the run's
+  step or time budget (`anneal_factor`), early stopping on `config.train.best_metric`;
 - everything periodic (logging, evaluation, plateau, early stop, checkpoints) happens at global
   step counts, so every host does it at the same step even though hosts' epochs differ in length;
 - validation: loss, Dice per class, and per-scan Agatston categories with the linearly weighted
@@ -113,6 +114,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if crop < 0 or crop >= size:
         raise ConfigError(None, f"config.data.crop_size={crop} must be 0 (whole slices) or less "
                                 f"than config.data.image_size={size}")
+    anneal = float(config.train.get("anneal_fraction", 0.0) or 0.0)
+    if not 0.0 <= anneal <= 1.0:
+        raise ConfigError(None, f"config.train.anneal_fraction={anneal} must be in [0, 1]")
     for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
         if int(config.train[key]) < 1:
             raise ConfigError(None, f"config.train.{key} must be >= 1, got {config.train[key]}")
@@ -174,6 +178,21 @@ def make_plateau(config) -> optax.GradientTransformationExtraArgs:
         factor=float(t.plateau_factor), patience=int(t.plateau_patience),
         rtol=float(t.plateau_rtol), cooldown=int(t.plateau_cooldown),
         min_scale=float(t.plateau_min_scale), accumulation_size=1)
+
+
+def anneal_factor(config, step: int, time_fraction: float = 0.0) -> float:
+    """The end-of-budget annealing factor on the learning rate (1 while off or not reached).
+
+    With `train.anneal_fraction` f > 0 the rate falls linearly to 0 over the last f of the run's
+    budget: progress is the larger of step / `train.steps` and `time_fraction` (this run's
+    elapsed time over `train.max_seconds`), so a time-boxed run anneals before its box ends
+    whatever the machine's speed (budgeted training, Li et al. 2020: a schedule that reaches 0 at
+    the budget beats a constant rate cut off there)."""
+    fraction = float(config.train.get("anneal_fraction", 0.0) or 0.0)
+    if fraction <= 0:
+        return 1.0
+    progress = max(step / max(int(config.train.steps), 1), time_fraction)
+    return float(np.clip((1.0 - progress) / fraction, 0.0, 1.0))
 
 
 def model_for_training(config) -> Any:
@@ -592,6 +611,14 @@ def _sum_processes(array: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array)).sum(axis=0)
 
 
+def _max_processes(value: float) -> float:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return float(np.max(multihost_utils.process_allgather(np.asarray(value, np.float64))))
+
+
 class _Preemption:
     """SIGTERM (SLURM, TPU preemption) sets a flag; the loop saves and exits at the next step."""
 
@@ -781,11 +808,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     preempted = timed_out = False
     max_seconds = float(config.train.get("max_seconds", 0) or 0)
     lr_scale = float(host.plateau.scale)
-    scale_dev = _replicate(jnp.asarray(lr_scale, jnp.float32), devices)
+    # End-of-budget annealing (`anneal_factor`): the time part is agreed between hosts at the
+    # steps where they already talk (every step with one process), so every host uses one rate.
+    time_fraction = 0.0
+    anneal = anneal_factor(config, step)
+    scale_dev = _replicate(jnp.asarray(lr_scale * anneal, jnp.float32), devices)
     last_metrics: dict = {}
     try:
         with _Preemption() as preemption:
             while step < total_steps and not host.stopped_early:
+                if max_seconds and (process_count == 1
+                                    or step % int(config.train.log_every) == 0):
+                    time_fraction = _max_processes((time.perf_counter() - t_start) / max_seconds)
+                new_anneal = anneal_factor(config, step, time_fraction)
+                if abs(new_anneal - anneal) > 2e-3 or (new_anneal == 0.0) != (anneal == 0.0):
+                    anneal = new_anneal
+                    scale_dev = _replicate(jnp.asarray(lr_scale * anneal, jnp.float32), devices)
                 batch = _shard_batch(next(train_iter))
                 state, metrics = p_train(state, batch, scale_dev)
                 step += 1
@@ -802,7 +840,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     metrics = _unreplicate(metrics)
                     now = time.perf_counter()
                     row = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                           "learning_rate": float(config.train.learning_rate) * lr_scale,
+                           "learning_rate": float(config.train.learning_rate) * lr_scale * anneal,
                            "samples_per_s": (step - last_log_step) * int(config.train.batch_size)
                            / max(now - last_log_time, 1e-9),
                            "elapsed_s": now - t_start}
@@ -817,7 +855,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         updates={}, state=host.plateau, value=jnp.asarray(
                             eval_metrics.get("val_loss", math.inf), jnp.float32))
                     lr_scale = float(host.plateau.scale)
-                    scale_dev = _replicate(jnp.asarray(lr_scale, jnp.float32), devices)
+                    scale_dev = _replicate(jnp.asarray(lr_scale * anneal, jnp.float32), devices)
                     value = float(eval_metrics.get(name, math.nan))
                     if _improved(value, host.best_value, mode):
                         host.best_value, host.best_step, host.evals_since_best = value, step, 0

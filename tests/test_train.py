@@ -143,6 +143,30 @@ def test_short_run_then_kill_and_resume_continues_the_same_sequence(data_dir, tm
             tiny_config("unet_heart", data_dir, steps=10, learning_rate=0.5, **common), resumed)
 
 
+def test_anneal_factor_reaches_zero_at_the_budget():
+    config = load_config("unet_heart")
+    config.train.steps = 100
+    assert train_lib.anneal_factor(config, 90) == 1.0           # off by default
+    config.train.anneal_fraction = 0.5
+    assert [train_lib.anneal_factor(config, s) for s in (0, 50, 75, 100)] == [1.0, 1.0, 0.5, 0.0]
+    # A time box that ends the run first anneals by its elapsed fraction.
+    assert train_lib.anneal_factor(config, 10, time_fraction=0.9) == pytest.approx(0.2)
+    assert train_lib.anneal_factor(config, 90, time_fraction=0.1) == pytest.approx(0.2)
+    config.train.anneal_fraction = 1.5
+    with pytest.raises(train_lib.ConfigError, match="anneal_fraction"):
+        train_lib.check_config(config)
+
+
+def test_annealed_run_logs_the_falling_rate(data_dir, tmp_path):
+    config = tiny_config("unet_heart", data_dir, steps=4, log_every=1, eval_every=4,
+                         checkpoint_every=4, anneal_fraction=1.0)
+    train_lib.train_and_evaluate(config, tmp_path / "anneal")
+    lr = float(config.train.learning_rate)
+    # Row k reports the rate of step k, set from the progress before it: (k - 1) / 4.
+    assert [r["learning_rate"] for r in rows(tmp_path / "anneal")] == pytest.approx(
+        [lr, 0.75 * lr, 0.5 * lr, 0.25 * lr])
+
+
 def _cli(argv, capsys):
     from cac_jax.cli import main
 

@@ -5,8 +5,10 @@ first. Each patient has one randomised anatomy (`anatomy`) and one set of calcif
 (`plaques`), imaged by two protocols (`render`): an ECG-gated calcium scan (3 mm contiguous
 slices, 0.4-0.7 mm pixels at 512, noise sigma 10-25 HU, sharp) and an ungated low-dose CT for
 attenuation correction (3-5 mm slices or 5 mm every 2.5 mm, about 1 mm pixels at 512, noise sigma
-40-90 HU, plaques smeared by cardiac motion). The target CAC category is met on the gated scan
-(`cohort`); each scan's true Agatston score is the scorer on its own image and labels.
+40-90 HU, plaques smeared by cardiac motion; the noise sigmas are those of the 512 px image, a
+coarser rendering has that image's noise averaged over its larger pixels, `render.noise_sigma_at`).
+The target CAC category is met on the gated scan (`cohort`); each scan's true Agatston score is
+the scorer on its own image and labels.
 Acquisition-site presets (`sites`: `default`, `site2`, `lowdose`, `sharp`) image a cohort as
 another scanner would (field of view, slice thickness, noise, kernel sharpness, kVp), for
 external-site validation sets whose patients are their own.

@@ -35,6 +35,9 @@ from data_pipeline.phantom.anatomy import Anatomy, sample_anatomy
 from data_pipeline.phantom.sites import SitePreset, get_site
 
 PROTOCOLS = ("cac", "ctac")
+# Bumped whenever the same seed and size render different images (2: noise sigmas are those of the
+# 512 px reconstruction, `render.noise_sigma_at`), so stored cohorts can be told apart.
+GENERATOR_VERSION = 2
 DEFAULT_PROPORTIONS = (0.25, 0.25, 0.25, 0.25)
 SITE = "synthetic"                                # the default preset's manifest `site`
 MANUFACTURER = "cac-jax synthetic phantom"        # the default preset's DICOM Manufacturer

@@ -14,7 +14,8 @@ Steps, for one patient and one protocol (`Protocol`: gated CAC or ungated low-do
 4. Reconstruction kernel and noise: the image plus white noise is blurred in-plane by a Gaussian
    point-spread function (plus an unsharp-mask edge enhancement for a site's sharp kernel), so
    the noise is correlated like a real kernel's; the white noise is pre-scaled so that the
-   blurred noise has the protocol's standard deviation. The kernel is linear, so each
+   blurred noise has the protocol's standard deviation at the scanner's 512 px matrix, or on a
+   coarser one the sigma of that image averaged down to the rendered pixel size. The kernel is linear, so each
    calcification's blurred excess can be added to the blurred anatomy on its own (the category
    design loop in `cohort` re-renders only the plaques). A site's tube voltage scales positive
    CT numbers before the kernel (`apply_contrast`).
@@ -31,7 +32,7 @@ import functools
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.phantom import sites
@@ -49,6 +50,9 @@ HU_AIR = -1000.0
 CALCIUM_HU = CALCIUM_THRESHOLD_HU  # Agatston 1990 threshold (one source: data_pipeline.constants)
 FOOTPRINT_HU = 50.0              # a calcification "shows" where it adds at least this much
 CHUNK_SLICES = 8                 # output slices rendered at a time (memory, cache)
+# The scanner's reconstruction matrix: a protocol's noise sigma is that of its image at this many
+# pixels across the field of view (`noise_sigma_at`).
+REFERENCE_MATRIX = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Protocol:
     n_slices: int
     spacing_z_mm: float
     thickness_mm: float
-    noise_sigma_hu: float
+    noise_sigma_hu: float            # at the REFERENCE_MATRIX (see `noise_sigma_at`)
     psf_mm: float                    # Gaussian sigma of the reconstruction kernel
     heart_blur_mm: float             # extra edge blur of the beating heart (ungated)
     motion: dict                     # artery -> (unit direction (3,), peak-to-peak amplitude mm)
@@ -646,20 +650,55 @@ def noise_gain(protocol: Protocol, grid: Grid) -> float:
         taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
         taps /= taps.sum()
         return float(np.sum(taps ** 2))    # separable: sqrt((sum t^2)^2)
+    return float(np.sqrt(np.sum(_impulse_response(protocol, grid) ** 2)))
+
+
+def _impulse_response(protocol: Protocol, grid: Grid) -> np.ndarray:
+    """The kernel's 2D weights on `grid`, as `reconstruct` applies them."""
     radius = kernel_radius_px(protocol, grid) + 1
     impulse = np.zeros((1, 2 * radius + 1, 2 * radius + 1), dtype=np.float64)
     impulse[0, radius, radius] = 1.0
-    response = reconstruct(impulse, protocol, grid, mode="constant")
-    return float(np.sqrt(np.sum(response ** 2)))
+    return reconstruct(impulse, protocol, grid, mode="constant")[0]
+
+
+def _box_weights(width: float) -> np.ndarray:
+    """1D weights of a mean over `width` (>= 1, maybe fractional) pixels, summing to 1."""
+    whole = int(np.floor(width))
+    part = width - whole
+    weights = np.ones(whole) if part < 1e-9 else np.concatenate([[part / 2], np.ones(whole),
+                                                                  [part / 2]])
+    return weights / width
+
+
+def noise_sigma_at(protocol: Protocol, grid: Grid) -> float:
+    """Standard deviation (HU) of the reconstructed noise of `protocol` on `grid`.
+
+    The protocol's `noise_sigma_hu` is that of the scanner's own reconstruction, REFERENCE_MATRIX
+    pixels across the field of view with the protocol's kernel. A coarser rendering of the same
+    acquisition (a 128 px image of a 500 mm CTAC field: 4 mm pixels) has the noise of that image
+    averaged over its larger pixels (the variance of a box mean of the kernel-correlated noise),
+    not the reference's noise pixel by pixel; a finer one keeps `noise_sigma_hu`."""
+    reference_pixel = protocol.fov_mm / REFERENCE_MATRIX
+    ratio = grid.pixel_mm / reference_pixel
+    if ratio <= 1.0:
+        return protocol.noise_sigma_hu
+    response = _impulse_response(protocol, dataclasses.replace(grid, pixel_mm=reference_pixel))
+    box = _box_weights(ratio)
+    averaged = signal.convolve2d(response, np.outer(box, box))
+    return float(protocol.noise_sigma_hu * np.sqrt(np.sum(averaged ** 2) / np.sum(response ** 2)))
+
+
+def white_noise_sigma(protocol: Protocol, grid: Grid) -> float:
+    """Per-pixel sigma of the white noise before the kernel that gives `noise_sigma_at`."""
+    return noise_sigma_at(protocol, grid) / noise_gain(protocol, grid)
 
 
 def noisy_background(anatomy_hu: np.ndarray, protocol: Protocol, grid: Grid,
                      rng: np.random.Generator) -> np.ndarray:
     """reconstruct(anatomy + white noise), the white noise scaled so the reconstructed noise
-    has the protocol's sigma (`noise_gain`)."""
-    gain = noise_gain(protocol, grid)
+    has the protocol's sigma at the reference matrix (`white_noise_sigma`, `noise_sigma_at`)."""
     noise = rng.standard_normal(anatomy_hu.shape, dtype=np.float32)
-    noise *= protocol.noise_sigma_hu / gain
+    noise *= white_noise_sigma(protocol, grid)
     noise += anatomy_hu
     if not protocol.sharpen:
         return blur(noise, kernel_sigma_px(protocol, grid))

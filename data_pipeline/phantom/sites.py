@@ -76,7 +76,8 @@ SITES: dict[str, SitePreset] = {
         SitePreset(
             name="default", site="synthetic", manufacturer="cac-jax synthetic phantom",
             description="the standard cohort: CAC 3 mm, FOV 210-320 mm, noise 10-25 HU, sharp "
-                        "Gaussian kernel; CTAC 3/4/5 mm, FOV 460-560 mm, noise 40-90 HU; 120 kVp",
+                        "Gaussian kernel; CTAC 3/4/5 mm, FOV 460-560 mm, noise 40-90 HU; 120 kVp "
+                        "(noise at 512 px: less on a coarser --size)",
             cac=Acquisition(), ctac=Acquisition()),
         SitePreset(
             name="site2", site="site2", manufacturer="cac-jax synthetic site2",
