@@ -244,3 +244,20 @@ def test_cli_rejects_unknown_site(tmp_path, capsys):
 def _any_protocol():
     anat = sample_anatomy(_streams(patient_seed(0, 0))["anatomy"])
     return render_lib.sample_protocol("cac", anat, np.random.default_rng(0))
+
+
+def test_a_calcification_below_three_noise_sigmas_adds_hu_but_no_label():
+    background = np.full((1, 8, 8), 100.0, np.float32)
+    delta = np.zeros((1, 4, 4), np.float32)
+    delta[0, 1:3, 1:3] = 120.0                      # a faint plaque: 220 HU at its peak
+    patch = render_lib.Patch(label=2, index=(slice(0, 1), slice(2, 6), slice(2, 6)), delta=delta)
+    hu, labels = render_lib.compose(background, [patch], visible=150.0)
+    assert hu.max() == 220.0 and not labels.any()   # in the image, not seen
+    hu, labels = render_lib.compose(background, [patch])
+    assert int((labels == 2).sum()) == 4            # the default footprint rule (50 HU) sees it
+    anat = sample_anatomy(np.random.default_rng(2))
+    ctac = render_lib.sample_protocol("ctac", anat, np.random.default_rng(3))
+    grid = render_lib.make_grid(ctac, 128)
+    assert render_lib.visible_hu(ctac, grid) == pytest.approx(
+        max(render_lib.FOOTPRINT_HU, 3.0 * render_lib.noise_sigma_at(ctac, grid)))
+    assert render_lib.visible_hu(ctac, grid) > render_lib.FOOTPRINT_HU

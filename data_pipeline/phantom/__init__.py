@@ -20,7 +20,9 @@ Ground truth per scan:
 - `calcium_labels` (int16): 1 LAD (including left main), 2 LCX, 3 RCA, 5 aortic-wall calcium,
   6 valve calcium (aortic valve, mitral annulus), 7 other non-coronary calcium (costal
   cartilage). Each calcification's label marks the voxels where it raises the noise-free image by
-  >= 50 HU and the final HU is >= 130: what an expert would mark on that image. Bone (spine, ribs,
+  >= 50 HU and the final HU is >= 130: what an expert would mark on that image, provided it can be
+  seen at all: a calcification whose peak excess is below 3 noise sigmas of the scan (faint
+  plaques in low-dose CTAC) adds its HU but is not labelled (`render.visible_hu`). Bone (spine, ribs,
   sternum) is deliberately left unlabelled: the dataset builder maps every unlabelled voxel at
   >= 130 HU to the non-coronary class.
 

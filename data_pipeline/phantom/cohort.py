@@ -35,8 +35,10 @@ from data_pipeline.phantom.anatomy import Anatomy, sample_anatomy
 from data_pipeline.phantom.sites import SitePreset, get_site
 
 PROTOCOLS = ("cac", "ctac")
-# Bumped whenever the same seed and size render different images (2: noise sigmas are those of the
-# 512 px reconstruction, `render.noise_sigma_at`), so stored cohorts can be told apart.
+# Bumped whenever the same seed and size render different images or labels (2: noise sigmas are
+# those of the 512 px reconstruction, `render.noise_sigma_at`, and a calcification is labelled
+# only where it stands 3 noise sigmas out, `render.visible_hu`), so stored cohorts can be told
+# apart.
 GENERATOR_VERSION = 2
 DEFAULT_PROPORTIONS = (0.25, 0.25, 0.25, 0.25)
 SITE = "synthetic"                                # the default preset's manifest `site`
@@ -164,6 +166,11 @@ class _Scene:
     background: np.ndarray
     heart_mask: np.ndarray
 
+    @property
+    def visible(self) -> float:
+        """Peak excess (HU) a calcification needs to be labelled here (`render.visible_hu`)."""
+        return render.visible_hu(self.protocol, self.grid)
+
 
 def _scene(anat: Anatomy, protocol: render.Protocol, size: int, noise_rng) -> _Scene:
     grid = render.make_grid(protocol, size)
@@ -197,7 +204,7 @@ def _design_coronary(anat: Anatomy, scene: _Scene, category: int, rng, others) -
         region = render.patches_region(patches, scene.background.shape)
         if region is None:
             return 0.0
-        hu, labels = render.compose(scene.background, patches, region)
+        hu, labels = render.compose(scene.background, patches, region, scene.visible)
         return _score(hu, labels, scene.grid)
 
     for _attempt in range(4):
@@ -238,7 +245,7 @@ def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
     patches = [p for p in (render.calcification_patch(c, scene.grid, scene.protocol,
                                                       scene.anatomy_hu) for c in calcs)
                if p is not None]
-    hu, labels = render.compose(scene.background, patches)
+    hu, labels = render.compose(scene.background, patches, visible=scene.visible)
     if clip_to_heart:
         # Motion smear can carry a plaque's footprint past the sac edge; coronary calcium is
         # only marked inside the heart.

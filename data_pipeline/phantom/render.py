@@ -15,12 +15,14 @@ Steps, for one patient and one protocol (`Protocol`: gated CAC or ungated low-do
    point-spread function (plus an unsharp-mask edge enhancement for a site's sharp kernel), so
    the noise is correlated like a real kernel's; the white noise is pre-scaled so that the
    blurred noise has the protocol's standard deviation at the scanner's 512 px matrix, or on a
-   coarser one the sigma of that image averaged down to the rendered pixel size. The kernel is linear, so each
-   calcification's blurred excess can be added to the blurred anatomy on its own (the category
-   design loop in `cohort` re-renders only the plaques). A site's tube voltage scales positive
-   CT numbers before the kernel (`apply_contrast`).
-5. Labels, as an expert marks them: a calcification's label seeds the voxels where its blurred
-   excess is >= 50 HU (it visibly changes the image) and the final HU is >= 130 (Agatston 1990);
+   coarser one the sigma of that image averaged down to the rendered pixel size. The kernel is
+   linear, so each calcification's blurred excess can be added to the blurred anatomy on its own
+   (the category design loop in `cohort` re-renders only the plaques). A site's tube voltage
+   scales positive CT numbers before the kernel (`apply_contrast`).
+5. Labels, as an expert marks them: a calcification is seen when its peak excess reaches 50 HU
+   and 3 noise sigmas of the scan (`visible_hu`: a faint plaque in low-dose CTAC adds to the HU
+   but cannot be told from the noise, so it is not labelled); a seen calcification's label seeds
+   the voxels where its blurred excess is >= 50 HU and the final HU is >= 130 (Agatston 1990);
    each coronary label then covers the whole in-slice 8-connected >= 130 HU region it seeds (the
    lesion a reader clicks, with its blurred rim and touching noise), see `complete_lesions`.
 """
@@ -49,6 +51,9 @@ from data_pipeline.phantom.sites import SitePreset
 HU_AIR = -1000.0
 CALCIUM_HU = CALCIUM_THRESHOLD_HU  # Agatston 1990 threshold (one source: data_pipeline.constants)
 FOOTPRINT_HU = 50.0              # a calcification "shows" where it adds at least this much
+# A reader sees a calcification only where it stands out from the noise: its peak excess must
+# reach this many noise sigmas of the scan (`visible_hu`; the Rose criterion asks 3-5).
+VISIBLE_SIGMAS = 3.0
 CHUNK_SLICES = 8                 # output slices rendered at a time (memory, cache)
 # The scanner's reconstruction matrix: a protocol's noise sigma is that of its image at this many
 # pixels across the field of view (`noise_sigma_at`).
@@ -715,6 +720,11 @@ class Patch:
     index: tuple[slice, slice, slice]
     delta: np.ndarray          # float32, blurred
 
+    @functools.cached_property
+    def peak(self) -> float:
+        """The largest excess (HU) the calcification adds anywhere."""
+        return float(self.delta.max()) if self.delta.size else 0.0
+
 
 def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
                         anatomy_hu: np.ndarray) -> Patch | None:
@@ -784,12 +794,21 @@ def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
                  reconstruct(padded, protocol, grid, mode="constant"))
 
 
-def compose(background: np.ndarray, patches: Sequence[Patch], region=None):
+def visible_hu(protocol: Protocol, grid: Grid) -> float:
+    """The peak excess (HU) a calcification needs to be seen, and so labelled, in this scan:
+    FOOTPRINT_HU, or VISIBLE_SIGMAS noise sigmas where the noise is larger (low-dose CTAC: a
+    faint plaque is there, and adds to the HU, but no reader can tell it from the noise)."""
+    return max(FOOTPRINT_HU, VISIBLE_SIGMAS * noise_sigma_at(protocol, grid))
+
+
+def compose(background: np.ndarray, patches: Sequence[Patch], region=None,
+            visible: float = FOOTPRINT_HU):
     """Final HU (rounded, int-valued float32) and calcium labels (int16) from the blurred
     background and calcification patches, on the whole grid or a `region` (tuple of slices).
 
     A voxel's label is that of the calcification adding the most HU there, where it adds at
-    least FOOTPRINT_HU and the final HU is >= 130.
+    least FOOTPRINT_HU and the final HU is >= 130; a calcification whose peak excess is below
+    `visible` (`visible_hu`) adds its HU but labels nothing.
     """
     if region is None:
         region = tuple(slice(0, n) for n in background.shape)
@@ -810,6 +829,8 @@ def compose(background: np.ndarray, patches: Sequence[Patch], region=None):
         else:
             d = patch.delta[tuple(src)]
             hu[tuple(local)] += d
+            if patch.peak < visible:
+                continue
             b = best[tuple(local)]
             o = owner[tuple(local)]
             better = d > b
