@@ -55,6 +55,8 @@ from data_pipeline.manifest import PROTOCOLS
 AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
 # Keys a resumed run may change: the length of the run and how it is shown.
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds")
+# Keys added to the configs after runs were made: a saved config without one had this value.
+ADDED_KEYS = {"train.anneal_fraction": 0.0}
 CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
 HEART_CLASS_NAMES = ("background", "heart")
 # The paper's four Agatston categories (0, 1-100, 101-400, >400).
@@ -114,8 +116,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if crop < 0 or crop >= size:
         raise ConfigError(None, f"config.data.crop_size={crop} must be 0 (whole slices) or less "
                                 f"than config.data.image_size={size}")
-    anneal = float(config.train.get("anneal_fraction", 0.0) or 0.0)
-    if not 0.0 <= anneal <= 1.0:
+    anneal = config.train.get("anneal_fraction", 0.0) or 0.0
+    if not isinstance(anneal, int | float) or not 0.0 <= anneal <= 1.0:
         raise ConfigError(None, f"config.train.anneal_fraction={anneal} must be in [0, 1]")
     for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
         if int(config.train[key]) < 1:
@@ -144,7 +146,7 @@ def resolve_devices(config) -> list:
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """Keys whose values differ between a workdir's config and this run's (resumable ones aside)."""
-    a, b = flatten(saved), flatten(config)
+    a, b = {**ADDED_KEYS, **flatten(saved)}, {**ADDED_KEYS, **flatten(config)}
     keys = sorted(set(a) | set(b))
     return [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in keys
             if k not in RESUMABLE_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")]
@@ -612,11 +614,18 @@ def _sum_processes(array: np.ndarray) -> np.ndarray:
 
 
 def _max_processes(value: float) -> float:
+    """The largest `value` over all processes (each process passes its own)."""
     if jax.process_count() == 1:
         return value
     from jax.experimental import multihost_utils
 
-    return float(np.max(multihost_utils.process_allgather(np.asarray(value, np.float64))))
+    return float(np.max(multihost_utils.process_allgather(np.asarray(value, np.float32))))
+
+
+def _device_scale(scale: float, devices) -> jax.Array:
+    """The learning-rate factor (plateau times anneal) the step multiplies its updates by,
+    replicated on the local devices."""
+    return _replicate(jnp.asarray(scale, jnp.float32), devices)
 
 
 class _Preemption:
@@ -810,20 +819,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     lr_scale = float(host.plateau.scale)
     # End-of-budget annealing (`anneal_factor`): the time part is agreed between hosts at the
     # steps where they already talk (every step with one process), so every host uses one rate.
+    # The time box is this run's: a resumed time-boxed run anneals again within its new box.
     time_fraction = 0.0
+    anneal_time = bool(max_seconds) and float(config.train.get("anneal_fraction", 0.0) or 0.0) > 0
     anneal = anneal_factor(config, step)
-    scale_dev = _replicate(jnp.asarray(lr_scale * anneal, jnp.float32), devices)
+    scale_dev = _device_scale(lr_scale * anneal, devices)
     last_metrics: dict = {}
     try:
         with _Preemption() as preemption:
             while step < total_steps and not host.stopped_early:
-                if max_seconds and (process_count == 1
+                if anneal_time and (process_count == 1
                                     or step % int(config.train.log_every) == 0):
                     time_fraction = _max_processes((time.perf_counter() - t_start) / max_seconds)
                 new_anneal = anneal_factor(config, step, time_fraction)
                 if abs(new_anneal - anneal) > 2e-3 or (new_anneal == 0.0) != (anneal == 0.0):
                     anneal = new_anneal
-                    scale_dev = _replicate(jnp.asarray(lr_scale * anneal, jnp.float32), devices)
+                    scale_dev = _device_scale(lr_scale * anneal, devices)
                 batch = _shard_batch(next(train_iter))
                 state, metrics = p_train(state, batch, scale_dev)
                 step += 1
@@ -855,7 +866,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         updates={}, state=host.plateau, value=jnp.asarray(
                             eval_metrics.get("val_loss", math.inf), jnp.float32))
                     lr_scale = float(host.plateau.scale)
-                    scale_dev = _replicate(jnp.asarray(lr_scale * anneal, jnp.float32), devices)
+                    scale_dev = _device_scale(lr_scale * anneal, devices)
                     value = float(eval_metrics.get(name, math.nan))
                     if _improved(value, host.best_value, mode):
                         host.best_value, host.best_step, host.evals_since_best = value, step, 0
@@ -866,7 +877,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         host.stopped_early = True
                     row = {**(row or {"step": step}), **eval_metrics,
                            "elapsed_s": time.perf_counter() - t_start,
-                           "learning_rate_next": float(config.train.learning_rate) * lr_scale}
+                           "learning_rate_next": float(config.train.learning_rate) * lr_scale
+                           * anneal}
                     # Keep evaluation time out of the next row's training throughput.
                     last_log_time = time.perf_counter()
                     if host.stopped_early and is_main:

@@ -36,22 +36,22 @@ def small_cohort():
 
 def test_cli_writes_cohort_that_round_trips(tmp_path):
     out = tmp_path / "cohort"
-    # Categories 2 and 3 so that both protocols' files carry calcium through the round trip.
-    code = cli_main(["synth", "--out", str(out), "--patients", "2", "--size", "128", "--seed", "9",
-                     "--preview", "--proportions", "0,0,0.5,0.5"])
+    # Category 3, so that both protocols' files carry (visible) calcium through the round trip.
+    code = cli_main(["synth", "--out", str(out), "--patients", "2", "--size", "128", "--seed", "3",
+                     "--preview", "--proportions", "0,0,0,1"])
     assert code == 0
     rows = read_manifest(out / "manifest.csv")
-    assert [r.scan_id for r in rows] == ["syn9-0000_cac", "syn9-0000_ctac", "syn9-0001_cac",
-                                         "syn9-0001_ctac"]
-    categories = assign_categories(9, 2, (0, 0, 0.5, 0.5))
-    assert sorted(categories) == [2, 3]
+    assert [r.scan_id for r in rows] == ["syn3-0000_cac", "syn3-0000_ctac", "syn3-0001_cac",
+                                         "syn3-0001_ctac"]
+    categories = assign_categories(3, 2, (0, 0, 0, 1))
+    assert categories == [3, 3]
     assert all(row.agatston > 0 for row in rows), [(r.scan_id, r.agatston) for r in rows]
     for row in rows:
         assert row.site == "synthetic" and row.split is None
         assert (out / "previews" / f"{row.scan_id}.png").stat().st_size > 1000
         volume = read_study(row.image)
         k = int(row.patient_id.split("-")[1])
-        expected = render_scan(patient_seed(9, k), row.protocol, 128, category=categories[k],
+        expected = render_scan(patient_seed(3, k), row.protocol, 128, category=categories[k],
                                patient_id=row.patient_id)
         assert volume.hu.shape == expected.volume.hu.shape
         assert np.abs(volume.hu - expected.volume.hu).max() <= 0.5

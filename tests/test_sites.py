@@ -35,27 +35,27 @@ from data_pipeline.phantom.sites import SITES, get_site, kvp_contrast
 GOLDEN = {
     (0, "cac"): dict(shape=(60, 64, 64), spacing=(3.0, 3.81472, 3.81472), agatston=1076.854562,
                      labelled=30, slice_means=[
-        -189.26, -203.51, -215.59, -233.83, -257.76, -286.22, -319.58, -350.46, -385.4, -400.6,
-        -399.7, -418.08, -439.17, -453.88, -449.69, -441.77, -435.96, -432.01, -433.24, -420.19,
-        -421.59, -421.64, -420.19, -420.28, -418.76, -417.42, -421.76, -429.81, -420.55, -424.38,
-        -432.16, -438.61, -444.32, -447.99, -448.16, -447.38, -456.49, -440.89, -439.6, -434.77,
-        -425.91, -427.11, -431.22, -432.73, -436.53, -450.97, -453.41, -455.89, -457.2, -458.26,
-        -457.17, -459.39, -462.66, -468.05, -469.11, -477.21, -479.92, -474.66, -474.44, -474.89]),
-    (0, "ctac"): dict(shape=(40, 64, 64), spacing=(5.0, 8.355621, 8.355621), agatston=116.36067,
-                      labelled=1, slice_means=[
-        -791.89, -793.68, -796.38, -800.0, -806.11, -816.9, -828.27, -836.76, -838.54, -846.1,
-        -847.8, -847.05, -844.14, -842.39, -842.55, -841.91, -840.99, -841.83, -843.28, -842.46,
-        -845.3, -846.81, -847.51, -849.17, -845.74, -845.17, -843.39, -845.19, -845.56, -848.76,
-        -848.67, -850.3, -850.2, -850.84, -851.99, -854.7, -855.15, -853.85, -853.97, -854.79]),
+        -189.27, -203.52, -215.59, -233.84, -257.77, -286.22, -319.57, -350.48, -385.38, -400.58,
+        -399.68, -418.06, -439.16, -453.89, -449.71, -441.78, -435.97, -432.01, -433.22, -420.18,
+        -421.58, -421.66, -420.19, -420.27, -418.75, -417.42, -421.76, -429.77, -420.55, -424.38,
+        -432.17, -438.63, -444.33, -448.0, -448.16, -447.39, -456.5, -440.9, -439.59, -434.77,
+        -425.91, -427.11, -431.22, -432.72, -436.52, -450.97, -453.41, -455.88, -457.19, -458.27,
+        -457.17, -459.4, -462.66, -468.06, -469.12, -477.22, -479.93, -474.64, -474.44, -474.89]),
+    (0, "ctac"): dict(shape=(40, 64, 64), spacing=(5.0, 8.355621, 8.355621), agatston=0.0,
+                      labelled=0, slice_means=[
+        -791.34, -793.16, -795.94, -799.51, -805.54, -816.39, -827.78, -836.22, -837.97, -845.59,
+        -847.36, -846.57, -843.59, -841.83, -842.02, -841.36, -840.39, -841.34, -842.79, -841.94,
+        -844.8, -846.26, -847.0, -848.67, -845.18, -844.6, -842.86, -844.69, -845.01, -848.22,
+        -848.07, -849.73, -849.66, -850.27, -851.43, -854.16, -854.68, -853.34, -853.46, -854.3]),
     (3, "cac"): dict(shape=(63, 64, 64), spacing=(3.0, 4.049164, 4.049164), agatston=49.187187,
                      labelled=10, slice_means=[
-        -268.55, -294.72, -307.72, -333.28, -369.61, -405.78, -447.97, -489.16, -511.47, -522.71,
-        -534.3, -538.8, -522.07, -512.13, -501.27, -493.73, -492.8, -489.67, -487.55, -481.93,
-        -484.82, -479.08, -473.29, -474.43, -471.49, -471.43, -473.94, -473.62, -474.06, -477.98,
-        -485.33, -491.34, -481.42, -482.9, -486.91, -492.65, -498.05, -497.73, -501.43, -505.61,
-        -512.9, -508.98, -494.61, -490.46, -487.6, -489.51, -495.68, -501.02, -508.64, -516.03,
-        -529.18, -523.17, -515.5, -511.63, -508.7, -509.39, -515.87, -522.52, -525.34, -535.01,
-        -538.77, -531.42, -536.58]),
+        -268.54, -294.72, -307.71, -333.29, -369.6, -405.77, -447.96, -489.15, -511.47, -522.69,
+        -534.3, -538.8, -522.07, -512.14, -501.26, -493.74, -492.78, -489.66, -487.56, -481.93,
+        -484.83, -479.08, -473.3, -474.43, -471.5, -471.44, -473.93, -473.63, -474.05, -477.99,
+        -485.34, -491.34, -481.4, -482.92, -486.91, -492.66, -498.04, -497.74, -501.43, -505.61,
+        -512.9, -508.99, -494.6, -490.46, -487.6, -489.51, -495.69, -501.01, -508.64, -516.03,
+        -529.18, -523.19, -515.49, -511.62, -508.69, -509.38, -515.87, -522.52, -525.34, -535.02,
+        -538.75, -531.42, -536.59]),
 }
 NON_DEFAULT = [name for name in SITES if name != "default"]
 
@@ -138,11 +138,32 @@ def test_a_coarser_matrix_is_as_noisy_as_the_reference_averaged_down(name):
     coarse_noise = render_lib.noisy_background(np.zeros((4, 128, 128), np.float32), protocol,
                                                coarse, rng)[:, 8:-8, 8:-8].std()
     assert coarse_noise == pytest.approx(render_lib.noise_sigma_at(protocol, coarse), rel=0.05)
-    assert coarse_noise == pytest.approx(averaged, rel=0.05)
-    assert coarse_noise < 0.7 * protocol.noise_sigma_hu
+    # The model averages the continuous noise field, not the 512 px image's pixels: within a few
+    # percent of binning (the most where the kernel is narrower than a 512 px pixel: gated).
+    assert coarse_noise == pytest.approx(averaged, rel=0.1)
+    assert coarse_noise < 0.75 * protocol.noise_sigma_hu
     # Finer than the scanner's matrix: its own sigma.
     assert render_lib.noise_sigma_at(protocol, render_lib.make_grid(protocol, 1024)) == \
         protocol.noise_sigma_hu
+
+
+@pytest.mark.parametrize("sharpen", [0.0, 0.5])
+def test_noise_sigma_is_monotone_and_continuous_in_the_pixel_size(sharpen):
+    anat = sample_anatomy(np.random.default_rng(2))
+    protocol = dataclasses.replace(render_lib.sample_protocol("ctac", anat,
+                                                              np.random.default_rng(3)),
+                                   sharpen=sharpen, sharpen_sigma_mm=2.0)
+    sizes = (48, 64, 127, 128, 129, 255, 256, 257, 511, 512)
+    sigmas = [render_lib.noise_sigma_at(protocol, render_lib.make_grid(protocol, n))
+              for n in sizes]
+    assert all(np.diff(sigmas) > 0), sigmas
+    assert sigmas[-1] == protocol.noise_sigma_hu
+    assert sigmas[-2] == pytest.approx(sigmas[-1], rel=0.01)     # one pixel fewer than 512
+    # The pixel size's float rounding does not matter (fields of view a hair apart).
+    for fov in (500.0, 468.5649167):
+        near = [render_lib.noise_sigma_at(q, render_lib.make_grid(q, 128))
+                for q in (dataclasses.replace(protocol, fov_mm=fov * (1 + e)) for e in (-1e-7, 1e-7))]
+        assert near[0] == pytest.approx(near[1], rel=1e-5)
 
 
 def test_sharp_kernel_preserves_flat_hu_and_overshoots_edges():
@@ -251,7 +272,7 @@ def test_a_calcification_below_three_noise_sigmas_adds_hu_but_no_label():
     delta = np.zeros((1, 4, 4), np.float32)
     delta[0, 1:3, 1:3] = 120.0                      # a faint plaque: 220 HU at its peak
     patch = render_lib.Patch(label=2, index=(slice(0, 1), slice(2, 6), slice(2, 6)), delta=delta)
-    hu, labels = render_lib.compose(background, [patch], visible=150.0)
+    hu, labels = render_lib.compose(background, [patch], min_peak_hu=150.0)
     assert hu.max() == 220.0 and not labels.any()   # in the image, not seen
     hu, labels = render_lib.compose(background, [patch])
     assert int((labels == 2).sum()) == 4            # the default footprint rule (50 HU) sees it
@@ -261,3 +282,15 @@ def test_a_calcification_below_three_noise_sigmas_adds_hu_but_no_label():
     assert render_lib.visible_hu(ctac, grid) == pytest.approx(
         max(render_lib.FOOTPRINT_HU, 3.0 * render_lib.noise_sigma_at(ctac, grid)))
     assert render_lib.visible_hu(ctac, grid) > render_lib.FOOTPRINT_HU
+
+
+def test_ctac_labels_only_the_calcifications_that_stand_out(monkeypatch):
+    """Patient 0 at category 2: its faint CTAC plaque is in the image either way, but labelled
+    (and scored) only when the visibility rule is switched off."""
+    seen = render_patient(patient_seed(0, 0), ("ctac",), 128, category=2)["ctac"]
+    monkeypatch.setattr(render_lib, "VISIBLE_SIGMAS", 0.0)
+    every = render_patient(patient_seed(0, 0), ("ctac",), 128, category=2)["ctac"]
+    np.testing.assert_array_equal(seen.volume.hu, every.volume.hu)
+    coronary = [int(np.isin(s.calcium_labels, (1, 2, 3)).sum()) for s in (seen, every)]
+    assert coronary[0] == 0 < coronary[1]
+    assert seen.agatston == 0.0 < every.agatston

@@ -152,17 +152,34 @@ def test_anneal_factor_reaches_zero_at_the_budget():
     # A time box that ends the run first anneals by its elapsed fraction.
     assert train_lib.anneal_factor(config, 10, time_fraction=0.9) == pytest.approx(0.2)
     assert train_lib.anneal_factor(config, 90, time_fraction=0.1) == pytest.approx(0.2)
-    config.train.anneal_fraction = 1.5
-    with pytest.raises(train_lib.ConfigError, match="anneal_fraction"):
-        train_lib.check_config(config)
+    for bad in (1.5, -0.1):
+        config.train.anneal_fraction = bad
+        with pytest.raises(train_lib.ConfigError, match="anneal_fraction"):
+            train_lib.check_config(config)
 
 
-def test_annealed_run_logs_the_falling_rate(data_dir, tmp_path):
+def test_a_run_saved_before_a_key_was_added_still_resumes():
+    config = load_config("unet_heart")
+    saved = json.loads(json.dumps(ckpt.config_to_dict(config)))
+    del saved["train"]["anneal_fraction"]
+    assert train_lib.config_differences(saved, config) == []
+    config.train.anneal_fraction = 0.5
+    assert train_lib.config_differences(saved, config) == [
+        "train.anneal_fraction (0.0 -> 0.5)"]
+
+
+def test_annealed_run_steps_and_logs_the_falling_rate(data_dir, tmp_path, monkeypatch):
+    sent = []
+    device_scale = train_lib._device_scale
+    monkeypatch.setattr(train_lib, "_device_scale",
+                        lambda scale, devices: sent.append(scale) or device_scale(scale, devices))
     config = tiny_config("unet_heart", data_dir, steps=4, log_every=1, eval_every=4,
                          checkpoint_every=4, anneal_fraction=1.0)
     train_lib.train_and_evaluate(config, tmp_path / "anneal")
     lr = float(config.train.learning_rate)
-    # Row k reports the rate of step k, set from the progress before it: (k - 1) / 4.
+    # Step k runs at the rate set from the progress before it, (k - 1) / 4: the factor sent to
+    # the devices, and the rate logged in row k.
+    assert sent[:4] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert [r["learning_rate"] for r in rows(tmp_path / "anneal")] == pytest.approx(
         [lr, 0.75 * lr, 0.5 * lr, 0.25 * lr])
 

@@ -18,6 +18,7 @@ so every complete block has exactly the requested proportions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -166,8 +167,8 @@ class _Scene:
     background: np.ndarray
     heart_mask: np.ndarray
 
-    @property
-    def visible(self) -> float:
+    @functools.cached_property
+    def min_peak_hu(self) -> float:
         """Peak excess (HU) a calcification needs to be labelled here (`render.visible_hu`)."""
         return render.visible_hu(self.protocol, self.grid)
 
@@ -204,7 +205,7 @@ def _design_coronary(anat: Anatomy, scene: _Scene, category: int, rng, others) -
         region = render.patches_region(patches, scene.background.shape)
         if region is None:
             return 0.0
-        hu, labels = render.compose(scene.background, patches, region, scene.visible)
+        hu, labels = render.compose(scene.background, patches, region, scene.min_peak_hu)
         return _score(hu, labels, scene.grid)
 
     for _attempt in range(4):
@@ -245,7 +246,7 @@ def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
     patches = [p for p in (render.calcification_patch(c, scene.grid, scene.protocol,
                                                       scene.anatomy_hu) for c in calcs)
                if p is not None]
-    hu, labels = render.compose(scene.background, patches, visible=scene.visible)
+    hu, labels = render.compose(scene.background, patches, min_peak_hu=scene.min_peak_hu)
     if clip_to_heart:
         # Motion smear can carry a plaque's footprint past the sac edge; coronary calcium is
         # only marked inside the heart.

@@ -667,12 +667,19 @@ def _impulse_response(protocol: Protocol, grid: Grid) -> np.ndarray:
 
 
 def _box_weights(width: float) -> np.ndarray:
-    """1D weights of a mean over `width` (>= 1, maybe fractional) pixels, summing to 1."""
+    """1D weights (summing to 1) of a mean over `width` pixels (>= 1, maybe fractional: the last
+    pixel weighs its fraction, so the weights change continuously with the width)."""
     whole = int(np.floor(width))
     part = width - whole
-    weights = np.ones(whole) if part < 1e-9 else np.concatenate([[part / 2], np.ones(whole),
-                                                                  [part / 2]])
+    weights = np.ones(whole + (part > 1e-12))
+    if part > 1e-12:
+        weights[-1] = part
     return weights / width
+
+
+# Sub-pixels per reference pixel of the fine grid on which `noise_sigma_at` models the continuous
+# noise field.
+_NOISE_SUBPIXELS = 8
 
 
 def noise_sigma_at(protocol: Protocol, grid: Grid) -> float:
@@ -680,17 +687,25 @@ def noise_sigma_at(protocol: Protocol, grid: Grid) -> float:
 
     The protocol's `noise_sigma_hu` is that of the scanner's own reconstruction, REFERENCE_MATRIX
     pixels across the field of view with the protocol's kernel. A coarser rendering of the same
-    acquisition (a 128 px image of a 500 mm CTAC field: 4 mm pixels) has the noise of that image
-    averaged over its larger pixels (the variance of a box mean of the kernel-correlated noise),
-    not the reference's noise pixel by pixel; a finer one keeps `noise_sigma_hu`."""
-    reference_pixel = protocol.fov_mm / REFERENCE_MATRIX
-    ratio = grid.pixel_mm / reference_pixel
+    acquisition (a 128 px image of a 500 mm CTAC field: 4 mm pixels) has that noise field
+    averaged over its larger pixels, not the reference's noise pixel by pixel: the field (white
+    noise through the kernel) is modelled on a grid `_NOISE_SUBPIXELS` times finer than the
+    reference, and the sigma scales with the root of the variance of a pixel-sized box mean,
+    this pixel's over the reference pixel's (continuous and monotone in the pixel size). A finer
+    rendering keeps `noise_sigma_hu`."""
+    ratio = REFERENCE_MATRIX / len(grid.x)      # exact: the field of view is the same
     if ratio <= 1.0:
         return protocol.noise_sigma_hu
-    response = _impulse_response(protocol, dataclasses.replace(grid, pixel_mm=reference_pixel))
-    box = _box_weights(ratio)
-    averaged = signal.convolve2d(response, np.outer(box, box))
-    return float(protocol.noise_sigma_hu * np.sqrt(np.sum(averaged ** 2) / np.sum(response ** 2)))
+    fine = dataclasses.replace(grid, pixel_mm=protocol.fov_mm / (REFERENCE_MATRIX
+                                                                  * _NOISE_SUBPIXELS))
+    response = _impulse_response(protocol, fine)
+
+    def box_variance(width: float) -> float:
+        box = _box_weights(width)
+        return float(np.sum(signal.fftconvolve(response, np.outer(box, box)) ** 2))
+
+    return float(protocol.noise_sigma_hu * np.sqrt(
+        box_variance(_NOISE_SUBPIXELS * ratio) / box_variance(_NOISE_SUBPIXELS)))
 
 
 def white_noise_sigma(protocol: Protocol, grid: Grid) -> float:
@@ -802,13 +817,13 @@ def visible_hu(protocol: Protocol, grid: Grid) -> float:
 
 
 def compose(background: np.ndarray, patches: Sequence[Patch], region=None,
-            visible: float = FOOTPRINT_HU):
+            min_peak_hu: float = FOOTPRINT_HU):
     """Final HU (rounded, int-valued float32) and calcium labels (int16) from the blurred
     background and calcification patches, on the whole grid or a `region` (tuple of slices).
 
     A voxel's label is that of the calcification adding the most HU there, where it adds at
     least FOOTPRINT_HU and the final HU is >= 130; a calcification whose peak excess is below
-    `visible` (`visible_hu`) adds its HU but labels nothing.
+    `min_peak_hu` (`visible_hu`) adds its HU but labels nothing.
     """
     if region is None:
         region = tuple(slice(0, n) for n in background.shape)
@@ -829,7 +844,7 @@ def compose(background: np.ndarray, patches: Sequence[Patch], region=None,
         else:
             d = patch.delta[tuple(src)]
             hu[tuple(local)] += d
-            if patch.peak < visible:
+            if patch.peak < min_peak_hu:
                 continue
             b = best[tuple(local)]
             o = owner[tuple(local)]
