@@ -182,6 +182,10 @@ def make_plateau(config) -> optax.GradientTransformationExtraArgs:
         min_scale=float(t.plateau_min_scale), accumulation_size=1)
 
 
+def _anneal_fraction(config) -> float:
+    return float(config.train.get("anneal_fraction", 0.0) or 0.0)
+
+
 def anneal_factor(config, step: int, time_fraction: float = 0.0) -> float:
     """The end-of-budget annealing factor on the learning rate (1 while off or not reached).
 
@@ -190,7 +194,7 @@ def anneal_factor(config, step: int, time_fraction: float = 0.0) -> float:
     elapsed time over `train.max_seconds`), so a time-boxed run anneals before its box ends
     whatever the machine's speed (budgeted training, Li et al. 2020: a schedule that reaches 0 at
     the budget beats a constant rate cut off there)."""
-    fraction = float(config.train.get("anneal_fraction", 0.0) or 0.0)
+    fraction = _anneal_fraction(config)
     if fraction <= 0:
         return 1.0
     progress = max(step / max(int(config.train.steps), 1), time_fraction)
@@ -821,7 +825,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # steps where they already talk (every step with one process), so every host uses one rate.
     # The time box is this run's: a resumed time-boxed run anneals again within its new box.
     time_fraction = 0.0
-    anneal_time = bool(max_seconds) and float(config.train.get("anneal_fraction", 0.0) or 0.0) > 0
+    anneal_time = bool(max_seconds) and _anneal_fraction(config) > 0
     anneal = anneal_factor(config, step)
     scale_dev = _device_scale(lr_scale * anneal, devices)
     last_metrics: dict = {}
