@@ -195,11 +195,12 @@ def test_streaming_memory_is_bounded_by_the_batch():
             tracemalloc.stop()
         assert classes.shape == hu.shape
     # 4x the slices: the peak grows by the larger class map (uint8), within a batch or two of
-    # inputs, not by the windows (3 x 72 slices of float32: 3.5 MB).
+    # inputs, not by the windows (3 x 72 slices of float32: 3.5 MB), nor by one float32 copy of
+    # the study (1.2 MB). Growth, not the absolute peak: the peak also holds a fixed ~1 MB of
+    # JAX dispatch bookkeeping that varies from host to host.
     class_map_growth = (96 - 24) * 64 * 64
     batch_bytes = 4 * 3 * 64 * 64 * 4
     assert peaks[96] - peaks[24] < class_map_growth + 2 * batch_bytes, peaks
-    assert peaks[96] < 3 * hu.nbytes / 3, peaks  # below one window copy of the study
 
 
 def test_streamed_batches_equal_one_call_per_slice(scorer):
