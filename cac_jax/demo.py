@@ -81,7 +81,7 @@ class DemoError(RuntimeError):
 class DemoSettings:
     """Sizes of one demo run. `full()` and `quick()` are the two presets."""
 
-    patients: int = 40
+    patients: int = 64
     site2_patients: int = 8
     size: int = 128
     seed: int = 0
@@ -248,6 +248,20 @@ def _config_path(relative: str) -> str:
     return str(Path(__file__).resolve().parent.parent / relative)
 
 
+def _config_defaults(config: str) -> dict:
+    """The config file's whole configuration before the demo's overrides (JSON types), so that a
+    changed default (a loss weight, a schedule) retrains the models instead of reusing them."""
+    import importlib.util
+
+    path, sep, arg = _config_path(config).rpartition(":")
+    if not sep or not path.endswith(".py"):
+        path, arg = _config_path(config), ""
+    spec = importlib.util.spec_from_file_location(f"demo_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return json.loads(module.get_config(arg or None).to_json())
+
+
 def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
     _say(f"[3/7] training heart and calcium models, ConvLSTM-attention (half width) and "
          f"width-matched UNet "
@@ -269,7 +283,7 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
                      **(extra if not s.local_models else {})}
         if s.local_models:
             config = f"{config}:local"
-        wanted = {"config": config, "overrides": overrides,
+        wanted = {"config": config, "overrides": overrides, "defaults": _config_defaults(config),
                   "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
         args = ["train", "--config", _config_path(config), "--workdir", str(workdir)]
         args += [f"--config.{key}={value}" for key, value in overrides.items()]

@@ -57,6 +57,36 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
                   "naive_site2", "bench"):
         assert f"reusing {stage} " in out, stage
     assert "train convlstm" not in out
+    # The training stamps hold the config files' whole defaults, so a changed default retrains.
+    stamp = json.loads((tmp_path / ".stamps" / "train_calcium_convlstm.json").read_text())
+    assert stamp["defaults"]["train"]["focal_alpha"] == [0.1, 1.0, 0.5]
+    assert stamp["defaults"]["data"]["image_size"] == 64  # the `:local` variant
+
+
+def test_a_changed_config_default_changes_the_training_stamp(monkeypatch):
+    from cac_jax import config_defaults
+
+    before = demo._config_defaults("configs/convlstm_calcium.py")
+    assert before["data"]["image_size"] == 512 and before["model"]["arch"] == "convlstm"
+    original = config_defaults.train_config
+
+    def changed(*args, **kwargs):
+        train = original(*args, **kwargs)
+        train.focal_gamma = 3.0
+        return train
+
+    monkeypatch.setattr(config_defaults, "train_config", changed)
+    after = demo._config_defaults("configs/convlstm_calcium.py")
+    assert (before["train"]["focal_gamma"], after["train"]["focal_gamma"]) == (2.0, 3.0)
+    assert {**after, "train": {**after["train"], "focal_gamma": 2.0}} == before
+
+
+def test_calcium_focal_alpha_per_architecture():
+    """The ConvLSTM's non-coronary alpha is 0.5; the UNet keeps 0.05."""
+    alphas = {name: demo._config_defaults(f"configs/{name}_calcium.py")["train"]["focal_alpha"]
+              for name in ("convlstm", "unet", "unet_matched")}
+    assert alphas == {"convlstm": [0.1, 1.0, 0.5], "unet": [0.1, 1.0, 0.05],
+                      "unet_matched": [0.1, 1.0, 0.05]}
 
 
 @pytest.mark.parametrize("jobs, expected_ran", [(1, [0, 1]), (2, [0, 1, 2, 3])])

@@ -3,6 +3,7 @@ and that a plain 130 HU threshold inside the heart is a poor scorer (more so on 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -21,6 +22,7 @@ from data_pipeline.phantom import (
     render_patient,
     render_scan,
 )
+from data_pipeline.phantom import cohort as cohort_lib
 from data_pipeline.phantom.render import _ellipsoid_sdf, complete_lesions
 
 SEED = 0
@@ -153,6 +155,11 @@ def test_same_seed_same_scan_and_patient_independent_of_cohort_size(tmp_path):
     assert np.array_equal(a.calcium_labels, b.calcium_labels)
     small = generate_cohort(tmp_path / "n2", patients=2, protocols=("cac",), size=48, seed=7)
     large = generate_cohort(tmp_path / "n3", patients=3, protocols=("cac",), size=48, seed=7)
+    provenance = json.loads((tmp_path / "n3" / "cohort.json").read_text())
+    assert provenance == {"generator_version": cohort_lib.GENERATOR_VERSION, "patients": 3,
+                          "seed": 7, "size": 48, "protocols": ["cac"], "site": "default",
+                          "category_proportions": [0.25, 0.25, 0.25, 0.25],
+                          "ctac_overlap": False}
     assert small[1].scan_id == large[1].scan_id
     assert small[1].agatston == large[1].agatston
     vol_small, vol_large = read_study(small[1].image), read_study(large[1].image)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import ManifestRow, write_manifest
 from data_pipeline.phantom import plaques as plaque_lib
@@ -389,7 +391,7 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     Layout: OUT/<patient_id>/<protocol>/dicom/*.dcm, .../calcium_labels.nii.gz,
     .../heart_mask.nii.gz, OUT/previews/<scan_id>.png (with `preview`), OUT/manifest.csv (true
     Agatston and category of every scan, the site preset's `site` ("synthetic" for the default),
-    split empty). `site` names an acquisition preset (`sites.SITES`): a non-default site images
+    split empty) and OUT/cohort.json (GENERATOR_VERSION and the arguments). `site` names an acquisition preset (`sites.SITES`): a non-default site images
     its own patients (salted seeds, the site's name in the patient ids). `workers` > 1 renders
     patients in parallel processes; `progress(n)` is called as each patient finishes.
     Returns the manifest rows.
@@ -437,4 +439,10 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
                 raise
     rows = [row for k in range(patients) for row in results[k]]
     write_manifest(out / "manifest.csv", rows)
+    # Provenance beside the manifest (whose columns are a contract): what made these files.
+    atomic_write_text(out / "cohort.json", json.dumps({
+        "generator_version": GENERATOR_VERSION, "patients": int(patients), "seed": int(seed),
+        "size": int(size), "protocols": list(protocols), "site": preset.name,
+        "category_proportions": [float(p) for p in category_proportions],
+        "ctac_overlap": bool(ctac_overlap)}, indent=2) + "\n")
     return rows
