@@ -391,9 +391,10 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     Layout: OUT/<patient_id>/<protocol>/dicom/*.dcm, .../calcium_labels.nii.gz,
     .../heart_mask.nii.gz, OUT/previews/<scan_id>.png (with `preview`), OUT/manifest.csv (true
     Agatston and category of every scan, the site preset's `site` ("synthetic" for the default),
-    split empty) and OUT/cohort.json (GENERATOR_VERSION and the arguments). `site` names an acquisition preset (`sites.SITES`): a non-default site images
-    its own patients (salted seeds, the site's name in the patient ids). `workers` > 1 renders
-    patients in parallel processes; `progress(n)` is called as each patient finishes.
+    split empty) and OUT/cohort.json (GENERATOR_VERSION and the arguments). `site` names an
+    acquisition preset (`sites.SITES`): a non-default site images its own patients (salted seeds,
+    the site's name in the patient ids). `workers` > 1 renders patients in parallel processes;
+    `progress(n)` is called as each patient finishes.
     Returns the manifest rows.
     """
     preset = get_site(site)
