@@ -23,7 +23,6 @@ Writes benchmarks/results/bench_inference.json and .md (atomically).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -47,11 +46,9 @@ COHORT_SHAPES = ((4, 512, 512), (4, 500, 512), (4, 480, 480), (4, 256, 256), (4,
 
 def load_config(name: str):
     """The full experiment config `configs/<name>.py`."""
-    path = ROOT / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from cac_jax.config_defaults import load_config_file
+
+    return load_config_file(ROOT / "configs" / f"{name}.py")
 
 
 def untrained(name: str, spacing_yx_mm: float, seed: int):

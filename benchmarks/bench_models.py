@@ -28,7 +28,6 @@ and writes benchmarks/results/bench_groupnorm.json and .md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -55,11 +54,9 @@ MATMUL_N = 2048
 
 def load_config(name: str, norm: str):
     """The experiment config of benchmark model `name`, float32 compute, chosen norm."""
-    path = ROOT / "configs" / MODELS[name]
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from cac_jax.config_defaults import load_config_file
+
+    config = load_config_file(ROOT / "configs" / MODELS[name])
     config.model.dtype = "float32"
     config.model.norm = norm
     return config

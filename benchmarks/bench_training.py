@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -41,6 +40,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cac_jax.config_defaults import load_config_file  # noqa: E402
 from cac_jax.demo import HALF_WIDTH_CONVLSTM, MATCHED_UNET  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,11 +51,7 @@ MATMUL_N = 2048
 
 def load_config(name: str):
     """The config of benchmark model `name` (or of configs/<name>.py), float32 compute."""
-    path = ROOT / "configs" / MODELS.get(name, f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(ROOT / "configs" / MODELS.get(name, f"{name}.py"))
     config.model.dtype = "float32"
     return config
 

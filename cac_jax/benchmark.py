@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from cac_jax.config_defaults import load_config_file
 from data_pipeline.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,11 +100,8 @@ class BenchSettings:
 
 def load_config(name: str, settings: BenchSettings):
     """The experiment config of benchmark model `name` (configs/*.py), with the bench's dtype."""
-    path = ROOT / "configs" / MODEL_CONFIGS[name]
-    spec = importlib.util.spec_from_file_location(f"bench_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("local" if settings.local else None)
+    config = load_config_file(ROOT / "configs" / MODEL_CONFIGS[name],
+                              "local" if settings.local else None)
     config.model.dtype = settings.dtype
     config.data.image_size = settings.size
     return config

@@ -37,6 +37,23 @@ def parse_config_arg(arg: str | None) -> bool:
     return arg == "local"
 
 
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The ConfigDict that `get_config(arg)` of the experiment file at `path` returns (a file in
+    configs/, loaded by path as `--config path.py:arg` does; `path` may end in ":arg")."""
+    import importlib.util
+    from pathlib import Path
+
+    text = str(path)
+    head, sep, tail = text.rpartition(":")
+    if sep and head.endswith(".py"):
+        text, arg = head, tail
+    file = Path(text)
+    spec = importlib.util.spec_from_file_location(f"cac_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def get_base_config(task: str, arch: str, local: bool = False) -> ml_collections.ConfigDict:
     """Combine the data and model settings for `task` and `arch` into one ConfigDict."""
     config = ml_collections.ConfigDict()

@@ -251,15 +251,9 @@ def _config_path(relative: str) -> str:
 def _config_defaults(config: str) -> dict:
     """The config file's whole configuration before the demo's overrides (JSON types), so that a
     changed default (a loss weight, a schedule) retrains the models instead of reusing them."""
-    import importlib.util
+    from cac_jax.config_defaults import load_config_file
 
-    path, sep, arg = _config_path(config).rpartition(":")
-    if not sep or not path.endswith(".py"):
-        path, arg = _config_path(config), ""
-    spec = importlib.util.spec_from_file_location(f"demo_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return json.loads(module.get_config(arg or None).to_json())
+    return json.loads(load_config_file(_config_path(config)).to_json())
 
 
 def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:

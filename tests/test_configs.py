@@ -93,3 +93,17 @@ def test_matched_unet_is_width_matched_and_others_are_smaller():
                                counts["unet_calcium"])
     assert abs(matched / convlstm - 1.0) < 0.05
     assert convlstm < 0.2 * unet  # the ConvLSTM model has clearly fewer weights than UNet-64
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_load_config_file_gives_the_files_config(path):
+    """`config_defaults.load_config_file` (demo stamps, benchmarks): the file's get_config(arg),
+    the argument given apart or as a ":arg" suffix of the path."""
+    from cac_jax.config_defaults import load_config_file
+
+    for arg in (None, "local"):
+        expected = load_config(path, arg)[1].to_json()
+        assert load_config_file(path, arg).to_json() == expected
+        assert load_config_file(f"{path}:{arg or ''}").to_json() == expected
+    assert load_config_file(path).data.image_size == 512
+    assert load_config_file(f"{path}:local").data.image_size == 64
