@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from cac_jax.config_defaults import load_config_file
 from data_pipeline.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -100,6 +99,8 @@ class BenchSettings:
 
 def load_config(name: str, settings: BenchSettings):
     """The experiment config of benchmark model `name` (configs/*.py), with the bench's dtype."""
+    from cac_jax.config_defaults import load_config_file  # imports JAX (the models' package)
+
     config = load_config_file(ROOT / "configs" / MODEL_CONFIGS[name],
                               "local" if settings.local else None)
     config.model.dtype = settings.dtype
