@@ -13,7 +13,14 @@ from flax import linen as nn
 
 from cac_jax.models import ConvLSTMAttentionNet, UNet, build_model, count_params
 from cac_jax.models.config import model_config
-from cac_jax.models.layers import GroupNorm, depth_to_space, space_to_depth
+from cac_jax.models.layers import (
+    GroupNorm,
+    TransposedConv2x2,
+    depth_to_space,
+    kaiming_normal_transposed,
+    max_pool2x,
+    space_to_depth,
+)
 
 SIZE = 64
 BATCH = 2
@@ -338,6 +345,50 @@ def test_transposed_conv_init_keeps_the_activation_variance():
     y = np.asarray(layer.apply(variables, x), np.float64)
     assert y.shape == (4, 32, 32, channels // 2)
     assert abs(np.mean(y**2) / 2.0 - 1.0) < 0.1
+
+
+def test_transposed_conv2x2_is_flax_conv_transpose():
+    # The UNet's matmul + pixel-shuffle upsampling against flax's ConvTranspose: the same
+    # parameter tree and initial values (checkpoints and the PyTorch port rely on them), the same
+    # outputs, and the same gradients for the input and both parameters.
+    x = jax.random.normal(jax.random.key(3), (2, 5, 7, 6))
+    reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2),
+                                 kernel_init=kaiming_normal_transposed((2, 2)))
+    layer = TransposedConv2x2(4)
+    ref_vars = reference.init(jax.random.key(4), x)
+    variables = layer.init(jax.random.key(4), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(ref_vars)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(ref_vars)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A non-zero bias and an asymmetric kernel, so a wrong flip or bias broadcast shows.
+    variables = {"params": {"kernel": jax.random.normal(jax.random.key(5), (2, 2, 6, 4)),
+                            "bias": jnp.arange(4.0)}}
+    y = layer.apply(variables, x)
+    assert y.shape == (2, 10, 14, 4)
+    np.testing.assert_allclose(y, reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    grads = jax.grad(loss(layer), argnums=(0, 1))(variables, x)
+    ref_grads = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # bfloat16 compute with float32 parameters, like the other layers.
+    y16 = TransposedConv2x2(4, dtype=jnp.bfloat16).apply(variables, x)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y, rtol=0.05, atol=0.1)
+
+
+def test_max_pool2x_is_flax_max_pool():
+    x = jax.random.normal(jax.random.key(6), (2, 8, 6, 3))
+    expected = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool2x(x), expected)
+    # Untied windows: the gradient goes to each window's maximum, as reduce_window's does.
+    g = jax.grad(lambda x: jnp.sum(max_pool2x(x) * jnp.arange(1.0, 4.0)))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2))
+                                       * jnp.arange(1.0, 4.0)))(x)
+    np.testing.assert_array_equal(g, g_ref)
 
 
 @pytest.mark.parametrize("arch", ["convlstm", "unet"])

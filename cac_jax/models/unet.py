@@ -18,9 +18,10 @@ from flax import linen as nn
 from cac_jax.models.convlstm import NUM_SLICES
 from cac_jax.models.layers import (
     DoubleConv,
+    TransposedConv2x2,
     check_spatial,
     conv1x1,
-    kaiming_normal_transposed,
+    max_pool2x,
     norm_kwargs,
 )
 
@@ -55,16 +56,14 @@ class UNet(nn.Module):
         for level in range(self.depth):
             y = DoubleConv(self.base_width * 2**level, name=f"down{level}", **kw)(y, train)
             skips.append(y)
-            y = nn.max_pool(y, (2, 2), strides=(2, 2))
+            y = max_pool2x(y)
         y = DoubleConv(self.base_width * 2**self.depth, name="bottleneck", **kw)(y, train)
         for level in reversed(range(self.depth)):
             width = self.base_width * 2**level
-            # He init with the effective fan_in of a 2x2 stride-2 transposed conv (= its input
+            # 2x2 stride-2 transposed conv, He init with its effective fan_in (= its input
             # channels), see cac_jax/models/layers.py.
-            y = nn.ConvTranspose(width, (2, 2), strides=(2, 2),
-                                 kernel_init=kaiming_normal_transposed((2, 2)),
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name=f"upsample{level}")(y)
+            y = TransposedConv2x2(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name=f"upsample{level}")(y)
             y = jnp.concatenate([skips[level], y], axis=-1)
             y = DoubleConv(width, name=f"up{level}", **kw)(y, train)
         logits = conv1x1(self.num_classes, self.dtype, self.param_dtype, name="head")(y)

@@ -1,0 +1,251 @@
+"""Where the frameworks differ inside a forward pass: each model's convolutions, JAX vs PyTorch.
+
+    python benchmarks/bench_layers.py                  # 512 px, a 4-slice sample (batch 4), 3 models
+    python benchmarks/bench_layers.py --models convlstm --size 256 --batch 2
+    python benchmarks/bench_layers.py --quick          # 64 px, tiny models, 1 round: checks the script
+
+For each model (the configs `cac-jax bench` uses, float32, untrained weights): the convolutions of
+the forward pass are read from its jaxpr at the sample's shape (every `conv_general_dilated`; one
+inside the ConvLSTM's slice scan counts once per step), grouped by shape, and each distinct
+convolution is timed on its own: JAX under `jit` (XLA:CPU) against PyTorch's `F.conv2d` on
+`channels_last` tensors under `inference_mode` (oneDNN), same input, same threads. A stride-2
+convolution with XLA's asymmetric SAME padding (0 before, 1 after) is timed in PyTorch with
+`padding=1`, the same output size and the same work. The whole forward is timed in both
+frameworks too (the JAX model under `jit`, `cac_jax.torch_ref` with the same weights in
+`channels_last` + `inference_mode`, the best variant of `cac-jax bench` on CPU); what is not a
+convolution (normalisation, activations, concatenations, upsampling and pooling, the LSTM gates,
+heads) is the whole minus the convolutions' sum. Timing rounds are interleaved (JAX, PyTorch,
+JAX, ...) and medians reported, with a float32 matmul peak measured in the same run, so the ratios
+hold on a machine whose speed varies.
+
+Writes benchmarks/results/bench_layers.json and .md (atomically; `--out DIR` to write elsewhere).
+Needs the `torch` extra (`pip install -e .[torch]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cac_jax.benchmark import (  # noqa: E402
+    MODEL_CONFIGS,
+    BenchSettings,
+    JaxModel,
+    TorchModel,
+    machine_info,
+    matmul_peak_gflops,
+    threads,
+)
+from data_pipeline.atomic import atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _sub_jaxprs(eqn):
+    """(jaxpr, multiplicity) of every jaxpr nested in an equation's parameters."""
+    times = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                yield inner, times
+
+
+def model_convolutions(jaxpr, times: int = 1, found=None) -> collections.Counter:
+    """Count the convolutions of a jaxpr by (lhs NHWC, kernel HWIO, strides, padding, dilations)."""
+    found = collections.Counter() if found is None else found
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            p = eqn.params
+            lhs_spec, rhs_spec, _ = p["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            n, c, h, w = (lhs[i] for i in lhs_spec)  # the spec lists batch, feature, spatial dims
+            out_c, in_c, kh, kw = (rhs[i] for i in rhs_spec)
+            if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+                raise ValueError(f"grouped convolution not supported: {eqn}")
+            key = ((n, h, w, c), (kh, kw, in_c, out_c), tuple(p["window_strides"]),
+                   tuple(tuple(pad) for pad in p["padding"]), tuple(p["lhs_dilation"]),
+                   tuple(p["rhs_dilation"]))
+            found[key] += times
+        for inner, mult in _sub_jaxprs(eqn):
+            model_convolutions(inner, times * mult, found)
+    return found
+
+
+def conv_flops(key) -> float:
+    """Multiply-adds x 2 of one convolution (lhs dilation: the taps that meet real inputs only)."""
+    (n, h, w, c), (kh, kw, _, out_c), strides, padding, lhs_dil, _ = key
+    hd, wd = (h - 1) * lhs_dil[0] + 1, (w - 1) * lhs_dil[1] + 1
+    ho = (hd + sum(padding[0]) - kh) // strides[0] + 1
+    wo = (wd + sum(padding[1]) - kw) // strides[1] + 1
+    return 2.0 * n * ho * wo * kh * kw * c * out_c / (lhs_dil[0] * lhs_dil[1])
+
+
+def _seconds(fn, *args) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def time_convolution(key, rounds: int, seed: int = 0) -> dict:
+    """JAX and PyTorch channels_last time of one convolution, interleaved rounds."""
+    import jax
+    import torch
+    import torch.nn.functional as F
+
+    (n, h, w, c), (kh, kw, in_c, out_c), strides, padding, lhs_dil, rhs_dil = key
+    if lhs_dil != (1, 1):
+        raise ValueError(f"input-dilated (transposed) convolution not timed: {key}")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c), np.float32)
+    k = (rng.standard_normal((kh, kw, in_c, out_c)) / np.sqrt(kh * kw * in_c)).astype(np.float32)
+    fn = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, strides, padding, rhs_dilation=rhs_dil, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    xj, kj = jax.device_put(x), jax.device_put(k)
+    y = jax.block_until_ready(fn(xj, kj))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    wt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+    # Same output size and work; symmetric padding where XLA's SAME is asymmetric (stride 2).
+    pad = tuple((lo + hi + 1) // 2 for lo, hi in padding)
+    with torch.inference_mode():
+        yt = F.conv2d(xt, wt, stride=strides, padding=pad, dilation=rhs_dil)
+        if tuple(yt.shape) != (y.shape[0], y.shape[3], y.shape[1], y.shape[2]):
+            raise ValueError(f"PyTorch output {tuple(yt.shape)} does not match JAX's {y.shape}")
+        jax_t, torch_t = [], []
+        for _ in range(rounds):
+            jax_t.append(_seconds(lambda: jax.block_until_ready(fn(xj, kj))))
+            torch_t.append(_seconds(F.conv2d, xt, wt, None, strides, pad, rhs_dil))
+    return {"jax_s": float(np.median(jax_t)), "torch_s": float(np.median(torch_t))}
+
+
+def run(args) -> dict:
+    """Measure every model; returns the bench_layers.json dict."""
+    import jax
+    import torch
+
+    torch.set_num_threads(threads())  # the same threads as XLA:CPU's pool
+    settings = BenchSettings(models=tuple(args.models), frameworks=("jax", "torch"),
+                             slices=args.batch, size=args.size, local=args.local)
+    settings.check()
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch, 3, args.size, args.size, 1), np.float32)
+    peaks = [matmul_peak_gflops()]
+    res = {"machine": machine_info(("jax", "torch")), "size": args.size, "batch": args.batch,
+           "rounds": args.rounds, "local": args.local, "models": {}}
+    for name in args.models:
+        jm = JaxModel(name, settings)
+        tm = TorchModel(jm, "torch_channels_last", settings)
+        jm(x), tm(x)  # warm-up
+        whole_jax, whole_torch = [], []
+        for _ in range(args.rounds):
+            whole_jax.append(_seconds(jm, x))
+            whole_torch.append(_seconds(tm, x))
+        closed = jax.make_jaxpr(jm.model.apply)(jm.variables, x)
+        convs = model_convolutions(closed.jaxpr)
+        rows = []
+        for key, count in sorted(convs.items(), key=lambda kv: -conv_flops(kv[0]) * kv[1]):
+            t = time_convolution(key, args.rounds)
+            gflop = conv_flops(key) / 1e9
+            rows.append({
+                "input_nhwc": list(key[0]), "kernel_hwio": list(key[1]), "strides": list(key[2]),
+                "padding": [list(p) for p in key[3]], "count": count, "gflop": gflop,
+                "jax_s": t["jax_s"], "torch_s": t["torch_s"],
+                "jax_gflops": gflop / t["jax_s"], "torch_gflops": gflop / t["torch_s"],
+                "jax_over_torch_time": t["jax_s"] / t["torch_s"],
+            })
+            print(f"{name} {key[0]} -> {key[1][3]} stride {key[2][0]} x{count}: JAX "
+                  f"{t['jax_s'] * 1e3:.1f} ms, PyTorch {t['torch_s'] * 1e3:.1f} ms", flush=True)
+        conv_jax = sum(r["jax_s"] * r["count"] for r in rows)
+        conv_torch = sum(r["torch_s"] * r["count"] for r in rows)
+        fwd_jax, fwd_torch = float(np.median(whole_jax)), float(np.median(whole_torch))
+        res["models"][name] = {
+            "config": MODEL_CONFIGS[name], "convolutions": rows,
+            "conv_gflop": sum(r["gflop"] * r["count"] for r in rows),
+            "forward_s": {"jax": fwd_jax, "torch_channels_last": fwd_torch},
+            "forward_times_s": {"jax": whole_jax, "torch_channels_last": whole_torch},
+            "convolutions_s": {"jax": conv_jax, "torch_channels_last": conv_torch},
+            "other_s": {"jax": fwd_jax - conv_jax, "torch_channels_last": fwd_torch - conv_torch},
+            "jax_speedup_forward": fwd_torch / fwd_jax,
+            "jax_speedup_convolutions": conv_torch / conv_jax,
+        }
+        peaks.append(matmul_peak_gflops())
+    res["matmul_peak_gflops"] = peaks
+    return res
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    peaks = ", ".join(f"{p:.0f}" for p in res["matmul_peak_gflops"])
+    lines = [
+        "# Convolutions inside the forward pass: JAX (XLA:CPU) vs PyTorch channels_last (oneDNN)",
+        "",
+        f"`python benchmarks/bench_layers.py --size {res['size']} --batch {res['batch']}"
+        f"{' --local' if res['local'] else ''}`: float32, batch {res['batch']} (a "
+        f"{res['batch']}-slice sample of `cac-jax bench`), {res['size']} px, median of "
+        f"{res['rounds']} interleaved rounds. Machine: {m['cpu_model']}, {m['logical_cores']} "
+        f"logical cores, AVX-512 {'yes' if m['avx512'] else 'no'}, {m['threads']} threads; "
+        f"JAX {m['jax']}, PyTorch {m.get('torch')}; float32 matmul peak (JAX) {peaks} GFLOP/s "
+        "(before the first model and after each).",
+        "",
+        "| model | forward JAX s | forward PyTorch s | JAX speed-up | convolutions JAX s | "
+        "PyTorch s | JAX speed-up | rest JAX s | rest PyTorch s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in res["models"].items():
+        lines.append(
+            f"| {name} | {r['forward_s']['jax']:.3f} | {r['forward_s']['torch_channels_last']:.3f}"
+            f" | {r['jax_speedup_forward']:.2f}x | {r['convolutions_s']['jax']:.3f} | "
+            f"{r['convolutions_s']['torch_channels_last']:.3f} | "
+            f"{r['jax_speedup_convolutions']:.2f}x | {r['other_s']['jax']:.3f} | "
+            f"{r['other_s']['torch_channels_last']:.3f} |")
+    lines += ["", "\"rest\": the forward minus its convolutions timed alone (normalisation, "
+              "activations, concatenations, up/down-sampling, LSTM gates, heads).", ""]
+    for name, r in res["models"].items():
+        lines += [f"## {name}", "",
+                  "| input (N, H, W, C) | out C | kernel | stride | count | GFLOP each | JAX ms |"
+                  " PyTorch ms | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch time |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in r["convolutions"]:
+            kh, kw, _, out_c = c["kernel_hwio"]
+            lines.append(
+                f"| {tuple(c['input_nhwc'])} | {out_c} | {kh}x{kw} | {c['strides'][0]} | "
+                f"{c['count']} | {c['gflop']:.2f} | {c['jax_s'] * 1e3:.1f} | "
+                f"{c['torch_s'] * 1e3:.1f} | {c['jax_gflops']:.0f} | {c['torch_gflops']:.0f} | "
+                f"{c['jax_over_torch_time']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODEL_CONFIGS),
+                        type=lambda s: [m for m in s.split(",") if m])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4, help="windows per forward (slices)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local", action="store_true", help="the tiny :local model variants")
+    parser.add_argument("--quick", action="store_true", help="64 px, tiny models, batch 2, 1 round")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.rounds, args.local = 64, 2, 1, True
+    res = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "bench_layers.json", json.dumps(res, indent=1))
+    atomic_write_text(args.out / "bench_layers.md", markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
