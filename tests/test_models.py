@@ -14,6 +14,7 @@ from flax import linen as nn
 from cac_jax.models import ConvLSTMAttentionNet, UNet, build_model, count_params
 from cac_jax.models.config import model_config
 from cac_jax.models.layers import (
+    Conv1x1,
     GroupNorm,
     TransposedConv2x2,
     depth_to_space,
@@ -378,6 +379,26 @@ def test_transposed_conv2x2_is_flax_conv_transpose():
     y16 = TransposedConv2x2(4, dtype=jnp.bfloat16).apply(variables, x)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), y, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv1x1_is_flax_conv(use_bias):
+    from cac_jax.models.layers import kaiming_normal
+
+    x = jax.random.normal(jax.random.key(7), (2, 6, 5, 8))
+    reference = nn.Conv(3, (1, 1), use_bias=use_bias, kernel_init=kaiming_normal)
+    layer = Conv1x1(3, use_bias=use_bias)
+    ref_vars = reference.init(jax.random.key(8), x)
+    variables = layer.init(jax.random.key(8), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(ref_vars)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(ref_vars)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if use_bias:
+        variables = {"params": {**variables["params"], "bias": jnp.arange(3.0)}}
+    np.testing.assert_allclose(layer.apply(variables, x), reference.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    y16 = Conv1x1(3, use_bias=use_bias, dtype=jnp.bfloat16).apply(variables, x)
+    assert y16.dtype == jnp.bfloat16
 
 
 def test_max_pool2x_is_flax_max_pool():

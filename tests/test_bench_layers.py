@@ -1,0 +1,90 @@
+"""benchmarks/bench_layers.py: the convolutions read from the models' jaxprs, and the script end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cac_jax.models import build_model
+from cac_jax.models.config import model_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_layers",
+                                                  ROOT / "benchmarks" / "bench_layers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _convolutions(arch: str, batch: int = 2, size: int = 64):
+    cfg = model_config(arch, "calcium", local=True)
+    cfg.dtype = "float32"
+    model = build_model(cfg)
+    x = jnp.zeros((batch, 3, size, size, 1), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    return model, _script().model_convolutions(jax.make_jaxpr(model.apply)(variables, x).jaxpr)
+
+
+def test_unet_convolutions_are_all_found():
+    model, convs = _convolutions("unet")
+    # Two 3x3 convolutions per level down, at the bottleneck and per level up; the upsampling
+    # and the 1x1 head are matmuls (no input-dilated or 1x1 convolution left).
+    assert sum(convs.values()) == 2 * (2 * model.depth + 1)
+    assert all(key[1][:2] == (3, 3) and key[4] == (1, 1) for key in convs)
+
+
+def test_convlstm_hidden_convolutions_count_once_per_slice():
+    model, convs = _convolutions("convlstm", batch=2)
+    for hidden in model.lstm_features:
+        # conv_h(h_{t-1}) inside the scan over the 3 slices, on the batch (not batch x slices).
+        hidden_convs = [count for key, count in convs.items()
+                        if key[1] == (3, 3, hidden, 4 * hidden) and key[0][0] == 2]
+        assert hidden_convs == [3]
+    # The encoder runs on batch x 3 slices; its later stages start with a stride-2 convolution.
+    assert any(key[0][0] == 6 and key[2] == (2, 2) for key in convs)
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((1, 1), (1, 1))),
+                                             ((2, 2), ((0, 1), (0, 1)))])
+def test_conv_flops_match_xla_cost_analysis(strides, padding):
+    # conv_flops counts every kernel tap of every output pixel, padding included (the usual
+    # convention for GFLOP/s); XLA's cost analysis counts the same for the convolution of the
+    # explicitly padded input with no padding of its own.
+    x = jnp.zeros((2, 16 + sum(padding[0]), 12 + sum(padding[1]), 5), jnp.float32)
+    k = jnp.zeros((3, 3, 5, 7), jnp.float32)
+    fn = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    cost = fn.lower(x, k).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    key = ((2, 16, 12, 5), (3, 3, 5, 7), strides, padding, (1, 1), (1, 1))
+    assert _script().conv_flops(key) == pytest.approx(cost["flops"], rel=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs the torch extra (pip install -e .[torch])")
+def test_bench_layers_quick_end_to_end(tmp_path):
+    script = _script()
+    assert script.main(["--quick", "--models", "unet_matched", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_layers.json").read_text())
+    r = res["models"]["unet_matched"]
+    rows = r["convolutions"]
+    assert sum(row["count"] for row in rows) == 18
+    for fw, key in (("jax", "jax_s"), ("torch_channels_last", "torch_s")):
+        assert r["convolutions_s"][fw] == pytest.approx(sum(row[key] * row["count"] for row in rows))
+        assert r["other_s"][fw] == pytest.approx(r["forward_s"][fw] - r["convolutions_s"][fw])
+        assert r["forward_s"][fw] == pytest.approx(float(np.median(r["forward_times_s"][fw])))
+    assert r["jax_speedup_forward"] == pytest.approx(
+        r["forward_s"]["torch_channels_last"] / r["forward_s"]["jax"])
+    assert all(row["jax_s"] > 0 and row["torch_s"] > 0 for row in rows)
+    assert len(res["matmul_peak_gflops"]) == 2
+    md = (tmp_path / "bench_layers.md").read_text()
+    assert "| unet_matched |" in md and "## unet_matched" in md
