@@ -39,7 +39,7 @@ test-slow: setup
 demo: setup
 	$(BIN)/python -m cac_jax.demo --out $(DEMO_DIR)
 
-# Every benchmark at full size, one after the other (about 20-25 minutes on 2 cores); each writes
+# Every benchmark at full size, one after the other (about 35-40 minutes on 2 cores); each writes
 # benchmarks/results/<name>.json and .md. Run on a quiet machine: they time alternatives side by side.
 bench: setup
 	$(BIN)/python benchmarks/bench_io.py
@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_input_pipeline.py
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_layers.py
+	$(BIN)/python benchmarks/bench_layer_rewrites.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

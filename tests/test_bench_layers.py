@@ -13,6 +13,7 @@ import pytest
 
 from cac_jax.models import build_model
 from cac_jax.models.config import model_config
+from cac_jax.models.layers import TransposedConv2x2, max_pool2x
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -88,3 +89,30 @@ def test_bench_layers_quick_end_to_end(tmp_path):
     assert len(res["matmul_peak_gflops"]) == 2
     md = (tmp_path / "bench_layers.md").read_text()
     assert "| unet_matched |" in md and "## unet_matched" in md
+
+
+def test_bench_layer_rewrites_quick_end_to_end(tmp_path):
+    # flax's layers against ours, alone and in a whole model; the script itself refuses a model
+    # program where flax's layers were not swapped in (fewer convolutions than ours).
+    spec = importlib.util.spec_from_file_location(
+        "bench_layer_rewrites", ROOT / "benchmarks" / "bench_layer_rewrites.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--quick", "--models", "unet_matched", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_layer_rewrites.json").read_text())
+    assert [r["layer"].split()[0] for r in res["layers"]] == ["upsample"] * 4 + ["head"] + ["max"] * 2
+    for row in res["layers"]:
+        for kind in ("forward", "gradient"):
+            r = row[kind]
+            assert r["speedup"] == pytest.approx(r["flax_s"] / r["ours_s"])
+            assert r["max_rel_diff"] < 1e-5  # the same layer, written differently
+    entry = res["models"]["unet_matched"]
+    for kind in ("forward", "gradient"):
+        convs = entry[kind]["convolutions_in_program"]
+        assert convs["flax"] > convs["ours"]
+        assert entry[kind]["max_rel_diff"] < 1e-4
+    assert "| unet_matched | gradient |" in (tmp_path / "bench_layer_rewrites.md").read_text()
+    # The swap is undone afterwards: the models use our layers again.
+    from cac_jax.models import unet
+
+    assert unet.TransposedConv2x2 is TransposedConv2x2 and unet.max_pool2x is max_pool2x

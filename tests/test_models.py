@@ -399,6 +399,8 @@ def test_conv1x1_is_flax_conv(use_bias):
                                rtol=1e-5, atol=1e-5)
     y16 = Conv1x1(3, use_bias=use_bias, dtype=jnp.bfloat16).apply(variables, x)
     assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), reference.apply(variables, x),
+                               rtol=0.05, atol=0.1)
 
 
 def test_max_pool2x_is_flax_max_pool():

@@ -209,9 +209,9 @@ class Conv1x1(nn.Module):
     The same parameters ("kernel" (1, 1, in, out), "bias" (out,) at zero), initial values and
     outputs as `nn.Conv(features, (1, 1))` (tests/test_models.py). XLA:CPU runs a 1x1 convolution
     with few output channels through its general convolution kernel about 10x more slowly than the
-    same contraction as a dot: the UNet's 64 -> 3 head on a (4, 512, 512, 64) batch took 191 ms
-    as a convolution and 20 ms as this einsum (PyTorch's oneDNN: 21 ms; benchmarks/bench_layers.py
-    times every convolution of the models).
+    same contraction as a dot: the UNet's 64 -> 3 head on a (4, 512, 512, 64) batch took 196 ms
+    as a convolution and 20 ms as this einsum (benchmarks/bench_layer_rewrites.py; PyTorch's
+    oneDNN convolution: 21 ms).
     """
 
     features: int
@@ -245,9 +245,9 @@ class TransposedConv2x2(nn.Module):
     at zero), initial values and outputs as `nn.ConvTranspose(features, (2, 2), strides=(2, 2))`
     (tests/test_models.py checks all three), so checkpoints and `cac_jax.torch_ref.from_flax` see
     no difference. Why not `nn.ConvTranspose`: XLA lowers it to a convolution over the input
-    dilated with zeros, 4x the multiply-adds, and on CPU its gradients are slow: replacing it halved
-    UNet-64's gradient step at 256 px (14.0 -> 7.0 s, batch 2) and cut about 5% off its 512 px
-    forward. With kernel size = stride each output pixel receives exactly one kernel tap, so the
+    dilated with zeros, 4x the multiply-adds, and on CPU its gradient is very slow (13-29x this
+    layer's at UNet-64's shapes); with `max_pool2x` it made UNet-64's whole gradient at 256 px,
+    batch 2, 2.5x faster, its forward about the same (benchmarks/bench_layer_rewrites.py). With kernel size = stride each output pixel receives exactly one kernel tap, so the
     layer is a (pixels, in) x (in, 2 * 2 * out) matmul whose columns are then moved to the 2x2
     block of output pixels they belong to. Flax's `ConvTranspose` (transpose_kernel=False)
     correlates with the kernel unflipped, which puts tap (a, b) at output offset (1 - a, 1 - b)
@@ -274,10 +274,11 @@ def max_pool2x(x: jax.Array) -> jax.Array:
     """2x2 max pooling with stride 2 over NHWC (H and W even): `nn.max_pool(x, (2, 2), (2, 2))`.
 
     Written as a reshape and a max reduction: the same forward values, and XLA:CPU runs its
-    gradient 2.5-3.5x faster than the select-and-scatter of `reduce_window`'s (e.g. 326 against
-    917 ms for a (4, 512, 512, 64) input). Where a window's maximum is tied the gradient is
-    shared between the tied inputs instead of going to one of them; in the UNet the pooled values
-    come out of a ReLU, so ties are zeros, whose gradient the ReLU stops either way.
+    gradient 1.6-3.6x faster than the select-and-scatter of `reduce_window`'s (511 against 864 ms
+    for a (4, 512, 512, 64) input in benchmarks/bench_layer_rewrites.py). Where a window's maximum is tied the gradient is
+    shared between the tied inputs instead of going to one of them (both are valid subgradients).
+    In the UNet the pooled values come out of a ReLU, so most ties are zeros, whose gradient the
+    ReLU stops either way; equal positive values (likelier in bfloat16) split theirs.
     """
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
