@@ -19,9 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_layers",
-                                                  ROOT / "benchmarks" / "bench_layers.py")
+def _script(name: str = "bench_layers"):
+    """Import benchmarks/<name>.py (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -94,10 +94,7 @@ def test_bench_layers_quick_end_to_end(tmp_path):
 def test_bench_layer_rewrites_quick_end_to_end(tmp_path):
     # flax's layers against ours, alone and in a whole model; the script itself refuses a model
     # program where flax's layers were not swapped in (fewer convolutions than ours).
-    spec = importlib.util.spec_from_file_location(
-        "bench_layer_rewrites", ROOT / "benchmarks" / "bench_layer_rewrites.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("bench_layer_rewrites")
     assert script.main(["--quick", "--models", "unet_matched", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "bench_layer_rewrites.json").read_text())
     assert [r["layer"].split()[0] for r in res["layers"]] == ["upsample"] * 4 + ["head"] + ["max"] * 2

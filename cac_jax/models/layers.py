@@ -247,9 +247,10 @@ class TransposedConv2x2(nn.Module):
     no difference. Why not `nn.ConvTranspose`: XLA lowers it to a convolution over the input
     dilated with zeros, 4x the multiply-adds, and on CPU its gradient is very slow (13-29x this
     layer's at UNet-64's shapes); with `max_pool2x` it made UNet-64's whole gradient at 256 px,
-    batch 2, 2.5x faster, its forward about the same (benchmarks/bench_layer_rewrites.py). With kernel size = stride each output pixel receives exactly one kernel tap, so the
-    layer is a (pixels, in) x (in, 2 * 2 * out) matmul whose columns are then moved to the 2x2
-    block of output pixels they belong to. Flax's `ConvTranspose` (transpose_kernel=False)
+    batch 2, 2.5x faster, its forward about the same (benchmarks/bench_layer_rewrites.py).
+    With kernel size = stride each output pixel receives exactly one kernel tap, so the layer is
+    a (pixels, in) x (in, 2 * 2 * out) matmul whose columns are then moved to the 2x2 block of
+    output pixels they belong to. Flax's `ConvTranspose` (transpose_kernel=False)
     correlates with the kernel unflipped, which puts tap (a, b) at output offset (1 - a, 1 - b)
     of each block: hence the flip.
     """
@@ -275,8 +276,9 @@ def max_pool2x(x: jax.Array) -> jax.Array:
 
     Written as a reshape and a max reduction: the same forward values, and XLA:CPU runs its
     gradient 1.6-3.6x faster than the select-and-scatter of `reduce_window`'s (511 against 864 ms
-    for a (4, 512, 512, 64) input in benchmarks/bench_layer_rewrites.py). Where a window's maximum is tied the gradient is
-    shared between the tied inputs instead of going to one of them (both are valid subgradients).
+    for a (4, 512, 512, 64) input in benchmarks/bench_layer_rewrites.py). Where a window's
+    maximum is tied the gradient is shared between the tied inputs instead of going to one of
+    them (both are valid subgradients).
     In the UNet the pooled values come out of a ReLU, so most ties are zeros, whose gradient the
     ReLU stops either way; equal positive values (likelier in bfloat16) split theirs.
     """
