@@ -202,6 +202,33 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.
     return ckpt_dir / str(step), path
 
 
+def _check_stored_shapes(checkpointer, step_dir: pathlib.Path, abstract) -> None:
+    """Raise InputError naming the first parameter whose stored shape differs from the model's.
+
+    Compares the checkpoint's array metadata with the model's abstract variables before any array
+    is read, so a mismatch is reported by parameter name (and Orbax never starts reads that would
+    then fail). Metadata that cannot be read is left to the restore, which reports it.
+    """
+    import jax
+
+    try:
+        meta = checkpointer.metadata(step_dir / "variables")
+    except (FileNotFoundError, ValueError, KeyError):
+        return  # restore() raises the same error with its message
+    item = getattr(meta, "item_metadata", meta)
+    stored = dict(jax.tree_util.tree_flatten_with_path(getattr(item, "tree", item))[0])
+    expected = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+    for key, want in expected.items():
+        name = jax.tree_util.keystr(key)
+        if key not in stored:
+            raise InputError(step_dir, f"checkpoint does not match its config's model: {name} "
+                                       "is missing from the stored variables")
+        have = tuple(getattr(stored[key], "shape", ()) or ())
+        if have != tuple(want.shape):
+            raise InputError(step_dir, f"checkpoint does not match its config's model: {name} "
+                                       f"is stored as {have}, the model needs {tuple(want.shape)}")
+
+
 def load_trained(path: str | pathlib.Path) -> TrainedModel:
     """Restore the model of a training workdir (best, else latest checkpoint) or of a step folder.
 
@@ -234,6 +261,11 @@ def load_trained(path: str | pathlib.Path) -> TrainedModel:
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
     checkpointer = ocp.StandardCheckpointer()
+    try:
+        _check_stored_shapes(checkpointer, step_dir, abstract)
+    except InputError:
+        checkpointer.close()
+        raise
     try:
         variables = checkpointer.restore(step_dir / "variables", abstract)
     except (FileNotFoundError, ValueError, KeyError) as err:

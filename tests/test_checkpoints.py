@@ -136,8 +136,11 @@ def test_mismatched_model_is_refused(run, tmp_path):
     shutil.copytree(workdir / "checkpoints" / "2", bad)
     other = _config("unet_calcium")  # a 3-class head against 2-class weights
     (bad / "config" / "metadata").write_text(json.dumps(ckpt.config_to_dict(other)))
-    with pytest.raises(InputError, match="does not match"):
+    with pytest.raises(InputError, match="does not match") as err:
         ckpt.load_trained(bad)
+    # Found from the stored metadata, before any array is read, and named.
+    assert "is stored as" in str(err.value) and "the model needs" in str(err.value)
+    assert str(bad) in str(err.value)
 
 
 def test_loading_never_imports_tensorflow(run):
