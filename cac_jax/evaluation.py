@@ -48,7 +48,8 @@ from data_pipeline.atomic import atomic_path, atomic_write_text
 from data_pipeline.errors import InputError
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-PRED_COLUMNS = ("scan_id", "status", "agatston")  # the part of issue 11's results.csv we need
+# The part of results.csv (docs/contracts.md) that evaluation needs.
+PRED_COLUMNS = ("scan_id", "status", "agatston")
 REF_COLUMNS = ("scan_id", "agatston")
 
 

@@ -1,6 +1,6 @@
 """Training: the data-parallel focal-loss step, validation, and the loop with Orbax checkpoints.
 
-`train_and_evaluate(config, workdir)` runs (or resumes) one experiment (DESIGN.md "Training"):
+`train_and_evaluate(config, workdir)` runs (or resumes) one experiment (docs/training.md):
 - the step is a per-device function with explicit collectives over the named axis `AXIS`
   (`lax.pmean` of gradients, BatchNorm statistics and metrics), mapped over the local devices with
   `jax.pmap`; the state is replicated. Multi-host: `jax.distributed.initialize()` first, each host

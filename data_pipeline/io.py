@@ -1,6 +1,6 @@
 """CT study I/O: DICOM folders (pydicom) and image files (SimpleITK) to one `CTVolume`.
 
-Conventions (DESIGN.md "Data flow"):
+Conventions (docs/contracts.md, "Orientation and slice order"; docs/io.md):
 - One canonical orientation for every study, whatever its file or patient position: DICOM LPS,
   i.e. array axis x (last) runs from the patient's right to left, y from anterior to posterior,
   and z (first) from feet to head, as `SimpleITK.DICOMOrient(image, "LPS")` gives. A feet-first

@@ -382,7 +382,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
 
 
 def test_evaluate_imports_neither_jax_nor_tensorflow():
-    """Evaluation runs on a statistician's laptop: no JAX, no TensorFlow (README)."""
+    """Evaluation runs on a statistician's laptop: no JAX, no TensorFlow (docs/commands.md)."""
     import subprocess
     import sys
 
