@@ -71,6 +71,25 @@ def test_vectorised_kappa_matches_sklearn():
         assert ours == pytest.approx(expected, abs=1e-12)
 
 
+def test_linear_kappa_of_a_table_is_sklearns_and_training_uses_it():
+    # One linear kappa for training's validation and `cac-jax evaluate`: the table's kappa equals
+    # scikit-learn's on the expanded ratings, NaN where it is undefined.
+    from cac_jax import train
+
+    assert train.linear_kappa is ev.linear_kappa
+    for table in _random_tables(9, seed=4):
+        reference, predicted = _ratings_from_table(table)
+        assert ev.linear_kappa(table) == pytest.approx(
+            cohen_kappa_score(reference, predicted, labels=[0, 1, 2, 3], weights="linear"),
+            abs=1e-12)
+    assert math.isnan(ev.linear_kappa(np.zeros((4, 4), int)))
+    single = np.zeros((4, 4), int)
+    single[2, 2] = 5  # both raters use one and the same category: chance agreement 1
+    assert math.isnan(ev.linear_kappa(single))
+    single[2, 3] = 1
+    assert ev.linear_kappa(single) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_kappa_perfect_and_undefined():
     perfect = ev.weighted_kappa([0, 1, 2, 3, 3], [0, 1, 2, 3, 3])
     assert perfect.kappa == pytest.approx(1.0)
