@@ -9,7 +9,8 @@ scores:
 - `weighted_kappa`: kappa from scikit-learn (`cohen_kappa_score(weights="linear")`), its asymptotic
   standard error by Fleiss, Cohen & Everitt (1969) (the variance statsmodels' `cohens_kappa`
   computes) and the Wald 95% CI kappa +- 1.96 SE (truncated to [-1, 1]). `bootstrap_kappa` adds a
-  percentile bootstrap CI (cases resampled with replacement).
+  percentile bootstrap CI (cases resampled with replacement; where the reference has
+  `patient_id`, patients, all of a patient's scans together).
 - `kappa_z_test`: z = (k1 - k2) / sqrt(SE1^2 + SE2^2), which treats the two kappas as independent.
   On the same cases they are positively correlated, so this test is conservative (p too large);
   `bootstrap_kappa(..., predicted_2=...)` gives the paired alternative: both models' kappas on the
@@ -26,6 +27,8 @@ scores:
   `report.md` and the PNG figures.
 
 Every value that cannot be computed is None, with the reason under the block's `null_reasons`.
+One set of reference categories serves every kappa, test and group of an evaluation (see
+docs/evaluation.md).
 
 Modules: `statistics` (kappa, z-tests, bootstrap, concordance, ICC, Bland-Altman), `inputs` (reading
 the CSVs and matching cases), `metrics` (the metrics dict, `evaluate`) and `report` (report.md,

@@ -179,6 +179,7 @@ class Case:
     volume: float | None
     agatston_2: float | None = None
     volume_2: float | None = None
+    patient_id: str | None = None  # the reference's patient_id: the bootstrap resamples patients
 
 
 def match_cases(pred: dict[str, PredRow], ref: dict[str, RefRow], *,
@@ -242,7 +243,7 @@ def match_cases(pred: dict[str, PredRow], ref: dict[str, RefRow], *,
         cases.append(Case(scan_id, target.scan_id, protocol, target.agatston, target.category,
                           target.volume_mm3, row.agatston, row.volume_mm3,
                           None if second is None else second.agatston,
-                          None if second is None else second.volume_mm3))
+                          None if second is None else second.volume_mm3, target.patient_id))
     if pred2 is not None:
         for scan_id in pred2:
             if scan_id not in pred:

@@ -79,11 +79,12 @@ def model_metrics(reference_agatston: np.ndarray, predicted_agatston: np.ndarray
                   predicted_volume: np.ndarray | None = None,
                   volume_reason: str | None = None,
                   five_class: bool = False, n_bootstrap: int = 0,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, patients: np.ndarray | None = None) -> dict[str, Any]:
     """All agreement metrics of one model against the reference, as a strict-JSON dict.
 
     `reference_category` (4 classes) overrides the category derived from the reference score
     (an expert's category read directly); the 5-class variant always derives from the scores.
+    `patients` (one label per case) makes the bootstrap resample patients, not cases.
     """
     reference_agatston = np.asarray(reference_agatston, dtype=np.float64)
     predicted_agatston = np.asarray(predicted_agatston, dtype=np.float64)
@@ -97,10 +98,11 @@ def model_metrics(reference_agatston: np.ndarray, predicted_agatston: np.ndarray
                               null_reasons))
     if n_bootstrap:
         boot = bootstrap_kappa(ref_cat, pred_cat, NUM_CATEGORIES, n_resamples=n_bootstrap,
-                               seed=seed)
+                               seed=seed, clusters=patients)
         block["kappa_linear_bootstrap_ci95"] = _pair(boot.ci95)
         block["bootstrap"] = {"n_resamples": boot.n_resamples, "n_defined": boot.n_defined,
-                              "seed": seed, "method": "percentile, cases resampled"}
+                              "seed": seed, "method": f"percentile, {_resampling(patients)}",
+                              "n_resampled_units": boot.n_clusters}
         if boot.ci95 is None:
             null_reasons["kappa_linear_bootstrap_ci95"] = "kappa undefined on the resamples"
     icc = icc_absolute_agreement(np.stack([reference_agatston, predicted_agatston], axis=1))
@@ -136,9 +138,16 @@ def model_metrics(reference_agatston: np.ndarray, predicted_agatston: np.ndarray
     return block
 
 
-def _comparison(cases: Sequence[Case], second: dict[str, Any], n_bootstrap: int,
-                seed: int) -> dict[str, Any]:
-    ref_cat = _reference_categories(cases)
+def _resampling(patients: np.ndarray | None) -> str:
+    """What the bootstrap draws with replacement."""
+    if patients is None:
+        return "cases resampled"
+    return "patients resampled (all of a patient's scans together)"
+
+
+def _comparison(cases: Sequence[Case], second: dict[str, Any], ref_cat: np.ndarray,
+                patients: np.ndarray | None, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """The two models' kappas compared: both tests on the reference categories the kappas use."""
     pred_cat = np.array([cac_category(c.agatston) for c in cases], dtype=np.int64)
     pred2_cat = np.array([cac_category(c.agatston_2) for c in cases], dtype=np.int64)
     k = NUM_CATEGORIES
@@ -151,11 +160,12 @@ def _comparison(cases: Sequence[Case], second: dict[str, Any], n_bootstrap: int,
     }
     if n_bootstrap:
         boot = bootstrap_kappa(ref_cat, pred_cat, k, n_resamples=n_bootstrap, seed=seed,
-                               predicted_2=pred2_cat)
+                               predicted_2=pred2_cat, clusters=patients)
         out["z_test_paired_bootstrap"] = {**_ztest_json(boot.paired_test),
                                           "difference_ci95": _pair(boot.difference_ci95),
                                           "n_resamples": boot.n_resamples,
-                                          "n_defined": boot.n_defined}
+                                          "n_defined": boot.n_defined,
+                                          "resampling": _resampling(patients)}
     return out
 
 
@@ -164,14 +174,37 @@ def _ztest_json(test: ZTest) -> dict[str, Any]:
             "p": _num(test.p), "assumption": test.method, "null_reason": test.null_reason}
 
 
-def _reference_categories(cases: Sequence[Case]) -> np.ndarray:
-    return np.array([c.reference_category if c.reference_category is not None
+def uses_category_column(cases: Sequence[Case]) -> bool:
+    """Whether the reference categories are the reference CSV's `category` column: only when
+    every case has one. A partly filled column is not used at all (each case's category from its
+    reference agatston), so every kappa, test and group of one evaluation uses one set."""
+    return all(c.reference_category is not None for c in cases)
+
+
+def reference_categories(cases: Sequence[Case], category_column: bool) -> np.ndarray:
+    """The 4-class reference category of each case: the given column's, or from the agatston."""
+    return np.array([c.reference_category if category_column
                      else cac_category(c.reference_agatston) for c in cases], dtype=np.int64)
 
 
+def patient_labels(cases: Sequence[Case]) -> np.ndarray | None:
+    """One integer per case naming its patient, for the bootstrap; None when the reference gives
+    no patient_id (cases are resampled). A case without a patient_id is a patient of its own."""
+    if not any(c.patient_id for c in cases):
+        return None
+    ids: dict[tuple[str, str], int] = {}
+    return np.array([ids.setdefault(("patient", c.patient_id) if c.patient_id
+                                    else ("scan", c.scan_id), len(ids)) for c in cases])
+
+
 def group_metrics(cases: Sequence[Case], *, two_models: bool, five_class: bool,
-                  n_bootstrap: int, seed: int, volume_reason: str | None) -> dict[str, Any]:
-    """Metrics of one group of cases (all, or one protocol): model 1, and model 2 with the test."""
+                  n_bootstrap: int, seed: int, volume_reason: str | None,
+                  category_column: bool | None = None) -> dict[str, Any]:
+    """Metrics of one group of cases (all, or one protocol): model 1, and model 2 with the tests.
+
+    `category_column`: whether the reference categories are the CSV's column (`evaluate` decides
+    it once over all cases; None: decided on this group's cases).
+    """
     ref_volume = pred_volume = pred2_volume = None
     reason = volume_reason
     if reason is None:
@@ -185,10 +218,12 @@ def group_metrics(cases: Sequence[Case], *, two_models: bool, five_class: bool,
             pred_volume = np.array([c.volume for c in cases])
             if two_models:
                 pred2_volume = np.array([c.volume_2 for c in cases])
-    has_category = all(c.reference_category is not None for c in cases)
-    common = dict(reference_category=_reference_categories(cases) if has_category else None,
-                  reference_volume=ref_volume, volume_reason=reason, five_class=five_class,
-                  n_bootstrap=n_bootstrap, seed=seed)
+    if category_column is None:
+        category_column = uses_category_column(cases)
+    ref_cat = reference_categories(cases, category_column)
+    patients = patient_labels(cases)
+    common = dict(reference_category=ref_cat, reference_volume=ref_volume, volume_reason=reason,
+                  five_class=five_class, n_bootstrap=n_bootstrap, seed=seed, patients=patients)
     reference = np.array([c.reference_agatston for c in cases])
     first = model_metrics(reference, np.array([c.agatston for c in cases]),
                           predicted_volume=pred_volume, **common)
@@ -196,7 +231,7 @@ def group_metrics(cases: Sequence[Case], *, two_models: bool, five_class: bool,
         return first
     second = model_metrics(reference, np.array([c.agatston_2 for c in cases]),
                            predicted_volume=pred2_volume, **common)
-    first.update(_comparison(cases, second, n_bootstrap, seed))
+    first.update(_comparison(cases, second, ref_cat, patients, n_bootstrap, seed))
     first["model_2"] = second
     return first
 
@@ -241,15 +276,21 @@ def evaluate(inputs: EvaluationInputs) -> tuple[dict[str, Any], list[Case]]:
                                                    f"{detail})" if excluded else ""))
     volume_reason = (None if "volume_mm3" in ref_fields
                      else "the reference has no volume_mm3 column (a manifest has none)")
+    category_column = uses_category_column(cases)
+    given = sum(c.reference_category is not None for c in cases)
     options = dict(two_models=pred2 is not None, five_class=inputs.five_class,
-                   n_bootstrap=inputs.n_bootstrap, seed=inputs.seed, volume_reason=volume_reason)
+                   n_bootstrap=inputs.n_bootstrap, seed=inputs.seed, volume_reason=volume_reason,
+                   category_column=category_column)
     metrics: dict[str, Any] = {
         "inputs": dataclasses.asdict(inputs),
         "kappa_ci_method": ("Wald: kappa +- 1.96 x asymptotic SE (Fleiss, Cohen & Everitt 1969), "
                             "truncated to [-1, 1]"),
-        "reference_category": ("the reference CSV's category column" if
-                               all(c.reference_category is not None for c in cases)
-                               else "from the reference agatston"),
+        "reference_category": (
+            "the reference CSV's category column" if category_column
+            else "from the reference agatston" + (
+                f" (the category column is filled for {given} of {len(cases)} cases, so it is "
+                "not used)" if given else "")),
+        "bootstrap_resampling": _resampling(patient_labels(cases)) if inputs.n_bootstrap else None,
         "matching": (f"the same patient's {inputs.ref_protocol} scan (through patient_id)"
                      if inputs.ref_protocol else "the same scan_id"),
     }
@@ -263,7 +304,7 @@ def evaluate(inputs: EvaluationInputs) -> tuple[dict[str, Any], list[Case]]:
     metrics["excluded"] = [e.to_json() for e in excluded]
     metrics["n_excluded"] = len(excluded)
     # A given category that contradicts the given score is worth a look (a typo, or a category
-    # read on another scale); the category column is still what the kappa uses.
+    # read on another scale); a complete category column is still what the kappas use.
     metrics["warnings"] = [
         f"{c.reference_scan_id}: reference category {c.reference_category} "
         f"({CATEGORY_NAMES[c.reference_category]}) but its agatston {c.reference_agatston:g} is "

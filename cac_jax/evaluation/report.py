@@ -148,6 +148,7 @@ def _group_section(title: str, block: dict[str, Any], figures: dict[str, str],
         paired = block.get("z_test_paired_bootstrap")
         if paired:
             lines += ["", f"Paired bootstrap ({paired['n_resamples']} resamples, "
+                          f"{paired['resampling']}, "
                           f"{paired['n_defined']} with both kappas defined): difference 95% CI "
                           f"{_fmt_ci(paired['difference_ci95'])}, z = {_fmt(paired['z'], 2)}, "
                           f"p = {format_p(paired['p'])}. {paired['assumption']}."]
@@ -200,8 +201,8 @@ def render_report(metrics: dict[str, Any], figures: dict[str, dict[str, str]]) -
              "Method: linearly weighted Cohen's kappa over the four CAC categories (0, 1-100, "
              "101-400, >400; reference categories "
              f"{metrics['reference_category']}); 95% CI {metrics['kappa_ci_method']}"
-             + ("; the bootstrap CI is the 2.5-97.5 percentile of kappa over resampled cases"
-                if inputs["n_bootstrap"] else "")
+             + (f"; the bootstrap CI is the 2.5-97.5 percentile of kappa "
+                f"({metrics['bootstrap_resampling']})" if inputs["n_bootstrap"] else "")
              + ". ICC(2,1): two-way random effects, absolute agreement, single measure (Shrout & "
                "Fleiss 1979), 95% CI by McGraw & Wong (1996). Bland-Altman on log(Agatston + 1), "
                "prediction minus reference, limits bias +- 1.96 SD.", ""]

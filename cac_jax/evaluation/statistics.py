@@ -189,21 +189,31 @@ class BootstrapResult:
     ci95_2: tuple[float, float] | None = None
     paired_test: ZTest | None = None
     difference_ci95: tuple[float, float] | None = None
+    n_clusters: int | None = None  # what each resample draws: cases, or clusters (patients)
 
 
-def _bootstrap_tables(reference: np.ndarray, predicted: np.ndarray, draws: np.ndarray,
-                      k: int) -> np.ndarray:
-    codes = reference[draws] * k + predicted[draws]  # (B, n) cell of each drawn case
-    offsets = np.arange(draws.shape[0])[:, None] * (k * k)
-    counts = np.bincount((codes + offsets).ravel(), minlength=draws.shape[0] * k * k)
-    return counts.reshape(draws.shape[0], k, k)
+def _cluster_cells(reference: np.ndarray, predicted: np.ndarray, cluster: np.ndarray,
+                   n_clusters: int, k: int) -> np.ndarray:
+    """(n_clusters, k * k): each cluster's counts per (reference, predicted) cell."""
+    cells = np.zeros((n_clusters, k * k))
+    np.add.at(cells, (cluster, reference * k + predicted), 1.0)
+    return cells
+
+
+def _bootstrap_tables(cells: np.ndarray, multiplicity: np.ndarray, k: int) -> np.ndarray:
+    """(B, k, k) tables of B resamples: each drawn cluster's counts, as often as it was drawn."""
+    return (multiplicity @ cells).reshape(-1, k, k)  # sums of integers: exact in float64
 
 
 def bootstrap_kappa(reference: Sequence[int], predicted: Sequence[int], n_categories: int = 4, *,
                     n_resamples: int = 2000, seed: int = 0,
-                    predicted_2: Sequence[int] | None = None) -> BootstrapResult:
-    """Percentile 95% CI of linearly weighted kappa from `n_resamples` case resamples.
+                    predicted_2: Sequence[int] | None = None,
+                    clusters: Sequence | None = None) -> BootstrapResult:
+    """Percentile 95% CI of linearly weighted kappa from `n_resamples` resamples.
 
+    Each resample draws, with replacement, as many clusters as there are: the cases themselves,
+    or with `clusters` (one label per case, e.g. its patient) whole clusters, all their cases
+    together, so the scans of one patient (correlated) are not treated as independent.
     With `predicted_2` (a second model on the same cases) each resample scores both models on the
     same drawn cases, giving the paired z-test of their difference and its percentile CI.
     Resamples where a kappa is undefined are left out and counted (`n_defined`).
@@ -213,19 +223,35 @@ def bootstrap_kappa(reference: Sequence[int], predicted: Sequence[int], n_catego
     n = reference.size
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if clusters is None:
+        cluster = np.arange(n)
+    else:
+        labels = np.asarray(clusters)
+        if labels.shape != reference.shape:
+            raise ValueError(f"clusters must have one label per case ({n}), got {labels.shape}")
+        _, cluster = np.unique(labels, return_inverse=True)
+        cluster = cluster.reshape(-1)
+    n_clusters = int(cluster.max()) + 1 if n else 0
+    k = n_categories
+    cells = _cluster_cells(reference, predicted, cluster, n_clusters, k)
+    cells_2 = None
+    if predicted_2 is not None:
+        second = np.asarray(predicted_2, dtype=np.int64)
+        cells_2 = _cluster_cells(reference, second, cluster, n_clusters, k)
     rng = np.random.default_rng(seed)
     kappas, kappas_2 = [], []
-    chunk = max(1, min(n_resamples, 2_000_000 // max(n, 1)))  # bound the (B, n) index array
+    # Bound the (B, clusters) draw and multiplicity arrays.
+    chunk = max(1, min(n_resamples, 2_000_000 // max(n_clusters, 1)))
     done = 0
     while done < n_resamples:
         size = min(chunk, n_resamples - done)
-        draws = rng.integers(0, n, size=(size, n))
-        kappas.append(kappa_from_tables(_bootstrap_tables(reference, predicted, draws,
-                                                          n_categories)))
-        if predicted_2 is not None:
-            second = np.asarray(predicted_2, dtype=np.int64)
-            kappas_2.append(kappa_from_tables(_bootstrap_tables(reference, second, draws,
-                                                                n_categories)))
+        draws = rng.integers(0, n_clusters, size=(size, n_clusters))
+        offsets = np.arange(size)[:, None] * n_clusters
+        multiplicity = np.bincount((draws + offsets).ravel(), minlength=size * n_clusters)
+        multiplicity = multiplicity.reshape(size, n_clusters).astype(np.float64)
+        kappas.append(kappa_from_tables(_bootstrap_tables(cells, multiplicity, k)))
+        if cells_2 is not None:
+            kappas_2.append(kappa_from_tables(_bootstrap_tables(cells_2, multiplicity, k)))
         done += size
     kappa = np.concatenate(kappas)
     defined = np.isfinite(kappa)
@@ -239,7 +265,8 @@ def bootstrap_kappa(reference: Sequence[int], predicted: Sequence[int], n_catego
         low, high = np.percentile(values, [2.5, 97.5])
         return float(low), float(high)
 
-    result = BootstrapResult(n_resamples, int(defined.sum()), interval(kappa[defined]))
+    result = BootstrapResult(n_resamples, int(defined.sum()), interval(kappa[defined]),
+                             n_clusters=n_clusters)
     if predicted_2 is None:
         return result
     first = weighted_kappa(reference, predicted, n_categories)
