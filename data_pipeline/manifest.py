@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_write_text
+from data_pipeline.constants import NUM_CATEGORIES  # the `category` column: the paper's four
 from data_pipeline.errors import ManifestError
 
 REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels")
@@ -32,7 +33,6 @@ OPTIONAL_COLUMNS = ("heart_mask", "site", "split", "series", "agatston", "catego
 COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels", "heart_mask", "site",
            "split", "series", "agatston", "category")
 PROTOCOLS = ("cac", "ctac")
-NUM_CATEGORIES = 4  # the `category` column uses the paper's four classes
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
                   "val": "validation", "valid": "validation", "test": "test", "testing": "test"}
