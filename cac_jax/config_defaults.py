@@ -9,9 +9,16 @@
   early stopping, evaluation, checkpoints, multi-host), read by `cac_jax.train`. `local=True` is
 the tiny 64 px variant that tests and smoke runs use (big_vision's `:runlocal`);
 `parse_config_arg(arg)` turns the config-file argument (`--config file.py:ARG`) into that flag.
+
+The files of configs/ sit next to the package (`CONFIG_DIR`) in a checkout and in an installed
+wheel alike (pyproject.toml ships configs/ beside cac_jax); `resolve_config_path` reads
+`configs/NAME.py` from there when the working directory has no such file, so `--config
+configs/NAME.py` works outside a checkout.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import ml_collections
 
@@ -21,6 +28,7 @@ from data_pipeline.config import data_config
 # The config-file arguments every file in configs/ accepts: none ("file.py" or "file.py:") for the
 # full configuration, "local" ("file.py:local") for the tiny 64 px variant.
 CONFIG_ARGS = (None, "", "local")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def parse_config_arg(arg: str | None) -> bool:
@@ -37,16 +45,40 @@ def parse_config_arg(arg: str | None) -> bool:
     return arg == "local"
 
 
-def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The ConfigDict that `get_config(arg)` of the experiment file at `path` returns (a file in
-    configs/, loaded by path as `--config path.py:arg` does; `path` may end in ":arg")."""
-    import importlib.util
-    from pathlib import Path
-
+def _split_arg(path) -> tuple[str, str | None]:
+    """("file.py", "arg") from "file.py:arg"; (path, None) when it has no ":arg" suffix."""
     text = str(path)
     head, sep, tail = text.rpartition(":")
     if sep and head.endswith(".py"):
-        text, arg = head, tail
+        return head, tail
+    return text, None
+
+
+def resolve_config_path(path) -> str:
+    """`path` (which may end in ":arg") as given when its file exists; for a relative
+    `configs/NAME.py` that does not, the copy in `CONFIG_DIR` (the installed configs/).
+
+    A path found in neither place comes back unchanged, so the loader's error names it as given.
+    """
+    text, arg = _split_arg(path)
+    file = Path(text)
+    if file.exists() or file.is_absolute() or file.parts[:1] != ("configs",):
+        return str(path)
+    shipped = CONFIG_DIR.joinpath(*file.parts[1:])
+    if not shipped.is_file():
+        return str(path)
+    return str(shipped) if arg is None else f"{shipped}:{arg}"
+
+
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The ConfigDict that `get_config(arg)` of the experiment file at `path` returns (a file in
+    configs/, loaded by path as `--config path.py:arg` does; `path` may end in ":arg";
+    `resolve_config_path` finds `configs/NAME.py` outside a checkout)."""
+    import importlib.util
+
+    text, suffix = _split_arg(resolve_config_path(path))
+    if suffix is not None:
+        arg = suffix
     file = Path(text)
     spec = importlib.util.spec_from_file_location(f"cac_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)

@@ -245,8 +245,11 @@ def build_dataset(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
 
 
 def _config_path(relative: str) -> str:
-    """configs/ lives at the repository root, next to the package."""
-    return str(Path(__file__).resolve().parent.parent / relative)
+    """The file `configs/NAME.py[:arg]` of the configs/ next to the package (a checkout's or the
+    installed copy), whatever the working directory."""
+    from cac_jax.config_defaults import CONFIG_DIR
+
+    return str(CONFIG_DIR.parent / relative)
 
 
 def _config_defaults(config: str) -> dict:

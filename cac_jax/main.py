@@ -24,6 +24,25 @@ def _one_line(err: BaseException) -> str:
     return " ".join(" ".join(lines).split())
 
 
+def _shipped_config(argv: Sequence[str]) -> list[str]:
+    """`argv` with the `--config` file resolved by `config_defaults.resolve_config_path`, so
+    `--config configs/NAME.py` reads the installed configs/ outside a checkout."""
+    from cac_jax.config_defaults import resolve_config_path
+
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name not in ("--config", "-config"):
+            continue
+        if eq:
+            argv[i] = f"{name}={resolve_config_path(value)}"
+        elif i + 1 < len(argv):
+            argv[i + 1] = resolve_config_path(argv[i + 1])
+    return argv
+
+
 def parse_flags(argv: Sequence[str]):
     """(config, workdir) from command-line arguments, on a private absl FlagValues.
 
@@ -33,7 +52,7 @@ def parse_flags(argv: Sequence[str]):
     from ml_collections import config_flags
 
     values = flags.FlagValues()
-    argv = ["cac-jax train", *argv]
+    argv = ["cac-jax train", *_shipped_config(argv)]
     # config_flags finds the `--config.KEY=VALUE` overrides in the argv it is given at
     # definition (sys.argv by default, which is not ours inside a subcommand).
     config_flags.DEFINE_config_file(

@@ -108,3 +108,27 @@ def test_load_config_file_gives_the_files_config(path):
         assert load_config_file(f"{path}:{arg or ''}").to_json() == expected
     assert load_config_file(path).data.image_size == 512
     assert load_config_file(f"{path}:local").data.image_size == 64
+
+
+def test_a_configs_path_resolves_from_another_working_directory(tmp_path, monkeypatch):
+    """`configs/NAME.py[:arg]` that the working directory lacks is read from the configs/ next to
+    the package (the installed copy outside a checkout); a file that exists is used as given."""
+    from cac_jax.config_defaults import CONFIG_DIR, load_config_file, resolve_config_path
+    from cac_jax.main import parse_flags
+
+    monkeypatch.chdir(tmp_path)
+    shipped = CONFIG_DIR / "convlstm_calcium.py"
+    assert resolve_config_path("configs/convlstm_calcium.py") == str(shipped)
+    assert resolve_config_path("configs/convlstm_calcium.py:local") == f"{shipped}:local"
+    assert load_config_file("configs/convlstm_calcium.py:local").data.image_size == 64
+    config, workdir = parse_flags(["--config", "configs/convlstm_calcium.py:local",
+                                   "--workdir", "w"])
+    assert (config.model.arch, config.data.image_size, workdir) == ("convlstm", 64, "w")
+    # Unknown names and other folders are left for the loader to report as given.
+    assert resolve_config_path("configs/missing.py") == "configs/missing.py"
+    assert resolve_config_path("mine/convlstm_calcium.py") == "mine/convlstm_calcium.py"
+    # The working directory's own configs/ wins.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "convlstm_calcium.py").write_text(shipped.read_text())
+    assert resolve_config_path("configs/convlstm_calcium.py:local") == \
+        "configs/convlstm_calcium.py:local"
