@@ -41,7 +41,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cac_jax.config_defaults import load_config_file  # noqa: E402
-from cac_jax.demo import HALF_WIDTH_CONVLSTM, MATCHED_UNET  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"convlstm": "convlstm_calcium.py", "unet64": "unet_calcium.py",
@@ -311,13 +310,14 @@ def markdown(res: dict) -> str:
 
 # Learning curve (docs/training_notes.md): the ConvLSTM and the width-matched UNet, calcium and
 # heart.
-# The demo's models (cac_jax.demo.TRAINED): the ConvLSTM at half the configs' widths and the UNet
-# width-matched to it (base 12), so the curve is the one the demo's time boxes are chosen from.
+# The demo's models (configs/demo_*.py, cac_jax.demo.TRAINED): the ConvLSTM at half the configs'
+# widths and the UNet width-matched to it (base 12), so the curve is the one the demo's time boxes
+# are chosen from.
 CURVE_RUNS = {
-    "convlstm_calcium": ("convlstm_calcium", HALF_WIDTH_CONVLSTM),
-    "unet_matched_calcium": ("unet_matched_calcium", MATCHED_UNET),
-    "convlstm_heart": ("convlstm_heart", HALF_WIDTH_CONVLSTM),
-    "unet_matched_heart": ("unet_heart", MATCHED_UNET),
+    "convlstm_calcium": "demo_convlstm_calcium",
+    "unet_matched_calcium": "demo_unet_calcium",
+    "convlstm_heart": "demo_convlstm_heart",
+    "unet_matched_heart": "demo_unet_heart",
 }
 
 
@@ -327,7 +327,7 @@ def curve(args) -> dict:
 
     runs = {}
     for run_name in args.curve_runs:
-        config_name, overrides = CURVE_RUNS[run_name]
+        config_name = CURVE_RUNS[run_name]
         config = load_config(config_name)
         config.model.dtype = "auto"
         config.data.data_dir = str(args.data_dir)
@@ -350,12 +350,6 @@ def curve(args) -> dict:
         config.train.log_every = 10
         config.train.early_stop_patience = 0
         config.train.progress = False
-        for key, value in overrides.items():
-            section, *rest = key.split(".")
-            target = config[section]
-            for part in rest[:-1]:
-                target = target[part]
-            target[rest[-1]] = value
         workdir = args.workdir / run_name
         if workdir.exists():
             import shutil
@@ -368,7 +362,7 @@ def curve(args) -> dict:
                 "val_dice_mean", "val_scans", "val_kappa_cac", "val_kappa_naive_cac",
                 "val_exact_cac", "val_kappa_ctac", "val_kappa_naive_ctac", "val_exact_ctac")
         evals = [{k: r.get(k) for k in keys} for r in rows if "val_loss" in r]
-        runs[run_name] = {"config": config_name, "overrides": overrides, "evaluations": evals,
+        runs[run_name] = {"config": config_name, "evaluations": evals,
                           "batch": batch, "crop_size": int(config.data.crop_size or 0),
                           "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}
     import jax

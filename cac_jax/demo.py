@@ -48,23 +48,14 @@ MIN_PATIENTS = 4
 RESULTS_COLUMNS = ("scan_id", "image", "protocol", "status", "error", "agatston", "volume_mm3",
                    "category", "category_name", "n_lesions", "heart_volume_ml", "heart_model",
                    "calcium_model", "heart_step", "calcium_step", "seconds")
-# (task, architecture) -> (config file, extra overrides). On a 2-core CPU the demo trains the
-# ConvLSTM-attention network at half the configs' widths (a quarter of the FLOPs and parameters:
-# 2.4x the training steps in a time box, and inference 3-4x faster), and the UNet width-matched to
-# it (base 12: the same parameter count); the configs' full widths are the paper-scale models.
-HALF_WIDTH_CONVLSTM = {
-    "model.convlstm.encoder_widths": (16, 32, 64, 128),
-    "model.convlstm.lstm_features": (32, 64),
-    "model.convlstm.decoder_widths": (16, 32, 64),
-    "model.convlstm.temporal_decoder_widths": (16, 32, 64),
-    "model.convlstm.attention_width": 16,
-}
-MATCHED_UNET = {"model.unet.base_width": 12}
+# (task, architecture) -> config file: the ConvLSTM-attention network at half the paper-scale
+# widths and the UNet width-matched to it, which fit the demo's time boxes on a 2-core CPU
+# (docs/demo_results.md).
 TRAINED = {
-    ("heart", "convlstm"): ("configs/convlstm_heart.py", HALF_WIDTH_CONVLSTM),
-    ("calcium", "convlstm"): ("configs/convlstm_calcium.py", HALF_WIDTH_CONVLSTM),
-    ("heart", "unet"): ("configs/unet_heart.py", MATCHED_UNET),
-    ("calcium", "unet"): ("configs/unet_matched_calcium.py", MATCHED_UNET),
+    ("heart", "convlstm"): "configs/demo_convlstm_heart.py",
+    ("calcium", "convlstm"): "configs/demo_convlstm_calcium.py",
+    ("heart", "unet"): "configs/demo_unet_heart.py",
+    ("calcium", "unet"): "configs/demo_unet_calcium.py",
 }
 
 
@@ -253,8 +244,9 @@ def _config_path(relative: str) -> str:
 
 
 def _config_defaults(config: str) -> dict:
-    """The config file's whole configuration before the demo's overrides (JSON types), so that a
-    changed default (a loss weight, a schedule) retrains the models instead of reusing them."""
+    """The config file's whole configuration before the demo's command-line overrides (JSON
+    types), so that a changed default (a width, a loss weight, a schedule) retrains the models
+    instead of reusing them."""
     from cac_jax.config_defaults import load_config_file
 
     return json.loads(load_config_file(_config_path(config)).to_json())
@@ -267,7 +259,7 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
          f"{s.batch_size} whole slices / {s.calcium_batch_size} half-size crops, "
          f"{s.image_size} px)")
     tasks = []
-    for (task, arch), (config, extra) in TRAINED.items():
+    for (task, arch), config in TRAINED.items():
         workdir = out / "models" / f"{task}_{arch}"
         steps = s.heart_steps if task == "heart" else s.calcium_steps
         seconds_box = s.heart_seconds if task == "heart" else s.calcium_seconds
@@ -277,8 +269,7 @@ def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
                      "train.eval_every": s.eval_every,
                      "train.checkpoint_every": s.eval_every, "train.log_every": 10,
                      "train.max_seconds": seconds_box,
-                     "train.anneal_fraction": s.anneal_fraction, "seed": s.seed,
-                     **(extra if not s.local_models else {})}
+                     "train.anneal_fraction": s.anneal_fraction, "seed": s.seed}
         if s.local_models:
             config = f"{config}:local"
         wanted = {"config": config, "overrides": overrides, "defaults": _config_defaults(config),

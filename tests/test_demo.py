@@ -81,6 +81,43 @@ def test_a_changed_config_default_changes_the_training_stamp(monkeypatch):
     assert {**after, "train": {**after["train"], "focal_gamma": 2.0}} == before
 
 
+# How the demo chose its models before configs/demo_*.py: a config file plus these overrides on
+# the `cac-jax train` command line (none for the `:local` variants).
+OLD_HALF_WIDTH_CONVLSTM = {
+    "model.convlstm.encoder_widths": (16, 32, 64, 128),
+    "model.convlstm.lstm_features": (32, 64),
+    "model.convlstm.decoder_widths": (16, 32, 64),
+    "model.convlstm.temporal_decoder_widths": (16, 32, 64),
+    "model.convlstm.attention_width": 16,
+}
+OLD_MATCHED_UNET = {"model.unet.base_width": 12}
+OLD_TRAINED = {
+    ("heart", "convlstm"): ("configs/convlstm_heart.py", OLD_HALF_WIDTH_CONVLSTM),
+    ("calcium", "convlstm"): ("configs/convlstm_calcium.py", OLD_HALF_WIDTH_CONVLSTM),
+    ("heart", "unet"): ("configs/unet_heart.py", OLD_MATCHED_UNET),
+    ("calcium", "unet"): ("configs/unet_matched_calcium.py", OLD_MATCHED_UNET),
+}
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["full", "local"])
+def test_the_demo_config_files_resolve_as_the_old_overrides_did(local):
+    from cac_jax.main import parse_flags
+
+    assert set(demo.TRAINED) == set(OLD_TRAINED)
+    suffix = ":local" if local else ""
+    for key, (old_file, extra) in OLD_TRAINED.items():
+        overrides = [] if local else [f"--config.{k}={v}" for k, v in extra.items()]
+        old, _ = parse_flags(["--config", demo._config_path(old_file + suffix), *overrides,
+                              "--workdir", "w"])
+        new, _ = parse_flags(["--config", demo._config_path(demo.TRAINED[key] + suffix),
+                              "--workdir", "w"])
+        assert json.loads(new.to_json()) == json.loads(old.to_json()), key
+        # The demo's stamps hold the config file's whole configuration, widths included.
+        assert demo._config_defaults(demo.TRAINED[key] + suffix) == json.loads(new.to_json())
+    if not local:
+        assert new.model.unet.base_width == 12
+
+
 def test_calcium_focal_alpha_per_architecture():
     """The ConvLSTM's non-coronary alpha is 0.5; the UNet keeps 0.05."""
     alphas = {name: demo._config_defaults(f"configs/{name}_calcium.py")["train"]["focal_alpha"]

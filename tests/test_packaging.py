@@ -29,7 +29,7 @@ INSTALLED_CHECK = textwrap.dedent("""
         assert (config.task, config.data.image_size, config.seed) == ("heart", 64, 3)
     config = benchmark.load_config("convlstm", benchmark.BenchSettings(local=True, size=32))
     assert config.model.arch == "convlstm"
-    for name, _ in demo.TRAINED.values():
+    for name in demo.TRAINED.values():
         path = pathlib.Path(demo._config_path(name)).resolve()
         assert path.is_file() and path.is_relative_to(site), path
     print("ok")

@@ -23,6 +23,17 @@ ARCHS = ("convlstm", "unet")
 # UNet base width whose parameter count is closest to the default ConvLSTM's (see
 # benchmarks/results/bench_models.md): the "width-matched" baseline.
 MATCHED_UNET_BASE_WIDTH = 24
+# The models the demo trains on a 2-core CPU (configs/demo_*.py): the ConvLSTM-attention network
+# at half the default widths (a quarter of the FLOPs and parameters: more training steps in a time
+# box, faster inference), and the UNet base width with about its parameter count.
+HALF_WIDTH_CONVLSTM = {
+    "encoder_widths": (16, 32, 64, 128),
+    "lstm_features": (32, 64),
+    "decoder_widths": (16, 32, 64),
+    "temporal_decoder_widths": (16, 32, 64),
+    "attention_width": 16,
+}
+HALF_WIDTH_MATCHED_UNET_BASE_WIDTH = 12
 
 
 def model_config(arch: str, task: str, local: bool = False) -> ml_collections.ConfigDict:
