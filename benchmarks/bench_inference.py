@@ -34,8 +34,8 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PIPELINES = {"convlstm": ("convlstm_heart", "convlstm_calcium"),
              "unet64": ("unet_heart", "unet_calcium")}
 MATMUL_N = 2048
@@ -49,7 +49,7 @@ def load_config(name: str):
     """The full experiment config `configs/<name>.py`."""
     from cac_jax.config_defaults import load_config_file
 
-    return load_config_file(ROOT / "configs" / f"{name}.py")
+    return load_config_file(CONFIGS / f"{name}.py")
 
 
 def untrained(name: str, spacing_yx_mm: float, seed: int):
@@ -299,7 +299,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.slices is None:
         args.slices = 16 if args.quick else 64
-    sys.path.insert(0, str(ROOT))
     from data_pipeline.atomic import atomic_write_text
 
     res = run(args)

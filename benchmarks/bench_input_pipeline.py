@@ -36,14 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import psutil
+
+from data_pipeline.atomic import atomic_write_text
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def standin_cohort(out: Path, patients: int, size: int, seed: int):
@@ -239,7 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--drain", type=int, default=6,
                         help="untimed batches before each timed pipeline segment")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
     parser.add_argument("--scans", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)

@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.io import CTVolume, StudyMetadata, read_study, write_dicom_series
 
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
-from data_pipeline.io import CTVolume, StudyMetadata, read_study, write_dicom_series  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed(fn, repeats: int) -> float:
@@ -94,7 +92,7 @@ def main() -> int:
     ratio_bare = results["read_study_dicom_s"] / results["pydicom_bare_s"]
     results["ratio_read_study_to_simpleitk"] = ratio_sitk
     results["ratio_read_study_to_pydicom_bare"] = ratio_bare
-    out = ROOT / "benchmarks" / "results"
+    out = RESULTS
     atomic_write_text(out / "bench_io.json", json.dumps(results, indent=2) + "\n")
     ms = {k: f"{1000 * v:.0f} ms" for k, v in results.items() if k.endswith("_s")}
     table = (

@@ -25,29 +25,25 @@ import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-import cac_jax.models.attention as attention_mod  # noqa: E402
-import cac_jax.models.unet as unet_mod  # noqa: E402
-from cac_jax.benchmark import BenchSettings, load_config, machine_info, matmul_peak_gflops  # noqa: E402
-from cac_jax.models import build_model  # noqa: E402
-from cac_jax.models.layers import (  # noqa: E402
+import cac_jax.models.attention as attention_mod
+import cac_jax.models.unet as unet_mod
+from cac_jax.benchmark import BenchSettings, load_config, machine_info, matmul_peak_gflops
+from cac_jax.models import build_model
+from cac_jax.models.layers import (
     Conv1x1,
     TransposedConv2x2,
     kaiming_normal,
     kaiming_normal_transposed,
     max_pool2x,
 )
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+from data_pipeline.atomic import atomic_write_text
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def flax_upsample(features, dtype=jnp.float32, param_dtype=jnp.float32, name=None):

@@ -33,10 +33,7 @@ import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cac_jax.benchmark import (  # noqa: E402
+from cac_jax.benchmark import (
     MODEL_CONFIGS,
     BenchSettings,
     JaxModel,
@@ -45,9 +42,9 @@ from cac_jax.benchmark import (  # noqa: E402
     matmul_peak_gflops,
     threads,
 )
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+from data_pipeline.atomic import atomic_write_text
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def _sub_jaxprs(eqn):

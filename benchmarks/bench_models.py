@@ -38,8 +38,8 @@ import sys
 import threading
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MODELS = {
     "convlstm": "convlstm_calcium.py",
     "unet64": "unet_calcium.py",
@@ -56,7 +56,7 @@ def load_config(name: str, norm: str):
     """The experiment config of benchmark model `name`, float32 compute, chosen norm."""
     from cac_jax.config_defaults import load_config_file
 
-    config = load_config_file(ROOT / "configs" / MODELS[name])
+    config = load_config_file(CONFIGS / MODELS[name])
     config.model.dtype = "float32"
     config.model.norm = norm
     return config
@@ -188,7 +188,7 @@ def measure_rss(name: str, norm: str, size: int, batch: int) -> dict:
     """Run `child_rss` in a subprocess and return its JSON line."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", name, "--norm", norm,
            "--size", str(size), "--batch", str(batch)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"RSS child for {name} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -468,7 +468,6 @@ def main(argv=None) -> int:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    sys.path.insert(0, str(ROOT))
     if args.child:
         print(json.dumps(child_rss(args.child, args.norm, args.size, args.batch)))
         return 0

@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cac_jax.baselines import threshold_score
+from cac_jax.scoring import cac_category
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.io import read_labels, read_study
+from data_pipeline.phantom import generate_cohort, patient_seed, render_patient
 
-from cac_jax.baselines import threshold_score  # noqa: E402
-from cac_jax.scoring import cac_category  # noqa: E402
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
-from data_pipeline.io import read_labels, read_study  # noqa: E402
-from data_pipeline.phantom import generate_cohort, patient_seed, render_patient  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_512(repeats: int, seed: int) -> dict:
@@ -120,7 +119,7 @@ def main() -> int:
                     "loadavg_after": os.getloadavg()},
         "command": "python benchmarks/bench_phantom.py " + " ".join(sys.argv[1:]),
     }
-    results = ROOT / "benchmarks" / "results"
+    results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "bench_phantom.json", json.dumps(result, indent=2) + "\n")
     md = [

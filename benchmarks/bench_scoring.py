@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cac_jax.scoring import agatston_score
+from data_pipeline.atomic import atomic_write_text
 
-from cac_jax.scoring import agatston_score  # noqa: E402
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
-
+RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (80, 512, 512)
 SPACING_ZYX_MM = (3.0, 0.6, 0.6)
 
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
     parser.add_argument("--lesions", type=int, default=300, help="plaques to draw")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic study")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+    parser.add_argument("--out", type=Path, default=RESULTS,
                         help="folder for bench_scoring.json and .md")
     args = parser.parse_args(argv)
 

@@ -38,11 +38,10 @@ import statistics
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cac_jax.config_defaults import load_config_file  # noqa: E402
+from cac_jax.config_defaults import load_config_file
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"convlstm": "convlstm_calcium.py", "unet64": "unet_calcium.py",
           "unet_matched": "unet_matched_calcium.py"}
 MATMUL_N = 2048
@@ -50,7 +49,7 @@ MATMUL_N = 2048
 
 def load_config(name: str):
     """The config of benchmark model `name` (or of configs/<name>.py), float32 compute."""
-    config = load_config_file(ROOT / "configs" / MODELS.get(name, f"{name}.py"))
+    config = load_config_file(CONFIGS / MODELS.get(name, f"{name}.py"))
     config.model.dtype = "float32"
     return config
 

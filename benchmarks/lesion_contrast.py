@@ -26,13 +26,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data_pipeline import io  # noqa: E402
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
-from data_pipeline.constants import CALCIUM_THRESHOLD_HU, CORONARY_LABELS  # noqa: E402
-from data_pipeline.manifest import read_manifest  # noqa: E402
+from data_pipeline import io
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU, CORONARY_LABELS
+from data_pipeline.manifest import read_manifest
 
 CLASSES = ("coronary", "non_coronary", "unlabelled")
 

@@ -23,23 +23,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cac_jax import postprocess  # noqa: E402
-from cac_jax.baselines import threshold_score  # noqa: E402
-from cac_jax.checkpoints import load_trained  # noqa: E402
-from cac_jax.inference import _ModelRunner  # noqa: E402
-from data_pipeline import io  # noqa: E402
-from data_pipeline.config import DATASET_VERSION  # noqa: E402
-from data_pipeline.constants import CALCIUM_THRESHOLD_HU, CORONARY_LABELS  # noqa: E402
-from data_pipeline.manifest import read_manifest  # noqa: E402
+from cac_jax import postprocess
+from cac_jax.baselines import threshold_score
+from cac_jax.checkpoints import load_trained
+from cac_jax.inference import _ModelRunner
+from data_pipeline import io
+from data_pipeline.config import DATASET_VERSION
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU, CORONARY_LABELS
+from data_pipeline.manifest import read_manifest
 
 CATEGORIES = [0, 1, 2, 3]
 
