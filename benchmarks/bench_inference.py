@@ -34,11 +34,12 @@ import sys
 import tempfile
 import time
 
+from cac_jax.benchmark import MATMUL_N, matmul_peak_gflops
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PIPELINES = {"convlstm": ("convlstm_heart", "convlstm_calcium"),
              "unet64": ("unet_heart", "unet_calcium")}
-MATMUL_N = 2048
 PAPER_PREPROCESSING_S = 2.24  # the paper's preprocessing time per study (Results)
 STAGES = ("read", "preprocess", "heart_model", "calcium_model", "postprocess", "scoring")
 # Cohort of mixed sizes for the compilation count: (slices, rows, columns).
@@ -104,20 +105,6 @@ def make_study(folder: pathlib.Path, slices: int, seed: int):
     return volume
 
 
-def matmul_peak(samples: list[float]) -> None:
-    """Appends 3 timings of a float32 2048^3 matmul to `samples`."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
-    matmul = jax.jit(lambda m: jnp.dot(m, m))
-    jax.block_until_ready(matmul(a))
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        samples.append(time.perf_counter() - start)
-
-
 def batch_flops(scorer, role: str, bucket_hw: tuple[int, int]) -> float:
     """FLOPs of one compiled batch call of `role`'s model (XLA cost analysis)."""
     import jax
@@ -141,7 +128,7 @@ def run(args) -> dict:
     from data_pipeline.io import read_study
 
     results: dict = {"pipelines": {}}
-    matmul_s: list[float] = []
+    matmul_gflops: list[float] = []  # the matmul peak before and after each pipeline
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         folder = pathlib.Path(tmp) / "study"
         print(f"rendering a 512 px study of {args.slices} slices", flush=True)
@@ -168,7 +155,7 @@ def run(args) -> dict:
             start = time.perf_counter()
             scorer.score(warm)
             compile_s = time.perf_counter() - start
-            matmul_peak(matmul_s)
+            matmul_gflops.append(matmul_peak_gflops(repeats=3))
             runs = []
             for k in range(args.repeats):
                 print(f"[{name}] timed study {k + 1}/{args.repeats}", flush=True)
@@ -176,7 +163,7 @@ def run(args) -> dict:
                 _, result = scorer.score_path(folder)
                 total = time.perf_counter() - start
                 runs.append({"total_s": total, **{s: result.timings.get(s, 0.0) for s in STAGES}})
-            matmul_peak(matmul_s)
+            matmul_gflops.append(matmul_peak_gflops(repeats=3))
             stages = {s: float(np.median([r[s] for r in runs])) for s in STAGES}
             total = float(np.median([r["total_s"] for r in runs]))
             model_s = stages["heart_model"] + stages["calcium_model"]
@@ -214,7 +201,7 @@ def run(args) -> dict:
                 "compilations": scorer.compilations,
                 "buckets": sorted({tuple(s[2:4]) for s in scorer._runners["heart"].shapes}),
             }
-    peak = 2 * MATMUL_N**3 / float(np.median(matmul_s)) / 1e9
+    peak = float(np.median(matmul_gflops))
     for r in results["pipelines"].values():
         r["model_fraction_of_matmul_peak"] = {
             role: v / peak for role, v in r["model_gflops_per_s"].items()}
@@ -226,7 +213,7 @@ def run(args) -> dict:
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg(), "jax": jax.__version__},
         "matmul_peak_gflops": peak,
-        "matmul_s_all": matmul_s,
+        "matmul_gflops_all": matmul_gflops,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "paper_preprocessing_s": PAPER_PREPROCESSING_S,
     })

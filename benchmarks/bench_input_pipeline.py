@@ -19,7 +19,7 @@ Measured in one run on one machine:
    Adam (1e-3) on the default ConvLSTM calcium model (`cac_jax.models.build_model`) at
    --step-batch (per-sample cost is ~linear in the batch on CPU); median over interleaved rounds
    (memory pipeline, streaming pipeline, step), so load from other jobs hits all alike;
-4. the float32 matmul peak of this machine (jnp.dot of 2048 x 2048, best of 5), in the same run.
+4. the float32 matmul peak of this machine (`cac_jax.benchmark.matmul_peak_gflops`), in the same run.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from cac_jax.benchmark import matmul_peak_gflops
 from data_pipeline.atomic import atomic_write_text
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -151,23 +152,6 @@ def measure_rss(data_dir: Path, scans: int, cache: str, args) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"measurement {cache} x {scans} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def matmul_peak_gflops() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
-    return 2 * 2048**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def time_pipeline(iterator, batches: int) -> float:

@@ -38,6 +38,8 @@ import sys
 import threading
 import time
 
+from cac_jax.benchmark import MATMUL_N, matmul_peak_gflops
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MODELS = {
@@ -49,7 +51,6 @@ MODELS = {
 # (13.11 GB vs 22.31 GB), Results section.
 PAPER_SPEEDUP = 10.1 / 6.18
 PAPER_MEMORY_RATIO = 13.11 / 22.31
-MATMUL_N = 2048
 
 
 def load_config(name: str, norm: str):
@@ -225,21 +226,16 @@ def run(args) -> dict:
         del train_args
 
     # Interleaved timing rounds: matmul peak, then each model's forward pass (batch 1).
-    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
-    matmul = jax.jit(lambda m: m @ m).lower(a).compile()
-    jax.block_until_ready(matmul(a))
-    matmul_s, times = [], {name: [] for name in names}
+    matmul_gflops, times = [], {name: [] for name in names}
     for round_index in range(args.repeats):
         print(f"timing round {round_index + 1}/{args.repeats}", flush=True)
-        for _ in range(3):  # the matmul is short (~0.1 s): several samples per round
-            start = time.perf_counter()
-            jax.block_until_ready(matmul(a))
-            matmul_s.append(time.perf_counter() - start)
+        # The matmul is short (~0.1 s): several samples per round.
+        matmul_gflops.append(matmul_peak_gflops(repeats=3))
         for name in names:
             start = time.perf_counter()
             jax.block_until_ready(compiled_fwd[name](*inputs[name]))
             times[name].append(time.perf_counter() - start)
-    peak = 2 * MATMUL_N**3 / float(np.median(matmul_s)) / 1e9
+    peak = float(np.median(matmul_gflops))
     for name in names:
         r = results[name]
         r["forward_s_per_sample"] = float(np.median(times[name]))
@@ -278,7 +274,7 @@ def run(args) -> dict:
                     "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg(), "jax": jax.__version__},
         "matmul_peak_gflops": peak,
-        "matmul_s_all": matmul_s,
+        "matmul_gflops_all": matmul_gflops,
         "models": results,
         "ratios": ratios,
         "paper": {"cpu_speedup": PAPER_SPEEDUP, "training_memory_ratio": PAPER_MEMORY_RATIO},

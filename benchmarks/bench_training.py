@@ -38,13 +38,13 @@ import statistics
 import sys
 import time
 
+from cac_jax.benchmark import matmul_peak_gflops
 from cac_jax.config_defaults import load_config_file
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"convlstm": "convlstm_calcium.py", "unet64": "unet_calcium.py",
           "unet_matched": "unet_matched_calcium.py"}
-MATMUL_N = 2048
 
 
 def load_config(name: str):
@@ -137,17 +137,6 @@ class Bench:
         self.fed.append(time.perf_counter() - t0)
 
 
-def matmul_gflops() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, a))
-    t, _ = _timed(dot, a, a)
-    return 2 * MATMUL_N**3 / t / 1e9
-
-
 def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) -> dict:
     """GFLOP/s of one 3x3, channels -> channels, stride-1 convolution at size x size (NHWC, as
     the models run it): forward, the input gradient and the weight gradient, each compiled
@@ -220,7 +209,7 @@ def run(args) -> dict:
         benches[name].rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peaks = []
     for r in range(args.rounds):
-        peaks.append(matmul_gflops())
+        peaks.append(matmul_peak_gflops())
         for b in benches.values():
             b.round(args.loop_steps)
         print(f"round {r + 1}/{args.rounds} done", flush=True)

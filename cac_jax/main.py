@@ -10,18 +10,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from data_pipeline.errors import InputError
+from data_pipeline.errors import InputError, error_line
 
 USAGE = ("usage: cac-jax train --config configs/NAME.py[:local] --workdir DIR "
          "[--config.KEY=VALUE ...]")
-
-
-def _one_line(err: BaseException) -> str:
-    """An absl/ml_collections error as one line (they embed tracebacks and file lists)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        lines = [lines[0].rstrip(":"), lines[-1]]
-    return " ".join(" ".join(lines).split())
 
 
 def _shipped_config(argv: Sequence[str]) -> list[str]:
@@ -67,12 +59,12 @@ def parse_flags(argv: Sequence[str]):
             # A config file that failed to load is a placeholder that raises on first use.
             config.get("task")
     except flags.Error as err:
-        raise InputError(None, f"{_one_line(err)} ({USAGE})") from None
+        raise InputError(None, f"{error_line(err, with_type=False)} ({USAGE})") from None
     except (FileNotFoundError, OSError) as err:
         raise InputError(getattr(err, "filename", None),
-                         f"cannot read the config: {_one_line(err)}") from None
+                         f"cannot read the config: {error_line(err, with_type=False)}") from None
     except (AttributeError, KeyError, ValueError, TypeError) as err:
-        raise InputError(None, f"bad config: {_one_line(err)}") from None
+        raise InputError(None, f"bad config: {error_line(err, with_type=False)}") from None
     if config is None:
         raise InputError(None, f"--config is required ({USAGE})")
     if not workdir:

@@ -50,7 +50,7 @@ from cac_jax.models.config import NUM_CLASSES
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.constants import CALCIUM_THRESHOLD_HU, NUM_CATEGORIES
 from data_pipeline.errors import InputError
-from data_pipeline.labels import HU_WINDOW
+from data_pipeline.labels import HU_WINDOW, unwindow_hu
 from data_pipeline.manifest import PROTOCOLS
 
 AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
@@ -395,9 +395,9 @@ class _ScanCollector:
             _, h, w = self.scans[s].shape_zyx
             self.pred[s][z] = pred[i, :h, :w]
             self.true[s][z] = labels[i, :h, :w]
-            # The windowed image gives HU back exactly within [-800, 1200] (stored int16 HU,
-            # scaled by 1/2000): enough for the 130/200/300/400 HU rules.
-            self.hu[s][z] = np.rint(centre[i, :h, :w] * 2000.0 - 800.0).astype(np.int16)
+            # The windowed image gives HU back exactly within HU_WINDOW (stored int16 HU, scaled
+            # to [0, 1]): enough for the 130/200/300/400 HU rules.
+            self.hu[s][z] = np.rint(unwindow_hu(centre[i, :h, :w])).astype(np.int16)
 
 
 def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dict:

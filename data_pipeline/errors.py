@@ -38,3 +38,20 @@ class ManifestError(InputError):
 def one_line(text: str) -> str:
     """`text` with its lines joined by "; " (blank lines and surrounding spaces dropped)."""
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def error_line(err: BaseException, *, with_type: bool = True) -> str:
+    """`err` as one line for a log, a results.csv row or a CLI message.
+
+    A traceback embedded in the message (absl and ml_collections put the config file's in theirs)
+    is cut to its first and last lines; whitespace runs become one space. With `with_type`, an
+    error other than an InputError (whose message already names the file and the problem) is
+    prefixed by its type, e.g. "MemoryError: ...".
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = [lines[0].rstrip(":"), lines[-1]]
+    text = " ".join(" ".join(lines).split())
+    if with_type and not isinstance(err, InputError):
+        return f"{type(err).__name__}: {text}"
+    return text

@@ -65,6 +65,13 @@ def window_hu(hu: np.ndarray, dtype=np.float32) -> np.ndarray:
     return ((np.clip(hu, low, high) - low) / (high - low)).astype(dtype, copy=False)
 
 
+def unwindow_hu(windowed: np.ndarray) -> np.ndarray:
+    """HU from `window_hu`'s [0, 1] values: the inverse within HU_WINDOW (values outside the
+    window come back as its bounds)."""
+    low, high = HU_WINDOW
+    return np.asarray(windowed) * (high - low) + low
+
+
 def neighbour_offset(spacing_z_mm: float, neighbour_mm: float = DEFAULT_NEIGHBOUR_MM) -> int:
     """Slice offset of the neighbours: max(1, round(neighbour_mm / slice spacing)), half up.
 

@@ -45,3 +45,15 @@ def test_scoring_imports_no_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_error_line_is_one_line_naming_the_type_of_unexpected_errors():
+    from data_pipeline.errors import InputError, error_line
+
+    assert error_line(InputError("a.dcm", "not a CT\n  image")) == "a.dcm: not a CT; image"
+    assert error_line(MemoryError("out of\n   memory")) == "MemoryError: out of memory"
+    assert error_line(MemoryError("out of memory"), with_type=False) == "out of memory"
+    # absl/ml_collections put the config file's traceback in their messages: first and last line.
+    nested = ValueError("bad config:\nTraceback (most recent call last):\n  File \"c.py\", line 3\n"
+                        "KeyError: 'x'")
+    assert error_line(nested, with_type=False) == "bad config KeyError: 'x'"

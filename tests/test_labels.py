@@ -30,6 +30,12 @@ def test_window_hu():
     assert out.dtype == np.float32
 
 
+def test_unwindow_hu_inverts_the_window_within_it():
+    hu = np.array([-2000, -800, 0, 130, 1200, 3000], np.int16)
+    back = L.unwindow_hu(L.window_hu(hu))
+    np.testing.assert_array_equal(np.rint(back).astype(np.int16), np.clip(hu, -800, 1200))
+
+
 def test_window_indices_repeat_edges():
     np.testing.assert_array_equal(L.window_indices(4), [[0, 0, 1], [0, 1, 2], [1, 2, 3],
                                                         [2, 3, 3]])
