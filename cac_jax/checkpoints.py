@@ -5,10 +5,9 @@ an Orbax `CheckpointManager` directory with one folder per saved step. Each step
 self-sufficient; it holds four items:
 - `variables`: the model variables for `model.apply` (`{"params": ...}` plus `"batch_stats"` with
   BatchNorm), as host arrays (float32 master weights);
-- `train_state`: optimizer state and the run's base RNG key data (resume only);
-- `meta` (JSON): step, validation metrics of that step, plateau and early-stopping state, the data
-  position (the step: the input pipeline resumes exactly from it), and the dataset's in-plane pixel
-  spacing;
+- `train_state`: optimizer state and step (resume only);
+- `meta` (JSON): step (the seeded input pipeline resumes exactly from it), validation metrics of
+  that step, plateau and early-stopping state, and the dataset's in-plane pixel spacing;
 - `config` (JSON): the resolved training config, so inference rebuilds the model from the
   checkpoint alone.
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed

@@ -17,7 +17,8 @@
 - the workdir: `config.json`, `checkpoints/` (Orbax: latest K plus best; see `cac_jax.checkpoints`),
   `metrics.jsonl`, TensorBoard events in `tensorboard/`, and `summary.json` at the end.
 A run killed at any point resumes from its latest complete checkpoint with the same command and
-continues the same sequence (state, RNG, data position, plateau and early-stop state are saved);
+continues the same sequence (model and optimizer state, the step from which the seeded input
+pipeline resumes, plateau and early-stop state are saved);
 SIGTERM saves a checkpoint before exiting.
 """
 
@@ -631,7 +632,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(config, p_eval, state, val_iter, heart_masks, host_state_plateau=None) -> dict:
+def evaluate(config, p_eval, state, val_iter, heart_masks) -> dict:
     """Validation metrics of the replicated `state` on `val_iter` (every host, same steps)."""
     num_classes = int(config.model.num_classes)
     names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
@@ -776,7 +777,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             variables["batch_stats"] = host_state.batch_stats
         train_items = {"opt_state": host_state.opt_state, "step": np.asarray(host_state.step)}
         meta = {"step": step, "metrics": {k: _json_safe(v) for k, v in (metrics or {}).items()},
-                "host": host.to_json(), "data_position": {"start_step": step},
+                "host": host.to_json(),
                 "pixel_spacing_mm": spacing, "task": config.task,
                 "num_classes": int(config.model.num_classes)}
         clean = None
