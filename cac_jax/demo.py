@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -45,9 +44,6 @@ PROTOCOLS = ("cac", "ctac")
 MODEL_SIZE_MULTIPLE = 16
 # Fewest patients: 80/10/10 by patient needs one each in validation and test, two to train on.
 MIN_PATIENTS = 4
-RESULTS_COLUMNS = ("scan_id", "image", "protocol", "status", "error", "agatston", "volume_mm3",
-                   "category", "category_name", "n_lesions", "heart_volume_ml", "heart_model",
-                   "calcium_model", "heart_step", "calcium_step", "seconds")
 # (task, architecture) -> (config file, extra overrides). On a 2-core CPU the demo trains the
 # ConvLSTM-attention network at half the configs' widths (a quarter of the FLOPs and parameters:
 # 2.4x the training steps in a time box, and inference 3-4x faster), and the UNet width-matched to
@@ -317,6 +313,7 @@ def _test_manifest(out: Path) -> Path:
 def naive_results(manifest: Path, out_csv: Path) -> None:
     """The naive threshold scorer (HU >= 130 inside the TRUE heart mask) as a results.csv."""
     from cac_jax.baselines import threshold_score
+    from cac_jax.results import number, write_results
     from cac_jax.scoring import CATEGORY_NAMES
     from data_pipeline.io import read_labels, read_study
     from data_pipeline.manifest import read_manifest
@@ -324,34 +321,22 @@ def naive_results(manifest: Path, out_csv: Path) -> None:
     lines = []
     for row in read_manifest(manifest):
         t0 = time.perf_counter()
-        record = dict.fromkeys(RESULTS_COLUMNS, "")
-        record.update(scan_id=row.scan_id, image=str(row.image), protocol=row.protocol,
+        record = dict(scan_id=row.scan_id, image=str(row.image), protocol=row.protocol,
                       heart_model="true heart mask", calcium_model="naive 130 HU threshold")
         try:
             volume = read_study(row.image)
             heart = read_labels(row.heart_mask, like=volume)
             result = threshold_score(volume.hu, heart, volume.spacing_zyx_mm)
-            record.update(status="ok", agatston=f"{result.agatston:.4f}",
-                          volume_mm3=f"{result.volume_mm3:.4f}", category=result.category,
+            record.update(status="ok", agatston=number(result.agatston),
+                          volume_mm3=number(result.volume_mm3), category=result.category,
                           category_name=CATEGORY_NAMES[result.category],
                           n_lesions=len(result.lesions),
-                          heart_volume_ml=f"{heart.astype(bool).sum() * float(_voxel_ml(volume)):.2f}")
+                          heart_volume_ml=number(heart.astype(bool).sum() * _voxel_ml(volume)))
         except (InputError, ValueError) as err:
             record.update(status="error", error=str(err).splitlines()[0])
         record["seconds"] = f"{time.perf_counter() - t0:.3f}"
         lines.append(record)
-    _write_results(out_csv, lines)
-
-
-def _write_results(path: Path, rows) -> None:
-    """Writes rows (dicts) as a results.csv with the `cac-jax infer` columns, atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULTS_COLUMNS, lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, buffer.getvalue())
+    write_results(out_csv, lines)
 
 
 def _voxel_ml(volume) -> float:
@@ -379,16 +364,16 @@ def _combined_manifest(out: Path, manifests: dict[str, Path]) -> Path:
 def split_results(results: Path, cohorts: dict[str, tuple[Path, Path]]) -> None:
     """Writes each cohort's rows of an `infer` results.csv (by its manifest's scan ids) to the
     cohort's own results.csv (cohorts: name -> (manifest, output path))."""
+    from cac_jax.results import read_results, write_results
     from data_pipeline.manifest import read_manifest
 
-    with results.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows, _ = read_results(results)
     for manifest, target in cohorts.values():
         ids = {r.scan_id for r in read_manifest(manifest)}
-        mine = [r for r in rows if r["scan_id"] in ids]
+        mine = [r for r in rows.values() if r["scan_id"] in ids]
         if len(mine) != len(ids):
             raise DemoError(f"{results} has {len(mine)} of the {len(ids)} studies of {manifest}")
-        _write_results(target, mine)
+        write_results(target, mine)
 
 
 def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path]:

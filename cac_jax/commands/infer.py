@@ -29,6 +29,27 @@ example:
 
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from cac_jax.batch import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _non_negative_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `infer` subcommand to the `cac-jax` parser."""
     parser = subparsers.add_parser(
@@ -41,11 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--heart-checkpoint", required=True, metavar="H",
-                        help="heart model: training workdir or checkpoint folder")
-    parser.add_argument("--calcium-checkpoint", required=True, metavar="C",
-                        help="calcium model: training workdir or checkpoint folder")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--heart-checkpoint", metavar="H",
+                        help="heart model: training workdir or checkpoint folder (required "
+                             "unless --merge)")
+    parser.add_argument("--calcium-checkpoint", metavar="C",
+                        help="calcium model: training workdir or checkpoint folder (required "
+                             "unless --merge)")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", nargs="+", metavar="PATH", help="studies to score")
     source.add_argument("--manifest", metavar="M.csv", help="manifest of studies to score")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -67,22 +90,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--five-class", action="store_true",
                         help="categories 0, 1-10, 11-100, 101-400, >400")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    parser.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                        help="score only part K of N (1 <= K <= N) of the studies, split by "
+                             "scan_id: N runs (a SLURM array, N machines) with the same studies "
+                             "and K = 1..N score each study exactly once; join their --out "
+                             "folders with --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="instead of scoring: join the results.csv of these shard --out "
+                             "folders into OUT/results.csv (refused if they overlap or come "
+                             "from different models; with --input/--manifest, also if a study "
+                             "is in none of them)")
+    parser.add_argument("--min-heart-ml", type=_non_negative_float, default=None, metavar="ML",
+                        help="smallest predicted heart (ml) a study is scored with; below it "
+                             "the study is an error row, 'no heart found' (default: a quarter "
+                             "of the smallest training heart where the checkpoint records "
+                             "them, else 50 ml; 0: only an empty heart)")
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Loads both models, scores every study, writes the outputs and prints a summary."""
-    from cac_jax import inference
+    """Loads both models, scores every study, writes the outputs and prints a summary (or, with
+    --merge, joins shard results)."""
+    from cac_jax import batch, inference
 
+    log = lambda line: print(f"cac-jax infer: {line}", file=sys.stderr)  # noqa: E731
+    has_source = args.input is not None or args.manifest is not None
+    if args.merge is not None:
+        return _merge(args, log, has_source)
+    missing = [flag for flag, value in (("--heart-checkpoint", args.heart_checkpoint),
+                                        ("--calcium-checkpoint", args.calcium_checkpoint))
+               if value is None]
+    if not has_source:
+        missing.append("--input or --manifest")
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     studies = inference.studies_from_args(args.input, args.manifest, args.series)
+    if args.shard is not None:
+        studies = batch.shard(studies, *args.shard)
     scorer = inference.Scorer.from_checkpoints(args.heart_checkpoint, args.calcium_checkpoint,
                                                batch_size=args.batch_size,
                                                five_class=args.five_class,
-                                               calcium_slices=args.calcium_slices)
-    summary = inference.run_batch(
+                                               calcium_slices=args.calcium_slices,
+                                               min_heart_ml=args.min_heart_ml)
+    summary = batch.run_batch(
         scorer, studies, args.out, save_masks=args.save_masks,
         save_previews=args.save_previews, overwrite=args.overwrite,
-        progress=not args.no_progress, log=lambda line: print(f"cac-jax infer: {line}",
-                                                             file=sys.stderr))
+        progress=not args.no_progress, log=log)
     print(summary.text())
     return 2 if summary.all_failed else 0
+
+
+def _merge(args: argparse.Namespace, log, has_source: bool) -> int:
+    from cac_jax import batch, inference
+
+    expected = None
+    if has_source:
+        expected = [s.scan_id for s in inference.studies_from_args(args.input, args.manifest)]
+    count = batch.merge_results(args.merge, args.out, expected=expected, log=log)
+    print(f"merged {count} rows of {len(args.merge)} folders into {args.out}/results.csv")
+    return 0
