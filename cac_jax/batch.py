@@ -168,7 +168,7 @@ def _start_results(path: Path, studies: list[Study], models: dict[str, str], ove
     skip = {s.scan_id for s in studies if finished(s)}
     batch = {s.scan_id for s in studies}
     kept = [row for scan_id, row in previous.items() if scan_id not in batch or scan_id in skip]
-    if not path.exists() or torn is not None or len(kept) != len(previous):
+    if overwrite or not path.exists() or torn is not None or len(kept) != len(previous):
         try:
             write_results(path, kept)
         except OSError as err:
