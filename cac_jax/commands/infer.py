@@ -1,8 +1,9 @@
 """`cac-jax infer`: score CT studies with a trained heart model and a trained calcium model.
 
-A thin loop over `cac_jax.inference.Scorer` (issue 11): one row per study in `OUT/results.csv`,
-the scorer's JSON per study, optional masks and previews, a progress bar and a summary. One bad
-study is reported in its row and the batch goes on; a rerun skips studies already scored.
+A thin layer over `cac_jax.batch.run_batch` (a `cac_jax.inference.Scorer` over the studies): one
+row per study in `OUT/results.csv`, the scorer's JSON per study, optional masks and previews, a
+progress bar and a summary. One bad study is reported in its row and the batch goes on; a rerun
+skips studies already scored. `--shard K/N` scores one of N parts; `--merge` joins the parts.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ Each PATH is a DICOM folder or an image file (.nii.gz, .mhd, .nrrd); a manifest 
 least scan_id, image and protocol (see the README). Outputs in OUT: results.csv (one row per
 study), <scan_id>.json (the `cac-jax score` JSON), with --save-masks <scan_id>_calcium_labels.nii.gz
 (4 coronary calcium, 5 non-coronary calcium) and <scan_id>_heart_mask.nii.gz in the input's
-geometry, with --save-previews <scan_id>.png. Exit code 0 when at least one study was scored or
-skipped, 2 when every study failed (or on bad arguments or checkpoints).
+geometry, with --save-previews <scan_id>.png. A study whose image is not in HU or where no heart
+is found (--min-heart-ml) is an error row, not a score. A rerun skips studies scored by the same
+models and refuses an OUT scored by others (unless --overwrite); one run per OUT at a time.
+Exit code 0 when at least one study was scored or skipped, 2 when every study failed (or on bad
+arguments, damaged checkpoints, or an OUT that cannot be written). See docs/data_flow.md.
 
-example:
+examples:
   cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
       --manifest cohort/manifest.csv --out results --save-masks --save-previews
+  cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
+      --manifest archive.csv --shard 3/8 --out parts/3      # one of 8 shards
+  cac-jax infer --merge parts/1 parts/2 ... parts/8 --manifest archive.csv --out all
 """
 
 
