@@ -17,6 +17,7 @@ per study, optional masks and previews); `shard` picks one of N disjoint parts o
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -260,10 +261,32 @@ def _write_study_files(out: Path, name: str, study: Study, volume, result: Study
     atomic_write_text(out / f"{name}.json",
                       json.dumps(result.score.to_json_dict(), indent=2, allow_nan=False) + "\n")
     if save_masks:
-        write_mask(out / f"{name}_calcium_labels.nii.gz", result.calcium_labels, volume)
-        write_mask(out / f"{name}_heart_mask.nii.gz", result.heart_mask.astype(np.uint8), volume)
+        for path, mask in ((out / f"{name}_calcium_labels.nii.gz", result.calcium_labels),
+                           (out / f"{name}_heart_mask.nii.gz", result.heart_mask.astype(np.uint8))):
+            write_mask(path, mask, volume)
+            _check_written_image(path)
     if save_previews:
         save_preview(out / f"{name}.png", volume, result, study.scan_id)
+
+
+def _check_written_image(path: Path) -> None:
+    """Raise OSError if an image file just written has no readable header.
+
+    SimpleITK's writers do not report every failed write: on a full disk a .nii.gz can come out
+    empty while the write "succeeds" (and the atomic rename then puts it in place).
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        if path.stat().st_size == 0:
+            raise RuntimeError("empty file")
+        reader.ReadImageInformation()
+    except RuntimeError:
+        path.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"{path.name} came out empty or unreadable (is the disk "
+                                 "full?)") from None
 
 
 def merge_results(folders: Sequence[str | os.PathLike], out: str | os.PathLike, *,

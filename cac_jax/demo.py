@@ -112,6 +112,10 @@ class DemoSettings:
     train_jobs: int = 1
     # `cac-jax evaluate` processes run at once (each is mostly start-up; output is per folder).
     eval_jobs: int = 2
+    # `cac-jax infer --min-heart-ml` (None: the tool's default). A study whose predicted heart is
+    # smaller is an error row; the smoke run's seconds-trained heart models find small hearts, so
+    # `--quick` (a check of the path) scores every heart that is not empty.
+    min_heart_ml: float | None = None
 
     @classmethod
     def full(cls, **overrides) -> DemoSettings:
@@ -123,7 +127,7 @@ class DemoSettings:
             cls(patients=20, site2_patients=4, size=64, heart_steps=400, calcium_steps=800,
                 batch_size=4, calcium_batch_size=16, eval_every=1000, bench_samples=3,
                 bench_size=64, heart_seconds=10.0, calcium_seconds=20.0, train_jobs=2,
-                smoke=True),
+                smoke=True, min_heart_ml=0.0),
             **overrides)
 
     @property
@@ -389,7 +393,8 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
     for arch in MODELS:
         folder = out / "infer" / arch
         wanted = {"manifest": {k: str(v) for k, v in manifests.items()},
-                  "heart": trained[f"heart_{arch}"], "calcium": trained[f"calcium_{arch}"]}
+                  "heart": trained[f"heart_{arch}"], "calcium": trained[f"calcium_{arch}"],
+                  "min_heart_ml": s.min_heart_ml}
         outputs = [out / "infer" / f"{cohort}_{arch}" / "results.csv" for cohort in manifests]
 
         def run_infer(folder=folder, arch=arch):
@@ -397,6 +402,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
                  "--calcium-checkpoint", str(out / "models" / f"calcium_{arch}"),
                  "--manifest", str(combined), "--out", str(folder), "--save-previews",
                  "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+                 *([] if s.min_heart_ml is None else ["--min-heart-ml", str(s.min_heart_ml)]),
                  stage=f"infer {arch}")
             split_results(folder / "results.csv", {
                 cohort: (manifest, out / "infer" / f"{cohort}_{arch}" / "results.csv")

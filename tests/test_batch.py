@@ -313,7 +313,7 @@ def test_a_second_run_into_one_out_is_refused(scorer, tmp_path, monkeypatch, cap
     assert not (out / results.LOCK_NAME).exists() and len(_rows(out)) == 1
 
 
-@pytest.mark.parametrize("failure", ["mkdir", "lock", "json", "append"])
+@pytest.mark.parametrize("failure", ["mkdir", "lock", "json", "append", "empty_mask"])
 def test_unwritable_out_is_one_line_exit_2(scorer, tmp_path, monkeypatch, capsys, failure):
     """A read-only or full output folder stops the batch with one line (exit 2), not a
     traceback or a row per study."""
@@ -339,9 +339,20 @@ def test_unwritable_out_is_one_line_exit_2(scorer, tmp_path, monkeypatch, capsys
         original = atomic.atomic_write_text
         monkeypatch.setattr(atomic, "atomic_write_text", lambda path, text: fail()
                             if str(path).endswith(".json") else original(path, text))
-    else:
+    elif failure == "append":
         monkeypatch.setattr(results.ResultsAppender, "append", fail)
+    else:  # SimpleITK on a full disk: an empty .nii.gz and no error
+        from data_pipeline import io as study_io
+
+        monkeypatch.setattr(study_io, "write_labels",
+                            lambda path, array, like: Path(path).write_bytes(b""))
     capsys.readouterr()
-    assert _cli(monkeypatch, scorer, "--input", *map(str, paths), "--out", str(out)) == 2
+    assert _cli(monkeypatch, scorer, "--input", *map(str, paths), "--out", str(out),
+                "--save-masks") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and os.strerror(code) in err[0] and str(out) in err[0], err
+    assert len(err) == 1 and str(out) in err[0], err
+    if failure == "empty_mask":
+        assert "came out empty or unreadable (is the disk full?)" in err[0]
+        assert not list(out.glob("*.nii.gz")) and _rows(out) == []
+    else:
+        assert os.strerror(code) in err[0]
