@@ -272,6 +272,9 @@ def test_shard_runs_merge_into_the_whole_batch_once(scorer, tmp_path, monkeypatc
     results.write_results(Path(folders[0]) / "results.csv", rows)
     assert main(["infer", "--merge", *folders, "--out", str(tmp_path / "m3")]) == 2
     assert "other models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["infer", "--merge", *folders, "--shard", "1/2", "--out", str(tmp_path / "m4")])
+    assert "it takes no --shard" in capsys.readouterr().err
     # Without checkpoints and without --merge: argparse's usage error.
     with pytest.raises(SystemExit):
         main(["infer", "--input", *inputs, "--out", str(tmp_path / "x")])

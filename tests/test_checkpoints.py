@@ -198,3 +198,20 @@ def test_loading_logs_no_orbax_warnings(run, caplog):
         ckpt.load_trained(workdir / "checkpoints" / "4")
     noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert noisy == []
+
+
+def test_training_heart_volumes_are_read_where_recorded(run, tmp_path):
+    """`heart_volume_ml` of the meta (the training hearts' range) reaches inference's bound."""
+    from cac_jax.inference import DEFAULT_MIN_HEART_ML, min_heart_bound
+
+    workdir, _, _ = run
+    assert ckpt.load_trained(workdir).heart_volume_ml == {}
+    assert min_heart_bound(ckpt.load_trained(workdir)) == DEFAULT_MIN_HEART_ML
+    recorded = tmp_path / "recorded"
+    shutil.copytree(workdir, recorded)
+    meta_file = recorded / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["heart_volume_ml"] = {"min": 320.0, "median": 480.0, "max": 700.0}
+    meta_file.write_text(json.dumps(meta))
+    trained = ckpt.load_trained(recorded)
+    assert trained.heart_volume_ml["min"] == 320.0 and min_heart_bound(trained) == 80.0

@@ -123,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     log = lambda line: print(f"cac-jax infer: {line}", file=sys.stderr)  # noqa: E731
     has_source = args.input is not None or args.manifest is not None
     if args.merge is not None:
+        extra = [flag for flag, value in (("--heart-checkpoint", args.heart_checkpoint),
+                                          ("--calcium-checkpoint", args.calcium_checkpoint),
+                                          ("--shard", args.shard)) if value is not None]
+        if extra:
+            args.parser.error(f"--merge joins finished results; it takes no {', '.join(extra)}")
         return _merge(args, log, has_source)
     missing = [flag for flag, value in (("--heart-checkpoint", args.heart_checkpoint),
                                         ("--calcium-checkpoint", args.calcium_checkpoint))
