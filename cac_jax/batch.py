@@ -16,6 +16,7 @@ per study, optional masks and previews); `shard` picks one of N disjoint parts o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -213,13 +214,17 @@ def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: 
             except OSError as err:
                 raise OutputWriteError(results_path, f"cannot write the results: "
                                                      f"{_reason(err)}") from None
-    finally:
+    except BaseException:
         bar.close()
-        try:
+        with contextlib.suppress(OSError):  # the error being raised is the one to report
             appender.close()
-        except OSError as err:
-            raise OutputWriteError(results_path, f"cannot write the results: {_reason(err)}") \
-                from None
+        raise
+    bar.close()
+    try:
+        appender.close()
+    except OSError as err:
+        raise OutputWriteError(results_path, f"cannot write the results: {_reason(err)}") \
+            from None
     return summary
 
 

@@ -19,6 +19,7 @@ naive baseline and `cac-jax infer --merge` write it through this module; `cac-ja
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -134,10 +135,10 @@ class ResultsAppender:
             if written != len(data):
                 raise OSError(28, os.strerror(28))  # ENOSPC: a short write to a regular file
         except OSError:
-            try:
+            # Cut back to the last whole row; if even that fails, readers leave the torn last
+            # line out all the same. The write's error is the one raised.
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)
-            except OSError:
-                pass  # the reader leaves a torn last line out all the same
             raise
 
     def close(self) -> None:
