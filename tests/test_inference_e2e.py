@@ -46,9 +46,29 @@ def workdirs(tmp_path_factory):
     return root, root / "heart", root / "calcium"
 
 
+def ct_like_copies(root: Path) -> list[Path]:
+    """Copies of the tiny cohort's scans with a 2-pixel frame of air (-1000 HU) around them.
+
+    The cohort's scans are soft tissue to the edges; `infer` refuses an image without air as not
+    in HU (as `cac-jax score` warns), and a chest CT has air around the body.
+    """
+    from data_pipeline.io import write_volume
+
+    copies = []
+    for image in sorted(root.glob("P00*/*/image.nii.gz")):
+        study = read_study(image)
+        hu = np.array(study.hu, dtype=np.int16)
+        hu[:, :2], hu[:, -2:], hu[:, :, :2], hu[:, :, -2:] = -1000, -1000, -1000, -1000
+        copy = root / "ct_like" / f"{image.parent.parent.name}_{image.parent.name}.nii.gz"
+        copy.parent.mkdir(exist_ok=True)
+        write_volume(copy, hu, study)
+        copies.append(copy)
+    return copies
+
+
 def test_infer_with_trained_checkpoints(workdirs, capsys):
     root, heart, calcium = workdirs
-    images = sorted(root.glob("P00*/*/image.nii.gz"))
+    images = ct_like_copies(root)
     corrupt = root / "corrupt.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b truncated")
     out = root / "out"
