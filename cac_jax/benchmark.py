@@ -36,6 +36,7 @@ import pathlib
 import platform
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,14 @@ FRAMEWORKS = ("jax", "torch")
 TORCH_VARIANTS = ("torch_eager", "torch_channels_last", "torch_compile")
 DEFAULT_SAMPLES = 5
 PAPER_SAMPLES = 1024
+# Upper bounds of the settings (refused with one line above them). Samples are built one at a
+# time (`StudySamples`), so N costs time, not memory; the bound keeps bench.json readable (every
+# time is listed) at 100x the paper's N. Clinical CT slices are 512 px (a few 1024); the paper's
+# samples are 16 slices. One sample at the largest size and slice count is 805 MB of inputs.
+MAX_SAMPLES = 100 * PAPER_SAMPLES
+MAX_SIZE = 1024
+MAX_SLICES = 64
+MAX_TRAIN_BATCH = 64
 AUX_WEIGHT = 0.5
 MATMUL_N = 2048
 
@@ -91,6 +100,11 @@ class BenchSettings:
         for name in ("samples", "slices", "train_batch", "train_repeats"):
             if getattr(self, name) < 1:
                 raise BenchError(None, f"--{name.replace('_', '-')} must be >= 1")
+        for name, bound in (("samples", MAX_SAMPLES), ("size", MAX_SIZE),
+                            ("slices", MAX_SLICES), ("train_batch", MAX_TRAIN_BATCH)):
+            if getattr(self, name) > bound:
+                raise BenchError(None, f"--{name.replace('_', '-')} must be at most {bound}, "
+                                       f"got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise BenchError(None, f"--dtype must be float32, bfloat16 or auto, got {self.dtype}")
         if "torch" in self.frameworks and importlib.util.find_spec("torch") is None:
@@ -163,11 +177,38 @@ def machine_info(frameworks: tuple[str, ...]) -> dict:
     return info
 
 
-def study_samples(settings: BenchSettings) -> tuple[list[np.ndarray], dict]:
-    """N samples of `slices` consecutive model inputs from a synthetic study, and its preprocessing time.
+class StudySamples(Sequence):
+    """The N benchmark samples of one synthetic study, each built when it is asked for.
 
-    Returns ([(slices, 3, size, size, 1) float32] * samples, preprocessing dict).
+    Sample i is `slices` consecutive model inputs (slices, 3, size, size, 1) float32 starting at
+    a seeded random slice (wrapping only when the study is short). Only the study and the start
+    slices are kept, so N costs no memory: at 512 px and 16 slices a sample is 50 MB, and the
+    paper's N = 1024 built up front would be 51 GB.
     """
+
+    def __init__(self, hu: np.ndarray, slices: int, count: int, seed: int):
+        self.hu = hu
+        self.slices = int(slices)
+        nz = hu.shape[0]
+        rng = np.random.default_rng(seed)
+        self.firsts = rng.integers(0, max(nz - self.slices, 0) + 1, size=int(count))
+
+    def __len__(self) -> int:
+        return len(self.firsts)
+
+    def __getitem__(self, index):
+        from data_pipeline.labels import model_inputs
+
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        first = int(self.firsts[index])
+        centres = (first + np.arange(self.slices)) % self.hu.shape[0]
+        return model_inputs(self.hu, centres)
+
+
+def study_samples(settings: BenchSettings) -> tuple[StudySamples, dict]:
+    """N samples of `slices` consecutive model inputs from a synthetic study (`StudySamples`,
+    built one at a time), and the study's preprocessing time."""
     from data_pipeline.labels import model_inputs
     from data_pipeline.phantom import render_scan
 
@@ -181,12 +222,6 @@ def study_samples(settings: BenchSettings) -> tuple[list[np.ndarray], dict]:
         model_inputs(hu)
         per_study.append(time.perf_counter() - start)
     nz = hu.shape[0]
-    rng = np.random.default_rng(settings.seed)
-    samples = []
-    for _ in range(settings.samples):
-        first = int(rng.integers(0, max(nz - settings.slices, 0) + 1))
-        centres = (first + np.arange(settings.slices)) % nz  # wraps only when the study is short
-        samples.append(model_inputs(hu, centres))
     prep = {
         "what": "data_pipeline.labels.model_inputs on a whole study (3-slice windows, HU window)",
         "study_shape_zyx": list(hu.shape),
@@ -194,7 +229,7 @@ def study_samples(settings: BenchSettings) -> tuple[list[np.ndarray], dict]:
         "per_slice_s": float(np.median(per_study)) / nz,
         "synthetic_study_render_s": render_s,
     }
-    return samples, prep
+    return StudySamples(hu, settings.slices, settings.samples, settings.seed), prep
 
 
 # ----------------------------------------------------------------------------------------- JAX

@@ -51,6 +51,9 @@ class TrainedModel:
     pixel_spacing_mm: dict  # {"min", "median", "max"}: in-plane spacing of the training scans
     neighbour_mm: float
     metrics: dict  # validation metrics recorded at that step ({} if none)
+    # {"min", "median", "max"} ml of the training scans' hearts where the checkpoint's meta records
+    # them ({} if not): inference's smallest plausible heart (`cac_jax.inference.min_heart_bound`).
+    heart_volume_ml: dict = dataclasses.field(default_factory=dict)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -129,6 +132,11 @@ def _check_complete(step_dir: pathlib.Path) -> None:
     if not (step_dir / _FINALIZED_MARKER).exists():
         raise InputError(step_dir, "incomplete checkpoint (not finalised: the run was probably "
                                    "killed while writing it)")
+    try:
+        json.loads((step_dir / _FINALIZED_MARKER).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(step_dir / _FINALIZED_MARKER, f"corrupt checkpoint: unreadable step "
+                                                       f"metadata ({err})") from None
     missing = [item for item in ("variables", "meta", "config") if not (step_dir / item).is_dir()]
     if missing:
         raise InputError(step_dir, f"incomplete checkpoint: missing item(s) {', '.join(missing)}")
@@ -146,11 +154,14 @@ def _read_json_item(step_dir: pathlib.Path, item: str) -> dict:
 
 
 class _DropReadOnlyNotices(logging.Filter):
-    """Orbax warns that a read-only manager is read-only; for loading that is the point."""
+    """Orbax warns that a read-only manager is read-only; for loading that is the point. It also
+    logs an error for each step whose metadata file is not JSON while it lists the steps; the
+    step that is loaded is checked by `_check_complete`, which says so in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "read_only" not in message and "read only" not in message
+        return ("read_only" not in message and "read only" not in message
+                and "Failed to json parse Metadata file" not in message)
 
 
 @contextlib.contextmanager
@@ -201,19 +212,62 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.
     return ckpt_dir / str(step), path
 
 
-def _check_stored_shapes(checkpointer, step_dir: pathlib.Path, abstract) -> None:
+def _check_readable(item_dir: pathlib.Path) -> None:
+    """Raise InputError if any stored byte of a checkpoint item cannot be read.
+
+    Orbax stores arrays in an OCDBT database (tensorstore) and reads them concurrently; when one
+    read fails (a truncated, missing or damaged file), its event loop closes while the other
+    reads are in flight, and each of those prints a traceback. Reading every stored array first
+    with tensorstore, one at a time and synchronously (the variables are tens of MB), finds the
+    damage with one error. An item not stored as OCDBT is left to the restore.
+    """
+    import tensorstore as ts
+
+    if not (item_dir / "manifest.ocdbt").exists():
+        return
+    base = str(item_dir) if "://" in str(item_dir) else f"file://{item_dir.absolute()}"
+    store = {"driver": "ocdbt", "base": base.rstrip("/") + "/"}
+    drivers = {".zarray": "zarr", "zarr.json": "zarr3"}
+    try:
+        keys = ts.KvStore.open(store).result().list().result()
+        for key in keys:
+            name, _, leaf = key.decode().rpartition("/")
+            if leaf in drivers:
+                spec = {"driver": drivers[leaf], "kvstore": {**store, "path": name + "/"}}
+                ts.open(spec, open=True).result().read().result()
+    except ValueError as err:
+        raise InputError(item_dir, f"corrupt checkpoint (a damaged or missing file): "
+                                   f"{_first_clause(err)}") from None
+
+
+def _first_clause(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error, cut before tensorstore's JSON spec dump."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = text.split(" [tensorstore_spec=")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_stored_shapes(step_dir: pathlib.Path, abstract) -> None:
     """Raise InputError naming the first parameter whose stored shape differs from the model's.
 
     Compares the checkpoint's array metadata with the model's abstract variables before any array
     is read, so a mismatch is reported by parameter name (and Orbax never starts reads that would
     then fail). Metadata that cannot be read is left to the restore, which reports it.
+
+    The metadata is read with the item's own handler: `Checkpointer.metadata` would also look for
+    the step-level `_CHECKPOINT_METADATA` file inside the item folder (it lies one level up, in
+    the step folder) and log a warning on every load.
     """
     import jax
+    import orbax.checkpoint as ocp
 
+    handler = ocp.StandardCheckpointHandler()
     try:
-        meta = checkpointer.metadata(step_dir / "variables")
+        meta = handler.metadata(step_dir / "variables")
     except (FileNotFoundError, ValueError, KeyError):
         return  # restore() raises the same error with its message
+    finally:
+        handler.close()
     item = getattr(meta, "item_metadata", meta)
     stored = dict(jax.tree_util.tree_flatten_with_path(getattr(item, "tree", item))[0])
     expected = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
@@ -259,17 +313,14 @@ def load_trained(path: str | pathlib.Path) -> TrainedModel:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+    _check_readable(step_dir / "variables")
+    _check_stored_shapes(step_dir, abstract)
     checkpointer = ocp.StandardCheckpointer()
-    try:
-        _check_stored_shapes(checkpointer, step_dir, abstract)
-    except InputError:
-        checkpointer.close()
-        raise
     try:
         variables = checkpointer.restore(step_dir / "variables", abstract)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise InputError(step_dir, f"checkpoint does not match its config's model: "
-                                   f"{str(err).splitlines()[0]}") from None
+        raise InputError(step_dir, f"checkpoint cannot be restored (corrupt, or it does not "
+                                   f"match its config's model): {_first_clause(err)}") from None
     finally:
         checkpointer.close()
     spacing = meta.get("pixel_spacing_mm") or {}
@@ -279,4 +330,5 @@ def load_trained(path: str | pathlib.Path) -> TrainedModel:
         path=step_dir, workdir=workdir, task=task, num_classes=num_classes,
         pixel_spacing_mm=dict(spacing),
         neighbour_mm=float(DEFAULT_NEIGHBOUR_MM if neighbour is None else neighbour),
-        metrics=dict(meta.get("metrics") or {}))
+        metrics=dict(meta.get("metrics") or {}),
+        heart_volume_ml=dict(meta.get("heart_volume_ml") or {}))

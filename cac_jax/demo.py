@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -45,9 +44,6 @@ PROTOCOLS = ("cac", "ctac")
 MODEL_SIZE_MULTIPLE = 16
 # Fewest patients: 80/10/10 by patient needs one each in validation and test, two to train on.
 MIN_PATIENTS = 4
-RESULTS_COLUMNS = ("scan_id", "image", "protocol", "status", "error", "agatston", "volume_mm3",
-                   "category", "category_name", "n_lesions", "heart_volume_ml", "heart_model",
-                   "calcium_model", "heart_step", "calcium_step", "seconds")
 # (task, architecture) -> config file: the ConvLSTM-attention network at half the paper-scale
 # widths and the UNet width-matched to it, which fit the demo's time boxes on a 2-core CPU
 # (docs/demo_results.md).
@@ -108,6 +104,10 @@ class DemoSettings:
     train_jobs: int = 1
     # `cac-jax evaluate` processes run at once (each is mostly start-up; output is per folder).
     eval_jobs: int = 2
+    # `cac-jax infer --min-heart-ml` (None: the tool's default). A study whose predicted heart is
+    # smaller is an error row; the smoke run's seconds-trained heart models find small hearts, so
+    # `--quick` (a check of the path) scores every heart that is not empty.
+    min_heart_ml: float | None = None
 
     @classmethod
     def full(cls, **overrides) -> DemoSettings:
@@ -119,7 +119,7 @@ class DemoSettings:
             cls(patients=20, site2_patients=4, size=64, heart_steps=400, calcium_steps=800,
                 batch_size=4, calcium_batch_size=16, eval_every=1000, bench_samples=3,
                 bench_size=64, heart_seconds=10.0, calcium_seconds=20.0, train_jobs=2,
-                smoke=True),
+                smoke=True, min_heart_ml=0.0),
             **overrides)
 
     @property
@@ -312,6 +312,7 @@ def _test_manifest(out: Path) -> Path:
 def naive_results(manifest: Path, out_csv: Path) -> None:
     """The naive threshold scorer (HU >= 130 inside the TRUE heart mask) as a results.csv."""
     from cac_jax.baselines import threshold_score
+    from cac_jax.results import number, write_results
     from cac_jax.scoring import CATEGORY_NAMES
     from data_pipeline.io import read_labels, read_study
     from data_pipeline.manifest import read_manifest
@@ -319,34 +320,22 @@ def naive_results(manifest: Path, out_csv: Path) -> None:
     lines = []
     for row in read_manifest(manifest):
         t0 = time.perf_counter()
-        record = dict.fromkeys(RESULTS_COLUMNS, "")
-        record.update(scan_id=row.scan_id, image=str(row.image), protocol=row.protocol,
+        record = dict(scan_id=row.scan_id, image=str(row.image), protocol=row.protocol,
                       heart_model="true heart mask", calcium_model="naive 130 HU threshold")
         try:
             volume = read_study(row.image)
             heart = read_labels(row.heart_mask, like=volume)
             result = threshold_score(volume.hu, heart, volume.spacing_zyx_mm)
-            record.update(status="ok", agatston=f"{result.agatston:.4f}",
-                          volume_mm3=f"{result.volume_mm3:.4f}", category=result.category,
+            record.update(status="ok", agatston=number(result.agatston),
+                          volume_mm3=number(result.volume_mm3), category=result.category,
                           category_name=CATEGORY_NAMES[result.category],
                           n_lesions=len(result.lesions),
-                          heart_volume_ml=f"{heart.astype(bool).sum() * float(_voxel_ml(volume)):.2f}")
+                          heart_volume_ml=number(heart.astype(bool).sum() * _voxel_ml(volume)))
         except (InputError, ValueError) as err:
             record.update(status="error", error=str(err).splitlines()[0])
         record["seconds"] = f"{time.perf_counter() - t0:.3f}"
         lines.append(record)
-    _write_results(out_csv, lines)
-
-
-def _write_results(path: Path, rows) -> None:
-    """Writes rows (dicts) as a results.csv with the `cac-jax infer` columns, atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULTS_COLUMNS, lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, buffer.getvalue())
+    write_results(out_csv, lines)
 
 
 def _voxel_ml(volume) -> float:
@@ -374,16 +363,16 @@ def _combined_manifest(out: Path, manifests: dict[str, Path]) -> Path:
 def split_results(results: Path, cohorts: dict[str, tuple[Path, Path]]) -> None:
     """Writes each cohort's rows of an `infer` results.csv (by its manifest's scan ids) to the
     cohort's own results.csv (cohorts: name -> (manifest, output path))."""
+    from cac_jax.results import read_results, write_results
     from data_pipeline.manifest import read_manifest
 
-    with results.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows, _ = read_results(results)
     for manifest, target in cohorts.values():
         ids = {r.scan_id for r in read_manifest(manifest)}
-        mine = [r for r in rows if r["scan_id"] in ids]
+        mine = [r for r in rows.values() if r["scan_id"] in ids]
         if len(mine) != len(ids):
             raise DemoError(f"{results} has {len(mine)} of the {len(ids)} studies of {manifest}")
-        _write_results(target, mine)
+        write_results(target, mine)
 
 
 def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path]:
@@ -399,7 +388,8 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
     for arch in MODELS:
         folder = out / "infer" / arch
         wanted = {"manifest": {k: str(v) for k, v in manifests.items()},
-                  "heart": trained[f"heart_{arch}"], "calcium": trained[f"calcium_{arch}"]}
+                  "heart": trained[f"heart_{arch}"], "calcium": trained[f"calcium_{arch}"],
+                  "min_heart_ml": s.min_heart_ml}
         outputs = [out / "infer" / f"{cohort}_{arch}" / "results.csv" for cohort in manifests]
 
         def run_infer(folder=folder, arch=arch):
@@ -407,6 +397,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
                  "--calcium-checkpoint", str(out / "models" / f"calcium_{arch}"),
                  "--manifest", str(combined), "--out", str(folder), "--save-previews",
                  "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+                 *([] if s.min_heart_ml is None else ["--min-heart-ml", str(s.min_heart_ml)]),
                  stage=f"infer {arch}")
             split_results(folder / "results.csv", {
                 cohort: (manifest, out / "infer" / f"{cohort}_{arch}" / "results.csv")

@@ -34,10 +34,8 @@ Reading and writing of studies and masks goes through `read_study_for_inference`
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -52,6 +50,8 @@ from cac_jax.scoring import (
     DEFAULT_MIN_AREA_MM2,
     AgatstonResult,
     agatston_score,
+    hu_problem,
+    study_warnings,
 )
 from data_pipeline import labels as labels_lib
 from data_pipeline.errors import InputError
@@ -64,6 +64,13 @@ DEFAULT_BUCKET_PX = 64
 # labels >= 5 are non-coronary and never scored), so the file shows it but scores the same.
 NON_CORONARY_LABEL = 5
 EXPECTED = {"heart": 2, "calcium": 3}  # task -> number of classes (docs/contracts.md)
+# A study whose predicted heart is smaller than this is not scored (status error): the heart
+# model found no heart, so a score of 0 would be a claim about nothing. An adult heart's
+# pericardial silhouette (what the heart model segments) holds several hundred ml; the synthetic
+# cohort's hold 200-700 ml. Used when the heart checkpoint records no training heart volumes;
+# where it does, the bound is `TRAINING_HEART_FRACTION` of the smallest of them.
+DEFAULT_MIN_HEART_ML = 50.0
+TRAINING_HEART_FRACTION = 0.25
 
 
 class ModelMismatchError(InputError):
@@ -74,33 +81,18 @@ class ModelMismatchError(InputError):
 # Study I/O: the one place that calls data_pipeline.io
 # ---------------------------------------------------------------------------------------------
 
-def _reader_accepts_series() -> bool:
-    from data_pipeline import io as study_io
-
-    return "series" in inspect.signature(study_io.read_study).parameters
-
-
 def read_study_for_inference(path: str | os.PathLike, series: str | None = None):
-    """Reads a study with `data_pipeline.io.read_study` (passing `series` where it is supported)."""
+    """Reads a study with `data_pipeline.io.read_study` (the series `series` of a DICOM folder)."""
     from data_pipeline import io as study_io
 
-    if series is None:
-        return study_io.read_study(path)
-    if not _reader_accepts_series():
-        raise InputError(path, "choosing a series (--series) is not supported by this version "
-                               "of the study reader")
     return study_io.read_study(path, series=series)
 
 
 def write_mask(path: str | os.PathLike, array: np.ndarray, like) -> None:
-    """Writes a label map or mask in the geometry `like` was read from (atomically)."""
+    """Writes a label map or mask back in the geometry `like` was read from (atomically)."""
     from data_pipeline import io as study_io
 
-    writer = getattr(study_io, "write_labels", None)
-    if writer is not None:  # writes back in the input's own orientation where io supports it
-        writer(path, array, like=like)
-    else:
-        study_io.write_volume(path, array, like)
+    study_io.write_labels(path, array, like=like)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +344,9 @@ class StudyResult:
     probabilities: dict[str, np.ndarray] | None = None
     # Indices of the slices the calcium model ran on (None: given predictions, no model run).
     calcium_slices: np.ndarray | None = None
+    # Why the score must not be used (an image not in HU, no heart found); empty when it can.
+    # A batch run reports such a study as status=error with these reasons.
+    problems: tuple[str, ...] = ()
 
     @property
     def resampled(self) -> bool:
@@ -374,6 +369,10 @@ class Scorer:
     (label 5) is marked only on the slices the calcium model ran on (elsewhere 0: not examined),
     and with `probabilities=True` the calcium probabilities of the other slices are background
     with certainty ([1, 0, 0]); `StudyResult.calcium_slices` lists the slices it ran on.
+
+    `StudyResult.problems` says why a score must not be used: the image does not look like HU
+    (`cac_jax.scoring.hu_problem`, the check `cac-jax score` warns with), or the predicted heart
+    is empty or smaller than `min_heart_ml` (None: `min_heart_bound`).
     """
 
     CALCIUM_SLICES = ("heart", "all")
@@ -383,7 +382,7 @@ class Scorer:
                  heart_dilation_mm: float = postprocess.DEFAULT_HEART_DILATION_MM,
                  min_area_mm2: float = DEFAULT_MIN_AREA_MM2,
                  calibration_mg_per_hu_mm3: float | None = None, five_class: bool = False,
-                 calcium_slices: str = "heart"):
+                 calcium_slices: str = "heart", min_heart_ml: float | None = None):
         check_role(heart, "heart")
         check_role(calcium, "calcium")
         if batch_size < 1:
@@ -397,6 +396,9 @@ class Scorer:
         self.calcium = calcium
         self.calcium_slices = calcium_slices
         self.heart_dilation_mm = float(heart_dilation_mm)
+        if min_heart_ml is not None and not (math.isfinite(min_heart_ml) and min_heart_ml >= 0):
+            raise ValueError(f"min_heart_ml must be a finite number >= 0, got {min_heart_ml}")
+        self.min_heart_ml = min_heart_bound(heart) if min_heart_ml is None else float(min_heart_ml)
         self.score_kwargs = dict(min_area_mm2=min_area_mm2,
                                  calibration_mg_per_hu_mm3=calibration_mg_per_hu_mm3,
                                  five_class=five_class)
@@ -490,7 +492,7 @@ class Scorer:
         score = agatston_score(hu, labels, spacing,
                                slice_thickness_mm=volume.metadata.slice_thickness_mm,
                                **self.score_kwargs)
-        notes = [f"skipped series {note}" for note in volume.metadata.skipped_series]
+        notes = study_warnings(volume, check_hu=False)
         if notes:
             score = dataclasses.replace(score, warnings=score.warnings + tuple(notes))
         timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t0
@@ -500,10 +502,36 @@ class Scorer:
         labels[non_coronary] = NON_CORONARY_LABEL
         timings["postprocess"] += time.perf_counter() - t0
         voxel_ml = float(np.prod(spacing)) / 1000.0
+        heart_ml = float(heart.sum()) * voxel_ml
         return StudyResult(
             score=score, calcium_labels=labels, heart_mask=heart,
-            heart_volume_ml=float(heart.sum()) * voxel_ml, timings=timings,
-            model_spacing_yx_mm={}, neighbour_offsets={})
+            heart_volume_ml=heart_ml, timings=timings,
+            model_spacing_yx_mm={}, neighbour_offsets={},
+            problems=self.problems(hu, heart_ml))
+
+    def problems(self, hu: np.ndarray, heart_volume_ml: float) -> tuple[str, ...]:
+        """Why a study's score must not be used (see the class docstring); () when it can."""
+        found = []
+        not_hu = hu_problem(hu)
+        if not_hu:
+            found.append(not_hu)
+        if heart_volume_ml <= 0.0:
+            found.append("no heart found: predicted heart volume 0 ml")
+        elif heart_volume_ml < self.min_heart_ml:
+            found.append(f"no heart found: predicted heart volume {heart_volume_ml:.3g} ml, below "
+                         f"the smallest plausible heart ({self.min_heart_ml:.3g} ml)")
+        return tuple(found)
+
+
+def min_heart_bound(heart) -> float:
+    """The smallest predicted heart (ml) a study is scored with: `TRAINING_HEART_FRACTION` of the
+    smallest heart in the heart model's training scans where its checkpoint records them
+    (`heart_volume_ml`: {"min", ...}), else `DEFAULT_MIN_HEART_ML`."""
+    recorded = getattr(heart, "heart_volume_ml", None) or {}
+    smallest = recorded.get("min") if isinstance(recorded, Mapping) else None
+    if smallest is not None and math.isfinite(float(smallest)) and float(smallest) > 0:
+        return TRAINING_HEART_FRACTION * float(smallest)
+    return DEFAULT_MIN_HEART_ML
 
 
 def check_role(trained, role: str) -> None:
@@ -534,11 +562,6 @@ def iter_batches(num_slices: int, batch_size: int) -> Iterator[np.ndarray]:
 # Batch runs (`cac-jax infer`)
 # ---------------------------------------------------------------------------------------------
 
-# results.csv columns, in order (a contract: docs/contracts.md, "cac-jax infer outputs").
-RESULT_COLUMNS = ("scan_id", "image", "protocol", "status", "error", "agatston", "volume_mm3",
-                  "category", "category_name", "n_lesions", "heart_volume_ml", "heart_model",
-                  "calcium_model", "heart_step", "calcium_step", "seconds")
-RESULTS_NAME = "results.csv"
 _GENERIC_NAMES = {"dicom", "dcm", "image", "images", "ct", "series", "study"}
 
 
@@ -584,8 +607,6 @@ def studies_from_args(inputs: list[str] | None, manifest: str | None,
                       series: str | None = None) -> list[Study]:
     """The studies of `--input PATH...` or `--manifest M.csv` (ids from the manifest, else from
     the paths). Missing files are left for the batch to report per study."""
-    if series is not None and not _reader_accepts_series():
-        raise InputError(None, "--series is not supported by this version of the study reader")
     if manifest is not None:
         from data_pipeline.manifest import read_manifest
 
@@ -606,182 +627,3 @@ def studies_from_args(inputs: list[str] | None, manifest: str | None,
         raise InputError(None, f"inputs give the same scan id {duplicates[0]!r}; use a manifest "
                                "to name the studies")
     return [Study(i, p, "", series) for i, p in zip(ids, paths, strict=True)]
-
-
-@dataclasses.dataclass
-class BatchSummary:
-    """Counts of a batch run; `text()` is the summary line printed at the end."""
-
-    out: Path
-    scored: int = 0
-    failed: int = 0
-    skipped: int = 0
-    seconds: list[float] = dataclasses.field(default_factory=list)
-
-    @property
-    def all_failed(self) -> bool:
-        """Every study of the batch failed (nothing scored now or before)."""
-        return self.failed > 0 and self.scored == 0 and self.skipped == 0
-
-    def text(self) -> str:
-        """One summary line."""
-        mean = f"{np.mean(self.seconds):.2f} s" if self.seconds else "n/a"
-        return (f"scored {self.scored}, failed {self.failed}, skipped {self.skipped} (already "
-                f"done); mean {mean} per scored study; results in {self.out / RESULTS_NAME}")
-
-
-def _read_results(path: Path) -> dict[str, dict[str, str]]:
-    import csv
-
-    if not path.exists():
-        return {}
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
-                raise InputError(path, "is not a results file of this version (other columns); "
-                                       "use another --out or --overwrite")
-            return {row["scan_id"]: row for row in reader}
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise InputError(path, f"cannot read the earlier results: {err}") from err
-
-
-def _write_results(path: Path, rows: Mapping[str, Mapping[str, Any]]) -> None:
-    import csv
-    import io
-
-    from data_pipeline.atomic import atomic_write_text
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows.values():
-        writer.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
-    return " ".join(text.split())
-
-
-def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
-              save_masks: bool = False, save_previews: bool = False, overwrite: bool = False,
-              progress: bool = True, log=None) -> BatchSummary:
-    """Scores `studies` into `out` (see `cac-jax infer --help` for the files).
-
-    A study that cannot be read or scored gets `status=error` and its one-line reason, and the
-    batch goes on. results.csv is rewritten atomically after every study, after that study's
-    other files, so a killed batch leaves only complete rows; a rerun skips the studies whose
-    row says ok for the same image (unless `overwrite`) and retries failed ones.
-    """
-    import json
-
-    from tqdm import tqdm
-
-    from data_pipeline.atomic import atomic_write_text
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "--out must be a folder, but this is a file")
-    image_paths = {s.image.resolve() for s in studies}
-    if out.resolve() in image_paths:
-        raise InputError(out, "--out is one of the input studies; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_NAME
-    rows = {} if overwrite else _read_results(results_path)
-    models = {"heart_model": str(getattr(scorer.heart, "path", "")),
-              "calcium_model": str(getattr(scorer.calcium, "path", "")),
-              "heart_step": int(getattr(scorer.heart, "step", 0) or 0),
-              "calcium_step": int(getattr(scorer.calcium, "step", 0) or 0)}
-    summary = BatchSummary(out)
-    bar = tqdm(studies, unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for study in bar:
-        bar.set_postfix_str(study.scan_id, refresh=False)
-        name = safe_name(study.scan_id)
-        done = rows.get(study.scan_id)
-        if (done is not None and done.get("status") == "ok"
-                and done.get("image") == str(study.image) and (out / f"{name}.json").exists()):
-            summary.skipped += 1
-            continue
-        start = time.perf_counter()
-        row: dict[str, Any] = {"scan_id": study.scan_id, "image": str(study.image),
-                               "protocol": study.protocol, **models}
-        try:
-            volume, result = scorer.score_path(study.image, series=study.series)
-            score = result.score
-            atomic_write_text(out / f"{name}.json",
-                              json.dumps(score.to_json_dict(), indent=2, allow_nan=False) + "\n")
-            if save_masks:
-                write_mask(out / f"{name}_calcium_labels.nii.gz", result.calcium_labels, volume)
-                write_mask(out / f"{name}_heart_mask.nii.gz", result.heart_mask.astype(np.uint8),
-                           volume)
-            if save_previews:
-                save_preview(out / f"{name}.png", volume, result, study.scan_id)
-            row.update(
-                protocol=study.protocol or volume.metadata.protocol or "", status="ok", error="",
-                agatston=f"{score.agatston:.6g}", volume_mm3=f"{score.volume_mm3:.6g}",
-                category=score.category, category_name=score.category_name,
-                n_lesions=len(score.lesions), heart_volume_ml=f"{result.heart_volume_ml:.6g}")
-            summary.scored += 1
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as err:  # noqa: BLE001 - one bad study must not stop the batch
-            row.update(status="error", error=_one_line(err))
-            summary.failed += 1
-            if log is not None:
-                log(f"error: {row['error']}")
-        seconds = time.perf_counter() - start
-        row["seconds"] = f"{seconds:.3f}"
-        if row["status"] == "ok":
-            summary.seconds.append(seconds)
-        rows[study.scan_id] = row
-        _write_results(results_path, rows)
-    bar.close()
-    return summary
-
-
-def save_preview(path: str | os.PathLike, volume, result: StudyResult, scan_id: str,
-                 *, count: int = 8) -> None:
-    """A PNG of the slices with predicted calcium (coronary red, non-coronary yellow) over the CT,
-    the heart outline in cyan, and the score and category in the title (atomically)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-
-    from data_pipeline.atomic import atomic_path
-
-    labels = result.calcium_labels
-    per_slice = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
-    slices = np.flatnonzero(per_slice)
-    if len(slices) > count:  # the slices with the most calcium, shown in order
-        slices = np.sort(slices[np.argsort(-per_slice[slices], kind="stable")[:count]])
-    if len(slices) == 0:  # no calcium: slices through the predicted heart, else the volume
-        heart_z = np.flatnonzero(result.heart_mask.reshape(labels.shape[0], -1).any(axis=1))
-        pool = heart_z if len(heart_z) else np.arange(labels.shape[0])
-        slices = np.unique(pool[np.linspace(0, len(pool) - 1, min(4, len(pool))).astype(int)])
-    hu = volume.hu
-    cols = min(4, len(slices))
-    rows = int(math.ceil(len(slices) / cols))
-    fig = Figure(figsize=(cols * 3.2, rows * 3.2 + 0.7))
-    FigureCanvasAgg(fig)
-    cmap = ListedColormap([(0, 0, 0, 0), (1.0, 0.1, 0.1, 0.9), (1.0, 0.9, 0.1, 0.9)])
-    for k, z in enumerate(slices):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        ax.axis("off")
-        ax.imshow(hu[z], cmap="gray", vmin=-200, vmax=600, interpolation="nearest")
-        shown = np.select([labels[z] == postprocess.UNDETERMINED_CORONARY_LABEL,
-                           labels[z] == NON_CORONARY_LABEL], [1, 2], 0)
-        if shown.any():
-            ax.imshow(np.ma.masked_equal(shown, 0), cmap=cmap, vmin=0, vmax=2,
-                      interpolation="nearest")
-        if result.heart_mask[z].any():
-            ax.contour(result.heart_mask[z], levels=[0.5], colors="cyan", linewidths=0.6)
-        ax.set_title(f"slice {z}", fontsize=8)
-    score = result.score
-    fig.suptitle(f"{scan_id}: Agatston {score.agatston:.1f}, category {score.category_name}\n"
-                 "red: coronary calcium (scored), yellow: non-coronary calcium, cyan: heart",
-                 fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")

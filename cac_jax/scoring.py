@@ -20,11 +20,13 @@ from data_pipeline.agatston import (
     Lesion,
     agatston_score,
     cac_category,
+    hu_problem,
     score_study,
+    study_warnings,
 )
 
 __all__ = [
     "ARTERY_NAMES", "CALCIUM_THRESHOLD_HU", "CATEGORY_NAMES", "CATEGORY_NAMES_5", "CORONARY_LABELS",
     "DEFAULT_MIN_AREA_MM2", "REFERENCE_SLICE_MM", "WEIGHT_THRESHOLDS_HU", "AgatstonResult", "Lesion",
-    "agatston_score", "cac_category", "score_study",
+    "agatston_score", "cac_category", "hu_problem", "score_study", "study_warnings",
 ]

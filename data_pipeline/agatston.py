@@ -52,7 +52,7 @@ from data_pipeline.errors import InputError, LabelError, StudyReadError
 __all__ = [
     "ARTERY_NAMES", "CALCIUM_THRESHOLD_HU", "CATEGORY_NAMES", "CATEGORY_NAMES_5", "CORONARY_LABELS",
     "DEFAULT_MIN_AREA_MM2", "REFERENCE_SLICE_MM", "WEIGHT_THRESHOLDS_HU", "AgatstonResult", "Lesion",
-    "agatston_score", "cac_category", "score_study",
+    "agatston_score", "cac_category", "hu_problem", "score_study", "study_warnings",
 ]
 
 # Agatston et al. 1990: peak-density weights start at 130 (CALCIUM_THRESHOLD_HU), 200, 300, 400.
@@ -406,17 +406,39 @@ def agatston_score(
     )
 
 
-def _hu_warnings(hu: np.ndarray) -> list[str]:
-    """Warnings about an image that does not look like CT in Hounsfield units."""
+def hu_problem(hu: np.ndarray) -> str | None:
+    """Why an image does not look like CT in Hounsfield units, or None.
+
+    Air (outside the body, lungs) is about -1000 HU; a chest CT without anything below -200 HU
+    was most likely stored without its rescale intercept (HU + 1024 as unsigned integers), or is
+    not a CT at all (an MR image). Thresholds and weights at 130-400 HU then mean nothing.
+    """
     if hu.size == 0:
-        return []
-    # Air (outside the body, lungs) is about -1000 HU; a chest CT without anything below -200 HU
-    # was most likely stored without its rescale intercept.
+        return None
     low = float(np.min(hu))
     if low > -200.0:
-        return [f"the image's lowest value is {low:g} HU, but a chest CT contains air at about "
-                "-1000 HU; check that the image is in Hounsfield units (rescale slope/intercept)"]
-    return []
+        return (f"the image's lowest value is {low:g} HU, but a chest CT contains air at about "
+                "-1000 HU; check that the image is in Hounsfield units (rescale slope/intercept)")
+    return None
+
+
+def study_warnings(volume, *, check_hu: bool = True) -> list[str]:
+    """What `score_study` warns about a study besides its labels: the DICOM series chosen and
+    skipped, header values the reader tolerated, a tube voltage other than 120 kVp and (with
+    `check_hu`) an image that does not look like HU (`hu_problem`)."""
+    metadata = volume.metadata
+    notes = [f"skipped series {note}" for note in metadata.skipped_series]
+    if metadata.skipped_series and metadata.chosen_series:
+        notes.insert(0, f"chosen series {metadata.chosen_series}")
+    notes.extend(metadata.warnings)
+    # The 130 HU threshold and the weights were defined at 120 kVp (Agatston 1990).
+    if metadata.kvp is not None and abs(float(metadata.kvp) - 120.0) > 0.5:
+        notes.append(f"tube voltage is {float(metadata.kvp):g} kVp; the Agatston thresholds are "
+                     "defined at 120 kVp, so the score is not directly comparable")
+    problem = hu_problem(volume.hu) if check_hu else None
+    if problem:
+        notes.append(problem)
+    return notes
 
 
 def score_study(
@@ -455,15 +477,7 @@ def score_study(
         path = labels_path if isinstance(err, LabelError) else image_path
         raise type(err)(path, err.problem) from err
 
-    notes = [f"skipped series {note}" for note in metadata.skipped_series]
-    if metadata.skipped_series and metadata.chosen_series:
-        notes.insert(0, f"chosen series {metadata.chosen_series}")
-    notes.extend(metadata.warnings)
-    # The 130 HU threshold and the weights were defined at 120 kVp (Agatston 1990).
-    if metadata.kvp is not None and abs(float(metadata.kvp) - 120.0) > 0.5:
-        notes.append(f"tube voltage is {float(metadata.kvp):g} kVp; the Agatston thresholds are "
-                     "defined at 120 kVp, so the score is not directly comparable")
-    notes.extend(_hu_warnings(volume.hu))
+    notes = study_warnings(volume)
     if not notes:
         return result
     return dataclasses.replace(result, warnings=result.warnings + tuple(notes))

@@ -96,3 +96,43 @@ def test_ratios_and_summary():
     assert r["jax"]["unet64_over_convlstm_time"] == 5.0
     assert r["torch_eager"]["unet64_over_convlstm_time"] == 2.0
     assert r["jax_speedup_vs_best_torch"] == {"convlstm": 2.0, "unet64": 0.8}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--samples", "100000000"], "--samples must be at most 102400"),
+    (["--size", "100000"], "--size must be at most 1024"),
+    (["--slices", "1000"], "--slices must be at most 64"),
+])
+def test_sizes_are_bounded_with_one_line(tmp_path, capsys, argv, message):
+    """Out-of-range sizes are refused before anything is built (not a crash in numpy)."""
+    assert main(["bench", "--local", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_the_papers_n_at_512_px_runs_in_bounded_memory():
+    """N = 1024 samples of 16 slices at 512 px (51 GB if built up front): each sample is built
+    when it is used, so memory holds the study and one sample, whatever N."""
+    import tracemalloc
+
+    hu = np.full((74, 512, 512), -1000.0, np.float32)
+    hu[:, 200:300, 200:300] = np.arange(74, dtype=np.float32)[:, None, None]
+    tracemalloc.start()
+    try:
+        samples = benchmark.StudySamples(hu, slices=16, count=benchmark.PAPER_SAMPLES, seed=0)
+        assert len(samples) == 1024
+        sample_bytes = 16 * 3 * 512 * 512 * 4
+        for k, x in enumerate(samples):
+            assert x.shape == (16, 3, 512, 512, 1) and x.dtype == np.float32
+            if k == 5:
+                break
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A few samples' worth (the one in use, the next one and model_inputs' intermediates), not
+    # 1024 of them.
+    assert peak < 5 * sample_bytes, peak
+    # Deterministic: a sample is the same each time it is built, 16 consecutive slices.
+    np.testing.assert_array_equal(samples[1000], samples[1000])
+    first = int(samples.firsts[1000])
+    assert np.unique(samples[1000][:, 1, 250, 250, 0]).size == 16 and 0 <= first <= 74 - 16

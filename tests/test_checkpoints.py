@@ -153,3 +153,65 @@ def test_loading_never_imports_tensorflow(run):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def _damage(kind: str, step: pathlib.Path) -> None:
+    variables = step / "variables"
+    data = max((p for p in variables.rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    if kind == "truncated":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif kind == "missing":
+        data.unlink()
+    elif kind == "manifest":
+        (variables / "manifest.ocdbt").write_bytes(b"garbage")
+    elif kind == "step_metadata":
+        (step / "_CHECKPOINT_METADATA").write_text("{garbage")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing", "manifest", "step_metadata"])
+def test_corrupt_checkpoint_is_one_line_at_infer(run, tmp_path, kind):
+    """A damaged checkpoint: `cac-jax infer` says so in one line (exit 2), not Orbax's
+    tracebacks of its failed concurrent reads."""
+    workdir, _, _ = run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    _damage(kind, damaged / "checkpoints" / "2")
+    out = subprocess.run(
+        [sys.executable, "-m", "cac_jax.cli", "infer", "--heart-checkpoint", str(damaged),
+         "--calcium-checkpoint", str(workdir), "--input", str(tmp_path / "x.nii.gz"),
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "corrupt checkpoint" in lines[0] and str(damaged / "checkpoints" / "2") in lines[0]
+
+
+def test_loading_logs_no_orbax_warnings(run, caplog):
+    """A checkpoint the tool wrote loads without Orbax's warning about a missing
+    `_CHECKPOINT_METADATA` (it is read at the step level, not in the item folder)."""
+    import logging
+
+    workdir, _, _ = run
+    with caplog.at_level(logging.INFO, logger="absl"):
+        ckpt.load_trained(workdir)
+        ckpt.load_trained(workdir / "checkpoints" / "4")
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noisy == []
+
+
+def test_training_heart_volumes_are_read_where_recorded(run, tmp_path):
+    """`heart_volume_ml` of the meta (the training hearts' range) reaches inference's bound."""
+    from cac_jax.inference import DEFAULT_MIN_HEART_ML, min_heart_bound
+
+    workdir, _, _ = run
+    assert ckpt.load_trained(workdir).heart_volume_ml == {}
+    assert min_heart_bound(ckpt.load_trained(workdir)) == DEFAULT_MIN_HEART_ML
+    recorded = tmp_path / "recorded"
+    shutil.copytree(workdir, recorded)
+    meta_file = recorded / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["heart_volume_ml"] = {"min": 320.0, "median": 480.0, "max": 700.0}
+    meta_file.write_text(json.dumps(meta))
+    trained = ckpt.load_trained(recorded)
+    assert trained.heart_volume_ml["min"] == 320.0 and min_heart_bound(trained) == 80.0

@@ -17,7 +17,8 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
     settings = demo.DemoSettings(
         patients=4, site2_patients=1, size=64, heart_steps=2, calcium_steps=2, batch_size=2,
         eval_every=2, bench_samples=1, bench_size=64, workers=1, heart_seconds=0.0,
-        calcium_seconds=0.0, local_models=True, train_jobs=2, eval_jobs=2)
+        calcium_seconds=0.0, local_models=True, train_jobs=2, eval_jobs=2,
+        min_heart_ml=0.0)  # 2-step heart models find small hearts
     summary = demo.run(tmp_path, settings)
     out = capfd.readouterr().out
     assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.md'}"

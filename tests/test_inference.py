@@ -20,6 +20,8 @@ import pytest
 from flax import linen as nn
 
 from cac_jax import inference
+from cac_jax.batch import run_batch
+from cac_jax.results import RESULT_COLUMNS
 from data_pipeline.io import CTVolume, StudyMetadata, read_labels, read_study, write_volume
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +152,8 @@ def volume_of(hu, spacing=(3.0, 0.7, 0.7), origin=(10.0, -20.0, 30.0), source="m
 @pytest.fixture(scope="module")
 def scorer():
     """UNet :local heart and calcium models (random weights), batch 4, trained at 0.6-0.8 mm."""
-    return inference.Scorer(trained("unet_heart"), trained("unet_calcium", seed=1), batch_size=4)
+    return inference.Scorer(trained("unet_heart"), trained("unet_calcium", seed=1), batch_size=4,
+                            min_heart_ml=0.0)
 
 
 def test_one_compilation_per_shape_bucket():
@@ -444,7 +447,7 @@ def test_cli_batch_results_masks_previews_errors(scorer, tmp_path, monkeypatch, 
     assert captured.err.count("error:") == 1 and "broken.nii.gz" in captured.err
     with (out / "results.csv").open() as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == inference.RESULT_COLUMNS
+        assert tuple(reader.fieldnames) == RESULT_COLUMNS
         rows = list(reader)
     assert [r["scan_id"] for r in rows] == ["s0", "broken", "s1", "s2"]
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok"]
@@ -514,7 +517,7 @@ def test_killed_batch_resumes_without_redoing(scorer, tmp_path):
     killed = Killed.__new__(Killed)
     killed.__dict__.update(scorer.__dict__)
     with pytest.raises(KeyboardInterrupt):
-        inference.run_batch(killed, studies, out, progress=False)
+        run_batch(killed, studies, out, progress=False)
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
     assert sorted(done) == ["s0.json", "s1.json"]
 
@@ -527,12 +530,12 @@ def test_killed_batch_resumes_without_redoing(scorer, tmp_path):
 
     scorer.score_path = counting
     try:
-        summary = inference.run_batch(scorer, studies, out, progress=False)
+        summary = run_batch(scorer, studies, out, progress=False)
         assert calls == ["s2.nii.gz"]
         assert (summary.scored, summary.skipped, summary.failed) == (1, 2, 0)
         assert {p.name: p.stat().st_mtime_ns for p in out.glob("s[01].json")} == done
         calls.clear()
-        summary = inference.run_batch(scorer, studies, out, progress=False, overwrite=True)
+        summary = run_batch(scorer, studies, out, progress=False, overwrite=True)
         assert len(calls) == 3 and summary.scored == 3
     finally:
         del scorer.score_path

@@ -1,9 +1,9 @@
 """`cac-jax infer`: score CT studies with a trained heart model and a trained calcium model.
 
-A thin loop over `cac_jax.inference.Scorer` (docs/commands.md): one row per study in
-`OUT/results.csv`,
-the scorer's JSON per study, optional masks and previews, a progress bar and a summary. One bad
-study is reported in its row and the batch goes on; a rerun skips studies already scored.
+A thin layer over `cac_jax.batch.run_batch` (a `cac_jax.inference.Scorer` over the studies): one
+row per study in `OUT/results.csv`, the scorer's JSON per study, optional masks and previews, a
+progress bar and a summary. One bad study is reported in its row and the batch goes on; a rerun
+skips studies already scored. `--shard K/N` scores one of N parts; `--merge` joins the parts.
 """
 
 from __future__ import annotations
@@ -19,15 +19,42 @@ Each PATH is a DICOM folder or an image file (.nii.gz, .mhd, .nrrd); a manifest 
 least scan_id, image and protocol (see the README). Outputs in OUT: results.csv (one row per
 study), <scan_id>.json (the `cac-jax score` JSON), with --save-masks <scan_id>_calcium_labels.nii.gz
 (4 coronary calcium, 5 non-coronary calcium) and <scan_id>_heart_mask.nii.gz in the input's
-geometry, with --save-previews <scan_id>.png. Exit code 0 when at least one study was scored or
-skipped, 2 when every study failed (or on bad arguments or checkpoints).
+geometry, with --save-previews <scan_id>.png. A study whose image is not in HU or where no heart
+is found (--min-heart-ml) is an error row, not a score. A rerun skips studies scored by the same
+models and refuses an OUT scored by others (unless --overwrite); one run per OUT at a time.
+Exit code 0 when at least one study was scored or skipped, 2 when every study failed (or on bad
+arguments, damaged checkpoints, or an OUT that cannot be written). See docs/data_flow.md.
 
-example:
+examples:
   cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
       --manifest cohort/manifest.csv --out results --save-masks --save-previews
+  cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
+      --manifest archive.csv --shard 3/8 --out parts/3      # one of 8 shards
+  cac-jax infer --merge parts/1 parts/2 ... parts/8 --manifest archive.csv --out all
 """
 
 
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from cac_jax.batch import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _non_negative_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,11 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--heart-checkpoint", required=True, metavar="H",
-                        help="heart model: training workdir or checkpoint folder")
-    parser.add_argument("--calcium-checkpoint", required=True, metavar="C",
-                        help="calcium model: training workdir or checkpoint folder")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--heart-checkpoint", metavar="H",
+                        help="heart model: training workdir or checkpoint folder (required "
+                             "unless --merge)")
+    parser.add_argument("--calcium-checkpoint", metavar="C",
+                        help="calcium model: training workdir or checkpoint folder (required "
+                             "unless --merge)")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", nargs="+", metavar="PATH", help="studies to score")
     source.add_argument("--manifest", metavar="M.csv", help="manifest of studies to score")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -68,22 +97,67 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--five-class", action="store_true",
                         help="categories 0, 1-10, 11-100, 101-400, >400")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    parser.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                        help="score only part K of N (1 <= K <= N) of the studies, split by "
+                             "scan_id: N runs (a SLURM array, N machines) with the same studies "
+                             "and K = 1..N score each study exactly once; join their --out "
+                             "folders with --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="instead of scoring: join the results.csv of these shard --out "
+                             "folders into OUT/results.csv (refused if they overlap or come "
+                             "from different models; with --input/--manifest, also if a study "
+                             "is in none of them)")
+    parser.add_argument("--min-heart-ml", type=_non_negative_float, default=None, metavar="ML",
+                        help="smallest predicted heart (ml) a study is scored with; below it "
+                             "the study is an error row, 'no heart found' (default: a quarter "
+                             "of the smallest training heart where the checkpoint records "
+                             "them, else 50 ml; 0: only an empty heart)")
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Loads both models, scores every study, writes the outputs and prints a summary."""
-    from cac_jax import inference
+    """Loads both models, scores every study, writes the outputs and prints a summary (or, with
+    --merge, joins shard results)."""
+    from cac_jax import batch, inference
 
+    log = lambda line: print(f"cac-jax infer: {line}", file=sys.stderr)  # noqa: E731
+    has_source = args.input is not None or args.manifest is not None
+    if args.merge is not None:
+        extra = [flag for flag, value in (("--heart-checkpoint", args.heart_checkpoint),
+                                          ("--calcium-checkpoint", args.calcium_checkpoint),
+                                          ("--shard", args.shard)) if value is not None]
+        if extra:
+            args.parser.error(f"--merge joins finished results; it takes no {', '.join(extra)}")
+        return _merge(args, log, has_source)
+    missing = [flag for flag, value in (("--heart-checkpoint", args.heart_checkpoint),
+                                        ("--calcium-checkpoint", args.calcium_checkpoint))
+               if value is None]
+    if not has_source:
+        missing.append("--input or --manifest")
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     studies = inference.studies_from_args(args.input, args.manifest, args.series)
+    if args.shard is not None:
+        studies = batch.shard(studies, *args.shard)
     scorer = inference.Scorer.from_checkpoints(args.heart_checkpoint, args.calcium_checkpoint,
                                                batch_size=args.batch_size,
                                                five_class=args.five_class,
-                                               calcium_slices=args.calcium_slices)
-    summary = inference.run_batch(
+                                               calcium_slices=args.calcium_slices,
+                                               min_heart_ml=args.min_heart_ml)
+    summary = batch.run_batch(
         scorer, studies, args.out, save_masks=args.save_masks,
         save_previews=args.save_previews, overwrite=args.overwrite,
-        progress=not args.no_progress, log=lambda line: print(f"cac-jax infer: {line}",
-                                                             file=sys.stderr))
+        progress=not args.no_progress, log=log)
     print(summary.text())
     return 2 if summary.all_failed else 0
+
+
+def _merge(args: argparse.Namespace, log, has_source: bool) -> int:
+    from cac_jax import batch, inference
+
+    expected = None
+    if has_source:
+        expected = [s.scan_id for s in inference.studies_from_args(args.input, args.manifest)]
+    count = batch.merge_results(args.merge, args.out, expected=expected, log=log)
+    print(f"merged {count} rows of {len(args.merge)} folders into {args.out}/results.csv")
+    return 0
