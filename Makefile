@@ -11,7 +11,7 @@ DEMO_DIR ?= demo_out
 # ~20 s from the local wheel, so the parity tests run in CI). `make setup EXTRAS=dev` skips it.
 EXTRAS ?= dev,torch
 
-.PHONY: setup test test-slow lint format demo bench clean
+.PHONY: setup test test-slow lint format demo study bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ test-slow: setup
 
 demo: setup
 	$(BIN)/python -m cac_jax.demo --out $(DEMO_DIR)
+
+# The paper's experiment on a multi-site synthetic cohort (docs/study.md): hours on 2 CPU cores,
+# resumable (run it again to continue). STUDY_CONFIG=configs/study.py:gpu for the GPU variant.
+STUDY_DIR ?= study_out
+STUDY_CONFIG ?= configs/study.py
+study: setup
+	$(BIN)/cac-jax study --config $(STUDY_CONFIG) --out $(STUDY_DIR)
 
 # Every benchmark at full size, one after the other (about 35-40 minutes on 2 cores); each writes
 # benchmarks/results/<name>.json and .md. Run on a quiet machine: they time alternatives side by side.

@@ -53,6 +53,7 @@ from cac_jax.scoring import (
     hu_problem,
     study_warnings,
 )
+from data_pipeline import frames as frames_lib
 from data_pipeline import labels as labels_lib
 from data_pipeline.errors import InputError
 
@@ -151,6 +152,9 @@ def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float],
     up to the next shape bucket is seen in a context it never had in training (a 64 px-trained
     heart model gave Dice 0.2 instead of 0.8 on its own training scans padded to 128 px).
     """
+    if frames_lib.uses_heart_frame(trained.config):
+        spacing = float(trained.config.data.frame_spacing_mm)
+        return spacing, spacing
     covered = covered_spacing_mm(trained)
     if covered is None:
         return None
@@ -191,6 +195,16 @@ class _ModelRunner:
         # the evaluation pipeline pads it (see `model_spacing_mm` for why the frame matters).
         self.min_bucket = _round_up(frame, self.multiple) if frame else self.multiple
         self.neighbour_mm = _neighbour_mm(trained)
+        # A heart-frame calcium model (data_pipeline.frames) runs on one fixed-size window
+        # around the heart at a fixed spacing, whatever the study's matrix.
+        self.heart_frame = frames_lib.uses_heart_frame(trained.config)
+        if self.heart_frame:
+            data = trained.config.data
+            self.frame_size = int(data.frame_size)
+            self.frame_spacing_mm = float(data.frame_spacing_mm)
+            if self.frame_size % spatial_multiple(trained.config):
+                raise ValueError(f"config.data.frame_size={self.frame_size} is not a multiple of "
+                                 f"the model's {spatial_multiple(trained.config)}")
         self.traces = 0  # incremented while tracing: one per compiled shape bucket
         self.shapes: set[tuple[int, ...]] = set()
         model = trained.model
@@ -212,7 +226,8 @@ class _ModelRunner:
                 max(self.min_bucket, _round_up(width, self.multiple)))
 
     def predict(self, hu: np.ndarray, spacing_zyx_mm, *, probabilities: bool,
-                timings: dict[str, float], slices: np.ndarray | None = None) -> np.ndarray:
+                timings: dict[str, float], slices: np.ndarray | None = None,
+                centre_yx: tuple[float, float] | None = None) -> np.ndarray:
         """Class map (z, y, x) uint8, or probabilities (z, y, x, C) float32, on `hu`'s grid.
 
         `slices` (sorted indices; None: all) are the centre slices the model runs on, each with
@@ -224,6 +239,9 @@ class _ModelRunner:
         (device compute and transfer not hidden behind the host work) and "postprocess"
         (resampling back) seconds to `timings`, and the number of slices run to
         "<role>_slices".
+
+        A heart-frame model runs on the window of `centre_yx` (the heart's centre in the study's
+        pixels; None: the study's centre), resampled back onto the study's grid.
         """
         num_slices, height, width = hu.shape
         selected = (np.arange(num_slices) if slices is None
@@ -231,6 +249,9 @@ class _ModelRunner:
         if selected.size and (selected.min() < 0 or selected.max() >= num_slices
                               or np.any(np.diff(selected) <= 0)):
             raise ValueError(f"slices must be increasing indices below {num_slices}")
+        if self.heart_frame:
+            return self._predict_frame(hu, spacing_zyx_mm, selected, probabilities, timings,
+                                       centre_yx)
         target = model_spacing_mm(self.trained, tuple(spacing_zyx_mm[1:]), (height, width))
         if target is None:
             model_hw = (height, width)
@@ -273,6 +294,52 @@ class _ModelRunner:
             pending = (centres, result)
         if pending is not None:
             back += self._store(out, pending, model_hw, resample)
+        total = time.perf_counter() - start
+        timings["preprocess"] = timings.get("preprocess", 0.0) + host
+        timings["postprocess"] = timings.get("postprocess", 0.0) + back
+        timings[f"{self.role}_model"] = timings.get(f"{self.role}_model", 0.0) + total - host - back
+        timings[f"{self.role}_slices"] = timings.get(f"{self.role}_slices", 0) + int(selected.size)
+        return out
+
+    def _predict_frame(self, hu, spacing_zyx_mm, selected, probabilities, timings, centre_yx):
+        """`predict` for a heart-frame model: windows resampled into the frame, the model's
+        probabilities resampled back (`data_pipeline.frames`, as validation does)."""
+        num_slices, height, width = hu.shape
+        geom = frames_lib.geometry(centre_yx, spacing_zyx_mm[1:], (height, width),
+                                   self.frame_size, self.frame_spacing_mm)
+        offset = labels_lib.neighbour_offset(spacing_zyx_mm[0], self.neighbour_mm)
+        num_classes = int(self.trained.num_classes)
+        if probabilities:
+            out = np.zeros((num_slices, height, width, num_classes), np.float32)
+            out[..., 0] = 1.0
+        else:
+            out = np.zeros((num_slices, height, width), np.uint8)
+        start = time.perf_counter()
+        host = back = 0.0
+        size = self.frame_size
+        pending = None
+
+        def store(pending) -> float:
+            t0 = time.perf_counter()
+            centres, result = pending
+            native = frames_lib.from_frame(np.asarray(result)[:len(centres)], geom)
+            out[centres] = native if probabilities else np.argmax(native, axis=-1)
+            return time.perf_counter() - t0
+
+        for first in range(0, selected.size, self.batch_size):
+            t0 = time.perf_counter()
+            centres = selected[first:first + self.batch_size]
+            windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]
+            images = np.zeros((self.batch_size, 3, size, size, 1), np.float32)
+            images[:len(centres), ..., 0] = frames_lib.to_frame(windows, geom, order=1, cval=0.0)
+            host += time.perf_counter() - t0
+            result = self._forward(self._variables, images, probabilities=True)
+            self.shapes.add(images.shape)
+            if pending is not None:
+                back += store(pending)
+            pending = (centres, result)
+        if pending is not None:
+            back += store(pending)
         total = time.perf_counter() - start
         timings["preprocess"] = timings.get("preprocess", 0.0) + host
         timings["postprocess"] = timings.get("postprocess", 0.0) + back
@@ -447,8 +514,9 @@ class Scorer:
         heart, silhouette = self._silhouettes(heart_pred, spacing, timings)
         run = (np.flatnonzero(silhouette.any(axis=(1, 2))) if self.calcium_slices == "heart"
                else np.arange(hu.shape[0]))
-        calcium_out = self._runners["calcium"].predict(hu, spacing, probabilities=probabilities,
-                                                       timings=timings, slices=run)
+        calcium_out = self._runners["calcium"].predict(
+            hu, spacing, probabilities=probabilities, timings=timings, slices=run,
+            centre_yx=frames_lib.heart_centre_yx(heart))
         calcium_pred = np.argmax(calcium_out, axis=-1) if probabilities else calcium_out
         result = self._finish(volume, heart, silhouette, calcium_pred, timings)
         return dataclasses.replace(

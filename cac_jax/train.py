@@ -48,6 +48,7 @@ from cac_jax.evaluation.statistics import linear_kappa
 from cac_jax.losses import focal_loss_map
 from cac_jax.models import build_model
 from cac_jax.models.config import NUM_CLASSES
+from data_pipeline import frames as frames_lib
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.constants import CALCIUM_THRESHOLD_HU, NUM_CATEGORIES
 from data_pipeline.errors import InputError
@@ -112,10 +113,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if len(alpha) != NUM_CLASSES[task]:
         raise ConfigError(None, f"config.train.focal_alpha has {len(alpha)} values; the {task} "
                                 f"task has {NUM_CLASSES[task]} classes")
-    crop, size = int(config.data.get("crop_size", 0) or 0), int(config.data.image_size)
+    try:
+        frames_lib.check_frame_config(config.data)
+    except ValueError as err:
+        raise ConfigError(None, str(err)) from None
+    frame_key = "frame_size" if frames_lib.uses_heart_frame(config) else "image_size"
+    crop, size = int(config.data.get("crop_size", 0) or 0), int(config.data[frame_key])
     if crop < 0 or crop >= size:
-        raise ConfigError(None, f"config.data.crop_size={crop} must be 0 (whole slices) or less "
-                                f"than config.data.image_size={size}")
+        raise ConfigError(None, f"config.data.crop_size={crop} must be 0 (whole frames) or less "
+                                f"than config.data.{frame_key}={size}")
     anneal = config.train.get("anneal_fraction", 0.0) or 0.0
     if not isinstance(anneal, int | float) or not 0.0 <= anneal <= 1.0:
         raise ConfigError(None, f"config.train.anneal_fraction={anneal} must be in [0, 1]")
@@ -312,7 +318,11 @@ def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx
 
 
 def eval_step(state: TrainState, batch: dict, *, model, config):
-    """Validation on one device: predictions (int8) and summed loss / Dice counts over `AXIS`."""
+    """Validation on one device: predictions and summed loss / Dice counts over `AXIS`.
+
+    The predictions are the class map (int8), or, for a heart-frame calcium model, the class
+    probabilities (float32), which validation maps back onto each scan's grid as inference does.
+    """
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
@@ -332,6 +342,8 @@ def eval_step(state: TrainState, batch: dict, *, model, config):
         "predicted": jnp.sum(pred_1h, axis=(0, 1, 2)).astype(jnp.float32),
         "true": jnp.sum(true_1h, axis=(0, 1, 2)).astype(jnp.float32),
     }
+    if frames_lib.uses_heart_frame(config):
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), lax.psum(sums, AXIS)
     return pred.astype(jnp.int8), lax.psum(sums, AXIS)
 
 
@@ -376,10 +388,17 @@ def _train_pixel_spacing(data) -> dict:
 
 
 class _ScanCollector:
-    """Reassembles per-slice predictions and HU into whole scans on the host."""
+    """Reassembles per-slice predictions and HU into whole scans on the host.
 
-    def __init__(self, scans):
+    With `frame` (a heart-frame calcium model: the input pipeline's store and the data config),
+    each slice's class probabilities in its heart frame are resampled onto the scan's grid and the
+    argmax taken (`data_pipeline.frames.from_frame`, what inference does), and the HU and the true
+    classes come from the stored scan.
+    """
+
+    def __init__(self, scans, frame=None):
         self.scans = scans
+        self.frame = frame
         self.pred = [np.zeros(s.shape_zyx, np.uint8) for s in scans]
         self.hu = [np.zeros(s.shape_zyx, np.int16) for s in scans]
         self.true = [np.zeros(s.shape_zyx, np.uint8) for s in scans]
@@ -388,6 +407,9 @@ class _ScanCollector:
         valid = batch["valid"].reshape(-1)
         scan_index = batch["scan_index"].reshape(-1)
         slice_index = batch["slice_index"].reshape(-1)
+        if self.frame is not None:
+            self._add_frame(pred.reshape(-1, *pred.shape[-3:]), valid, scan_index, slice_index)
+            return
         pred = pred.reshape(-1, *pred.shape[-2:])
         labels = batch["label"].reshape(-1, *batch["label"].shape[-2:])
         centre = batch["image"].reshape(-1, *batch["image"].shape[-4:])[:, 1, ..., 0]
@@ -400,13 +422,26 @@ class _ScanCollector:
             # to [0, 1]): enough for the 130/200/300/400 HU rules.
             self.hu[s][z] = np.rint(unwindow_hu(centre[i, :h, :w])).astype(np.int16)
 
+    def _add_frame(self, probs, valid, scan_index, slice_index) -> None:
+        store, data = self.frame
+        for s in np.unique(scan_index[valid]):
+            s = int(s)
+            rows = np.flatnonzero(valid & (scan_index == s))
+            hu, target = store.volumes(s, s)
+            geom = store.frame_geometry(s, int(data.frame_size), float(data.frame_spacing_mm))
+            native = frames_lib.from_frame(probs[rows], geom)
+            zs = slice_index[rows].astype(np.int64)
+            self.pred[s][zs] = np.argmax(native, axis=-1).astype(np.uint8)
+            self.hu[s][zs] = hu[zs]
+            self.true[s][zs] = target[zs]
+
 
 def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dict:
     """{protocol: (model confusion 4x4, naive-threshold confusion 4x4)} of reference vs predicted
     category, for every protocol of the manifest contract (zeros where none was validated, so
     every host sums the same arrays)."""
     from cac_jax.baselines import threshold_score
-    from cac_jax.postprocess import heart_silhouette, predicted_score
+    from cac_jax.postprocess import DEFAULT_HEART_DILATION_MM, heart_silhouette, predicted_score
 
     shape = (NUM_CATEGORIES, NUM_CATEGORIES)
     matrices = {protocol: (np.zeros(shape, np.int64), np.zeros(shape, np.int64))
@@ -416,7 +451,10 @@ def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dic
         if heart is None or heart.shape != hu.shape:
             continue  # no reference heart mask: no category for this scan
         if config.task == "calcium":
-            predicted = predicted_score(hu, pred, heart, info.spacing_zyx_mm).category
+            # Inference's rule: coronary calcium counts inside the heart dilated by the Scorer's
+            # default margin, so the best checkpoint is picked on the number users get.
+            silhouette = heart_silhouette(heart, info.spacing_zyx_mm, DEFAULT_HEART_DILATION_MM)
+            predicted = predicted_score(hu, pred, silhouette, info.spacing_zyx_mm).category
         else:
             silhouette = heart_silhouette(pred, info.spacing_zyx_mm)
             predicted = threshold_score(hu, silhouette, info.spacing_zyx_mm).category
@@ -637,7 +675,8 @@ def evaluate(config, p_eval, state, val_iter, heart_masks) -> dict:
     num_classes = int(config.model.num_classes)
     names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
     totals = None
-    collector = _ScanCollector(val_iter.scans)
+    frame = ((val_iter.store, config.data) if frames_lib.uses_heart_frame(config) else None)
+    collector = _ScanCollector(val_iter.scans, frame)
     for batch in val_iter:
         pred, sums = p_eval(state, _shard_batch(batch))
         sums = _unreplicate(sums)
@@ -722,7 +761,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     model = model_for_training(config)
     tx = make_optimizer(config)
     plateau = make_plateau(config)
-    size = int(config.data.crop_size or config.data.image_size)
+    size = int(config.data.crop_size or (config.data.frame_size if frames_lib.uses_heart_frame(
+        config) else config.data.image_size))
     fresh = init_state(config, model, tx, (1, 3, size, size, 1))
     host = _HostState(plateau=plateau.init({}))
     name, mode = ckpt_lib.best_options(config)

@@ -44,6 +44,16 @@ def data_config(task: str = "calcium", local: bool = False) -> ml_collections.Co
     # With crop_size: the fraction of crops centred (give or take a quarter crop) on a class-1
     # pixel (coronary calcium; heart) of the centre slice when it has one; the rest are random.
     c.crop_positive_fraction = 0.8 if task == "calcium" else 0.0
+    # What the calcium model sees (data_pipeline.frames; docs/heart_frame.md): "slice", the whole
+    # slice at the scan's own spacing (the paper), or "heart", a frame_size x frame_size window at
+    # frame_spacing_mm centred on the heart (the reference heart in training and validation,
+    # jittered by up to frame_jitter_mm in training; the predicted heart at inference). With the
+    # heart frame, crop_size crops are cut inside it at the same spacing. The heart task always
+    # sees whole slices.
+    c.calcium_frame = "slice"
+    c.frame_spacing_mm = 1.0
+    c.frame_size = 48 if local else 192
+    c.frame_jitter_mm = 10.0
     c.per_device_batch = 2 if local else 8
     c.eval_per_device_batch = 2 if local else 8
 

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline import frames as frames_lib
 from data_pipeline import labels as labels_lib
 from data_pipeline.errors import InputError
 from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM, HU_WINDOW
@@ -74,6 +75,7 @@ _TF_CONFIGURED = False
 INFINITE = 2**62
 _PURPOSE_POSITIVE, _PURPOSE_NEGATIVE, _PURPOSE_ORDER, _PURPOSE_AUGMENT, _PURPOSE_NOISE = 1, 2, 3, 4, 5
 _PURPOSE_CROP = 6
+_PURPOSE_FRAME = 7
 
 
 def _drop_tfds_dtype_notice(record: logging.LogRecord) -> bool:
@@ -323,12 +325,18 @@ class _Source:
     while it is created. Subclasses hold the voxels in memory or stream them from the records.
     """
 
-    def __init__(self, scans: list[ScanInfo], records: _Records | None, record_index, task: str):
+    def __init__(self, scans: list[ScanInfo], records: _Records | None, record_index, task: str,
+                 heart_frame: bool = False, frame_spacing_mm: float = 1.0):
         tf = _tf()
         self.scans = scans
         self.records = records
         self.record_index = list(record_index)
         self.target_key = _target_keys(task)[0]
+        # Heart frame (data_pipeline.frames): each scan's frame centre (y, x) in its pixels, from
+        # the reference heart mask (else the coronary calcium, else the scan centre), found when
+        # the scan is decoded.
+        self.heart_frame = bool(heart_frame)
+        self.centres: dict[int, tuple[float, float]] = {}
         self.shapes = np.asarray([s.shape_zyx for s in scans], np.int64).reshape(-1, 3)
         self.offsets = np.asarray([s.neighbour_offset for s in scans], np.int64)
         slices_per_scan = self.shapes[:, 0]
@@ -340,6 +348,11 @@ class _Source:
         self.slice_z = tf.constant(self.slice_z_np.astype(np.int64))
         self.shapes_t = tf.constant(self.shapes)
         self.scan_ids = tf.constant([s.scan_id for s in scans] or [""])
+        # Heart frame: scan pixels per frame pixel (y, x), per scan.
+        frame_mm = float(frame_spacing_mm or 1.0)
+        self.ratios_t = tf.constant(np.asarray(
+            [[frame_mm / s.spacing_zyx_mm[1], frame_mm / s.spacing_zyx_mm[2]] for s in scans]
+            or [[1.0, 1.0]], np.float32))
 
     @property
     def decoded_bytes(self) -> int:
@@ -348,14 +361,30 @@ class _Source:
 
     def _decode(self, scan: int) -> tuple[np.ndarray, np.ndarray]:
         """(hu (z, y, x) int16, target (z, y, x) uint8) of one scan, read from the records."""
-        ex = self.records.read(self.record_index[scan], ("hu", self.target_key))
+        keys = ("hu", self.target_key, "heart_mask") if self.heart_frame else ("hu",
+                                                                               self.target_key)
+        ex = self.records.read(self.record_index[scan], keys)
         hu = np.asarray(ex["hu"], np.int16)
         target = np.asarray(ex[self.target_key]).astype(np.uint8, copy=False)
         if hu.shape != tuple(self.shapes[scan]) or target.shape != hu.shape:
             raise InputError(self.scans[scan].scan_id, f"stored volume shape {hu.shape} / "
                                                        f"target {target.shape} differ from "
                                                        f"shape_zyx {tuple(self.shapes[scan])}")
+        if self.heart_frame:
+            heart = np.asarray(ex["heart_mask"])
+            self._set_centre(scan, heart if heart.shape == hu.shape else None, target)
         return hu, target
+
+    def _set_centre(self, scan: int, heart: np.ndarray | None, target: np.ndarray) -> None:
+        centre = frames_lib.heart_centre_yx(heart, fallback=target == 1)
+        if centre is None:
+            _, h, w = self.shapes[scan]
+            centre = ((h - 1) / 2.0, (w - 1) / 2.0)
+        self.centres[scan] = centre
+
+    def centre(self, scan: int) -> tuple[float, float]:
+        """The heart frame's centre (y, x) of `scan` (known once the scan has been decoded)."""
+        return self.centres[int(scan)]
 
     def volumes(self, scan: int, key: int) -> tuple[np.ndarray, np.ndarray]:
         """(hu, target) of `scan` as (z, y, x) arrays; `key` names the sampling block asking."""
@@ -365,23 +394,42 @@ class _Source:
         scan, z = int(scan), int(z)
         hu, target = self.volumes(scan, int(key))
         zs = labels_lib.window_indices(hu.shape[0], np.asarray([z]), int(self.offsets[scan]))[0]
-        return hu[zs], target[z]
+        centre = self.centres.get(scan, (0.0, 0.0))
+        return hu[zs], target[z], np.asarray(centre, np.float32)
 
     def window(self, k, key=0):
-        """(hu (3, h, w) int16, target (h, w) uint8, scan index, z) of global slice k.
+        """(hu (3, h, w) int16, target (h, w) uint8, scan index, z, frame centre (y, x)) of
+        global slice k.
 
         The neighbours are `neighbour_offset` slices away (`labels.window_indices`, the function
-        inference uses), edges repeated.
+        inference uses), edges repeated. The centre is the heart frame's (0, 0 without one).
         """
         tf = _tf()
         scan = tf.gather(self.slice_scan, k)
         z = tf.gather(self.slice_z, k)
-        hu, target = tf.numpy_function(self._window_np, [scan, z, tf.cast(key, tf.int64)],
-                                       [tf.int16, tf.uint8], stateful=False)
+        hu, target, centre = tf.numpy_function(
+            self._window_np, [scan, z, tf.cast(key, tf.int64)], [tf.int16, tf.uint8, tf.float32],
+            stateful=False)
         shape = tf.gather(self.shapes_t, scan)
         hu = tf.reshape(hu, [3, shape[1], shape[2]])
         target = tf.reshape(target, [shape[1], shape[2]])
-        return hu, target, scan, z
+        return hu, target, scan, z, tf.reshape(centre, [2])
+
+    def frame_geometry(self, scan: int, frame_size: int, frame_spacing_mm: float):
+        """The heart frame of `scan` (data_pipeline.frames.FrameGeometry)."""
+        info = self.scans[int(scan)]
+        return frames_lib.geometry(self.centre(scan), info.spacing_zyx_mm[1:],
+                                   info.shape_zyx[1:], frame_size, frame_spacing_mm)
+
+    def _frame_window_np(self, scan, z, key, frame_size, frame_spacing_mm):
+        """(image (3, S, S) float32 windowed, label (S, S) int32, weight (S, S) float32) of one
+        slice in its heart frame: the numpy resampling inference uses."""
+        hu, target, _ = self._window_np(scan, z, key)
+        geom = self.frame_geometry(int(scan), int(frame_size), float(frame_spacing_mm))
+        image = frames_lib.to_frame(labels_lib.window_hu(hu), geom, order=1, cval=0.0)
+        label = frames_lib.to_frame(target, geom, order=0, cval=0).astype(np.int32)
+        weight = frames_lib.inside_scan(geom).astype(np.float32)
+        return image.astype(np.float32), label, weight
 
 
 class _MemoryStore(_Source):
@@ -391,8 +439,9 @@ class _MemoryStore(_Source):
     at a time, so loading needs the decoded bytes plus one scan in flight, never twice the shard.
     """
 
-    def __init__(self, scans, records, record_index, task, *, progress: bool = False):
-        super().__init__(scans, records, record_index, task)
+    def __init__(self, scans, records, record_index, task, *, progress: bool = False,
+                 heart_frame: bool = False, frame_spacing_mm: float = 1.0):
+        super().__init__(scans, records, record_index, task, heart_frame, frame_spacing_mm)
         voxels = self.shapes.prod(axis=1)
         self.starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
         self.hu = np.empty(int(voxels.sum()), np.int16)
@@ -405,10 +454,16 @@ class _MemoryStore(_Source):
             del hu, target
 
     @classmethod
-    def from_arrays(cls, scans: list[ScanInfo], hu_list, target_list, task: str = "calcium"):
-        """A store of in-memory volumes (tests and tools); no records behind it."""
+    def from_arrays(cls, scans: list[ScanInfo], hu_list, target_list, task: str = "calcium",
+                    heart_list=None, frame_spacing_mm: float = 1.0):
+        """A store of in-memory volumes (tests and tools); no records behind it. `heart_list`
+        (reference heart masks) turns the heart frame on."""
         store = cls.__new__(cls)
-        _Source.__init__(store, scans, None, range(len(scans)), task)
+        _Source.__init__(store, scans, None, range(len(scans)), task, heart_list is not None,
+                         frame_spacing_mm)
+        for scan, heart in enumerate(heart_list or ()):
+            store._set_centre(scan, None if heart is None else np.asarray(heart),
+                              np.asarray(target_list[scan]))
         voxels = store.shapes.prod(axis=1)
         store.starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
         store.hu = np.concatenate([np.asarray(h, np.int16).reshape(-1) for h in hu_list])
@@ -435,8 +490,9 @@ class _StreamStore(_Source):
     """
 
     def __init__(self, scans, records, record_index, task, *, block_scans: int,
-                 block_of: Callable[[int], Sequence[int]]):
-        super().__init__(scans, records, record_index, task)
+                 block_of: Callable[[int], Sequence[int]], heart_frame: bool = False,
+                 frame_spacing_mm: float = 1.0):
+        super().__init__(scans, records, record_index, task, heart_frame, frame_spacing_mm)
         import concurrent.futures
 
         self.block_of = block_of
@@ -529,7 +585,7 @@ def _augment_key(tf, seed: int, purpose: int, process_index: int, index):
         _key(tf, seed, purpose, process_index), tf.cast(index, tf.int64))
 
 
-def _positive_crop_centre(tf, data, target, cx, cy, key):
+def _positive_crop_centre(tf, data, target, cx, cy, key, ratio_yx=(1.0, 1.0)):
     """Crop centre (x, y): with probability `crop_positive_fraction`, when the centre slice has
     class-1 pixels (coronary calcium; heart), one of them picked at random and moved by up to a
     quarter of the crop each way (so the positive is not always in the middle); else (cx, cy).
@@ -544,21 +600,29 @@ def _positive_crop_centre(tf, data, target, cx, cy, key):
     positives = tf.concat([positives, tf.reshape(tf.stack([cy, cx]), [1, 2])], axis=0)
     pick = tf.minimum(tf.cast(u[1] * tf.cast(count, tf.float32), tf.int32), count)
     chosen = tf.gather(positives, pick)
-    quarter = data.crop_size / 4.0
+    quarter = data.crop_size / 4.0  # output pixels; `ratio_yx` input pixels per output pixel
     use = tf.logical_and(count > 0, u[0] < float(data.crop_positive_fraction))
-    px = chosen[1] + (2.0 * u[2] - 1.0) * quarter
-    py = chosen[0] + (2.0 * u[3] - 1.0) * quarter
+    px = chosen[1] + (2.0 * u[2] - 1.0) * quarter * ratio_yx[1]
+    py = chosen[0] + (2.0 * u[3] - 1.0) * quarter * ratio_yx[0]
     return tf.where(use, px, cx), tf.where(use, py, cy)
 
 
 def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: int = 0,
                   key=0):
-    """Augmented training sample of global slice k; randomness keyed by (host, sample index)."""
-    hu, target, scan, z = store.window(k, key)
+    """Augmented training sample of global slice k; randomness keyed by (host, sample index).
+
+    Whole-slice frame: the sample's grid is the scan's own, centred on the scan (or a crop of it).
+    Heart frame (data_pipeline.frames): the grid has `frame_spacing_mm` pixels (`ratio` scan pixels
+    each) centred on the scan's reference heart, jittered by up to `frame_jitter_mm` each way; a
+    crop is cut inside that frame at the same spacing.
+    """
+    hu, target, scan, z, centre = store.window(k, key)
     image = _window_hu(tf, hu)
     h = tf.cast(tf.shape(hu)[1], tf.float32)
     w = tf.cast(tf.shape(hu)[2], tf.float32)
-    size = int(data.crop_size or data.image_size)
+    heart = frames_lib.uses_heart_frame(data)
+    frame = int(data.frame_size) if heart else int(data.image_size)
+    size = int(data.crop_size or frame)
     aug = data.augment
     u = tf.random.stateless_uniform(
         [8], seed=_augment_key(tf, seed, _PURPOSE_AUGMENT, process_index, index),
@@ -567,20 +631,33 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
     theta = on * u[0] * math.radians(aug.rotation_deg)
     zoom = 1.0 + on * u[1] * aug.scale
     cos, sin = tf.cos(theta) / zoom, tf.sin(theta) / zoom
-    # Window centre in the input: the scan centre, or a random crop position inside the scan.
-    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-    if data.crop_size:
-        half = data.crop_size / 2.0
-        cx = cx + u[2] * tf.maximum(0.0, w / 2.0 - half)
-        cy = cy + u[3] * tf.maximum(0.0, h / 2.0 - half)
-        if float(data.get("crop_positive_fraction", 0.0)) > 0:
-            cx, cy = _positive_crop_centre(tf, data, target, cx, cy, _augment_key(
-                tf, seed, _PURPOSE_CROP, process_index, index))
-    cx = cx + on * u[4] * aug.translate * size
-    cy = cy + on * u[5] * aug.translate * size
+    if heart:
+        ry = tf.gather(store.ratios_t, scan)[0]
+        rx = tf.gather(store.ratios_t, scan)[1]
+        jitter = tf.random.stateless_uniform(
+            [2], seed=_augment_key(tf, seed, _PURPOSE_FRAME, process_index, index),
+            minval=-1.0, maxval=1.0) * (float(data.frame_jitter_mm) / float(data.frame_spacing_mm))
+        cy, cx = centre[0] + jitter[0] * ry, centre[1] + jitter[1] * rx
+        if data.crop_size:
+            spread = max(0.0, (frame - data.crop_size) / 2.0)
+            cx = cx + u[2] * spread * rx
+            cy = cy + u[3] * spread * ry
+    else:
+        ry = rx = tf.constant(1.0)
+        # Window centre in the input: the scan centre, or a random crop position inside it.
+        cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+        if data.crop_size:
+            half = data.crop_size / 2.0
+            cx = cx + u[2] * tf.maximum(0.0, w / 2.0 - half)
+            cy = cy + u[3] * tf.maximum(0.0, h / 2.0 - half)
+    if data.crop_size and float(data.get("crop_positive_fraction", 0.0)) > 0:
+        cx, cy = _positive_crop_centre(tf, data, target, cx, cy, _augment_key(
+            tf, seed, _PURPOSE_CROP, process_index, index), (ry, rx))
+    cx = cx + on * u[4] * aug.translate * size * rx
+    cy = cy + on * u[5] * aug.translate * size * ry
     centre_out = (size - 1) / 2.0
-    transform = _affine(tf, cos, -sin, sin, cos, cx, cy, tf.constant(centre_out),
-                        tf.constant(centre_out))
+    transform = _affine(tf, cos * rx, -sin * rx, sin * ry, cos * ry, cx, cy,
+                        tf.constant(centre_out), tf.constant(centre_out))
     image, label, weight = _resample(tf, image, target, transform, size)
     if aug.enabled:
         image = image * (1.0 + u[6] * aug.intensity_scale) + u[7] * aug.intensity_shift
@@ -596,11 +673,30 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
             "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32)}
 
 
+def _eval_frame_sample(tf, store: _Source, data, num_real: int, i):
+    """Slice i of the host's scans in order, in its heart frame (the numpy resampling that
+    inference uses, `data_pipeline.frames`); padding marked."""
+    valid = i < num_real
+    k = tf.minimum(i, num_real - 1)
+    scan = tf.gather(store.slice_scan, k)
+    z = tf.gather(store.slice_z, k)
+    size = int(data.frame_size)
+    image, label, weight = tf.numpy_function(
+        store._frame_window_np, [scan, z, scan, size, float(data.frame_spacing_mm)],
+        [tf.float32, tf.int32, tf.float32], stateful=False)
+    image = tf.reshape(image, [3, size, size])[..., None]
+    label = tf.reshape(label, [size, size])
+    weight = tf.reshape(weight, [size, size]) * tf.cast(valid, tf.float32)
+    return {"image": image, "label": label, "weight": weight, "valid": valid,
+            "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32),
+            "scan_id": tf.gather(store.scan_ids, scan)}
+
+
 def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
     """Slice i of the host's scans in order, at the top-left of the frame; padding marked."""
     valid = i < num_real
     k = tf.minimum(i, num_real - 1)
-    hu, target, scan, z = store.window(k, tf.gather(store.slice_scan, k))
+    hu, target, scan, z, _ = store.window(k, tf.gather(store.slice_scan, k))
     h, w = tf.shape(target)[0], tf.shape(target)[1]
     pad = [[0, size - h], [0, size - w]]  # top-left placement: no resampling
     image = tf.pad(_window_hu(tf, hu), [[0, 0], *pad])[..., None]
@@ -773,6 +869,10 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
         raise InputError(dataset_path(data), f"no scans with {data.task} targets in the {split!r} "
                                              f"split of process {process_index}/{process_count}")
     mode = _cache_mode(data, scans)
+    frames_lib.check_frame_config(data)
+    heart = frames_lib.uses_heart_frame(data)
+    frame_kwargs = dict(heart_frame=heart,
+                        frame_spacing_mm=float(data.get("frame_spacing_mm", 1.0) or 1.0))
     slice_scan = np.repeat(np.arange(len(scans)), [s.shape_zyx[0] for s in scans]).astype(np.int64)
     block_scans = int(data.get("shuffle_block_scans", 0) or 0)
     plan = None
@@ -781,13 +881,15 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
                           len(scans), float(data.positive_fraction),
                           float(data.negative_fraction), seed, block_scans)
     if mode == "memory":
-        store = _MemoryStore(scans, records, record_index, data.task)
+        store = _MemoryStore(scans, records, record_index, data.task, **frame_kwargs)
     elif train:
         store = _StreamStore(scans, records, record_index, data.task,
-                             block_scans=plan.block_scans, block_of=plan.block_of)
+                             block_scans=plan.block_scans, block_of=plan.block_of,
+                             **frame_kwargs)
     else:  # evaluation walks the scans in order: block key = scan index
         store = _StreamStore(scans, records, record_index, data.task, block_scans=1,
-                             block_of=lambda key: [key] if 0 <= key < len(scans) else [])
+                             block_of=lambda key: [key] if 0 <= key < len(scans) else [],
+                             **frame_kwargs)
     if train:
         per_device = int(data.per_device_batch)
         host_batch = local_devices * per_device
@@ -813,9 +915,9 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
     else:
         per_device = int(data.eval_per_device_batch)
         host_batch = local_devices * per_device
-        size = int(data.image_size)
+        size = int(data.frame_size) if heart else int(data.image_size)
         too_big = [s.scan_id for s in scans if max(s.shape_zyx[1:]) > size]
-        if too_big:
+        if too_big and not heart:
             raise InputError(dataset_path(data), f"scan(s) {', '.join(too_big)} larger than "
                                                  f"image_size {size}; raise config.data.image_size")
         num_real = store.num_slices
@@ -824,7 +926,10 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
         steps = max(math.ceil(c / host_batch) for c in counts)
         samples = num_real
         ds = tf.data.Dataset.range(steps * host_batch)
-        if num_real:
+        if num_real and heart:
+            ds = ds.map(_plain(lambda i: _eval_frame_sample(tf, store, data, num_real, i)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        elif num_real:
             ds = ds.map(_plain(lambda i: _eval_sample(tf, store, size, num_real, i)),
                         num_parallel_calls=tf.data.AUTOTUNE)
         else:  # this host's shard is empty but others are not: padding batches only

@@ -17,7 +17,8 @@ def pytest_collection_modifyitems(config, items):
     """Skips `gpu`-marked tests on machines without a GPU/TPU (CI and most workstations)."""
     import pytest
 
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # The marker, not the keywords: a parameter id such as "gpu" (a config argument) is a keyword.
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if gpu_items and not _has_accelerator():
         skip = pytest.mark.skip(reason="needs a GPU or TPU (none visible to JAX)")
         for item in gpu_items:

@@ -13,7 +13,9 @@ import pytest
 from cac_jax.models import build_model, count_params
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name != "__init__.py")
+# configs/study.py describes a whole study, not one model (tests/test_study.py checks it).
+NOT_MODELS = {"__init__", "study"}
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem not in NOT_MODELS)
 REQUIRED = {"convlstm_calcium", "convlstm_heart", "unet_calcium", "unet_heart",
             "unet_matched_calcium"}
 

@@ -1,0 +1,408 @@
+"""The study: `cac-jax study --config configs/study.py --out DIR` (docs/study.md).
+
+Stages, each through the command a user would run and each resumable (a stage whose settings
+stamp matches what it would do now is reused; a training run continues from its checkpoints):
+1. cohorts (`cac-jax synth`): for every training site a training cohort and a held-out test
+   cohort (other seeds: other patients), and a cohort of a site never trained on;
+2. the dataset (`cac-jax ingest`) of the training cohorts, split by patient into train and
+   validation (the test patients are never ingested);
+3. training (`cac-jax train`) of every model in `config.trainings`, to convergence: the step
+   budget is an upper bound, early stopping on the validation metric ends each run;
+4. inference (`cac-jax infer`) of every system (a heart model + a calcium model) on the test and
+   unseen-site cohorts, and the naive 130 HU threshold inside the true heart;
+5. the paper's evaluation (`cac-jax evaluate`): linearly weighted kappa with 95% CI per protocol,
+   concordance, the ConvLSTM vs UNet z-test, CTAC predictions against the gated reference of the
+   same patients, and the heart-frame ablation;
+6. the timing study (`cac-jax bench`);
+7. DIR/report.md and DIR/summary.json: the results beside the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cac_jax import demo
+from data_pipeline.atomic import atomic_write_text
+from data_pipeline.errors import InputError
+
+PROTOCOLS = ("cac", "ctac")
+COHORTS = ("test", "unseen")
+# The paper's linearly weighted kappas (ConvLSTM / UNet) on its held-out patients.
+PAPER = {"cac": {"convlstm": 0.84, "unet": 0.86}, "ctac": {"convlstm": 0.64, "unet": 0.67}}
+STAGES = ("cohorts", "dataset", "train", "infer", "evaluate", "bench", "report")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _site_seed(config, index: int, purpose: int) -> int:
+    """Cohort seeds: one per (site, purpose), far apart so patient seeds never meet."""
+    return int(config.seed) + 10_000 * purpose + 100 * index
+
+
+def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
+    """Synthesises every cohort; returns name -> manifest."""
+    from data_pipeline.phantom.cohort import GENERATOR_VERSION
+
+    jobs = {}
+    for i, site in enumerate(config.train_sites):
+        jobs[f"train_{site}"] = (site, config.train_patients_per_site, _site_seed(config, i, 0))
+        jobs[f"test_{site}"] = (site, config.test_patients_per_site, _site_seed(config, i, 1))
+    jobs["unseen"] = (config.unseen_site, config.unseen_patients, _site_seed(config, 0, 2))
+    _say(f"[1/7] synthetic cohorts at {config.size} px: training sites "
+         f"{', '.join(config.train_sites)} ({config.train_patients_per_site} + "
+         f"{config.test_patients_per_site} test patients each), unseen site "
+         f"{config.unseen_site!r} ({config.unseen_patients} patients)")
+    manifests = {}
+    for name, (site, patients, seed) in jobs.items():
+        folder = out / "cohorts" / name
+        wanted = {"site": site, "patients": patients, "seed": seed, "size": config.size,
+                  "generator": GENERATOR_VERSION}
+
+        def synth(folder=folder, site=site, patients=patients, seed=seed, name=name):
+            if folder.exists():
+                shutil.rmtree(folder)  # made by this study with other settings
+            demo._cli("synth", "--out", str(folder), "--patients", str(patients), "--size",
+                      str(config.size), "--seed", str(seed), "--site", site, "--workers",
+                      str(config.synth_workers), stage=f"synth {name}")
+
+        demo._stage(stamps, f"cohort_{name}", wanted, [folder / "manifest.csv"], synth)
+        manifests[name] = folder / "manifest.csv"
+    return manifests
+
+
+def _training_manifest(out: Path, config, manifests: dict[str, Path]) -> Path:
+    """One manifest of the training sites' cohorts with a split column: validation_fraction of
+    each site's patients (a fixed draw) in validation, the rest in train."""
+    import numpy as np
+
+    from data_pipeline.manifest import read_manifest, write_manifest
+
+    rows = []
+    for i, site in enumerate(config.train_sites):
+        site_rows = read_manifest(manifests[f"train_{site}"])
+        patients = sorted({r.patient_id for r in site_rows})
+        rng = np.random.default_rng([int(config.seed), i])
+        count = max(1, round(float(config.validation_fraction) * len(patients)))
+        validation = set(rng.permutation(patients)[:count].tolist())
+        rows += [dataclasses.replace(r, split="validation" if r.patient_id in validation
+                                     else "train") for r in site_rows]
+    path = out / "dataset" / "manifest.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(path, rows)
+    return path
+
+
+def build_dataset(out: Path, config, manifests, stamps) -> Path:
+    _say("[2/7] TFDS dataset of the training sites (train / validation by patient)")
+    data_dir = out / "tfds"
+    manifest = _training_manifest(out, config, manifests)
+    wanted = {"cohorts": {k: json.loads((out / f".stamps/cohort_{k}.json").read_text())
+                          for k in manifests if k.startswith("train_")},
+              "validation_fraction": float(config.validation_fraction), "seed": config.seed}
+    built = sorted((data_dir / "cac_ct").glob("*/dataset_info.json"))
+    demo._stage(stamps, "ingest", wanted,
+                built[-1:] or [data_dir / "cac_ct" / "dataset_info.json"],
+                lambda: demo._cli("ingest", "--manifest", str(manifest), "--data-dir",
+                                  str(data_dir), "--seed", str(config.seed), "--overwrite",
+                                  stage="ingest"))
+    return data_dir
+
+
+def _config_file(spec: str) -> tuple[str, str]:
+    """(absolute path with its ':arg', the relative spec) of a config in configs/."""
+    path, sep, arg = spec.partition(":")
+    return demo._config_path(path) + (f":{arg}" if sep else ""), spec
+
+
+def train_models(out: Path, config, stamps, only: set[str] | None = None) -> None:
+    names = [n for n in config.trainings if only is None or n in only]
+    _say(f"[3/7] training {', '.join(names)} (to convergence: early stopping on validation)")
+    for name in names:
+        spec = config.trainings[name]
+        workdir = out / "models" / name
+        overrides = [f"data.data_dir={out / 'tfds'}", "data.name=cac_ct",
+                     f"seed={config.seed}", *spec.overrides]
+        config_path, relative = _config_file(spec.config)
+        wanted = {"config": relative, "overrides": overrides,
+                  "defaults": demo._config_defaults(relative.partition(":")[0]),
+                  "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
+        stamp = stamps.folder / f"train_{name}.json"
+        same = stamp.exists() and json.loads(stamp.read_text()) == wanted
+        if not same and workdir.exists():
+            shutil.rmtree(workdir)  # trained with other settings: start again
+        if same and (workdir / "summary.json").exists():
+            _say(f"      reusing {name} ({workdir})")
+            continue
+        # Stamped before it starts, so a killed run is continued (from its last checkpoint)
+        # only with the same settings.
+        stamps.mark(f"train_{name}", wanted)
+        _say(f"      {name}:")
+        args = ["train", "--config", config_path, "--workdir", str(workdir)]
+        args += [f"--config.{item}" for item in overrides]
+        demo._cli(*args, stage=f"train {name}")
+
+
+def _systems(config, only: set[str] | None = None) -> dict[str, tuple[str, str]]:
+    systems = {name: tuple(pair) for name, pair in config.systems.items()}
+    if only is not None:
+        systems = {k: v for k, v in systems.items() if set(v) <= only}
+    return systems
+
+
+def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Path]:
+    _say(f"[4/7] scoring the test patients and the unseen site with {', '.join(systems)} "
+         "(cac-jax infer), and the naive threshold")
+    from data_pipeline.manifest import read_manifest, write_manifest
+
+    cohorts = {}
+    test_rows = [r for site in config.train_sites
+                 for r in read_manifest(manifests[f"test_{site}"])]
+    path = out / "eval" / "test_manifest.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(path, [dataclasses.replace(r, split="test") for r in test_rows])
+    cohorts["test"] = path
+    cohorts["unseen"] = manifests["unseen"]
+    combined = demo._combined_manifest(out, cohorts)
+    for system, (heart, calcium) in systems.items():
+        folder = out / "infer" / system
+        wanted = {"manifest": {k: str(v) for k, v in cohorts.items()},
+                  "heart": json.loads((out / f".stamps/train_{heart}.json").read_text()),
+                  "calcium": json.loads((out / f".stamps/train_{calcium}.json").read_text())}
+        outputs = [out / "infer" / f"{cohort}_{system}" / "results.csv" for cohort in cohorts]
+
+        def run(folder=folder, heart=heart, calcium=calcium, system=system):
+            demo._cli("infer", "--heart-checkpoint", str(out / "models" / heart),
+                      "--calcium-checkpoint", str(out / "models" / calcium),
+                      "--manifest", str(combined), "--out", str(folder), "--save-previews",
+                      stage=f"infer {system}")
+            demo.split_results(folder / "results.csv", {
+                cohort: (manifest, out / "infer" / f"{cohort}_{system}" / "results.csv")
+                for cohort, manifest in cohorts.items()})
+
+        demo._stage(stamps, f"infer_{system}", wanted, outputs, run)
+    for cohort, manifest in cohorts.items():
+        naive = out / "infer" / f"{cohort}_naive" / "results.csv"
+        demo._stage(stamps, f"naive_{cohort}", {"manifest": str(manifest)}, [naive],
+                    lambda manifest=manifest, naive=naive: demo.naive_results(manifest, naive))
+    return cohorts
+
+
+def evaluate(out: Path, config, cohorts: dict[str, Path], systems) -> dict:
+    _say("[5/7] agreement with the truth (cac-jax evaluate): kappa with CI, concordance, z-tests")
+    runs = {}
+    for cohort, manifest in cohorts.items():
+        ref = ["--ref", str(manifest), "--by", "protocol", "--bootstrap", "1000"]
+        results = {m: str(out / "infer" / f"{cohort}_{m}" / "results.csv")
+                   for m in (*systems, "naive")}
+        for model, pred in results.items():
+            runs[(cohort, model)] = (f"{cohort}_{model}", ["--pred", pred, *ref])
+        pairs = {"comparison": tuple(config.compare), "ablation": tuple(config.ablation)}
+        for key, (a, b) in pairs.items():
+            if a in systems and b in systems:
+                runs[(cohort, key)] = (f"{cohort}_{a}_vs_{b}",
+                                       ["--pred", results[a], "--pred2", results[b], *ref])
+        a, b = config.compare
+        if a in systems and b in systems:
+            # The paper's CTAC design: CTAC predictions against the same patients' gated reference.
+            runs[(cohort, "ctac_vs_gated")] = (f"{cohort}_ctac_vs_gated",
+                                               ["--pred", results[a], "--pred2", results[b],
+                                                *ref, "--ref-protocol", "cac"])
+    metrics = {}
+    for key, (folder, args) in runs.items():
+        demo._cli("evaluate", *args, "--out", str(out / "eval" / folder),
+                  stage=f"evaluate {folder}")
+        metrics[key] = json.loads((out / "eval" / folder / "metrics.json").read_text())
+    return metrics
+
+
+def bench(out: Path, config, stamps) -> Path:
+    _say(f"[6/7] timing study (cac-jax bench: {config.bench_samples} samples of 16 slices at "
+         f"{config.bench_size} px)")
+    folder = out / "bench"
+    wanted = {"models": config.bench_models, "samples": config.bench_samples,
+              "size": config.bench_size, "local": config.bench_local}
+    args = ["bench", "--models", config.bench_models, "--samples", str(config.bench_samples),
+            "--slices", "16", "--size", str(config.bench_size), "--out", str(folder)]
+    if config.bench_local:
+        args.append("--local")
+    demo._stage(stamps, "bench", wanted, [folder / "bench.json"],
+                lambda: demo._cli(*args, stage="bench"))
+    return folder
+
+
+def _cell(block: dict, protocol: str) -> dict:
+    return ((block or {}).get("by_protocol") or {}).get(protocol) or {}
+
+
+def summarise(config, metrics: dict, systems) -> dict:
+    """summary.json: cohort -> model -> protocol -> kappa, CI, exact agreement, n; the z-tests."""
+    summary: dict = {"paper": PAPER}
+    for cohort in COHORTS:
+        block = {}
+        for model in (*systems, "naive"):
+            block[model] = {p: {k: _cell(metrics.get((cohort, model)), p).get(k)
+                                for k in ("kappa_linear", "kappa_linear_ci95",
+                                          "exact_agreement", "n")} for p in PROTOCOLS}
+        for key in ("comparison", "ablation"):
+            found = metrics.get((cohort, key))
+            if found is not None:
+                block[key] = {p: _cell(found, p).get("z_test") for p in PROTOCOLS}
+        summary[cohort] = block
+    return summary
+
+
+def _fmt(value, pattern="{:.2f}") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else pattern.format(value)
+
+
+def write_report(out: Path, config, summary: dict, seconds: dict, systems) -> Path:
+    lines = ["# The study", "",
+             f"Cohort at {config.size} px; training sites {', '.join(config.train_sites)}; "
+             f"unseen site {config.unseen_site}. Linearly weighted kappa of the four CAC "
+             "categories (95% CI), against the reference categories of the same patients.", ""]
+    for cohort in COHORTS:
+        lines += [f"## {'Held-out patients of the training sites' if cohort == 'test' else 'Unseen site'}",
+                  "", "| model | gated CAC kappa | CTAC kappa | n (CAC / CTAC) | paper CAC / CTAC |",
+                  "| --- | --- | --- | --- | --- |"]
+        for model in (*systems, "naive"):
+            row = summary[cohort][model]
+            cells = []
+            for p in PROTOCOLS:
+                ci = row[p]["kappa_linear_ci95"] or [None, None]
+                cells.append(f"{_fmt(row[p]['kappa_linear'])} ({_fmt(ci[0])}-{_fmt(ci[1])})")
+            paper = (f"{PAPER['cac'][model]:.2f} / {PAPER['ctac'][model]:.2f}"
+                     if model in PAPER["cac"] else "")
+            lines.append(f"| {model} | {cells[0]} | {cells[1]} | {row['cac']['n']} / "
+                         f"{row['ctac']['n']} | {paper} |")
+        for key in ("comparison", "ablation"):
+            if key in summary[cohort]:
+                tests = summary[cohort][key]
+                text = "; ".join(f"{p}: {json.dumps(tests[p])}" for p in PROTOCOLS)
+                lines += ["", f"z-test ({key}): {text}"]
+        lines.append("")
+    lines += ["## Stage times", "", *(f"- {k}: {v / 60:.1f} min" for k, v in seconds.items()), ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def run(out: Path, config, *, only: set[str] | None = None,
+        stages: Sequence[str] = STAGES) -> dict | None:
+    """Runs the study's `stages` into `out`; returns summary.json's content (None without the
+    report stage). `only` limits training and inference to these trainings."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamps = demo._Stamps(out)
+    seconds: dict[str, float] = {}
+    manifests = make_cohorts(out, config, stamps) if "cohorts" in stages else {}
+    if not manifests:
+        manifests = {p.parent.name: p for p in (out / "cohorts").glob("*/manifest.csv")}
+    if "dataset" in stages:
+        t0 = time.perf_counter()
+        build_dataset(out, config, manifests, stamps)
+        seconds["dataset"] = time.perf_counter() - t0
+    if "train" in stages:
+        t0 = time.perf_counter()
+        train_models(out, config, stamps, only)
+        seconds["train"] = time.perf_counter() - t0
+    trained = {p.stem.removeprefix("train_") for p in stamps.folder.glob("train_*.json")
+               if (out / "models" / p.stem.removeprefix("train_") / "summary.json").exists()}
+    systems = _systems(config, trained if only is None else trained & only)
+    if not systems and any(s in stages for s in ("infer", "evaluate", "report")):
+        raise InputError(out / "models", "no system has both of its models trained yet; run "
+                                         "the train stage first")
+    cohorts = {}
+    if "infer" in stages:
+        t0 = time.perf_counter()
+        cohorts = score_cohorts(out, config, manifests, stamps, systems)
+        seconds["infer"] = time.perf_counter() - t0
+    cohorts = cohorts or {"test": out / "eval" / "test_manifest.csv",
+                          "unseen": manifests.get("unseen", out / "cohorts/unseen/manifest.csv")}
+    metrics = {}
+    if "evaluate" in stages or "report" in stages:
+        t0 = time.perf_counter()
+        metrics = evaluate(out, config, cohorts, systems)
+        seconds["evaluate"] = time.perf_counter() - t0
+    if "bench" in stages:
+        t0 = time.perf_counter()
+        bench(out, config, stamps)
+        seconds["bench"] = time.perf_counter() - t0
+    if "report" not in stages:
+        return None
+    _say("[7/7] report")
+    summary = summarise(config, metrics, systems)
+    summary["seconds"] = seconds
+    summary["config"] = json.loads(config.to_json())
+    report = write_report(out, config, summary, seconds, systems)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    for cohort in COHORTS:
+        for model in (*systems, "naive"):
+            cells = ", ".join(f"{p.upper()} kappa {_fmt(summary[cohort][model][p]['kappa_linear'])}"
+                              for p in PROTOCOLS)
+            _say(f"      {cohort:6s} {model:15s} {cells}")
+    _say(f"report: {report}")
+    return summary
+
+
+def _csv(text: str) -> set[str]:
+    return {item.strip() for item in text.split(",") if item.strip()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cac-jax study", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/study.py", metavar="FILE[:ARG]",
+                        help="study config (default configs/study.py; ':gpu' for the GPU "
+                             "variant, ':local' for a tiny check)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="study folder (resumable)")
+    parser.add_argument("--only", type=_csv, default=None, metavar="NAMES",
+                        help="train and score only these trainings (comma-separated names of "
+                             "config.trainings), e.g. heart_convlstm,calcium_convlstm")
+    parser.add_argument("--stages", type=_csv, default=set(STAGES), metavar="STAGES",
+                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+
+
+def run_from_args(args) -> int:
+    from cac_jax.config_defaults import load_config_file
+
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        raise InputError(None, f"unknown stage(s) {', '.join(unknown)}; expected some of "
+                               f"{', '.join(STAGES)}")
+    path = args.config.rpartition(":")[0] if args.config.count(":") and \
+        args.config.rpartition(":")[0].endswith(".py") else args.config
+    if not Path(path).is_file():
+        raise InputError(path, "no such study config file")
+    try:
+        config = load_config_file(args.config)
+    except ValueError as err:
+        raise InputError(path, str(err)) from None
+    if args.only is not None:
+        unknown = sorted(args.only - set(config.trainings))
+        if unknown:
+            raise InputError(path, f"--only names no training {', '.join(unknown)}; the config "
+                                   f"has {', '.join(config.trainings)}")
+    try:
+        run(Path(args.out), config, only=args.only,
+            stages=[s for s in STAGES if s in args.stages])
+    except demo.DemoError as err:
+        raise InputError(args.out, str(err)) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

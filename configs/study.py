@@ -1,0 +1,113 @@
+"""`cac-jax study --config configs/study.py --out study_out` (docs/study.md).
+
+The paper's experiment on a multi-site synthetic cohort: heart and calcium models of the
+ConvLSTM-attention network and of a UNet, trained until validation stops improving, scored on
+held-out patients of the training sites and on a site never trained on, judged by the linearly
+weighted kappa of the four CAC categories against the naive 130 HU threshold.
+
+Arguments (`--config configs/study.py:ARG`):
+- none: the CPU study (256 px cohort; the ConvLSTM at half the configs' widths and the UNet
+  width-matched to it; sized for hours on 2 cores, resumable);
+- "gpu": the GPU variant (full-width ConvLSTM and UNet-64, a larger cohort, larger batches);
+- "local": a tiny version of the whole path for tests (minutes on a CPU, numbers meaningless).
+
+Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
+would run `cac-jax train`; `trainings` names each workdir under OUT/models/, `systems` pairs a heart
+model with a calcium model for `cac-jax infer`. `convlstm_slice` is the ablation: the same ConvLSTM
+calcium model on whole slices at the scan's own spacing (the paper's set-up) instead of the heart
+frame, scored with the same heart model on the same patients.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ARGS = (None, "", "gpu", "local")
+
+HALF_WIDTH_CONVLSTM = (
+    "model.convlstm.encoder_widths=(16, 32, 64, 128)",
+    "model.convlstm.lstm_features=(32, 64)",
+    "model.convlstm.decoder_widths=(16, 32, 64)",
+    "model.convlstm.temporal_decoder_widths=(16, 32, 64)",
+    "model.convlstm.attention_width=16",
+)
+MATCHED_UNET = ("model.unet.base_width=12",)
+
+
+def _training(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"config": config_file, "overrides": list(overrides)})
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The study settings; see the module docstring for `arg`."""
+    if arg not in ARGS:
+        raise ValueError(f"unknown study config argument {arg!r}: expected none, 'gpu' or 'local'")
+    gpu, local = arg == "gpu", arg == "local"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Cohort: in-plane matrix of every synthetic scan (the field of view is the protocol's).
+    c.size = 64 if local else (512 if gpu else 256)
+    # Sites trained on (data_pipeline.phantom.sites), and the one held out entirely.
+    c.train_sites = ("default", "lowdose") if local else ("default", "lowdose", "sharp")
+    c.unseen_site = "site2"
+    # Patients per training site for training + validation, the validation share of them (by
+    # patient), held-out test patients per training site (other seeds: never ingested), and
+    # patients of the unseen site. Every patient has a gated CAC and a CTAC scan.
+    c.train_patients_per_site = 4 if local else (200 if gpu else 80)
+    c.validation_fraction = 0.25 if local else 0.15
+    c.test_patients_per_site = 2 if local else (60 if gpu else 30)
+    c.unseen_patients = 3 if local else (80 if gpu else 40)
+    c.synth_workers = 2
+
+    heart_common = ["train.log_every=25", "train.progress=True"]
+    heart_steps = 8 if local else 6000
+    calcium_steps = 8 if local else 12000
+    eval_every = 4 if local else (500 if gpu else 250)
+    # Convergence, not a time box: training stops when validation has not improved for
+    # early_stop_patience evaluations (the plateau halves the rate after plateau_patience).
+    heart = [*heart_common, f"train.steps={heart_steps}", f"train.eval_every={eval_every}",
+             f"train.checkpoint_every={eval_every}", "train.early_stop_patience=8",
+             f"train.batch_size={16 if gpu else 4}",
+             f"data.image_size={64 if local else c.size}"]
+    # The calcium model in the heart frame: a 192 mm window at 1.0 mm centred on the heart,
+    # trained on 96 px crops centred near coronary calcium (docs/heart_frame.md).
+    frame = 64 if local else 192
+    calcium = [*heart_common, f"train.steps={calcium_steps}", f"train.eval_every={eval_every}",
+               f"train.checkpoint_every={eval_every}", "train.early_stop_patience=8",
+               f"train.batch_size={32 if gpu else 16}",
+               f"data.image_size={64 if local else c.size}",
+               "data.calcium_frame=heart", "data.frame_spacing_mm=1.0",
+               f"data.frame_size={frame}", f"data.crop_size={frame // 2}",
+               "data.frame_jitter_mm=10.0"]
+    calcium_slice = [*heart_common, f"train.steps={calcium_steps}",
+                     f"train.eval_every={eval_every}", f"train.checkpoint_every={eval_every}",
+                     "train.early_stop_patience=8", f"train.batch_size={32 if gpu else 16}",
+                     f"data.image_size={64 if local else c.size}", "data.calcium_frame=slice"]
+    suffix = ":local" if local else ""
+    convlstm = () if (local or gpu) else HALF_WIDTH_CONVLSTM
+    unet_file = "configs/unet_calcium.py" if gpu else "configs/unet_matched_calcium.py"
+    unet_heart = () if (local or gpu) else MATCHED_UNET
+    c.trainings = ml_collections.ConfigDict({
+        "heart_convlstm": _training(f"configs/convlstm_heart.py{suffix}", *convlstm, *heart),
+        "calcium_convlstm": _training(f"configs/convlstm_calcium.py{suffix}", *convlstm,
+                                      *calcium),
+        "heart_unet": _training(f"configs/unet_heart.py{suffix}", *unet_heart, *heart),
+        "calcium_unet": _training(f"{unet_file}{suffix}", *calcium),
+        "calcium_convlstm_slice": _training(f"configs/convlstm_calcium.py{suffix}", *convlstm,
+                                            *calcium_slice),
+    })
+    # System name -> (heart training, calcium training). The first two are compared by the
+    # z-test; the last is the frame ablation.
+    c.systems = ml_collections.ConfigDict({
+        "convlstm": ("heart_convlstm", "calcium_convlstm"),
+        "unet": ("heart_unet", "calcium_unet"),
+        "convlstm_slice": ("heart_convlstm", "calcium_convlstm_slice"),
+    })
+    c.compare = ("convlstm", "unet")
+    c.ablation = ("convlstm", "convlstm_slice")
+    # The timing study (`cac-jax bench`): samples of 16 slices at this size per model.
+    c.bench_models = "convlstm,unet64" if gpu else "convlstm,unet_matched"
+    c.bench_samples = 3 if local else (64 if gpu else 8)
+    c.bench_size = 64 if local else 512
+    c.bench_local = local
+    return c

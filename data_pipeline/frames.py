@@ -1,0 +1,177 @@
+"""The calcium model's heart frame: a fixed-size window centred on the heart at a fixed spacing.
+
+`config.data.calcium_frame` says what the calcium model sees:
+- "slice": the whole slice at the scan's own pixel spacing (the paper's set-up; evaluation and
+  inference pad the slice into the training frame);
+- "heart": a square window of `frame_size` pixels at `frame_spacing_mm` in-plane spacing, centred on
+  the heart. Every study, whatever its field of view or matrix, is seen at the same physical scale
+  and one compiled function serves them all. Training centres it on the reference heart mask
+  (jittered by up to `frame_jitter_mm` each way), validation on the reference heart, inference on
+  the heart the heart model found. Its window of `frame_size * frame_spacing_mm` mm must hold the
+  dilated heart (a heart is at most about 16 cm across).
+
+The frame's centre is the centre of the heart mask's in-plane bounding box over all slices, in
+pixel coordinates of the scan (`heart_centre_yx`), so one window serves every slice of a study.
+Pixel centres sit at integer coordinates: frame pixel (i, j) samples scan point
+(cy + (i - c) * ry, cx + (j - c) * rx) with c = (frame_size - 1) / 2 and r = frame spacing / scan
+spacing, the mapping the training pipeline's affine resample uses too. Numpy only (inference and
+validation share these functions; training does the same mapping in tf.data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+CALCIUM_FRAMES = ("slice", "heart")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameGeometry:
+    """Where a study's heart frame lies: centre (y, x) in scan pixels, scan pixels per frame pixel
+    (ry, rx), the frame's side in pixels and the scan's in-plane shape."""
+
+    centre_yx: tuple[float, float]
+    ratio_yx: tuple[float, float]
+    size: int
+    scan_hw: tuple[int, int]
+
+    def coordinates(self) -> np.ndarray:
+        """Scan coordinates (2, size, size) that the frame's pixels sample."""
+        c = (self.size - 1) / 2.0
+        offsets = np.arange(self.size, dtype=np.float64) - c
+        ys = self.centre_yx[0] + offsets * self.ratio_yx[0]
+        xs = self.centre_yx[1] + offsets * self.ratio_yx[1]
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        return np.stack([yy, xx])
+
+    def inverse_coordinates(self) -> np.ndarray:
+        """Frame coordinates (2, h, w) of every scan pixel."""
+        c = (self.size - 1) / 2.0
+        h, w = self.scan_hw
+        fy = (np.arange(h, dtype=np.float64) - self.centre_yx[0]) / self.ratio_yx[0] + c
+        fx = (np.arange(w, dtype=np.float64) - self.centre_yx[1]) / self.ratio_yx[1] + c
+        yy, xx = np.meshgrid(fy, fx, indexing="ij")
+        return np.stack([yy, xx])
+
+
+def check_frame_config(data) -> None:
+    """Raises ValueError unless the data config's frame settings are usable."""
+    frame = str(data.get("calcium_frame", "slice"))
+    if frame not in CALCIUM_FRAMES:
+        raise ValueError(f"config.data.calcium_frame must be one of {', '.join(CALCIUM_FRAMES)}, "
+                         f"got {frame!r}")
+    if frame == "heart":
+        if not float(data.get("frame_spacing_mm", 0) or 0) > 0:
+            raise ValueError("config.data.frame_spacing_mm must be > 0 for the heart frame")
+        if not int(data.get("frame_size", 0) or 0) > 0:
+            raise ValueError("config.data.frame_size must be > 0 for the heart frame")
+        if float(data.get("frame_jitter_mm", 0) or 0) < 0:
+            raise ValueError("config.data.frame_jitter_mm must be >= 0")
+
+
+def uses_heart_frame(config) -> bool:
+    """True when `config` (a full experiment config or a data config) is a calcium model trained
+    in the heart frame. Configs written before the frame existed are whole-slice models."""
+    data = config.data if "data" in config else config
+    task = config.get("task", data.get("task", ""))
+    return task == "calcium" and str(data.get("calcium_frame", "slice")) == "heart"
+
+
+def heart_centre_yx(mask: np.ndarray | None, fallback: np.ndarray | None = None
+                    ) -> tuple[float, float] | None:
+    """Centre (y, x) of the in-plane bounding box of `mask` (z, y, x) over all slices; of
+    `fallback`'s non-zero voxels when `mask` is None or empty; None when both are empty."""
+    for candidate in (mask, fallback):
+        if candidate is None:
+            continue
+        rows = np.flatnonzero(np.asarray(candidate).any(axis=(0, 2)))
+        cols = np.flatnonzero(np.asarray(candidate).any(axis=(0, 1)))
+        if rows.size and cols.size:
+            return (float(rows[0] + rows[-1]) / 2.0, float(cols[0] + cols[-1]) / 2.0)
+    return None
+
+
+def geometry(centre_yx: Sequence[float] | None, spacing_yx_mm: Sequence[float],
+             scan_hw: Sequence[int], frame_size: int, frame_spacing_mm: float) -> FrameGeometry:
+    """The frame of a scan of in-plane shape `scan_hw` and spacing `spacing_yx_mm` around
+    `centre_yx` (None: the scan's centre)."""
+    h, w = (int(n) for n in scan_hw)
+    if centre_yx is None:
+        centre_yx = ((h - 1) / 2.0, (w - 1) / 2.0)
+    ratio = tuple(float(frame_spacing_mm) / float(s) for s in spacing_yx_mm)
+    return FrameGeometry(centre_yx=(float(centre_yx[0]), float(centre_yx[1])), ratio_yx=ratio,
+                         size=int(frame_size), scan_hw=(h, w))
+
+
+def _nearest_index(coordinate: np.ndarray) -> np.ndarray:
+    """Nearest pixel index, halves away from zero (C's `round`, as tf.data's resampler does)."""
+    return (np.sign(coordinate) * np.floor(np.abs(coordinate) + 0.5)).astype(np.int64)
+
+
+def to_frame(images: np.ndarray, geom: FrameGeometry, *, order: int = 1,
+             cval: float = 0.0) -> np.ndarray:
+    """Resamples the trailing (h, w) axes of `images` (..., h, w) onto the frame (..., S, S).
+
+    order 1: bilinear, the scan continued by `cval` beyond its edge (images); order 0: nearest
+    (labels), `cval` where the nearest pixel is outside the scan. Both sample exactly as the
+    training pipeline's resampler does.
+    """
+    images = np.asarray(images)
+    lead = images.shape[:-2]
+    flat = images.reshape(-1, *images.shape[-2:])
+    coords = geom.coordinates()
+    if order == 0:
+        h, w = flat.shape[-2:]
+        iy, ix = _nearest_index(coords[0]), _nearest_index(coords[1])
+        valid = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+        out = np.full((flat.shape[0], geom.size, geom.size), cval, images.dtype)
+        out[:, valid] = flat[:, iy[valid], ix[valid]]
+        return out.reshape(*lead, geom.size, geom.size)
+    out = np.empty((flat.shape[0], geom.size, geom.size), np.float32)
+    for k, plane in enumerate(flat):
+        out[k] = ndimage.map_coordinates(plane.astype(np.float32, copy=False), coords,
+                                         order=order, mode="grid-constant", cval=cval,
+                                         prefilter=False)
+    return out.reshape(*lead, geom.size, geom.size)
+
+
+def inside_scan(geom: FrameGeometry) -> np.ndarray:
+    """(S, S) bool: the frame pixels whose nearest scan pixel lies inside the scan."""
+    iy, ix = (_nearest_index(c) for c in geom.coordinates())
+    h, w = geom.scan_hw
+    return (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+
+
+def from_frame(probabilities: np.ndarray, geom: FrameGeometry) -> np.ndarray:
+    """Class probabilities (n, S, S, C) of the frame back on the scan's grid (n, h, w, C).
+
+    Bilinear; scan pixels outside the frame are background (class 0) with certainty. The class
+    map is the argmax of the result (a linear resample of class indices would not be one).
+    """
+    probabilities = np.asarray(probabilities, np.float32)
+    n, _, _, classes = probabilities.shape
+    h, w = geom.scan_hw
+    coords = geom.inverse_coordinates()
+    last = geom.size - 1
+    inside = ((coords[0] >= -0.5) & (coords[0] <= last + 0.5)
+              & (coords[1] >= -0.5) & (coords[1] <= last + 0.5))
+    out = np.zeros((n, h, w, classes), np.float32)
+    out[..., 0] = 1.0
+    if not inside.any():
+        return out
+    rows = np.flatnonzero(inside.any(axis=1))
+    cols = np.flatnonzero(inside.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    sub = coords[:, y0:y1, x0:x1]
+    sub_inside = inside[y0:y1, x0:x1]
+    for k in range(n):
+        for c in range(classes):
+            values = ndimage.map_coordinates(probabilities[k, ..., c], sub, order=1,
+                                             mode="nearest", prefilter=False)
+            block = out[k, y0:y1, x0:x1, c]
+            block[sub_inside] = values[sub_inside]
+    return out
