@@ -173,6 +173,8 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
     cohorts["test"] = path
     cohorts["unseen"] = manifests["unseen"]
     combined = demo._combined_manifest(out, cohorts)
+    min_heart = ([] if config.get("min_heart_ml") is None
+                 else ["--min-heart-ml", str(config.min_heart_ml)])
     for system, (heart, calcium) in systems.items():
         folder = out / "infer" / system
         wanted = {"manifest": {k: str(v) for k, v in cohorts.items()},
@@ -184,7 +186,7 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
             demo._cli("infer", "--heart-checkpoint", str(out / "models" / heart),
                       "--calcium-checkpoint", str(out / "models" / calcium),
                       "--manifest", str(combined), "--out", str(folder), "--save-previews",
-                      stage=f"infer {system}")
+                      "--overwrite", *min_heart, stage=f"infer {system}")
             demo.split_results(folder / "results.csv", {
                 cohort: (manifest, out / "infer" / f"{cohort}_{system}" / "results.csv")
                 for cohort, manifest in cohorts.items()})
