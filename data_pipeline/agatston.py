@@ -221,9 +221,10 @@ def _thickness_warning(thickness_mm: float | None, spacing_z: float) -> list[str
 
 @dataclasses.dataclass(frozen=True)
 class _Components:
-    """Per-component statistics of one label value (arrays indexed by component)."""
+    """Per-component statistics (arrays indexed by component): of one label value, or of all of
+    them concatenated (`_lesion_table`)."""
 
-    label: int
+    label: np.ndarray        # int64, the label value of each component
     n_voxels: np.ndarray     # int64
     sum_hu: np.ndarray       # float64
     peak_hu: np.ndarray      # float64
@@ -254,7 +255,7 @@ def _components(value: int, flat: np.ndarray, hu_values: np.ndarray,
     order = np.argsort(ids, kind="stable")
     starts = np.concatenate(([0], np.cumsum(n_voxels)[:-1]))
     return _Components(
-        label=value,
+        label=np.full(n_components, value),
         n_voxels=n_voxels,
         sum_hu=np.bincount(ids, weights=hu_values, minlength=n_components),
         peak_hu=np.maximum.reduceat(hu_values[order], starts),
@@ -263,6 +264,65 @@ def _components(value: int, flat: np.ndarray, hu_values: np.ndarray,
         centroid_y=np.bincount(ids, weights=y, minlength=n_components) / n_voxels + y0,
         centroid_x=np.bincount(ids, weights=x, minlength=n_components) / n_voxels + x0,
     )
+
+
+def _check_options(min_area_mm2: float,
+                   calibration_mg_per_hu_mm3: float | None) -> tuple[float, float | None]:
+    """The minimum lesion area and the mass calibration factor (or None) as floats; ValueError
+    for a negative or non-finite area or a non-positive or non-finite factor."""
+    min_area = float(min_area_mm2)
+    if not math.isfinite(min_area) or min_area < 0:
+        raise ValueError(f"min_area_mm2 must be a finite number >= 0, got {min_area_mm2!r}")
+    calibration = None
+    if calibration_mg_per_hu_mm3 is not None:
+        calibration = float(calibration_mg_per_hu_mm3)
+        if not math.isfinite(calibration) or calibration <= 0:
+            raise ValueError("calibration_mg_per_hu_mm3 must be a finite number > 0, got "
+                             f"{calibration_mg_per_hu_mm3!r}")
+    return min_area, calibration
+
+
+def _candidates(hu: np.ndarray, labels: np.ndarray,
+                warnings: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raster indices (increasing), HU (float64) and labels of the candidate voxels (rule 1).
+
+    One pass over the volume finds the (sparse) coronary-labelled voxels; the rest works on them.
+    StudyReadError for non-finite HU among them; appends a warning to `warnings` when nearly all
+    of them are under 130 HU (labels that probably belong to another image).
+    """
+    coronary_flat = np.flatnonzero((labels >= CORONARY_LABELS[0])
+                                   & (labels <= CORONARY_LABELS[-1]))
+    coronary_hu = hu.reshape(-1)[coronary_flat].astype(np.float64)
+    if not np.all(np.isfinite(coronary_hu)):
+        raise StudyReadError(None, "image has non-finite HU values (NaN/inf) inside the coronary "
+                                   "labels")
+    calcium = coronary_hu >= CALCIUM_THRESHOLD_HU
+    n_labelled, n_calcium = int(coronary_hu.size), int(np.count_nonzero(calcium))
+    if (n_labelled >= _MISALIGNED_MIN_VOXELS
+            and n_labelled - n_calcium > _MISALIGNED_FRACTION * n_labelled):
+        warnings.append(
+            f"{n_labelled - n_calcium} of {n_labelled} voxels labelled 1-4 (coronary) are below "
+            f"{CALCIUM_THRESHOLD_HU:g} HU and are not scored; check that the labels belong to this "
+            "image (same scan, same slice order)")
+    candidate_flat = coronary_flat[calcium]
+    return candidate_flat, coronary_hu[calcium], labels.reshape(-1)[candidate_flat]
+
+
+def _lesion_table(flat: np.ndarray, hu_values: np.ndarray, labels: np.ndarray,
+                  shape: tuple[int, ...]) -> _Components:
+    """The components (rule 2) of every coronary label value, label by label, in one table."""
+    per_label = []
+    for value in CORONARY_LABELS:
+        selected = labels == value
+        if np.any(selected):
+            per_label.append(_components(value, flat[selected], hu_values[selected], shape))
+    if not per_label:
+        ints, floats = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        return _Components(label=ints, n_voxels=ints, sum_hu=floats, peak_hu=floats,
+                           slice_index=ints, first_flat=ints, centroid_y=floats,
+                           centroid_x=floats)
+    return _Components(**{field.name: np.concatenate([getattr(c, field.name) for c in per_label])
+                          for field in dataclasses.fields(_Components)})
 
 
 def agatston_score(
@@ -302,60 +362,18 @@ def agatston_score(
         raise ValueError(f"hu must be a real-valued array, got dtype {hu.dtype}")
     labels = _check_labels(labels, hu.shape)
     spacing = _check_spacing(spacing_zyx_mm)
-    min_area = float(min_area_mm2)
-    if not math.isfinite(min_area) or min_area < 0:
-        raise ValueError(f"min_area_mm2 must be a finite number >= 0, got {min_area_mm2!r}")
-    calibration = None
-    if calibration_mg_per_hu_mm3 is not None:
-        calibration = float(calibration_mg_per_hu_mm3)
-        if not math.isfinite(calibration) or calibration <= 0:
-            raise ValueError("calibration_mg_per_hu_mm3 must be a finite number > 0, got "
-                             f"{calibration_mg_per_hu_mm3!r}")
+    min_area, calibration = _check_options(min_area_mm2, calibration_mg_per_hu_mm3)
 
     spacing_z, spacing_y, spacing_x = spacing
     pixel_area = spacing_y * spacing_x
     voxel_volume = pixel_area * spacing_z
     z_factor = spacing_z / REFERENCE_SLICE_MM
     warnings = _thickness_warning(slice_thickness_mm, spacing_z)
-
-    # One pass over the volume finds the (sparse) coronary-labelled voxels; the rest works on them.
-    coronary_flat = np.flatnonzero((labels >= CORONARY_LABELS[0])
-                                   & (labels <= CORONARY_LABELS[-1]))
-    coronary_hu = hu.reshape(-1)[coronary_flat].astype(np.float64)
-    if not np.all(np.isfinite(coronary_hu)):
-        raise StudyReadError(None, "image has non-finite HU values (NaN/inf) inside the coronary "
-                                   "labels")
-    calcium = coronary_hu >= CALCIUM_THRESHOLD_HU
-    n_labelled, n_calcium = int(coronary_hu.size), int(np.count_nonzero(calcium))
-    if (n_labelled >= _MISALIGNED_MIN_VOXELS
-            and n_labelled - n_calcium > _MISALIGNED_FRACTION * n_labelled):
-        warnings.append(
-            f"{n_labelled - n_calcium} of {n_labelled} voxels labelled 1-4 (coronary) are below "
-            f"{CALCIUM_THRESHOLD_HU:g} HU and are not scored; check that the labels belong to this "
-            "image (same scan, same slice order)")
-
-    candidate_flat = coronary_flat[calcium]
-    candidate_hu = coronary_hu[calcium]
-    candidate_label = labels.reshape(-1)[candidate_flat]
-    per_label = []
-    for value in CORONARY_LABELS:
-        selected = candidate_label == value
-        if np.any(selected):
-            per_label.append(_components(value, candidate_flat[selected], candidate_hu[selected],
-                                         hu.shape))
-
-    if per_label:
-        n_voxels = np.concatenate([c.n_voxels for c in per_label])
-        sum_hu = np.concatenate([c.sum_hu for c in per_label])
-        peak_hu = np.concatenate([c.peak_hu for c in per_label])
-        slice_index = np.concatenate([c.slice_index for c in per_label])
-        first_flat = np.concatenate([c.first_flat for c in per_label])
-        centroid_y = np.concatenate([c.centroid_y for c in per_label])
-        centroid_x = np.concatenate([c.centroid_x for c in per_label])
-        label = np.concatenate([np.full(c.n_voxels.size, c.label) for c in per_label])
-    else:
-        n_voxels = first_flat = slice_index = label = np.zeros(0, dtype=np.int64)
-        sum_hu = peak_hu = centroid_y = centroid_x = np.zeros(0, dtype=np.float64)
+    candidate_flat, candidate_hu, candidate_label = _candidates(hu, labels, warnings)
+    table = _lesion_table(candidate_flat, candidate_hu, candidate_label, hu.shape)
+    n_voxels, sum_hu, peak_hu, label = table.n_voxels, table.sum_hu, table.peak_hu, table.label
+    slice_index, first_flat = table.slice_index, table.first_flat
+    centroid_y, centroid_x = table.centroid_y, table.centroid_x
 
     area = n_voxels * pixel_area
     counted = area >= min_area * (1.0 - _AREA_RTOL)

@@ -206,7 +206,12 @@ def _coronary_lines(heart: Heart, root: np.ndarray, root_radius: float, rng) -> 
 
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
-    """Draws one patient's anatomy (adult ranges) from `rng`."""
+    """Draws one patient's anatomy (adult ranges) from `rng`.
+
+    The parts are drawn in a fixed order from the one stream (body, heart, mediastinum, coronary
+    arteries, scan range, skeleton, then the remaining sizes and densities), so a patient's
+    anatomy depends on its seed alone.
+    """
     u = rng.uniform
     size = u(0.0, 1.0)   # body habitus, drives body size and fat
     body_a = 150 + 50 * size + u(-8, 8)
@@ -218,6 +223,48 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     cav_b = body_b - fat - muscle - wall - 2
     body_y0 = u(0, 6)
 
+    heart, spine_axes, spine_y = _place_heart(rng, size, cav_b)
+    radii = heart.radii
+    bottom = heart_extent(heart, np.array([0.0, 0.0, 1.0]))
+    med = _sample_mediastinum(rng, heart, spine_axes, spine_y, bottom)
+    root = med.aortic_root
+    coronaries = _coronary_lines(heart, root, med.root_radius_mm, rng)
+    mitral = heart.to_world(-0.42 * radii[0], -0.12 * radii[1], 0.25 * radii[2])
+    lv, rv, atria = _chambers(radii)
+
+    z_lo = -bottom - u(12, 25)
+    z_hi = med.arch_top + u(12, 22)
+    vz, rib_z, rib_end, cart_end = _sample_skeleton(rng, z_lo, z_hi)
+    dome_r_top = -bottom + u(5, 22)
+    dome_l_top = -bottom + u(-6, 6)
+    return Anatomy(
+        body_axes=(body_a, body_b), body_power=u(2.0, 2.6), body_y0=body_y0, skin_mm=u(1.5, 2.5),
+        fat_mm=fat, muscle_mm=muscle, cavity_axes=(cav_a, cav_b), heart=heart, aorta=med.aorta,
+        vessels=med.vessels, airways=med.airways,
+        coronaries=coronaries, aortic_root=root, aortic_root_axis=med.aortic_root_axis,
+        mitral_center=mitral, mitral_radius_mm=u(12, 15), lv_cavity=lv, rv_cavity=rv, atria=atria,
+        spine_y=spine_y, vertebra_axes=spine_axes, vertebra_z=vz,
+        canal_radius_mm=u(7, 9), rib_z=rib_z, rib_drop_mm=u(100, 140), rib_end_alpha=rib_end,
+        cartilage_end_alpha=cart_end, rib_half_mm=(u(3.0, 4.0), u(6.0, 8.0)),
+        sternum_axes=(u(13, 18), u(5, 7)), sternum_z=(-bottom + u(-25, 5), z_hi + 100),
+        dome_right=(-u(50, 70), u(0, 20), dome_r_top, u(90, 130)),
+        dome_left=(u(50, 70), u(0, 20), dome_l_top, u(80, 120)),
+        hilum_z=root[2] + u(10, 30),
+        hu_fat=u(-115, -85), hu_muscle=u(40, 60), hu_lung=u(-880, -820), hu_blood=u(35, 45),
+        hu_myocardium=u(45, 58), hu_liver=u(50, 65), hu_cortical=u(700, 1200),
+        hu_cancellous=u(150, 300), hu_cartilage=u(80, 120), z_range=(z_lo, z_hi),
+        age_factor=u(0.0, 1.0), texture_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def _place_heart(rng: np.random.Generator, size: float,
+                 cav_b: float) -> tuple[Heart, tuple[float, float], float]:
+    """Draws the heart and places it; returns it with the vertebral body's semi-axes and the
+    spine's y, which are drawn on the way (the heart must keep clear of the spine).
+
+    `size` is the body habitus (0..1), `cav_b` the cavity's antero-posterior semi-axis.
+    """
+    u = rng.uniform
     # Heart: long axis anterior-left-inferior (azimuth from anterior towards left, elevation down).
     az, el, roll = np.radians(u(35, 60)), np.radians(u(20, 42)), np.radians(u(-15, 15))
     e_u = _unit([np.sin(az) * np.cos(el), -np.cos(az) * np.cos(el), -np.sin(el)])
@@ -244,12 +291,31 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     front = heart_extent(heart, np.array([0.0, -1.0, 0.0]))
     if 2 * front > room:
         heart = dataclasses.replace(heart, radii=heart.radii * (room / (2 * front)))
-        radii = heart.radii
         front = heart_extent(heart, np.array([0.0, -1.0, 0.0]))
     y_c = -cav_b + gap + front
     heart = dataclasses.replace(heart, center=np.array([x_c, y_c, 0.0]))
-    bottom = heart_extent(heart, np.array([0.0, 0.0, 1.0]))
+    return heart, spine_axes, spine_y
 
+
+@dataclasses.dataclass(frozen=True)
+class _Mediastinum:
+    """The great vessels and airways of `_sample_mediastinum`, with the aortic root's geometry."""
+
+    aorta: Centerline
+    aortic_root: np.ndarray         # valve centre (world mm)
+    aortic_root_axis: np.ndarray    # unit vector along the ascending aorta
+    root_radius_mm: float
+    arch_top: float                 # z of the aortic arch's top (mm)
+    vessels: tuple[Centerline, ...]     # pulmonary trunk, left and right arteries, SVC, oesophagus
+    airways: tuple[Centerline, ...]     # trachea, left and right main bronchi
+
+
+def _sample_mediastinum(rng: np.random.Generator, heart: Heart, spine_axes: tuple[float, float],
+                        spine_y: float, bottom: float) -> _Mediastinum:
+    """Draws the aorta, pulmonary arteries, superior vena cava, oesophagus and airways around a
+    placed `heart` (`bottom`: its half extent along z) in front of the spine."""
+    u = rng.uniform
+    radii = heart.radii
     # Aortic root at the heart's base, inside the sac.
     root_local = np.array([-0.58 * radii[0], 0.1 * radii[1], 0.05 * radii[2]])
     root = heart.to_world(*root_local)
@@ -296,20 +362,27 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     right_b = _smooth_line("right main bronchus", np.array([carina, carina + [-20, 6, -12],
                                                              carina + [-40, 10, -28]]),
                            np.array([7.0, 6.5, 5.5]), step=1.5)
+    return _Mediastinum(aorta=aorta, aortic_root=root, aortic_root_axis=root_axis,
+                        root_radius_mm=root_r, arch_top=arch_top,
+                        vessels=(trunk, lpa, rpa, svc, eso), airways=(trachea, left_b, right_b))
 
-    coronaries = _coronary_lines(heart, root, root_r, rng)
-    mitral = heart.to_world(-0.42 * radii[0], -0.12 * radii[1], 0.25 * radii[2])
 
+def _chambers(radii: np.ndarray):
+    """(local centre, local semi-axes) of the left ventricle, right ventricle and atria, scaled to
+    the sac's semi-axes `radii`."""
     lv = (np.array([0.15 * radii[0], -0.1 * radii[1], 0.2 * radii[2]]),
           np.array([0.62 * radii[0], 0.42 * radii[1], 0.42 * radii[2]]))
     rv = (np.array([0.0, 0.45 * radii[1], -0.2 * radii[2]]),
           np.array([0.55 * radii[0], 0.25 * radii[1], 0.45 * radii[2]]))
     atria = (np.array([-0.55 * radii[0], -0.2 * radii[1], 0.0]),
              np.array([0.3 * radii[0], 0.55 * radii[1], 0.6 * radii[2]]))
+    return lv, rv, atria
 
-    z_lo = -bottom - u(12, 25)
-    z_hi = arch_top + u(12, 22)
-    # Vertebrae and ribs over a span larger than any scan.
+
+def _sample_skeleton(rng: np.random.Generator, z_lo: float, z_hi: float):
+    """Vertebral bodies ((bottom, top) z each), rib heights, and the bone and cartilage end angles
+    of the 12 ribs, over a span larger than any scan of the range [z_lo, z_hi]."""
+    u = rng.uniform
     vz = []
     z = z_lo - 80 + u(0, 25)
     while z < z_hi + 80:
@@ -320,26 +393,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     rib_z = tuple(z_hi + 60 - u(0, 15) - rib_spacing * k + u(-3, 3) for k in range(12))
     rib_end = tuple(np.pi * u(0.72, 0.8) for _ in range(12))
     cart_end = tuple(np.pi * (u(0.93, 0.96) if k < 7 else u(0.84, 0.9)) for k in range(12))
-    dome_r_top = -bottom + u(5, 22)
-    dome_l_top = -bottom + u(-6, 6)
-    return Anatomy(
-        body_axes=(body_a, body_b), body_power=u(2.0, 2.6), body_y0=body_y0, skin_mm=u(1.5, 2.5),
-        fat_mm=fat, muscle_mm=muscle, cavity_axes=(cav_a, cav_b), heart=heart, aorta=aorta,
-        vessels=(trunk, lpa, rpa, svc, eso), airways=(trachea, left_b, right_b),
-        coronaries=coronaries, aortic_root=root, aortic_root_axis=root_axis,
-        mitral_center=mitral, mitral_radius_mm=u(12, 15), lv_cavity=lv, rv_cavity=rv, atria=atria,
-        spine_y=spine_y, vertebra_axes=spine_axes, vertebra_z=tuple(vz),
-        canal_radius_mm=u(7, 9), rib_z=rib_z, rib_drop_mm=u(100, 140), rib_end_alpha=rib_end,
-        cartilage_end_alpha=cart_end, rib_half_mm=(u(3.0, 4.0), u(6.0, 8.0)),
-        sternum_axes=(u(13, 18), u(5, 7)), sternum_z=(-bottom + u(-25, 5), z_hi + 100),
-        dome_right=(-u(50, 70), u(0, 20), dome_r_top, u(90, 130)),
-        dome_left=(u(50, 70), u(0, 20), dome_l_top, u(80, 120)),
-        hilum_z=root[2] + u(10, 30),
-        hu_fat=u(-115, -85), hu_muscle=u(40, 60), hu_lung=u(-880, -820), hu_blood=u(35, 45),
-        hu_myocardium=u(45, 58), hu_liver=u(50, 65), hu_cortical=u(700, 1200),
-        hu_cancellous=u(150, 300), hu_cartilage=u(80, 120), z_range=(z_lo, z_hi),
-        age_factor=u(0.0, 1.0), texture_seed=int(rng.integers(0, 2**31 - 1)),
-    )
+    return tuple(vz), rib_z, rib_end, cart_end
 
 
 def _smooth_line(name: str, ctrl: np.ndarray, radii: np.ndarray, step: float) -> Centerline:
