@@ -248,9 +248,15 @@ def _losses(config, logits, aux, labels, weight):
     return main, aux_loss
 
 
-def loss_weight(config, images: jax.Array, weight: jax.Array) -> jax.Array:
+def loss_weight(config, images: jax.Array, weight: jax.Array,
+                candidate: jax.Array | None = None) -> jax.Array:
     """The pipeline's per-pixel weight times `config.train.non_candidate_weight` on pixels whose
     centre-slice value is below 130 HU (not Agatston candidates; calcium task only).
+
+    `candidate` is the pipeline's mask of those pixels, decided on the stored HU before
+    augmentation (contrast, shift and noise move 130-220 HU plaques across the threshold) and
+    resampled with the label; without it the centre slice of `images` is thresholded (exact for
+    un-augmented images).
 
     Scoring keeps the coronary class only at HU >= 130, so what the calcium model says below it
     never reaches a score: weighting those pixels down spends the gradient on telling coronary
@@ -260,9 +266,10 @@ def loss_weight(config, images: jax.Array, weight: jax.Array) -> jax.Array:
     factor = float(config.train.get("non_candidate_weight", 1.0))
     if config.task != "calcium" or factor == 1.0:
         return weight
-    low, high = HU_WINDOW
-    centre = images[:, images.shape[1] // 2, :, :, 0]  # (batch, H, W), HU window scaled to [0, 1]
-    candidate = centre >= (CALCIUM_THRESHOLD_HU - low) / (high - low)
+    if candidate is None:
+        low, high = HU_WINDOW
+        centre = images[:, images.shape[1] // 2, :, :, 0]  # (batch, H, W), window scaled to [0, 1]
+        candidate = centre >= (CALCIUM_THRESHOLD_HU - low) / (high - low)
     return weight * jnp.where(candidate, 1.0, factor).astype(weight.dtype)
 
 
@@ -274,7 +281,7 @@ def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx
     gives the same update.
     """
     images, labels = batch["image"], batch["label"]
-    weight = loss_weight(config, images, batch["weight"])
+    weight = loss_weight(config, images, batch["weight"], batch.get("candidate"))
     num_devices = lax.psum(1, AXIS)
     total_weight = jnp.maximum(lax.psum(jnp.sum(weight), AXIS), 1e-12)
     aux_weight = float(config.train.aux_loss_weight)
@@ -327,7 +334,7 @@ def eval_step(state: TrainState, batch: dict, *, model, config):
     logits, aux = model.apply(variables, batch["image"], train=False)
     labels, weight = batch["label"], batch["weight"]
     main, _ = _losses(config, logits, {}, labels, weight)
-    loss_w = loss_weight(config, batch["image"], weight)
+    loss_w = loss_weight(config, batch["image"], weight, batch.get("candidate"))
     pred = jnp.argmax(logits, axis=-1)
     classes = jnp.arange(int(config.model.num_classes))
     on = weight[..., None] > 0
@@ -583,9 +590,9 @@ def _unreplicate(tree):
     return jax.tree.map(lambda x: _local_array(x)[0], tree)
 
 
-def _shard_batch(batch: dict, keys=("image", "label", "weight")) -> dict:
+def _shard_batch(batch: dict, keys=("image", "label", "weight", "candidate")) -> dict:
     """The arrays the step needs (strings such as `scan_id` stay on the host)."""
-    return {k: batch[k] for k in keys}
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def _device_scale(scale: float, devices) -> jax.Array:
@@ -741,7 +748,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
     manager = ckpt_lib.make_manager(workdir, config)
     start_step = 0
     restored, items = support.restore_intact(
-        manager, functools.partial(_restore, manager, fresh), workdir / ckpt_lib.CHECKPOINT_DIR)
+        manager, functools.partial(_restore, manager, fresh), workdir / ckpt_lib.CHECKPOINT_DIR,
+        is_main)
     dist.agree_on_step(restored, workdir / ckpt_lib.CHECKPOINT_DIR)
     eval_pending = False
     if restored is not None:

@@ -80,9 +80,11 @@ def check_validation(config, scans, heart_masks: dict, num_scans_all_hosts: int,
                                      "heart masks or set --config.train.best_metric=val_loss")
 
 
-def restore_intact(manager, restore_fn, where) -> tuple[int | None, object]:
+def restore_intact(manager, restore_fn, where: pathlib.Path,
+                   is_main: bool = True) -> tuple[int | None, object]:
     """(step, restored items) of the latest checkpoint that restores; (None, None) when the
-    workdir has none. A checkpoint that fails to read is skipped with a warning naming it."""
+    workdir has none. A checkpoint that fails to read is skipped with a warning naming it, and
+    moved to `<workdir>/checkpoints.damaged/` so the resumed run can save that step again."""
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         return None, None
@@ -97,8 +99,14 @@ def restore_intact(manager, restore_fn, where) -> tuple[int | None, object]:
                         reason[:200])
             continue
         if failures:
-            message = (f"resuming from step {step}: newer checkpoint(s) do not restore: "
-                       f"{'; '.join(failures)}")
+            damaged = where.parent / f"{where.name}.damaged"
+            if is_main:
+                damaged.mkdir(exist_ok=True)
+                for bad in steps[:steps.index(step)]:
+                    os.replace(where / str(bad), damaged / str(bad))
+            manager.reload()
+            message = (f"resuming from step {step}: newer checkpoint(s) do not restore (moved "
+                       f"to {damaged}): {'; '.join(failures)}")
             log.warning(message)
             print(f"cac-jax train: warning: {message}", flush=True)
         return step, items

@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import labels as labels_lib
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.errors import InputError
 from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM, HU_WINDOW
 
@@ -182,7 +183,19 @@ def _builder(data):
     if not (path / "dataset_info.json").exists():
         raise InputError(path, "no dataset here; build it with `cac-jax ingest --manifest M.csv "
                                f"--data-dir {data.data_dir} --name {data.name}`")
-    return tfds.builder_from_directory(os.fspath(path))
+    builder = tfds.builder_from_directory(os.fspath(path))
+    _check_files(builder)
+    return builder
+
+
+def _check_files(builder) -> None:
+    """Refuse a dataset whose TFRecord files are not all there (one deleted or moved)."""
+    gfile = _tf().io.gfile
+    for split in builder.info.splits.values():
+        for instruction in split.file_instructions:
+            if not gfile.exists(instruction.filename):
+                raise InputError(instruction.filename, "TFRecord file of the dataset is missing; "
+                                                       "rebuild it with `cac-jax ingest`")
 
 
 def _host_split(builder, split: str, process_index: int, process_count: int):
@@ -501,12 +514,13 @@ def _window_hu(tf, hu):
     return (tf.clip_by_value(tf.cast(hu, tf.float32), low, high) - low) / (high - low)
 
 
-def _resample(tf, image, target, transform, size: int):
-    """One affine resample: image (3, h, w) float -> (3, S, S, 1) bilinear; label, weight nearest.
+def _resample(tf, image, target, transform, size: int, candidate=None):
+    """One affine resample: image (3, h, w) float -> (3, S, S, 1) bilinear; label, weight and the
+    candidate mask nearest.
 
-    The label travels as one uint8 channel holding class + 1, so 0 marks pixels from outside the
-    scan (weight 0) and one nearest-neighbour pass gives both (the transform's cost grows with
-    the channel count; uint8 is its cheapest dtype).
+    The label travels as one uint8 channel holding class + 1 (+ 4 on a candidate pixel), so 0
+    marks pixels from outside the scan (weight 0) and one nearest-neighbour pass gives all three
+    (the transform's cost grows with the channel count; uint8 is its cheapest dtype).
     """
     out_shape = tf.constant([size, size], tf.int32)
     transforms = tf.reshape(transform, [1, 8])
@@ -514,13 +528,16 @@ def _resample(tf, image, target, transform, size: int):
     img = tf.raw_ops.ImageProjectiveTransformV3(
         images=img, transforms=transforms, output_shape=out_shape, fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-    lab = (target + 1)[None, :, :, None]
+    code = target + 1
+    if candidate is not None:
+        code = code + 4 * tf.cast(candidate, code.dtype)
     lab = tf.raw_ops.ImageProjectiveTransformV3(
-        images=lab, transforms=transforms, output_shape=out_shape, fill_value=0.0,
-        interpolation="NEAREST", fill_mode="CONSTANT")[0, :, :, 0]
+        images=code[None, :, :, None], transforms=transforms, output_shape=out_shape,
+        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")[0, :, :, 0]
     image = tf.transpose(img, [2, 0, 1])[..., None]  # (3, S, S, 1)
-    label = tf.maximum(tf.cast(lab, tf.int32) - 1, 0)
-    return image, label, tf.cast(lab > 0, tf.float32)
+    lab = tf.cast(lab, tf.int32)
+    label = tf.maximum(lab % 4 - 1, 0)
+    return image, label, tf.cast(lab > 0, tf.float32), lab >= 4
 
 
 def _augment_key(tf, seed: int, purpose: int, process_index: int, index):
@@ -581,7 +598,11 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
     centre_out = (size - 1) / 2.0
     transform = _affine(tf, cos, -sin, sin, cos, cx, cy, tf.constant(centre_out),
                         tf.constant(centre_out))
-    image, label, weight = _resample(tf, image, target, transform, size)
+    # Agatston candidates (centre slice >= 130 HU) decided on the stored HU, before contrast,
+    # shift and noise move pixel values across the threshold; the loss weights them
+    # (cac_jax.train.loss_weight).
+    candidate = tf.cast(tf.cast(hu[1], tf.float32) >= CALCIUM_THRESHOLD_HU, tf.uint8)
+    image, label, weight, candidate = _resample(tf, image, target, transform, size, candidate)
     if aug.enabled:
         image = image * (1.0 + u[6] * aug.intensity_scale) + u[7] * aug.intensity_shift
         if aug.noise_std > 0:
@@ -592,8 +613,8 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
                 minval=-math.sqrt(3.0) * aug.noise_std, maxval=math.sqrt(3.0) * aug.noise_std)
             image = image + noise
         image = tf.clip_by_value(image, 0.0, 1.0)
-    return {"image": image, "label": label, "weight": weight, "valid": tf.constant(True),
-            "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32)}
+    return {"image": image, "label": label, "weight": weight, "candidate": candidate,
+            "valid": tf.constant(True), "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32)}
 
 
 def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
@@ -607,7 +628,9 @@ def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
     label = tf.pad(tf.cast(target, tf.int32), pad)
     weight = tf.pad(tf.ones_like(target, tf.float32), pad)
     weight = weight * tf.cast(valid, tf.float32)
-    return {"image": image, "label": label, "weight": weight, "valid": valid,
+    candidate = tf.pad(tf.cast(hu[1], tf.float32) >= CALCIUM_THRESHOLD_HU, pad)
+    return {"image": image, "label": label, "weight": weight, "candidate": candidate,
+            "valid": valid,
             "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32),
             "scan_id": tf.gather(store.scan_ids, scan)}
 
@@ -615,7 +638,8 @@ def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
 def _padding_sample(tf, size: int):
     """An all-padding evaluation sample (valid False, weight 0)."""
     return {"image": tf.zeros([3, size, size, 1]), "label": tf.zeros([size, size], tf.int32),
-            "weight": tf.zeros([size, size]), "valid": tf.constant(False),
+            "weight": tf.zeros([size, size]), "candidate": tf.zeros([size, size], tf.bool),
+            "valid": tf.constant(False),
             "scan_index": tf.constant(-1), "slice_index": tf.constant(-1),
             "scan_id": tf.constant("")}
 

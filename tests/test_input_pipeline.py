@@ -429,3 +429,29 @@ def test_positive_centred_crops_hold_the_positive_class(dataset):
     assert total >= 10 and hits == total
     random_hits, random_total = crops_with_coronary(0.0)
     assert random_total >= 10 and random_hits < random_total
+
+
+def test_candidate_mask_is_decided_on_stored_hu_before_augmentation(dataset):
+    """Contrast and shift move pixel values across 130 HU; the `candidate` mask the loss weights
+    by (cac_jax.train.loss_weight) is the stored centre slice's HU >= 130, carried through the
+    geometry with the label."""
+    data_dir, scans = dataset
+    config = _config(data_dir, negative_fraction=1.0)
+    aug = config.augment
+    aug.rotation_deg, aug.scale, aug.translate, aug.noise_std = 0.0, 0.0, 0.0, 0.0
+    aug.intensity_scale, aug.intensity_shift = 0.0, 0.1  # up to +-200 HU, no geometry
+    it = make_dataset(config, "train", local_devices=DEVICES)
+    checked = moved = 0
+    for batch in _take(it, 8):
+        for d in range(DEVICES):
+            for b in range(2):
+                info = it.scans[batch["scan_index"][d, b]]
+                ex = scans[info.scan_id]
+                if ex["hu"].shape[1] != 64:
+                    continue
+                stored = ex["hu"][batch["slice_index"][d, b]] >= 130
+                np.testing.assert_array_equal(batch["candidate"][d, b], stored)
+                shown = batch["image"][d, b, 1, ..., 0] >= (130 + 800) / 2000
+                moved += int(np.sum(shown != stored))
+                checked += 1
+    assert checked > 0 and moved > 0  # the augmented image alone would have decided otherwise
