@@ -210,9 +210,15 @@ def _check_stored_shapes(checkpointer, step_dir: pathlib.Path, abstract) -> None
     then fail). Metadata that cannot be read is left to the restore, which reports it.
     """
     import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
 
+    # The item's handler reads the array metadata alone; the checkpointer would also look for a
+    # step-level `_CHECKPOINT_METADATA` inside the item folder (the Composite save keeps it one
+    # level up) and log a warning on every load.
+    del checkpointer
     try:
-        meta = checkpointer.metadata(step_dir / "variables")
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "variables")
     except (FileNotFoundError, ValueError, KeyError):
         return  # restore() raises the same error with its message
     item = getattr(meta, "item_metadata", meta)

@@ -153,3 +153,14 @@ def test_loading_never_imports_tensorflow(run):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_loading_logs_no_orbax_warning(run, caplog):
+    """A checkpoint this tool wrote loads without Orbax's missing-`_CHECKPOINT_METADATA` warning
+    (the Composite save keeps that file at the step level)."""
+    import logging
+
+    workdir, _, _ = run
+    with caplog.at_level(logging.WARNING):
+        ckpt.load_trained(workdir / "checkpoints" / "4")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
