@@ -401,11 +401,16 @@ def _train_pixel_spacing(data) -> dict:
     import tensorflow_datasets as tfds
 
     from data_pipeline.input_pipeline import dataset_path
+    from data_pipeline.scan_index import read_scan_index, split_entries
 
     builder = tfds.builder_from_directory(os.fspath(dataset_path(data)))
-    decoders = tfds.decode.PartialDecoding({"spacing_zyx_mm": True})
-    ds = builder.as_dataset(split="train", shuffle_files=False, decoders=decoders)
-    values = [float(v) for ex in tfds.as_numpy(ds) for v in ex["spacing_zyx_mm"][1:]]
+    entries = split_entries(builder, "train", read_scan_index(dataset_path(data)))
+    if entries is not None:  # the build-time scan index: no record is read
+        values = [float(v) for e in entries for v in e["spacing_zyx_mm"][1:]]
+    else:
+        decoders = tfds.decode.PartialDecoding({"spacing_zyx_mm": True})
+        ds = builder.as_dataset(split="train", shuffle_files=False, decoders=decoders)
+        values = [float(v) for ex in tfds.as_numpy(ds) for v in ex["spacing_zyx_mm"][1:]]
     if not values:
         return {}
     return {"min": float(np.min(values)), "median": float(np.median(values)),

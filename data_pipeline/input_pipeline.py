@@ -239,7 +239,7 @@ class _Records:
     shuffle_files=False)`: the same file instructions, in the same order.
     """
 
-    def __init__(self, builder, host_split):
+    def __init__(self, builder, host_split, index: dict | None = None):
         tf = _tf()
         from tensorflow_datasets.core import example_parser
 
@@ -249,16 +249,25 @@ class _Records:
         # on its own, so reading the metadata never decompresses a volume.
         self._parser = example_parser.ExampleParserNp(self.features.get_serialized_info())
         self.locations: list[tuple[str, int, int]] = []
+        # The build-time scan index's entry of each location (data_pipeline.scan_index), or None.
+        self.entries: list[dict | None] = []
         if _num_examples(builder, host_split) == 0:
             return
         for instruction in builder.info.splits[host_split].file_instructions:
-            offsets = self._offsets(instruction.filename)
+            indexed = (index or {}).get(os.path.basename(instruction.filename))
+            if indexed is not None:
+                offsets = [(e["offset"], e["length"]) for e in indexed]
+            else:
+                offsets = self._offsets(instruction.filename)
             if len(offsets) != instruction.examples_in_shard:
                 raise InputError(instruction.filename, f"holds {len(offsets)} records, the dataset "
                                                        f"says {instruction.examples_in_shard}; "
                                                        "rebuild it with `cac-jax ingest`")
-            chosen = offsets[instruction.skip:instruction.skip + instruction.take]
+            end = instruction.skip + instruction.take
+            chosen = offsets[instruction.skip:end]
             self.locations.extend((instruction.filename, start, size) for start, size in chosen)
+            self.entries.extend(indexed[instruction.skip:end] if indexed is not None
+                                else [None] * len(chosen))
 
     def _offsets(self, path: str) -> list[tuple[int, int]]:
         """(data offset, length) of every record of a TFRecord file (uncompressed, as TFDS writes:
@@ -305,7 +314,9 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
     _, flag_key, has_key = _target_keys(task)
     scans, record_index, flags = [], [], []
     for index in range(len(records)):
-        ex = records.read(index, (*_META_KEYS, flag_key, has_key))
+        entry = records.entries[index] if records.entries else None
+        ex = (_indexed_meta(entry, task, flag_key, has_key) if entry is not None
+              else records.read(index, (*_META_KEYS, flag_key, has_key)))
         if not ex[has_key]:
             continue
         agatston = float(ex["agatston"])
@@ -321,6 +332,18 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
         record_index.append(index)
         flags.append(np.asarray(ex[flag_key], bool))
     return scans, record_index, flags
+
+
+def _indexed_meta(entry: dict, task: str, flag_key: str, has_key: str) -> dict:
+    """A scan-index entry in the shape `_Records.read` gives the metadata keys."""
+    targets = entry["targets"][task]
+    flags = np.zeros(int(entry["shape_zyx"][0]), bool)
+    flags[targets["positive"]] = True
+    agatston = entry["agatston"]
+    return {**{k: entry[k] for k in ("scan_id", "patient_id", "protocol", "site", "shape_zyx",
+                                     "spacing_zyx_mm", "category")},
+            "agatston": math.nan if agatston is None else agatston, flag_key: flags,
+            has_key: targets["has"]}
 
 
 def _text(value) -> str:
@@ -739,13 +762,21 @@ def _host_slice_counts(builder, split: str, task: str, process_count: int) -> li
     """Slices with the task's targets on each host's shard (for equal evaluation steps)."""
     import tensorflow_datasets as tfds
 
+    from data_pipeline.scan_index import read_scan_index, split_entries
+
     _, _, has_key = _target_keys(task)
     decoders = tfds.decode.PartialDecoding({"num_slices": True, has_key: True})
     counts = []
-    for index in range(process_count):
-        host_split = _host_split(builder, split, index, process_count)
+    index = read_scan_index(builder.data_dir)
+    for process in range(process_count):
+        host_split = _host_split(builder, split, process, process_count)
         if _num_examples(builder, host_split) == 0:
             counts.append(0)
+            continue
+        entries = split_entries(builder, host_split, index)
+        if entries is not None:  # the build-time index: no record read
+            counts.append(sum(int(e["shape_zyx"][0]) for e in entries
+                              if e["targets"][task]["has"]))
             continue
         ds = builder.as_dataset(split=host_split, shuffle_files=False, decoders=decoders)
         counts.append(sum(int(ex["num_slices"]) for ex in tfds.as_numpy(ds) if ex[has_key]))
@@ -791,7 +822,10 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
     host_split = _host_split(builder, split, process_index, process_count)
     options = _options(tf, data)
     neighbour_mm = float(data.get("neighbour_mm", labels_lib.DEFAULT_NEIGHBOUR_MM))
-    records = _Records(builder, host_split)
+    from data_pipeline.scan_index import read_scan_index
+
+    # The build-time index (metadata and record offsets) instead of reading every record.
+    records = _Records(builder, host_split, read_scan_index(dataset_path(data)))
     scans, record_index, flags = _read_meta(records, data.task, neighbour_mm)
     if train and not scans:
         raise InputError(dataset_path(data), f"no scans with {data.task} targets in the {split!r} "

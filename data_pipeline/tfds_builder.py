@@ -342,6 +342,9 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().download_and_prepare(*args, **kwargs)
         if self._built_now:
             self.write_audit(Path(self.data_dir))
+            from data_pipeline.scan_index import write_scan_index
+
+            write_scan_index(self, self.data_dir)
             for split in splits_lib.empty_splits(self.built_assignment()):
                 self.on_warning(
                     f"split {split!r} is empty (no scans in the dataset), so nothing can be "

@@ -455,3 +455,39 @@ def test_candidate_mask_is_decided_on_stored_hu_before_augmentation(dataset):
                 moved += int(np.sum(shown != stored))
                 checked += 1
     assert checked > 0 and moved > 0  # the augmented image alone would have decided otherwise
+
+
+def test_start_up_reads_the_build_time_scan_index_not_the_records(dataset, tmp_path, monkeypatch):
+    """Stream mode's start-up takes the scans' metadata and record offsets from the index that
+    the build wrote (scan_index.json); without it (a dataset built before) every record is read,
+    and both give the same scans."""
+    import shutil
+
+    from data_pipeline import input_pipeline
+    from data_pipeline.scan_index import INDEX_FILE
+
+    data_dir, _ = dataset
+    assert (data_dir / "tiny" / DATASET_VERSION / INDEX_FILE).is_file()
+    reads = collections.Counter()
+    read = input_pipeline._Records.read
+    offsets = input_pipeline._Records._offsets
+
+    def counting_read(self, index, keys):
+        reads["meta" if "scan_id" in keys else "volume"] += 1
+        return read(self, index, keys)
+
+    def counting_offsets(self, path):
+        reads["offsets"] += 1
+        return offsets(self, path)
+
+    monkeypatch.setattr(input_pipeline._Records, "read", counting_read)
+    monkeypatch.setattr(input_pipeline._Records, "_offsets", counting_offsets)
+    indexed = make_dataset(_config(data_dir, cache="stream"), "train", local_devices=DEVICES)
+    assert reads["meta"] == 0 and reads["offsets"] == 0
+    old = tmp_path / "tfds"
+    shutil.copytree(data_dir, old)
+    (old / "tiny" / DATASET_VERSION / INDEX_FILE).unlink()
+    unindexed = make_dataset(_config(old, cache="stream"), "train", local_devices=DEVICES)
+    assert reads["meta"] > 0 and reads["offsets"] > 0
+    assert indexed.scans == unindexed.scans
+    np.testing.assert_array_equal(next(indexed)["image"], next(unindexed)["image"])
