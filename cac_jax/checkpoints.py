@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 from typing import Any
 
@@ -107,8 +108,12 @@ def make_manager(workdir: str | pathlib.Path, config, *, keep: int | None = None
         preservation_policy=policy, best_fn=metric, best_mode=mode,
         keep_checkpoints_without_metrics=True, create=not read_only, read_only=read_only,
         enable_async_checkpointing=not read_only)
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
-                                 options=options, item_names=ITEMS)
+    from etils import epath
+
+    # epath keeps a gs:// workdir a URL (pathlib would make it a local "gs:" folder).
+    text = os.fspath(workdir)
+    root = epath.Path(text if "://" in text else os.path.abspath(text))
+    return ocp.CheckpointManager(root / CHECKPOINT_DIR, options=options, item_names=ITEMS)
 
 
 def save_args(variables, train_state, meta: dict, config):

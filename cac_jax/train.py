@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -47,7 +46,6 @@ from cac_jax import train_support as support
 from cac_jax.losses import focal_loss_map
 from cac_jax.models import build_model
 from cac_jax.models.config import NUM_CLASSES
-from data_pipeline.atomic import atomic_write_text
 from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.errors import InputError
 from data_pipeline.labels import HU_WINDOW
@@ -517,17 +515,22 @@ def _json_safe(value):
 class _Writer:
     """metrics.jsonl + TensorBoard (tf.summary) on process 0."""
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool):
+    def __init__(self, workdir, resume_step: int, enabled: bool):
         self.enabled = enabled
+        workdir = support.as_path(workdir)
         self.path = workdir / "metrics.jsonl"
         self.tb = None
+        # Cloud storage cannot append: the rows are kept and the file rewritten at each row.
+        self._lines: list[str] | None = [] if support.is_remote(workdir) else None
         if not enabled:
             return
         # Rows logged after the checkpoint we resume from would be repeated: drop them.
         if self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
+            support.write_text(self.path, "".join(f"{line}\n" for line in keep))
+            if self._lines is not None:
+                self._lines = keep
         support.prune_tensorboard(workdir / "tensorboard", resume_step)
         import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
@@ -543,8 +546,12 @@ class _Writer:
         if not self.enabled:
             return
         row = {k: _json_safe(v) for k, v in row.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._lines is not None:
+            self._lines.append(json.dumps(row))
+            support.write_text(self.path, "".join(f"{line}\n" for line in self._lines))
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         with self.tb.as_default(step=int(row["step"])):
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and value is not None:
@@ -703,7 +710,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     _setup_distributed(config)
     check_config(config)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = support.as_path(workdir)
     devices = resolve_devices(config)
     counts = dist.device_counts(devices)
     dist.check_host_accelerators(counts, int(config.train.get("num_devices", 0) or 0))
@@ -738,7 +745,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
             raise ConfigError(config_file, "workdir holds a run of a different config; differing "
                                            "keys: " + "; ".join(diffs))
     if is_main:
-        atomic_write_text(config_file, json.dumps(ckpt_lib.config_to_dict(config), indent=2))
+        support.write_text(config_file, json.dumps(ckpt_lib.config_to_dict(config), indent=2))
 
     from data_pipeline.input_pipeline import make_dataset
 
@@ -959,7 +966,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
         "peak_memory_bytes": peak, "last": {k: _json_safe(v) for k, v in last_metrics.items()},
     }
     if is_main:
-        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        support.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

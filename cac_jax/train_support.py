@@ -17,14 +17,38 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pathlib
 import tempfile
 
 import numpy as np
+from etils import epath
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+def as_path(path) -> epath.Path:
+    """A workdir or data path as `etils.epath.Path` (what Orbax and TFDS use): `gs://` and other
+    URLs stay URLs (`pathlib.Path` would make `gs://b/x` a local `gs:/b/x`); local paths are made
+    absolute."""
+    text = os.fspath(path)
+    if is_remote(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def is_remote(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def write_text(path: epath.Path, text: str) -> None:
+    """Atomic on a local disk (temporary file and rename); one object write on cloud storage
+    (whole or nothing there already)."""
+    if is_remote(path):
+        path.write_text(text)
+    else:
+        atomic_write_text(os.fspath(path), text)
 
 
 class DivergedError(InputError):
@@ -42,8 +66,19 @@ def os_error(err: OSError, default_path) -> InputError:
     return InputError(path, f"cannot write the run: {reason}")
 
 
-def check_workdir(workdir: pathlib.Path, is_main: bool) -> None:
+def check_workdir(workdir: epath.Path, is_main: bool) -> None:
     """Refuse a workdir that is a file or that this process cannot write into."""
+    if is_remote(workdir):
+        if is_main:
+            probe = workdir / ".write-test"
+            try:
+                workdir.mkdir(parents=True, exist_ok=True)
+                probe.write_text("")
+                probe.unlink()
+            except Exception as err:  # noqa: BLE001 (each storage backend has its own errors)
+                raise InputError(workdir, f"cannot write the run there: "
+                                          f"{str(err).strip().splitlines()[0]}") from None
+        return
     if workdir.exists() and not workdir.is_dir():
         raise InputError(workdir, "--workdir is a file, not a folder")
     parent = workdir
@@ -56,7 +91,7 @@ def check_workdir(workdir: pathlib.Path, is_main: bool) -> None:
     try:
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=os.fspath(workdir), prefix=".write-test-"):
             pass
     except OSError as err:
         raise os_error(err, workdir) from None
@@ -80,7 +115,7 @@ def check_validation(config, scans, heart_masks: dict, num_scans_all_hosts: int,
                                      "heart masks or set --config.train.best_metric=val_loss")
 
 
-def restore_intact(manager, restore_fn, where: pathlib.Path,
+def restore_intact(manager, restore_fn, where: epath.Path,
                    is_main: bool = True) -> tuple[int | None, object]:
     """(step, restored items) of the latest checkpoint that restores; (None, None) when the
     workdir has none. A checkpoint that fails to read is skipped with a warning naming it, and
@@ -103,7 +138,7 @@ def restore_intact(manager, restore_fn, where: pathlib.Path,
             if is_main:
                 damaged.mkdir(exist_ok=True)
                 for bad in steps[:steps.index(step)]:
-                    os.replace(where / str(bad), damaged / str(bad))
+                    (where / str(bad)).rename(damaged / str(bad))
             manager.reload()
             message = (f"resuming from step {step}: newer checkpoint(s) do not restore (moved "
                        f"to {damaged}): {'; '.join(failures)}")
@@ -154,7 +189,7 @@ class LossWindow:
         return out
 
 
-def prune_tensorboard(folder: pathlib.Path, resume_step: int) -> None:
+def prune_tensorboard(folder: epath.Path, resume_step: int) -> None:
     """Drop events with a step after `resume_step` from the event files in `folder`.
 
     A resumed run logs those steps again; TensorBoard would show both. Each file is rewritten
@@ -170,8 +205,8 @@ def prune_tensorboard(folder: pathlib.Path, resume_step: int) -> None:
                 or event_pb2.Event.FromString(r).HasField("file_version")]
         if len(kept) == len(records):
             continue
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.parent / f".{path.name}.tmp"
         with tf.io.TFRecordWriter(os.fspath(tmp)) as writer:
             for record in kept:
                 writer.write(record)
-        os.replace(tmp, path)
+        tmp.replace(path)

@@ -62,7 +62,6 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -169,11 +168,14 @@ def _data_config(config):
     return data, int(seed or 0)
 
 
-def dataset_path(data) -> Path:
-    """DATA_DIR/NAME/VERSION of the dataset a data config points at."""
-    from data_pipeline.tfds_builder import dataset_dir
+def dataset_path(data):
+    """DATA_DIR/NAME/VERSION of the dataset a data config points at, as `etils.epath.Path`: a
+    `gs://` data_dir stays a URL (TFDS and TensorFlow read it); a local one is expanded."""
+    from etils import epath
 
-    return dataset_dir(data.data_dir, data.name, data.version)
+    text = os.fspath(data.data_dir)
+    root = epath.Path(text if "://" in text else os.path.expanduser(text))
+    return root / data.name / data.version
 
 
 def _builder(data):

@@ -278,3 +278,81 @@ def test_tpu_vm_pod_detected_without_gke_variables(monkeypatch):
     assert dist.needs_initialize()
     monkeypatch.setattr(dist, "_jax_cluster_processes", lambda: 1)  # a single-host TPU VM
     assert not dist.needs_initialize()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cloud storage paths (a fake gs:// backend for etils.epath, mapped onto a local folder)
+
+
+class _FakeGcs:
+    """etils.epath's backend for gs:// URLs, storing `gs://B/K` at `root/B/K` (no network)."""
+
+    def __init__(self, root: pathlib.Path):
+        from etils.epath import backend
+
+        self.root, self.os = root, backend.os_backend
+
+    def _local(self, path) -> str:
+        text = str(path)
+        assert text.startswith("gs://"), text
+        return str(self.root / text[len("gs://"):])
+
+    def _url(self, local: str) -> str:
+        return "gs://" + str(pathlib.Path(local).relative_to(self.root))
+
+    def __getattr__(self, name):
+        def call(path, *args, **kwargs):
+            args = [self._local(a) if str(a).startswith("gs://") else a for a in args]
+            result = getattr(self.os, name)(self._local(path), *args, **kwargs)
+            return [self._url(r) for r in result] if name == "glob" else result
+        return call
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    from etils.epath import gpath
+
+    bucket_root = tmp_path / "bucket_store"
+    bucket_root.mkdir()
+    backends = dict(gpath._PREFIX_TO_BACKEND)
+    backends["gs"] = _FakeGcs(bucket_root)
+    monkeypatch.setattr(gpath, "_PREFIX_TO_BACKEND", backends)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    monkeypatch.chdir(tmp_path)  # a local "gs:" folder would appear here
+    return bucket_root
+
+
+def test_gs_urls_stay_urls_for_data_dir_and_workdir(data_dir, tmp_path, fake_gcs, monkeypatch):
+    """A gs:// data_dir is looked up as the URL (the error names it); a gs:// workdir gets its
+    config there and its checkpoints under it; nothing is written to a local `gs:` folder."""
+    from cac_jax import checkpoints as ckpt
+
+    config = tiny_config("unet_heart", data_dir, steps=1)
+    config.data.data_dir = "gs://bucket/data"
+    with pytest.raises(InputError, match=r"gs://bucket/data/tiny/\S+: no dataset here"):
+        train_lib.train_and_evaluate(config, "gs://bucket/runs/r")
+
+    managers = []
+
+    class Stop(Exception):
+        pass
+
+    def manager(workdir, config, **kwargs):
+        import orbax.checkpoint as ocp
+
+        def record(directory, **kw):
+            managers.append(str(directory))
+            raise Stop  # Orbax's array writes would go to Cloud Storage itself
+
+        monkeypatch.setattr(ocp, "CheckpointManager", record)
+        return make_manager(workdir, config, **kwargs)
+
+    make_manager = ckpt.make_manager
+    monkeypatch.setattr(ckpt, "make_manager", manager)
+    with pytest.raises(Stop):
+        train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=1),
+                                     "gs://bucket/runs/r")
+    assert managers == ["gs://bucket/runs/r/checkpoints"]
+    saved = json.loads((fake_gcs / "bucket" / "runs" / "r" / "config.json").read_text())
+    assert saved["task"] == "heart"
+    assert not (tmp_path / "gs:").exists()
