@@ -888,6 +888,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
                 # The evaluation of the step the run was stopped in (by a SIGTERM).
                 eval_metrics = run_evaluation(step, None)
                 if eval_metrics is not None:
+                    # The same state again, now with its metrics (so it can rank as the best).
+                    manager.delete(step)
                     save(step, eval_metrics)
                     last_saved = step
             while step < total_steps and not host.stopped_early:

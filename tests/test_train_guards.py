@@ -356,3 +356,37 @@ def test_gs_urls_stay_urls_for_data_dir_and_workdir(data_dir, tmp_path, fake_gcs
     saved = json.loads((fake_gcs / "bucket" / "runs" / "r" / "config.json").read_text())
     assert saved["task"] == "heart"
     assert not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_saves_and_the_resumed_run_evaluates_first(data_dir, tmp_path,
+                                                                             monkeypatch):
+    """SIGTERM arriving in validation at step 2 (log_every 4: no logging step yet) stops the run
+    there: the checkpoint is saved, the evaluation abandoned, and the resumed run evaluates step 2
+    before it trains on."""
+    import os
+    import signal
+
+    evaluate = train_lib.evaluate
+    sent = []
+
+    def evaluate_with_sigterm(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "evaluate", evaluate_with_sigterm)
+    common = dict(log_every=4, eval_every=2, checkpoint_every=4)
+    workdir = tmp_path / "w"
+    summary = train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=4, **common),
+                                           workdir)
+    assert summary["preempted"] and summary["steps"] == 2
+    assert [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+    # The evaluation was abandoned: no validation row (no training row either before step 4).
+    assert not (workdir / "metrics.jsonl").exists() or not [
+        r for r in rows(workdir) if "val_loss" in r]
+    summary = train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=4, **common),
+                                           workdir)
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4 and not summary["preempted"]
+    assert [r["step"] for r in rows(workdir) if "val_loss" in r] == [2, 4]
