@@ -681,13 +681,27 @@ def _restore(manager, fresh, step):
         meta=ocp.args.JsonRestore()))
 
 
+# What the file system says in the errors of Orbax's array writer (TensorStore reports a full disk
+# as `ValueError: RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']`).
+_FS_FAILURES = ("No space left on device", "Read-only file system", "Disk quota exceeded",
+                "Permission denied")
+
+
 def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind `err` (Orbax and TensorFlow wrap the file system's errors)."""
+    """The file-system failure behind `err` as an OSError (Orbax, TensorStore and TensorFlow
+    wrap it in their own errors), or None when it is something else."""
+    import re
+
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError):
             return err
+        text = str(err)
+        for reason in _FS_FAILURES:
+            if reason in text:
+                paths = re.findall(r'"(/[^"]+)"', text)
+                return OSError(0, reason, paths[-1] if paths else None)
         err = err.__cause__ or err.__context__
     return None
 
