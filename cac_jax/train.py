@@ -18,7 +18,9 @@
   `metrics.jsonl`, TensorBoard events in `tensorboard/`, and `summary.json` at the end.
 A run killed at any point resumes from its latest complete checkpoint with the same command and
 continues the same sequence (state, RNG, data position, plateau and early-stop state are saved);
-SIGTERM saves a checkpoint before exiting.
+SIGTERM saves a checkpoint before exiting. Multi-host agreement, preemption, the start-up guards
+and the faults reported as one line: docs/cluster.md (`cac_jax.distributed`,
+`cac_jax.train_support`).
 """
 
 from __future__ import annotations
