@@ -824,6 +824,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
         if host_state.batch_stats:
             variables["batch_stats"] = host_state.batch_stats
         train_items = {"opt_state": host_state.opt_state, "step": np.asarray(host_state.step)}
+        # Every host checks its view of the disk and they agree, so none is left in a save.
+        try:
+            support.check_free_space(
+                workdir / ckpt_lib.CHECKPOINT_DIR,
+                sum(np.asarray(x).nbytes for x in jax.tree.leaves((variables, train_items))),
+                f"the step-{step} checkpoint")
+            short = None
+        except InputError as err:
+            short = err
+        if _any_process(short is not None):
+            raise short or InputError(workdir, "another host has no space left for the "
+                                               f"step-{step} checkpoint")
         meta = {"step": step, "metrics": {k: _json_safe(v) for k, v in (metrics or {}).items()},
                 "host": host.to_json(), "data_position": {"start_step": step},
                 "pixel_spacing_mm": spacing, "task": config.task,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -95,6 +97,22 @@ def check_workdir(workdir: epath.Path, is_main: bool) -> None:
             pass
     except OSError as err:
         raise os_error(err, workdir) from None
+
+
+def check_free_space(folder: epath.Path, needed_bytes: int, what: str) -> None:
+    """Refuse to start writing `needed_bytes` (plus a margin) into a local `folder` whose disk
+    has less free: one line before Orbax's background writers fail mid-write (each logging its
+    own traceback). Cloud storage has no such limit to check."""
+    if is_remote(folder):
+        return
+    probe = pathlib.Path(os.fspath(folder))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    needed = int(needed_bytes * 1.1) + 2**20
+    if free < needed:
+        raise InputError(folder, f"no space left on the device for {what}: it needs about "
+                                 f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
 
 
 def check_validation(config, scans, heart_masks: dict, num_scans_all_hosts: int,
