@@ -209,7 +209,21 @@ def test_workdir_faults_are_one_line(data_dir, tmp_path, monkeypatch):
 
 
 def test_disk_full_while_saving_is_one_line(data_dir, tmp_path, monkeypatch):
-    """Orbax reports a failed write wrapped in its own errors; the cause is what is said."""
+    """Not enough free space for a checkpoint is found before Orbax starts writing."""
+    config = tiny_config("unet_heart", data_dir, steps=2, log_every=1, eval_every=2,
+                         checkpoint_every=1)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(support.shutil, "disk_usage",
+                        lambda path: usage._replace(free=4096))
+    with pytest.raises(InputError, match="no space left on the device for the step-1 "
+                                         "checkpoint") as info:
+        train_lib.train_and_evaluate(config, tmp_path / "w0")
+    assert str(tmp_path / "w0" / "checkpoints") in str(info.value)
+
+
+@pytest.mark.slow
+def test_disk_filling_during_a_save_is_one_line(data_dir, tmp_path, monkeypatch):
+    """The disk fills while Orbax writes: its wrapped error's cause, as one line."""
     from cac_jax import checkpoints as ckpt
 
     def full(*args, **kwargs):
@@ -226,18 +240,6 @@ def test_disk_full_while_saving_is_one_line(data_dir, tmp_path, monkeypatch):
 
     config = tiny_config("unet_heart", data_dir, steps=2, log_every=1, eval_every=2,
                          checkpoint_every=1)
-    # Found before writing: not enough free space for the checkpoint.
-    import shutil as shutil_lib
-
-    usage = shutil_lib.disk_usage(tmp_path)
-    monkeypatch.setattr(support.shutil, "disk_usage",
-                        lambda path: usage._replace(free=4096))
-    with pytest.raises(InputError, match="no space left on the device for the step-1 "
-                                         "checkpoint") as info:
-        train_lib.train_and_evaluate(config, tmp_path / "w0")
-    assert str(tmp_path / "w0" / "checkpoints") in str(info.value)
-    monkeypatch.setattr(support.shutil, "disk_usage", lambda path: usage)
-    # Failing mid-write (the disk filled meanwhile): the cause, as one line.
     for fake, workdir in ((full, tmp_path / "w"), (tensorstore_full, tmp_path / "w2")):
         monkeypatch.setattr(ckpt, "save_args", fake)
         with pytest.raises(InputError, match="No space left on device") as info:
