@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 from typing import Any
 
@@ -109,8 +110,12 @@ def make_manager(workdir: str | pathlib.Path, config, *, keep: int | None = None
         preservation_policy=policy, best_fn=metric, best_mode=mode,
         keep_checkpoints_without_metrics=True, create=not read_only, read_only=read_only,
         enable_async_checkpointing=not read_only)
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
-                                 options=options, item_names=ITEMS)
+    from etils import epath
+
+    # epath keeps a gs:// workdir a URL (pathlib would make it a local "gs:" folder).
+    text = os.fspath(workdir)
+    root = epath.Path(text if "://" in text else os.path.abspath(text))
+    return ocp.CheckpointManager(root / CHECKPOINT_DIR, options=options, item_names=ITEMS)
 
 
 def save_args(variables, train_state, meta: dict, config):
@@ -260,10 +265,11 @@ def _check_stored_shapes(step_dir: pathlib.Path, abstract) -> None:
     """
     import jax
     import orbax.checkpoint as ocp
+    from etils import epath
 
     handler = ocp.StandardCheckpointHandler()
     try:
-        meta = handler.metadata(step_dir / "variables")
+        meta = handler.metadata(epath.Path(step_dir) / "variables")
     except (FileNotFoundError, ValueError, KeyError):
         return  # restore() raises the same error with its message
     finally:

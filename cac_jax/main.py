@@ -35,6 +35,44 @@ def _shipped_config(argv: Sequence[str]) -> list[str]:
     return argv
 
 
+def _unknown_override(argv: Sequence[str]) -> str | None:
+    """'unknown config key train.stepz; did you mean train.steps?' for the first `--config.KEY`
+    override whose key path the config file does not have (None when every path exists)."""
+    import difflib
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_args = [a for a in argv if not a.startswith("--config.")]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                    sys_argv=config_args)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    try:
+        values(config_args)
+        config = values.config
+    except Exception:  # noqa: BLE001 (the original error is reported instead)
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(path):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if key in keys:
+                node = node[key]
+                continue
+            prefix = ".".join(path[:depth])
+            full = ".".join(path)
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = (f"; did you mean {'.'.join([*path[:depth], close[0]])}?" if close
+                    else f"; {prefix or 'the config'} has {', '.join(sorted(keys))}"
+                    if keys else f"; {prefix} is a value, not a group")
+            return f"unknown config key {full}{hint}"
+    return None
+
+
 def parse_flags(argv: Sequence[str]):
     """(config, workdir) from command-line arguments, on a private absl FlagValues.
 
@@ -64,7 +102,8 @@ def parse_flags(argv: Sequence[str]):
         raise InputError(getattr(err, "filename", None),
                          f"cannot read the config: {error_line(err, with_type=False)}") from None
     except (AttributeError, KeyError, ValueError, TypeError) as err:
-        raise InputError(None, f"bad config: {error_line(err, with_type=False)}") from None
+        unknown = _unknown_override(argv) if isinstance(err, AttributeError | KeyError) else None
+        raise InputError(None, unknown or f"bad config: {error_line(err, with_type=False)}") from None
     if config is None:
         raise InputError(None, f"--config is required ({USAGE})")
     if not workdir:

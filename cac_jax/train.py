@@ -18,8 +18,9 @@
   `metrics.jsonl`, TensorBoard events in `tensorboard/`, and `summary.json` at the end.
 A run killed at any point resumes from its latest complete checkpoint with the same command and
 continues the same sequence (model and optimizer state, the step from which the seeded input
-pipeline resumes, plateau and early-stop state are saved);
-SIGTERM saves a checkpoint before exiting.
+pipeline resumes, plateau and early-stop state are saved); SIGTERM saves a checkpoint before
+exiting. Multi-host agreement, preemption, the start-up guards and the faults reported as one
+line: docs/cluster.md (`cac_jax.distributed`, `cac_jax.train_support`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import json
 import logging
 import math
 import os
-import pathlib
-import signal
 import time
 from typing import Any
 
@@ -44,12 +43,13 @@ from flax import struct
 from jax import lax
 
 from cac_jax import checkpoints as ckpt_lib
+from cac_jax import distributed as dist
+from cac_jax import train_support as support
 from cac_jax.evaluation.statistics import linear_kappa
 from cac_jax.losses import focal_loss_map
 from cac_jax.models import build_model
 from cac_jax.models.config import NUM_CLASSES
 from data_pipeline import frames as frames_lib
-from data_pipeline.atomic import atomic_write_text
 from data_pipeline.constants import CALCIUM_THRESHOLD_HU, NUM_CATEGORIES
 from data_pipeline.errors import InputError
 from data_pipeline.labels import HU_WINDOW, unwindow_hu
@@ -64,6 +64,10 @@ CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
 HEART_CLASS_NAMES = ("background", "heart")
 
 log = logging.getLogger(__name__)
+# Multi-host helpers (cac_jax.distributed) under the names the loop uses.
+_setup_distributed = dist.setup
+_any_process, _max_processes, _sum_processes = (dist.any_process, dist.max_processes,
+                                                dist.sum_processes)
 
 
 class ConfigError(InputError):
@@ -125,6 +129,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     anneal = config.train.get("anneal_fraction", 0.0) or 0.0
     if not isinstance(anneal, int | float) or not 0.0 <= anneal <= 1.0:
         raise ConfigError(None, f"config.train.anneal_fraction={anneal} must be in [0, 1]")
+    rate = config.train.learning_rate
+    if not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
+        raise ConfigError(None, f"config.train.learning_rate={rate} must be a finite number > 0")
     for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
         if int(config.train[key]) < 1:
             raise ConfigError(None, f"config.train.{key} must be >= 1, got {config.train[key]}")
@@ -246,9 +253,15 @@ def _losses(config, logits, aux, labels, weight):
     return main, aux_loss
 
 
-def loss_weight(config, images: jax.Array, weight: jax.Array) -> jax.Array:
+def loss_weight(config, images: jax.Array, weight: jax.Array,
+                candidate: jax.Array | None = None) -> jax.Array:
     """The pipeline's per-pixel weight times `config.train.non_candidate_weight` on pixels whose
     centre-slice value is below 130 HU (not Agatston candidates; calcium task only).
+
+    `candidate` is the pipeline's mask of those pixels, decided on the stored HU before
+    augmentation (contrast, shift and noise move 130-220 HU plaques across the threshold) and
+    resampled with the label; without it the centre slice of `images` is thresholded (exact for
+    un-augmented images).
 
     Scoring keeps the coronary class only at HU >= 130, so what the calcium model says below it
     never reaches a score: weighting those pixels down spends the gradient on telling coronary
@@ -258,9 +271,10 @@ def loss_weight(config, images: jax.Array, weight: jax.Array) -> jax.Array:
     factor = float(config.train.get("non_candidate_weight", 1.0))
     if config.task != "calcium" or factor == 1.0:
         return weight
-    low, high = HU_WINDOW
-    centre = images[:, images.shape[1] // 2, :, :, 0]  # (batch, H, W), HU window scaled to [0, 1]
-    candidate = centre >= (CALCIUM_THRESHOLD_HU - low) / (high - low)
+    if candidate is None:
+        low, high = HU_WINDOW
+        centre = images[:, images.shape[1] // 2, :, :, 0]  # (batch, H, W), window scaled to [0, 1]
+        candidate = centre >= (CALCIUM_THRESHOLD_HU - low) / (high - low)
     return weight * jnp.where(candidate, 1.0, factor).astype(weight.dtype)
 
 
@@ -272,7 +286,7 @@ def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx
     gives the same update.
     """
     images, labels = batch["image"], batch["label"]
-    weight = loss_weight(config, images, batch["weight"])
+    weight = loss_weight(config, images, batch["weight"], batch.get("candidate"))
     num_devices = lax.psum(1, AXIS)
     total_weight = jnp.maximum(lax.psum(jnp.sum(weight), AXIS), 1e-12)
     aux_weight = float(config.train.aux_loss_weight)
@@ -329,7 +343,7 @@ def eval_step(state: TrainState, batch: dict, *, model, config):
     logits, aux = model.apply(variables, batch["image"], train=False)
     labels, weight = batch["label"], batch["weight"]
     main, _ = _losses(config, logits, {}, labels, weight)
-    loss_w = loss_weight(config, batch["image"], weight)
+    loss_w = loss_weight(config, batch["image"], weight, batch.get("candidate"))
     pred = jnp.argmax(logits, axis=-1)
     classes = jnp.arange(int(config.model.num_classes))
     on = weight[..., None] > 0
@@ -376,11 +390,16 @@ def _train_pixel_spacing(data) -> dict:
     import tensorflow_datasets as tfds
 
     from data_pipeline.input_pipeline import dataset_path
+    from data_pipeline.scan_index import read_scan_index, split_entries
 
     builder = tfds.builder_from_directory(os.fspath(dataset_path(data)))
-    decoders = tfds.decode.PartialDecoding({"spacing_zyx_mm": True})
-    ds = builder.as_dataset(split="train", shuffle_files=False, decoders=decoders)
-    values = [float(v) for ex in tfds.as_numpy(ds) for v in ex["spacing_zyx_mm"][1:]]
+    entries = split_entries(builder, "train", read_scan_index(dataset_path(data)))
+    if entries is not None:  # the build-time scan index: no record is read
+        values = [float(v) for e in entries for v in e["spacing_zyx_mm"][1:]]
+    else:
+        decoders = tfds.decode.PartialDecoding({"spacing_zyx_mm": True})
+        ds = builder.as_dataset(split="train", shuffle_files=False, decoders=decoders)
+        values = [float(v) for ex in tfds.as_numpy(ds) for v in ex["spacing_zyx_mm"][1:]]
     if not values:
         return {}
     return {"min": float(np.min(values)), "median": float(np.median(values)),
@@ -513,17 +532,23 @@ def _json_safe(value):
 class _Writer:
     """metrics.jsonl + TensorBoard (tf.summary) on process 0."""
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool):
+    def __init__(self, workdir, resume_step: int, enabled: bool):
         self.enabled = enabled
+        workdir = support.as_path(workdir)
         self.path = workdir / "metrics.jsonl"
         self.tb = None
+        # Cloud storage cannot append: the rows are kept and the file rewritten at each row.
+        self._lines: list[str] | None = [] if support.is_remote(workdir) else None
         if not enabled:
             return
         # Rows logged after the checkpoint we resume from would be repeated: drop them.
         if self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
+            support.write_text(self.path, "".join(f"{line}\n" for line in keep))
+            if self._lines is not None:
+                self._lines = keep
+        support.prune_tensorboard(workdir / "tensorboard", resume_step)
         import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
 
@@ -538,8 +563,12 @@ class _Writer:
         if not self.enabled:
             return
         row = {k: _json_safe(v) for k, v in row.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._lines is not None:
+            self._lines.append(json.dumps(row))
+            support.write_text(self.path, "".join(f"{line}\n" for line in self._lines))
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         with self.tb.as_default(step=int(row["step"])):
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and value is not None:
@@ -550,28 +579,6 @@ class _Writer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def _setup_distributed(config) -> None:
-    """jax.distributed.initialize() when the config or the environment asks for several hosts."""
-    d = config.train.distributed
-    mode = str(d.mode)
-    if mode == "off" or jax.distributed.is_initialized():
-        return
-    if mode == "explicit":
-        # CPU collectives across processes go through gloo (loopback or a cluster network); the
-        # setting only concerns the CPU backend, so it is harmless on accelerator hosts.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(str(d.coordinator_address), int(d.num_processes),
-                                   int(d.process_id))
-        return
-    if mode != "auto":
-        raise ConfigError(None, f"config.train.distributed.mode={mode!r}: expected auto, "
-                                f"explicit or off")
-    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
-    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    if slurm or tpu_pod:
-        jax.distributed.initialize()
 
 
 def _replicate(tree, devices):
@@ -612,34 +619,9 @@ def _unreplicate(tree):
     return jax.tree.map(lambda x: _local_array(x)[0], tree)
 
 
-def _shard_batch(batch: dict, keys=("image", "label", "weight")) -> dict:
+def _shard_batch(batch: dict, keys=("image", "label", "weight", "candidate")) -> dict:
     """The arrays the step needs (strings such as `scan_id` stay on the host)."""
-    return {k: batch[k] for k in keys}
-
-
-def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
-def _sum_processes(array: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return array
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array)).sum(axis=0)
-
-
-def _max_processes(value: float) -> float:
-    """The largest `value` over all processes (each process passes its own)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return float(np.max(multihost_utils.process_allgather(np.asarray(value, np.float32))))
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def _device_scale(scale: float, devices) -> jax.Array:
@@ -648,36 +630,19 @@ def _device_scale(scale: float, devices) -> jax.Array:
     return _replicate(jnp.asarray(scale, jnp.float32), devices)
 
 
-class _Preemption:
-    """SIGTERM (SLURM, TPU preemption) sets a flag; the loop saves and exits at the next step."""
+def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None) -> dict | None:
+    """Validation metrics of the replicated `state` on `val_iter` (every host, same steps).
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler (the caller handles signals)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def evaluate(config, p_eval, state, val_iter, heart_masks) -> dict:
-    """Validation metrics of the replicated `state` on `val_iter` (every host, same steps)."""
+    `stop(batch_index)`, polled before each batch (every host at the same batches), ends the
+    evaluation early: None is returned (a SIGTERM during validation)."""
     num_classes = int(config.model.num_classes)
     names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
     totals = None
     frame = ((val_iter.store, config.data) if frames_lib.uses_heart_frame(config) else None)
     collector = _ScanCollector(val_iter.scans, frame)
-    for batch in val_iter:
+    for index, batch in enumerate(val_iter):
+        if stop is not None and stop(index):
+            return None
         pred, sums = p_eval(state, _shard_batch(batch))
         sums = _unreplicate(sums)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -720,16 +685,74 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
+def _restore(manager, fresh, step):
+    """The items of checkpoint `step` restored into the structure of `fresh` (host arrays)."""
+    import orbax.checkpoint as ocp
+
+    variables = {"params": fresh.params}
+    if fresh.batch_stats:
+        variables["batch_stats"] = fresh.batch_stats
+    train_items = {"opt_state": fresh.opt_state, "step": np.asarray(fresh.step)}
+    return manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(variables),
+        train_state=ocp.args.StandardRestore(train_items),
+        meta=ocp.args.JsonRestore()))
+
+
+# What the file system says in the errors of Orbax's array writer (TensorStore reports a full disk
+# as `ValueError: RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']`).
+_FS_FAILURES = ("No space left on device", "Read-only file system", "Disk quota exceeded",
+                "Permission denied")
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The file-system failure behind `err` as an OSError (Orbax, TensorStore and TensorFlow
+    wrap it in their own errors), or None when it is something else."""
+    import re
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        text = str(err)
+        for reason in _FS_FAILURES:
+            if reason in text:
+                paths = re.findall(r'"(/[^"]+)"', text)
+                return OSError(0, reason, paths[-1] if paths else None)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) the experiment `config` in `workdir`; returns the summary dict."""
+    """Train (or resume) the experiment `config` in `workdir`; returns the summary dict.
+
+    A file-system failure (disk full, read-only folder) is reported as one `InputError` line."""
+    try:
+        return _train_and_evaluate(config, workdir)
+    except InputError:
+        raise
+    except Exception as err:
+        os_err = _os_error_in(err)
+        if os_err is None:
+            raise
+        raise support.os_error(os_err, workdir) from None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     _setup_distributed(config)
     check_config(config)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = support.as_path(workdir)
     devices = resolve_devices(config)
-    n_local = len(devices)
-    n_global = n_local * jax.process_count()
+    counts = dist.device_counts(devices)
+    dist.check_host_accelerators(counts, int(config.train.get("num_devices", 0) or 0))
+    n_local, n_global = len(devices), counts["global_devices"]
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
+    if is_main:
+        log.info("devices: %d global (%s), %d in this process, %d on this host, %d process(es) "
+                 "on %d host(s)", n_global, counts["platform"], n_local, counts["host_devices"],
+                 process_count, counts["hosts"])
     config = ml_collections.ConfigDict(config)  # our copy: derived fields are set below
     with config.unlocked():
         config.data.per_device_batch = int(config.train.batch_size) // n_global
@@ -744,6 +767,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise InputError(data_path, "no dataset here; build it with `cac-jax ingest --manifest "
                                     f"M.csv --data-dir {config.data.data_dir} --name "
                                     f"{config.data.name}`")
+    support.check_workdir(workdir, is_main)
     # Refuse to resume a run of another config (which keys differ).
     config_file = workdir / ckpt_lib.CONFIG_FILE
     if config_file.exists():
@@ -753,8 +777,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             raise ConfigError(config_file, "workdir holds a run of a different config; differing "
                                            "keys: " + "; ".join(diffs))
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_file, json.dumps(ckpt_lib.config_to_dict(config), indent=2))
+        support.write_text(config_file, json.dumps(ckpt_lib.config_to_dict(config), indent=2))
 
     from data_pipeline.input_pipeline import make_dataset
 
@@ -769,24 +792,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     manager = ckpt_lib.make_manager(workdir, config)
     start_step = 0
-    restored = manager.latest_step()
+    restored, items = support.restore_intact(
+        manager, functools.partial(_restore, manager, fresh), workdir / ckpt_lib.CHECKPOINT_DIR,
+        is_main)
+    dist.agree_on_step(restored, workdir / ckpt_lib.CHECKPOINT_DIR)
+    eval_pending = False
     if restored is not None:
-        import orbax.checkpoint as ocp
-
-        variables = {"params": fresh.params}
-        if fresh.batch_stats:
-            variables["batch_stats"] = fresh.batch_stats
-        train_items = {"opt_state": fresh.opt_state, "step": np.asarray(fresh.step)}
-        items = manager.restore(restored, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(variables),
-            train_state=ocp.args.StandardRestore(train_items),
-            meta=ocp.args.JsonRestore()))
         v, ts = items["variables"], items["train_state"]
         fresh = TrainState(step=jnp.asarray(ts["step"], jnp.int32), params=v["params"],
                            batch_stats=v.get("batch_stats", {}), opt_state=ts["opt_state"])
         fresh = jax.device_get(fresh)
         host = _HostState.from_json(items["meta"]["host"], host.plateau)
         start_step = int(items["meta"]["step"])
+        eval_pending = bool(items["meta"].get("eval_pending", False))
     total_steps = int(config.train.steps)
 
     state = _replicate(fresh, devices)
@@ -798,28 +816,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config),
                       axis_name=AXIS, devices=pmap_devices)
 
-    writer = _Writer(workdir, start_step, enabled=is_main)
     val_iter = make_dataset(config, "validation", process_index=process_index,
                             process_count=process_count, local_devices=n_local, train=False)
     heart_masks = _reference_heart_masks(config.data, "validation",
                                          {s.scan_id for s in val_iter.scans})
+    support.check_validation(
+        config, val_iter.scans, heart_masks,
+        int(_sum_processes(np.asarray(len(val_iter.scans), np.int64))),
+        int(_sum_processes(np.asarray(len(heart_masks), np.int64))), data_path)
+    writer = _Writer(workdir, start_step, enabled=is_main)
     spacing = _train_pixel_spacing(config.data)
     train_iter = None
     if start_step < total_steps and not host.stopped_early:
         train_iter = make_dataset(config, "train", process_index=process_index,
                                   process_count=process_count, local_devices=n_local,
                                   start_step=start_step)
+    window = support.LossWindow(_unreplicate)
+    base_rate = float(config.train.learning_rate)
 
-    def save(step: int, metrics: dict | None) -> None:
+    def save(step: int, metrics: dict | None, pending: bool = False) -> None:
+        window.check_finite(step, base_rate, workdir)  # a diverged state is never saved
         host_state = _unreplicate(state)
         variables = {"params": host_state.params}
         if host_state.batch_stats:
             variables["batch_stats"] = host_state.batch_stats
         train_items = {"opt_state": host_state.opt_state, "step": np.asarray(host_state.step)}
+        # Every host checks its view of the disk and they agree, so none is left in a save.
+        try:
+            support.check_free_space(
+                workdir / ckpt_lib.CHECKPOINT_DIR,
+                sum(np.asarray(x).nbytes for x in jax.tree.leaves((variables, train_items))),
+                f"the step-{step} checkpoint")
+            short = None
+        except InputError as err:
+            short = err
+        if _any_process(short is not None):
+            raise short or InputError(workdir, "another host has no space left for the "
+                                               f"step-{step} checkpoint")
         meta = {"step": step, "metrics": {k: _json_safe(v) for k, v in (metrics or {}).items()},
                 "host": host.to_json(),
                 "pixel_spacing_mm": spacing, "task": config.task,
-                "num_classes": int(config.model.num_classes)}
+                "num_classes": int(config.model.num_classes), "eval_pending": pending}
         clean = None
         if metrics:
             clean = {k: float(v) for k, v in metrics.items()
@@ -847,8 +884,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     anneal = anneal_factor(config, step)
     scale_dev = _device_scale(lr_scale * anneal, devices)
     last_metrics: dict = {}
+    agree_every = int(config.train.log_every)
+
+    def stop_requested(counter: int) -> bool:
+        """SIGTERM seen (by any host). One process: polled at every call; several: agreed by an
+        all-gather every `log_every` counts (each host calls at the same counts)."""
+        if process_count == 1:
+            return preemption.requested
+        return counter % agree_every == 0 and _any_process(preemption.requested)
+
+    def run_evaluation(step: int, row: dict | None) -> dict | None:
+        """Validation at `step`, the plateau, best and early-stop bookkeeping; None when a
+        SIGTERM interrupted it (then nothing of it is recorded)."""
+        nonlocal lr_scale, scale_dev, last_log_time
+        window.check_finite(step, base_rate, workdir)  # no evaluation of a diverged state
+        eval_metrics = evaluate(config, p_eval, state, val_iter, heart_masks,
+                                stop=stop_requested)
+        if eval_metrics is None:
+            return None
+        val_loss = eval_metrics.get("val_loss", math.nan)
+        if math.isfinite(val_loss):  # an infinite loss is no plateau: the rate stays
+            _, host.plateau = plateau.update(updates={}, state=host.plateau,
+                                             value=jnp.asarray(val_loss, jnp.float32))
+        lr_scale = float(host.plateau.scale)
+        scale_dev = _device_scale(lr_scale * anneal, devices)
+        value = float(eval_metrics.get(name, math.nan))
+        if _improved(value, host.best_value, mode):
+            host.best_value, host.best_step, host.evals_since_best = value, step, 0
+        else:
+            host.evals_since_best += 1
+        patience = int(config.train.early_stop_patience)
+        if patience and host.evals_since_best >= patience:
+            host.stopped_early = True
+        row = {**(row or {"step": step}), **eval_metrics,
+               "elapsed_s": time.perf_counter() - t_start,
+               "learning_rate_next": base_rate * lr_scale * anneal}
+        writer.write(row)
+        # Keep evaluation time out of the next row's training throughput.
+        last_log_time = time.perf_counter()
+        if host.stopped_early and is_main:
+            bar.write(f"early stop at step {step}: no better {name} in {patience} "
+                      f"evaluations (best {host.best_value} at {host.best_step})")
+        return eval_metrics
+
     try:
-        with _Preemption() as preemption:
+        with dist.Preemption() as preemption:
+            if eval_pending and not preemption.requested:
+                # The evaluation of the step the run was stopped in (by a SIGTERM).
+                eval_metrics = run_evaluation(step, None)
+                if eval_metrics is not None:
+                    # The same state again, now with its metrics (so it can rank as the best).
+                    manager.delete(step)
+                    save(step, eval_metrics)
+                    last_saved = step
             while step < total_steps and not host.stopped_early:
                 if anneal_time and (process_count == 1
                                     or step % int(config.train.log_every) == 0):
@@ -860,6 +948,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 batch = _shard_batch(next(train_iter))
                 state, metrics = p_train(state, batch, scale_dev)
                 step += 1
+                window.add(step, metrics)
                 bar.update(1)
                 # The time budget (config.train.max_seconds) ends the run like its last step;
                 # hosts agree on it at logging steps (every step with one process).
@@ -870,52 +959,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 final = step == total_steps or time_up
                 row = None
                 if step % int(config.train.log_every) == 0 or final:
-                    metrics = _unreplicate(metrics)
                     now = time.perf_counter()
-                    row = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                           "learning_rate": float(config.train.learning_rate) * lr_scale * anneal,
+                    row = {"step": step, **window.mean(step, base_rate, workdir),
+                           "learning_rate": base_rate * lr_scale * anneal,
                            "samples_per_s": (step - last_log_step) * int(config.train.batch_size)
                            / max(now - last_log_time, 1e-9),
                            "elapsed_s": now - t_start}
                     last_log_time, last_log_step = now, step
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
                     last_metrics = row
-                eval_metrics = None
+                eval_metrics, interrupted = None, False
                 if step % int(config.train.eval_every) == 0 or final:
-                    eval_metrics = evaluate(config, p_eval, state, val_iter, heart_masks)
-                    # Plateau on the validation loss (paper), once per evaluation.
-                    _, host.plateau = plateau.update(
-                        updates={}, state=host.plateau, value=jnp.asarray(
-                            eval_metrics.get("val_loss", math.inf), jnp.float32))
-                    lr_scale = float(host.plateau.scale)
-                    scale_dev = _device_scale(lr_scale * anneal, devices)
-                    value = float(eval_metrics.get(name, math.nan))
-                    if _improved(value, host.best_value, mode):
-                        host.best_value, host.best_step, host.evals_since_best = value, step, 0
-                    else:
-                        host.evals_since_best += 1
-                    patience = int(config.train.early_stop_patience)
-                    if patience and host.evals_since_best >= patience:
-                        host.stopped_early = True
-                    row = {**(row or {"step": step}), **eval_metrics,
-                           "elapsed_s": time.perf_counter() - t_start,
-                           "learning_rate_next": float(config.train.learning_rate) * lr_scale
-                           * anneal}
-                    # Keep evaluation time out of the next row's training throughput.
-                    last_log_time = time.perf_counter()
-                    if host.stopped_early and is_main:
-                        bar.write(f"early stop at step {step}: no better {name} in {patience} "
-                                  f"evaluations (best {host.best_value} at {host.best_step})")
-                if row is not None:
+                    eval_metrics = run_evaluation(step, row)
+                    interrupted = eval_metrics is None
+                    if interrupted and row is not None:
+                        writer.write(row)
+                elif row is not None:
                     writer.write(row)
-                stop_now = (_any_process(preemption.requested)
-                            if step % int(config.train.log_every) == 0 or process_count == 1
-                            else False)
+                stop_now = interrupted or stop_requested(step)
                 if (eval_metrics is not None or step % int(config.train.checkpoint_every) == 0
                         or final or host.stopped_early or stop_now):
-                    save(step, eval_metrics)
+                    save(step, eval_metrics, pending=interrupted)
                     last_saved = step
-                if time_up:
+                if time_up and not stop_now:
                     timed_out = True
                     if is_main:
                         bar.write(f"time budget of {max_seconds:.0f} s reached at step {step}")
@@ -942,11 +1008,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "best_step": best_step, "best_metric": name, "best_value": host.best_value,
         "stopped_early": host.stopped_early, "preempted": preempted, "timed_out": timed_out,
         "wall_time_s": wall, "steps_per_s": steps_run / wall if wall > 0 else None,
-        "devices": n_global, "processes": process_count,
+        "devices": n_global, "local_devices": n_local, "host_devices": counts["host_devices"],
+        "hosts": counts["hosts"], "platform": counts["platform"], "processes": process_count,
         "peak_memory_bytes": peak, "last": {k: _json_safe(v) for k, v in last_metrics.items()},
     }
     if is_main:
-        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        support.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

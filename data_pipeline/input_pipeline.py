@@ -62,12 +62,12 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from data_pipeline import frames as frames_lib
 from data_pipeline import labels as labels_lib
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.errors import InputError
 from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM, HU_WINDOW
 
@@ -170,11 +170,14 @@ def _data_config(config):
     return data, int(seed or 0)
 
 
-def dataset_path(data) -> Path:
-    """DATA_DIR/NAME/VERSION of the dataset a data config points at."""
-    from data_pipeline.tfds_builder import dataset_dir
+def dataset_path(data):
+    """DATA_DIR/NAME/VERSION of the dataset a data config points at, as `etils.epath.Path`: a
+    `gs://` data_dir stays a URL (TFDS and TensorFlow read it); a local one is expanded."""
+    from etils import epath
 
-    return dataset_dir(data.data_dir, data.name, data.version)
+    text = os.fspath(data.data_dir)
+    root = epath.Path(text if "://" in text else os.path.expanduser(text))
+    return root / data.name / data.version
 
 
 def _builder(data):
@@ -184,7 +187,19 @@ def _builder(data):
     if not (path / "dataset_info.json").exists():
         raise InputError(path, "no dataset here; build it with `cac-jax ingest --manifest M.csv "
                                f"--data-dir {data.data_dir} --name {data.name}`")
-    return tfds.builder_from_directory(os.fspath(path))
+    builder = tfds.builder_from_directory(os.fspath(path))
+    _check_files(builder)
+    return builder
+
+
+def _check_files(builder) -> None:
+    """Refuse a dataset whose TFRecord files are not all there (one deleted or moved)."""
+    gfile = _tf().io.gfile
+    for split in builder.info.splits.values():
+        for instruction in split.file_instructions:
+            if not gfile.exists(instruction.filename):
+                raise InputError(instruction.filename, "TFRecord file of the dataset is missing; "
+                                                       "rebuild it with `cac-jax ingest`")
 
 
 def _host_split(builder, split: str, process_index: int, process_count: int):
@@ -228,7 +243,7 @@ class _Records:
     shuffle_files=False)`: the same file instructions, in the same order.
     """
 
-    def __init__(self, builder, host_split):
+    def __init__(self, builder, host_split, index: dict | None = None):
         tf = _tf()
         from tensorflow_datasets.core import example_parser
 
@@ -238,16 +253,25 @@ class _Records:
         # on its own, so reading the metadata never decompresses a volume.
         self._parser = example_parser.ExampleParserNp(self.features.get_serialized_info())
         self.locations: list[tuple[str, int, int]] = []
+        # The build-time scan index's entry of each location (data_pipeline.scan_index), or None.
+        self.entries: list[dict | None] = []
         if _num_examples(builder, host_split) == 0:
             return
         for instruction in builder.info.splits[host_split].file_instructions:
-            offsets = self._offsets(instruction.filename)
+            indexed = (index or {}).get(os.path.basename(instruction.filename))
+            if indexed is not None:
+                offsets = [(e["offset"], e["length"]) for e in indexed]
+            else:
+                offsets = self._offsets(instruction.filename)
             if len(offsets) != instruction.examples_in_shard:
                 raise InputError(instruction.filename, f"holds {len(offsets)} records, the dataset "
                                                        f"says {instruction.examples_in_shard}; "
                                                        "rebuild it with `cac-jax ingest`")
-            chosen = offsets[instruction.skip:instruction.skip + instruction.take]
+            end = instruction.skip + instruction.take
+            chosen = offsets[instruction.skip:end]
             self.locations.extend((instruction.filename, start, size) for start, size in chosen)
+            self.entries.extend(indexed[instruction.skip:end] if indexed is not None
+                                else [None] * len(chosen))
 
     def _offsets(self, path: str) -> list[tuple[int, int]]:
         """(data offset, length) of every record of a TFRecord file (uncompressed, as TFDS writes:
@@ -294,7 +318,9 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
     _, flag_key, has_key = _target_keys(task)
     scans, record_index, flags = [], [], []
     for index in range(len(records)):
-        ex = records.read(index, (*_META_KEYS, flag_key, has_key))
+        entry = records.entries[index] if records.entries else None
+        ex = (_indexed_meta(entry, task, flag_key, has_key) if entry is not None
+              else records.read(index, (*_META_KEYS, flag_key, has_key)))
         if not ex[has_key]:
             continue
         agatston = float(ex["agatston"])
@@ -310,6 +336,18 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
         record_index.append(index)
         flags.append(np.asarray(ex[flag_key], bool))
     return scans, record_index, flags
+
+
+def _indexed_meta(entry: dict, task: str, flag_key: str, has_key: str) -> dict:
+    """A scan-index entry in the shape `_Records.read` gives the metadata keys."""
+    targets = entry["targets"][task]
+    flags = np.zeros(int(entry["shape_zyx"][0]), bool)
+    flags[targets["positive"]] = True
+    agatston = entry["agatston"]
+    return {**{k: entry[k] for k in ("scan_id", "patient_id", "protocol", "site", "shape_zyx",
+                                     "spacing_zyx_mm", "category")},
+            "agatston": math.nan if agatston is None else agatston, flag_key: flags,
+            has_key: targets["has"]}
 
 
 def _text(value) -> str:
@@ -422,14 +460,16 @@ class _Source:
                                    info.shape_zyx[1:], frame_size, frame_spacing_mm)
 
     def _frame_window_np(self, scan, z, key, frame_size, frame_spacing_mm):
-        """(image (3, S, S) float32 windowed, label (S, S) int32, weight (S, S) float32) of one
-        slice in its heart frame: the numpy resampling inference uses."""
+        """(image (3, S, S) float32 windowed, label (S, S) int32, weight (S, S) float32, Agatston
+        candidates (S, S) bool) of one slice in its heart frame: the numpy resampling inference
+        uses."""
         hu, target, _ = self._window_np(scan, z, key)
         geom = self.frame_geometry(int(scan), int(frame_size), float(frame_spacing_mm))
         image = frames_lib.to_frame(labels_lib.window_hu(hu), geom, order=1, cval=0.0)
         label = frames_lib.to_frame(target, geom, order=0, cval=0).astype(np.int32)
         weight = frames_lib.inside_scan(geom).astype(np.float32)
-        return image.astype(np.float32), label, weight
+        candidate = frames_lib.to_frame(hu[1] >= CALCIUM_THRESHOLD_HU, geom, order=0, cval=False)
+        return image.astype(np.float32), label, weight, candidate
 
 
 class _MemoryStore(_Source):
@@ -557,12 +597,13 @@ def _window_hu(tf, hu):
     return (tf.clip_by_value(tf.cast(hu, tf.float32), low, high) - low) / (high - low)
 
 
-def _resample(tf, image, target, transform, size: int):
-    """One affine resample: image (3, h, w) float -> (3, S, S, 1) bilinear; label, weight nearest.
+def _resample(tf, image, target, transform, size: int, candidate=None):
+    """One affine resample: image (3, h, w) float -> (3, S, S, 1) bilinear; label, weight and the
+    candidate mask nearest.
 
-    The label travels as one uint8 channel holding class + 1, so 0 marks pixels from outside the
-    scan (weight 0) and one nearest-neighbour pass gives both (the transform's cost grows with
-    the channel count; uint8 is its cheapest dtype).
+    The label travels as one uint8 channel holding class + 1 (+ 4 on a candidate pixel), so 0
+    marks pixels from outside the scan (weight 0) and one nearest-neighbour pass gives all three
+    (the transform's cost grows with the channel count; uint8 is its cheapest dtype).
     """
     out_shape = tf.constant([size, size], tf.int32)
     transforms = tf.reshape(transform, [1, 8])
@@ -570,13 +611,16 @@ def _resample(tf, image, target, transform, size: int):
     img = tf.raw_ops.ImageProjectiveTransformV3(
         images=img, transforms=transforms, output_shape=out_shape, fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-    lab = (target + 1)[None, :, :, None]
+    code = target + 1
+    if candidate is not None:
+        code = code + 4 * tf.cast(candidate, code.dtype)
     lab = tf.raw_ops.ImageProjectiveTransformV3(
-        images=lab, transforms=transforms, output_shape=out_shape, fill_value=0.0,
-        interpolation="NEAREST", fill_mode="CONSTANT")[0, :, :, 0]
+        images=code[None, :, :, None], transforms=transforms, output_shape=out_shape,
+        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")[0, :, :, 0]
     image = tf.transpose(img, [2, 0, 1])[..., None]  # (3, S, S, 1)
-    label = tf.maximum(tf.cast(lab, tf.int32) - 1, 0)
-    return image, label, tf.cast(lab > 0, tf.float32)
+    lab = tf.cast(lab, tf.int32)
+    label = tf.maximum(lab % 4 - 1, 0)
+    return image, label, tf.cast(lab > 0, tf.float32), lab >= 4
 
 
 def _augment_key(tf, seed: int, purpose: int, process_index: int, index):
@@ -658,7 +702,11 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
     centre_out = (size - 1) / 2.0
     transform = _affine(tf, cos * rx, -sin * rx, sin * ry, cos * ry, cx, cy,
                         tf.constant(centre_out), tf.constant(centre_out))
-    image, label, weight = _resample(tf, image, target, transform, size)
+    # Agatston candidates (centre slice >= 130 HU) decided on the stored HU, before contrast,
+    # shift and noise move pixel values across the threshold; the loss weights them
+    # (cac_jax.train.loss_weight).
+    candidate = tf.cast(tf.cast(hu[1], tf.float32) >= CALCIUM_THRESHOLD_HU, tf.uint8)
+    image, label, weight, candidate = _resample(tf, image, target, transform, size, candidate)
     if aug.enabled:
         image = image * (1.0 + u[6] * aug.intensity_scale) + u[7] * aug.intensity_shift
         if aug.noise_std > 0:
@@ -669,8 +717,8 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
                 minval=-math.sqrt(3.0) * aug.noise_std, maxval=math.sqrt(3.0) * aug.noise_std)
             image = image + noise
         image = tf.clip_by_value(image, 0.0, 1.0)
-    return {"image": image, "label": label, "weight": weight, "valid": tf.constant(True),
-            "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32)}
+    return {"image": image, "label": label, "weight": weight, "candidate": candidate,
+            "valid": tf.constant(True), "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32)}
 
 
 def _eval_frame_sample(tf, store: _Source, data, num_real: int, i):
@@ -681,13 +729,14 @@ def _eval_frame_sample(tf, store: _Source, data, num_real: int, i):
     scan = tf.gather(store.slice_scan, k)
     z = tf.gather(store.slice_z, k)
     size = int(data.frame_size)
-    image, label, weight = tf.numpy_function(
+    image, label, weight, candidate = tf.numpy_function(
         store._frame_window_np, [scan, z, scan, size, float(data.frame_spacing_mm)],
-        [tf.float32, tf.int32, tf.float32], stateful=False)
+        [tf.float32, tf.int32, tf.float32, tf.bool], stateful=False)
     image = tf.reshape(image, [3, size, size])[..., None]
     label = tf.reshape(label, [size, size])
     weight = tf.reshape(weight, [size, size]) * tf.cast(valid, tf.float32)
-    return {"image": image, "label": label, "weight": weight, "valid": valid,
+    return {"image": image, "label": label, "weight": weight,
+            "candidate": tf.reshape(candidate, [size, size]), "valid": valid,
             "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32),
             "scan_id": tf.gather(store.scan_ids, scan)}
 
@@ -703,7 +752,9 @@ def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
     label = tf.pad(tf.cast(target, tf.int32), pad)
     weight = tf.pad(tf.ones_like(target, tf.float32), pad)
     weight = weight * tf.cast(valid, tf.float32)
-    return {"image": image, "label": label, "weight": weight, "valid": valid,
+    candidate = tf.pad(tf.cast(hu[1], tf.float32) >= CALCIUM_THRESHOLD_HU, pad)
+    return {"image": image, "label": label, "weight": weight, "candidate": candidate,
+            "valid": valid,
             "scan_index": tf.cast(scan, tf.int32), "slice_index": tf.cast(z, tf.int32),
             "scan_id": tf.gather(store.scan_ids, scan)}
 
@@ -711,7 +762,8 @@ def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
 def _padding_sample(tf, size: int):
     """An all-padding evaluation sample (valid False, weight 0)."""
     return {"image": tf.zeros([3, size, size, 1]), "label": tf.zeros([size, size], tf.int32),
-            "weight": tf.zeros([size, size]), "valid": tf.constant(False),
+            "weight": tf.zeros([size, size]), "candidate": tf.zeros([size, size], tf.bool),
+            "valid": tf.constant(False),
             "scan_index": tf.constant(-1), "slice_index": tf.constant(-1),
             "scan_id": tf.constant("")}
 
@@ -811,13 +863,21 @@ def _host_slice_counts(builder, split: str, task: str, process_count: int) -> li
     """Slices with the task's targets on each host's shard (for equal evaluation steps)."""
     import tensorflow_datasets as tfds
 
+    from data_pipeline.scan_index import read_scan_index, split_entries
+
     _, _, has_key = _target_keys(task)
     decoders = tfds.decode.PartialDecoding({"num_slices": True, has_key: True})
     counts = []
-    for index in range(process_count):
-        host_split = _host_split(builder, split, index, process_count)
+    index = read_scan_index(builder.data_dir)
+    for process in range(process_count):
+        host_split = _host_split(builder, split, process, process_count)
         if _num_examples(builder, host_split) == 0:
             counts.append(0)
+            continue
+        entries = split_entries(builder, host_split, index)
+        if entries is not None:  # the build-time index: no record read
+            counts.append(sum(int(e["shape_zyx"][0]) for e in entries
+                              if e["targets"][task]["has"]))
             continue
         ds = builder.as_dataset(split=host_split, shuffle_files=False, decoders=decoders)
         counts.append(sum(int(ex["num_slices"]) for ex in tfds.as_numpy(ds) if ex[has_key]))
@@ -863,7 +923,10 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
     host_split = _host_split(builder, split, process_index, process_count)
     options = _options(tf, data)
     neighbour_mm = float(data.get("neighbour_mm", labels_lib.DEFAULT_NEIGHBOUR_MM))
-    records = _Records(builder, host_split)
+    from data_pipeline.scan_index import read_scan_index
+
+    # The build-time index (metadata and record offsets) instead of reading every record.
+    records = _Records(builder, host_split, read_scan_index(dataset_path(data)))
     scans, record_index, flags = _read_meta(records, data.task, neighbour_mm)
     if train and not scans:
         raise InputError(dataset_path(data), f"no scans with {data.task} targets in the {split!r} "

@@ -43,6 +43,8 @@ listed under "empty_splits" in splits.json.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -340,6 +342,9 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().download_and_prepare(*args, **kwargs)
         if self._built_now:
             self.write_audit(Path(self.data_dir))
+            from data_pipeline.scan_index import write_scan_index
+
+            write_scan_index(self, self.data_dir)
             for split in splits_lib.empty_splits(self.built_assignment()):
                 self.on_warning(
                     f"split {split!r} is empty (no scans in the dataset), so nothing can be "
@@ -421,6 +426,47 @@ def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike,
     _builder_class(name)  # a bad name fails here, before anything is touched
     target = check_data_dir(data_dir, name)
     parsed = load_manifest(manifest_path, skip_bad)
+    with _build_lock(target.parent):
+        _remove_unfinished(target, on_warning)
+        return _build(target, manifest_path, data_dir, parsed, name=name, split_seed=split_seed,
+                      skip_bad=skip_bad, overwrite=overwrite, progress=progress, on_skip=on_skip,
+                      on_warning=on_warning, neighbour_mm=neighbour_mm)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """An exclusive lock on DATA_DIR/NAME (`.ingest.lock`) for the whole build: a second ingest
+    into the same dataset is refused with one line instead of racing the first."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".ingest.lock", "a+")  # noqa: SIM115 (held for the block)
+    except OSError as err:
+        raise InputError(err.filename or folder, f"cannot build the dataset here: "
+                                                 f"{err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(folder, "another `cac-jax ingest` is building this dataset now; "
+                                     "wait for it or use another --name") from None
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _remove_unfinished(target: Path, on_warning: Callable[[str], None] | None) -> None:
+    """Removes what a killed build left beside `target`: TFDS builds into
+    `NAME/incomplete.XXXXXX_VERSION/` and renames it when done, so under the build lock such a
+    folder belongs to no running build."""
+    for stale in sorted(target.parent.glob(f"incomplete.*_{target.name}")):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+            message = f"removed {stale}: the unfinished build of an interrupted ingest"
+            (on_warning or _print_warning)(message)
+
+
+def _build(target: Path, manifest_path, data_dir, parsed, *, name, split_seed, skip_bad,
+           overwrite, progress, on_skip, on_warning, neighbour_mm) -> CacCtBuilder:
     previous = _set_aside(target, overwrite)  # only once the inputs are checked
     try:
         builder = make_builder(data_dir, manifest_path=manifest_path, name=name,

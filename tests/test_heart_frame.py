@@ -112,10 +112,11 @@ def test_training_sample_without_augmentation_equals_the_inference_resampling():
     assert geom.centre_yx == (24.5, 19.5)
     expected = frames.to_frame(labels_lib.window_hu(hu[[0, 1, 2]]), geom, order=1)
     np.testing.assert_allclose(sample["image"].numpy()[..., 0], expected, atol=2e-5)
-    image, label, weight = store._frame_window_np(0, 1, 0, 32, 1.2)
+    image, label, weight, candidate = store._frame_window_np(0, 1, 0, 32, 1.2)
     np.testing.assert_allclose(image, expected, atol=1e-6)
     np.testing.assert_array_equal(sample["label"].numpy(), label)
     np.testing.assert_array_equal(sample["weight"].numpy(), weight)
+    np.testing.assert_array_equal(sample["candidate"].numpy() > 0, candidate)
     assert 0 < weight.mean() < 1  # the frame reaches past the 40-pixel-wide scan
 
 

@@ -429,3 +429,65 @@ def test_positive_centred_crops_hold_the_positive_class(dataset):
     assert total >= 10 and hits == total
     random_hits, random_total = crops_with_coronary(0.0)
     assert random_total >= 10 and random_hits < random_total
+
+
+def test_candidate_mask_is_decided_on_stored_hu_before_augmentation(dataset):
+    """Contrast and shift move pixel values across 130 HU; the `candidate` mask the loss weights
+    by (cac_jax.train.loss_weight) is the stored centre slice's HU >= 130, carried through the
+    geometry with the label."""
+    data_dir, scans = dataset
+    config = _config(data_dir, negative_fraction=1.0)
+    aug = config.augment
+    aug.rotation_deg, aug.scale, aug.translate, aug.noise_std = 0.0, 0.0, 0.0, 0.0
+    aug.intensity_scale, aug.intensity_shift = 0.0, 0.1  # up to +-200 HU, no geometry
+    it = make_dataset(config, "train", local_devices=DEVICES)
+    checked = moved = 0
+    for batch in _take(it, 8):
+        for d in range(DEVICES):
+            for b in range(2):
+                info = it.scans[batch["scan_index"][d, b]]
+                ex = scans[info.scan_id]
+                if ex["hu"].shape[1] != 64:
+                    continue
+                stored = ex["hu"][batch["slice_index"][d, b]] >= 130
+                np.testing.assert_array_equal(batch["candidate"][d, b], stored)
+                shown = batch["image"][d, b, 1, ..., 0] >= (130 + 800) / 2000
+                moved += int(np.sum(shown != stored))
+                checked += 1
+    assert checked > 0 and moved > 0  # the augmented image alone would have decided otherwise
+
+
+def test_start_up_reads_the_build_time_scan_index_not_the_records(dataset, tmp_path, monkeypatch):
+    """Stream mode's start-up takes the scans' metadata and record offsets from the index that
+    the build wrote (scan_index.json); without it (a dataset built before) every record is read,
+    and both give the same scans."""
+    import shutil
+
+    from data_pipeline import input_pipeline
+    from data_pipeline.scan_index import INDEX_FILE
+
+    data_dir, _ = dataset
+    assert (data_dir / "tiny" / DATASET_VERSION / INDEX_FILE).is_file()
+    reads = collections.Counter()
+    read = input_pipeline._Records.read
+    offsets = input_pipeline._Records._offsets
+
+    def counting_read(self, index, keys):
+        reads["meta" if "scan_id" in keys else "volume"] += 1
+        return read(self, index, keys)
+
+    def counting_offsets(self, path):
+        reads["offsets"] += 1
+        return offsets(self, path)
+
+    monkeypatch.setattr(input_pipeline._Records, "read", counting_read)
+    monkeypatch.setattr(input_pipeline._Records, "_offsets", counting_offsets)
+    indexed = make_dataset(_config(data_dir, cache="stream"), "train", local_devices=DEVICES)
+    assert reads["meta"] == 0 and reads["offsets"] == 0
+    old = tmp_path / "tfds"
+    shutil.copytree(data_dir, old)
+    (old / "tiny" / DATASET_VERSION / INDEX_FILE).unlink()
+    unindexed = make_dataset(_config(old, cache="stream"), "train", local_devices=DEVICES)
+    assert reads["meta"] > 0 and reads["offsets"] > 0
+    assert indexed.scans == unindexed.scans
+    np.testing.assert_array_equal(next(indexed)["image"], next(unindexed)["image"])

@@ -390,3 +390,26 @@ def test_scans_are_scored_once_and_neighbours_recorded(tmp_path, monkeypatch):
     assert metadata["neighbour_mm"] == 3.0
     # 3 mm cac slices: offset 1; 1.25 mm ctac slices: round(3 / 1.25) = 2.
     assert metadata["neighbour_offsets"] == {"cac": {"1": 4}, "ctac": {"2": 2}}
+
+
+def test_killed_ingest_leftovers_removed_and_a_concurrent_ingest_refused(tmp_path, capsys):
+    """A killed build leaves TFDS's `incomplete.*` folder: the next ingest removes it (and says
+    so); while one ingest builds a dataset, a second into the same one is refused."""
+    import fcntl
+
+    from data_pipeline.errors import InputError
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = write_tiny_cohort(tmp_path / "cohort", patients=3)
+    data_dir = tmp_path / "tfds"
+    stale = data_dir / "tiny" / f"incomplete.ABC123_{DATASET_VERSION}"
+    (stale / "train").mkdir(parents=True)
+    with open(data_dir / "tiny" / ".ingest.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="another `cac-jax ingest` is building"):
+            build_dataset(manifest, data_dir, name="tiny", progress=False)
+    assert stale.exists()  # nothing touched while the other build held the lock
+    build_dataset(manifest, data_dir, name="tiny", progress=False)
+    assert not stale.exists()
+    assert (data_dir / "tiny" / DATASET_VERSION / "dataset_info.json").exists()
+    assert "unfinished build of an interrupted ingest" in capsys.readouterr().err

@@ -42,9 +42,13 @@ def load_config(name: str, arg: str | None = "local"):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A tiny built dataset (9 patients, 32/64 px scans of 5-7 slices, train/validation/test)."""
+    return build_tiny_dataset(tmp_path_factory.mktemp("train_data"))
+
+
+def build_tiny_dataset(root: pathlib.Path) -> pathlib.Path:
+    """The tiny dataset of `data_dir` built under `root`; returns its data_dir."""
     from data_pipeline.tfds_builder import build_dataset
 
-    root = tmp_path_factory.mktemp("train_data")
     manifest = write_tiny_cohort(root, patients=9, split_column=True)
     build_dataset(manifest, root / "tfds", name="tiny", progress=False)
     return root / "tfds"
