@@ -667,13 +667,15 @@ def _one_line(err: BaseException) -> str:
 
 def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
               save_masks: bool = False, save_previews: bool = False, overwrite: bool = False,
-              progress: bool = True, log=None) -> BatchSummary:
+              progress: bool = True, log=None, after_study=None) -> BatchSummary:
     """Scores `studies` into `out` (see `cac-jax infer --help` for the files).
 
     A study that cannot be read or scored gets `status=error` and its one-line reason, and the
     batch goes on. results.csv is rewritten atomically after every study, after that study's
     other files, so a killed batch leaves only complete rows; a rerun skips the studies whose
     row says ok for the same image (unless `overwrite`) and retries failed ones.
+    `after_study(out, name, study, volume, result)` (e.g. the DICOM outputs, docs/clinical.md)
+    runs after a study's own files; what it raises makes that study an error row.
     """
     import json
 
@@ -718,6 +720,8 @@ def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
                            volume)
             if save_previews:
                 save_preview(out / f"{name}.png", volume, result, study.scan_id)
+            if after_study is not None:
+                after_study(out, name, study, volume, result)
             row.update(
                 protocol=study.protocol or volume.metadata.protocol or "", status="ok", error="",
                 agatston=f"{score.agatston:.6g}", volume_mm3=f"{score.volume_mm3:.6g}",

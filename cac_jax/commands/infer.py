@@ -18,12 +18,16 @@ Each PATH is a DICOM folder or an image file (.nii.gz, .mhd, .nrrd); a manifest 
 least scan_id, image and protocol (see the README). Outputs in OUT: results.csv (one row per
 study), <scan_id>.json (the `cac-jax score` JSON), with --save-masks <scan_id>_calcium_labels.nii.gz
 (4 coronary calcium, 5 non-coronary calcium) and <scan_id>_heart_mask.nii.gz in the input's
-geometry, with --save-previews <scan_id>.png. Exit code 0 when at least one study was scored or
+geometry, with --save-previews <scan_id>.png, with --dicom <scan_id>.seg.dcm (DICOM Segmentation)
+and <scan_id>.sr.dcm (DICOM SR measurement report) for studies read from DICOM, with --report
+report.html (docs/clinical.md). Exit code 0 when at least one study was scored or
 skipped, 2 when every study failed (or on bad arguments or checkpoints).
 
 example:
   cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
       --manifest cohort/manifest.csv --out results --save-masks --save-previews
+  cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \
+      --dicomweb http://pacs:8042/dicom-web --query ModalitiesInStudy=CT --push --out results
 """
 
 
@@ -48,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH", help="studies to score")
     source.add_argument("--manifest", metavar="M.csv", help="manifest of studies to score")
+    source.add_argument("--dicomweb", metavar="URL",
+                        help="pull the studies from this DICOMweb server (QIDO-RS, WADO-RS); "
+                             "select them with --study or --query")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                         help="slices per model call (default: 8)")
@@ -64,6 +71,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="slices the calcium model runs on: those the dilated heart "
                              "silhouette reaches (default; the same score, faster) or all "
                              "(non-coronary calcium is then marked on every slice)")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write a DICOM Segmentation (<scan_id>.seg.dcm) and a DICOM "
+                             "SR measurement report (<scan_id>.sr.dcm) per DICOM study")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html: results table and previews (implies "
+                             "--save-previews)")
+    web = parser.add_argument_group("DICOMweb (with --dicomweb URL; docs/clinical.md)")
+    select = web.add_mutually_exclusive_group()
+    select.add_argument("--study", nargs="+", metavar="UID", help="StudyInstanceUIDs to score")
+    select.add_argument("--query", action="append", metavar="KEY=VALUE",
+                        help="QIDO-RS study search term, repeatable (e.g. ModalitiesInStudy=CT, "
+                             "StudyDate=20260101-20261231)")
+    web.add_argument("--push", action="store_true",
+                     help="store the Segmentation and SR back into each study (STOW-RS; "
+                          "implies --dicom)")
+    web.add_argument("--credentials", metavar="FILE", default=None,
+                     help="file with username=/password= or token= lines (else the "
+                          "environment: CAC_JAX_DICOMWEB_USER and CAC_JAX_DICOMWEB_PASSWORD, or "
+                          "CAC_JAX_DICOMWEB_TOKEN)")
+    web.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                     help="seconds per HTTP request (default 60)")
+    web.add_argument("--retries", type=int, default=3, metavar="N",
+                     help="retries of a failed connection or 5xx answer (default 3)")
     parser.add_argument("--five-class", action="store_true",
                         help="categories 0, 1-10, 11-100, 101-400, >400")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,16 +103,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Loads both models, scores every study, writes the outputs and prints a summary."""
     from cac_jax import inference
+    from data_pipeline.errors import InputError
 
-    studies = inference.studies_from_args(args.input, args.manifest, args.series)
+    def log(line: str) -> None:
+        print(f"cac-jax infer: {line}", file=sys.stderr)
+
+    web = None
+    if args.dicomweb is not None:
+        from cac_jax import dicomweb
+
+        if not (args.study or args.query):
+            raise InputError(None, "--dicomweb needs --study UID ... or --query KEY=VALUE")
+        web = dicomweb.Pacs(args.dicomweb, credentials=args.credentials, timeout=args.timeout,
+                            retries=args.retries)
+        studies = web.studies(args.study, args.query, args.out, series=args.series)
+    elif args.study or args.query or args.push:
+        raise InputError(None, "--study, --query and --push need --dicomweb URL")
+    else:
+        studies = inference.studies_from_args(args.input, args.manifest, args.series)
     scorer = inference.Scorer.from_checkpoints(args.heart_checkpoint, args.calcium_checkpoint,
                                                batch_size=args.batch_size,
                                                five_class=args.five_class,
                                                calcium_slices=args.calcium_slices)
+    after_study = None
+    if args.dicom or args.push:
+        from cac_jax.dicom_outputs import after_study_writer
+
+        after_study = after_study_writer(scorer, log, push=web.push if args.push else None)
     summary = inference.run_batch(
-        scorer, studies, args.out, save_masks=args.save_masks,
-        save_previews=args.save_previews, overwrite=args.overwrite,
-        progress=not args.no_progress, log=lambda line: print(f"cac-jax infer: {line}",
-                                                             file=sys.stderr))
+        web.pulling(scorer) if web is not None else scorer, studies, args.out,
+        save_masks=args.save_masks, save_previews=args.save_previews or args.report,
+        overwrite=args.overwrite, progress=not args.no_progress, log=log,
+        after_study=after_study)
     print(summary.text())
+    if args.report:
+        from cac_jax.html_report import write_infer_report
+
+        print(f"wrote {write_infer_report(args.out)}")
     return 2 if summary.all_failed else 0
