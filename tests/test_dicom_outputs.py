@@ -187,3 +187,33 @@ def test_dciodvfy_finds_no_error(scored, suffix):
     errors = [line for line in text.splitlines() if line.startswith("Error")]
     assert ("Segmentation" if suffix == "seg" else "Comprehensive3DSR") in text
     assert errors == [], "\n".join(errors)
+
+
+def test_per_artery_groups_where_the_artery_is_known(tmp_path):
+    """Labels that name the artery (1 LAD, 3 RCA, as reference annotations do) give one SR group
+    per artery with its finding site, besides the lesion groups."""
+    import dataclasses
+
+    import highdicom as hd
+
+    from cac_jax.scoring import agatston_score
+
+    folder = write_dicom_study(tmp_path / "ct", seed=0, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    volume = read_study(folder)
+    scorer = threshold_scorer()
+    result = scorer.score(volume)
+    _, labels, _ = tiny_study(0, size=64, slices=8)
+    labels[labels >= 5] = 0
+    result = dataclasses.replace(result, calcium_labels=labels,
+                                 score=agatston_score(volume.hu, labels, volume.spacing_zyx_mm))
+    heart = dicom_outputs.ModelInfo.of(scorer.heart, "heart")
+    calcium = dicom_outputs.ModelInfo.of(scorer.calcium, "calcium")
+    _, sr_path = dicom_outputs.write_dicom_outputs(tmp_path, "s", volume, result, heart, calcium)
+    groups = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    totals = {g.tracking_identifier: g for g in groups if g.tracking_identifier.endswith("total")}
+    assert set(totals) == {"LAD total", "RCA total"}
+    for artery, group in totals.items():
+        value = group.get_measurements(name=hd.sr.CodedConcept("450360000", "SCT", "x"))[0].value
+        assert float(value) == pytest.approx(result.score.per_artery[artery.split()[0]])
+    assert totals["LAD total"].finding_sites[0].value.value == "59438005"
+    assert len(groups) == 2 + len(result.score.lesions)
