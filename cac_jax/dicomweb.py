@@ -216,6 +216,10 @@ class Pacs:
             atomic_write_text(target / _DONE, f"{len(datasets)}\n")
         return folder
 
+    def study_uid_of(self, folder: str | os.PathLike) -> str | None:
+        """The StudyInstanceUID `studies` cached into `folder` (None for another folder)."""
+        return self._uids.get(Path(folder).resolve())
+
     def pulling(self, scorer) -> _PullingScorer:
         """`scorer`, fetching each study from the server before reading it."""
         return _PullingScorer(scorer, self)
@@ -247,7 +251,7 @@ class _PullingScorer:
         return getattr(self._scorer, name)
 
     def score_path(self, path, *, series=None, **kwargs):
-        uid = self._pacs._uids.get(Path(path).resolve())
+        uid = self._pacs.study_uid_of(path)
         if uid is None:
             raise ValueError(f"{path}: not a study selected on {self._pacs.url}")
         self._pacs.fetch(uid, path, series)

@@ -5,6 +5,7 @@ selenium) where they are installed."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -69,7 +70,8 @@ def evaluate_out(infer_out, tmp_path_factory):
 def test_infer_report_is_self_contained(infer_out):
     page = (infer_out / "report.html").read_text()
     assert page.count("<tr class=") == 4
-    assert "not an image" not in page and "broken.nii.gz" in page  # the error row, one line
+    (error_row,) = re.findall(r'<tr class="error">.*?</tr>', page)
+    assert "broken.nii.gz" in error_row and "unreadable image file" in error_row
     assert page.count("data:image/png;base64,") == 3  # a preview per scored study
     assert "src=\"http" not in page and "src=\"file" not in page and "<link" not in page
 
