@@ -12,7 +12,8 @@ forward pass does not depend on the weights. Per pipeline, after a warm-up study
 shape bucket: seconds per study split into reading, preprocessing (3-slice windows, HU window,
 padding), heart model, calcium model, post-processing (heart silhouette, coronary labels) and
 scoring (`Scorer.score_path` timings); everything outside the two models as a share of model
-time (issue 11's target: <= 20%; the paper spent 2.24 s on preprocessing alone); the models'
+time (the target: <= 20%, docs/benchmarks.md; the paper spent 2.24 s on preprocessing alone);
+the models'
 achieved FLOP/s (XLA `cost_analysis` of the compiled batch function, padded samples included)
 against a float32 matmul peak (`jnp.dot` at 2048) measured in the same run, before and after each
 pipeline; and how many times each model compiles for a cohort of mixed sizes (ConvLSTM).

@@ -7,12 +7,13 @@ Measured in one run on one machine:
 1. a synthetic cohort of gated CAC scans at 512 px (the phantom's `generate_cohort`; a labelled
    stand-in if the phantom package is missing), every scan in the train split, built into a TFDS
    dataset: seconds per scan;
-2. peak RSS against dataset size: for each size N (--sizes, first N scans of the split: TFDS
-   slicing "train[:N]") and each cache mode (memory, stream), a fresh subprocess opens the training
-   pipeline (calcium task, 512 px, batch 16, augmentation on) and draws --child-batches batches;
-   it reports its RSS before `make_dataset`, its peak RSS from there on (Linux VmHWM, reset after
-   the imports; loading transients included) and the decoded bytes of the scans. The memory-mode target (issue 10): from 6 to 12
-   scans the peak grows by at most 1.5x the decoded bytes added; streaming stays flat;
+2. peak RSS against dataset size: for each size N (--sizes, first N scans of the split: TFDS slicing
+   "train[:N]") and each cache mode (memory, stream), a fresh subprocess opens the training pipeline
+   (calcium task, 512 px, batch 16, augmentation on) and draws --child-batches batches; it reports
+   its RSS before `make_dataset`, its peak RSS from there on (Linux VmHWM, reset after the imports;
+   loading transients included) and the decoded bytes of the scans. The memory-mode target
+   (docs/benchmarks.md): from 6 to 12 scans the peak grows by at most 1.5x the decoded bytes added;
+   streaming stays flat;
 3. throughput, side by side in this process: the memory and streaming pipelines on the same
    --throughput-scans scans, and a jit-compiled grad step of softmax cross-entropy with optax
    Adam (1e-3) on the default ConvLSTM calcium model (`cac_jax.models.build_model`) at
@@ -78,7 +79,7 @@ def standin_cohort(out: Path, patients: int, size: int, seed: int):
 
 
 def make_cohort(out: Path, patients: int, size: int, seed: int):
-    """Gated scans only (the issue's measure), every row in the train split."""
+    """Gated scans only (the target's measure), every row in the train split."""
     from data_pipeline.manifest import read_manifest, write_manifest
 
     try:

@@ -13,7 +13,7 @@ the width-matched UNet (configs/unet_matched_calcium.py), calcium task, float32,
 - `forward_s`: jit-compiled inference forward at the batch (warm, median of rounds);
 - `step_s`: `cac_jax.train.train_step` itself (focal loss with aux losses, gradients, pmean,
   Adam), pmapped on one device with the batch already on the device;
-- `step_over_forward` (issue 9's target: <= 4), `samples_per_s` (batch / step_s);
+- `step_over_forward` (the target: <= 4, docs/benchmarks.md), `samples_per_s` (batch / step_s);
 - `compiled_bytes`: XLA's memory analysis of the compiled step (temp + arguments + outputs -
   aliased); `peak_rss_bytes`: this process's peak resident memory after the model (cumulative,
   so only the first model's figure is its own; on accelerators `device_peak_bytes`);
@@ -309,7 +309,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Learning curve (issue 9): the ConvLSTM and the width-matched UNet, calcium and heart.
+# Learning curve (docs/training_notes.md): the ConvLSTM and the width-matched UNet, calcium and
+# heart.
 # The demo's models (cac_jax.demo.TRAINED): the ConvLSTM at half the configs' widths and the UNet
 # width-matched to it (base 12), so the curve is the one the demo's time boxes are chosen from.
 CURVE_RUNS = {

@@ -3,7 +3,8 @@
 Run:  python benchmarks/recipe_probe.py --calcium WORKDIR --data-dir D --manifest M.csv
           [--name cac_ct] [--heart WORKDIR] [--splits validation,test] [--out FILE.json]
 
-How a training recipe is judged here (README "Training": the recipe probes): not by its loss but by
+How a training recipe is judged here (docs/training_notes.md: the recipe probes): not by its loss
+but by
 the Agatston categories of held-out patients. For each scan of the chosen splits of the dataset
 (its `splits.csv` audit), read from the manifest it was built from:
 - the calcium model's coronary class at >= 130 HU inside the heart silhouette (the REFERENCE heart

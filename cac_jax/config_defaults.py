@@ -110,7 +110,7 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     # ConvLSTM takes 0.5 (of 0.05, 0.25, 0.5 and 1, the best on both protocols in the probes;
     # 1 starts missing gated plaques). The UNet, with about two thirds of the ConvLSTM's steps in
     # a CPU time box, called no coronary pixel at all with 1 in 120 s at 128 px and keeps 0.05
-    # (README "Training": the recipe probes).
+    # (docs/training_notes.md: the recipe probes).
     t.focal_gamma = 2.0
     if task != "calcium":
         t.focal_alpha = (0.25, 1.0)

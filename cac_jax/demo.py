@@ -69,9 +69,10 @@ TRAINED = {
 }
 
 
-# The demo trains with the configs' own recipe (README "Training": candidate-weighted focal loss,
-# half-size crops centred near coronary calcium for the calcium model, whole slices for the heart);
-# the calcium crops (image_size / 2) cost a quarter of a whole slice, so its batch is larger.
+# The demo trains with the configs' own recipe (docs/training_notes.md: candidate-weighted focal
+# loss, half-size crops centred near coronary calcium for the calcium model, whole slices for the
+# heart); the calcium crops (image_size / 2) cost a quarter of a whole slice, so its batch is
+# larger.
 
 
 class DemoError(RuntimeError):
@@ -105,7 +106,7 @@ class DemoSettings:
     calcium_seconds: float = 120.0
     # The learning rate falls linearly to 0 over this last fraction of each time box
     # (`train.anneal_fraction`): in a paired 120 s probe of the calcium ConvLSTM it cut false
-    # coronary voxels by a third to a half (README "Training").
+    # coronary voxels by a third to a half (docs/training_notes.md).
     anneal_fraction: float = 0.5
     # The configs' tiny `:local` widths (tests); the demo itself trains the full models.
     local_models: bool = False

@@ -1,6 +1,6 @@
 """Batch inference: CT study -> heart and calcium models -> masks -> Agatston score (no TensorFlow).
 
-DESIGN.md "Inference" and issue 11. For each study:
+The inference rules are in docs/contracts.md ("Model inputs and targets"). For each study:
 1. The 3-slice windows are built exactly as training built them (`data_pipeline.labels`: neighbours
    `neighbour_offset(spacing_z, neighbour_mm)` slices away, edges repeated, HU windowed to
    [-800, 1200] and scaled), but never for the whole volume at once: each batch of B centre slices
@@ -63,7 +63,7 @@ DEFAULT_BUCKET_PX = 64
 # Non-coronary calcium the calcium model finds is written to the saved label map as 5 (orCaScore:
 # labels >= 5 are non-coronary and never scored), so the file shows it but scores the same.
 NON_CORONARY_LABEL = 5
-EXPECTED = {"heart": 2, "calcium": 3}  # task -> number of classes (DESIGN.md "Samples")
+EXPECTED = {"heart": 2, "calcium": 3}  # task -> number of classes (docs/contracts.md)
 
 
 class ModelMismatchError(InputError):
@@ -534,7 +534,7 @@ def iter_batches(num_slices: int, batch_size: int) -> Iterator[np.ndarray]:
 # Batch runs (`cac-jax infer`)
 # ---------------------------------------------------------------------------------------------
 
-# results.csv columns, in order (a contract, issue 11).
+# results.csv columns, in order (a contract: docs/contracts.md, "cac-jax infer outputs").
 RESULT_COLUMNS = ("scan_id", "image", "protocol", "status", "error", "agatston", "volume_mm3",
                   "category", "category_name", "n_lesions", "heart_volume_ml", "heart_model",
                   "calcium_model", "heart_step", "calcium_step", "seconds")

@@ -1,11 +1,11 @@
 """Predicted masks -> Agatston labels -> score: the one post-processing that training's validation
 and inference share (numpy + scipy only: no JAX, no TensorFlow).
 
-DESIGN.md "Inference" and the paper's two-model design: the heart model's silhouette removes the
-bone the calcium model would otherwise overcall; inside it, the calcium model's coronary class at
-HU >= 130 is coronary calcium. The models do not name arteries, so every predicted voxel gets
-label 4 (coronary, artery not determined; orCaScore convention) and the Agatston scorer does the
-rest by the contract (lesions, minimum area, weights, categories).
+docs/contracts.md ("Model inputs and targets") and the paper's two-model design: the heart model's
+silhouette removes the bone the calcium model would otherwise overcall; inside it, the calcium
+model's coronary class at HU >= 130 is coronary calcium. The models do not name arteries, so every
+predicted voxel gets label 4 (coronary, artery not determined; orCaScore convention) and the
+Agatston scorer does the rest by the contract (lesions, minimum area, weights, categories).
 """
 
 from __future__ import annotations

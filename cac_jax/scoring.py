@@ -1,4 +1,4 @@
-"""Agatston score, calcium volume and mass, and CAC categories (the Agatston contract, DESIGN.md).
+"""Agatston score, calcium volume and mass, and CAC categories (docs/contracts.md, the rules).
 
 The implementation is `data_pipeline.agatston` (the lower package layer: the dataset builder and
 the synthetic cohort score reference labels too, and `data_pipeline` never imports `cac_jax`);

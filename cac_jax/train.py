@@ -1,6 +1,6 @@
 """Training: the data-parallel focal-loss step, validation, and the loop with Orbax checkpoints.
 
-`train_and_evaluate(config, workdir)` runs (or resumes) one experiment (DESIGN.md "Training"):
+`train_and_evaluate(config, workdir)` runs (or resumes) one experiment (docs/training.md):
 - the step is a per-device function with explicit collectives over the named axis `AXIS`
   (`lax.pmean` of gradients, BatchNorm statistics and metrics), mapped over the local devices with
   `jax.pmap`; the state is replicated. Multi-host: `jax.distributed.initialize()` first, each host
@@ -43,11 +43,12 @@ from flax import struct
 from jax import lax
 
 from cac_jax import checkpoints as ckpt_lib
+from cac_jax.evaluation.statistics import linear_kappa
 from cac_jax.losses import focal_loss_map
 from cac_jax.models import build_model
 from cac_jax.models.config import NUM_CLASSES
 from data_pipeline.atomic import atomic_write_text
-from data_pipeline.constants import CALCIUM_THRESHOLD_HU
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU, NUM_CATEGORIES
 from data_pipeline.errors import InputError
 from data_pipeline.labels import HU_WINDOW
 from data_pipeline.manifest import PROTOCOLS
@@ -59,8 +60,6 @@ RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds")
 ADDED_KEYS = {"train.anneal_fraction": 0.0}
 CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
 HEART_CLASS_NAMES = ("background", "heart")
-# The paper's four Agatston categories (0, 1-100, 101-400, >400).
-NUM_CATEGORIES = 4
 
 log = logging.getLogger(__name__)
 
@@ -337,28 +336,6 @@ def eval_step(state: TrainState, batch: dict, *, model, config):
 
 # ----------------------------------------------------------------------------------------------
 # Validation: per-scan categories and kappa
-
-
-def linear_kappa(confusion: np.ndarray) -> float:
-    """Linearly weighted Cohen's kappa of a (reference x predicted) category count matrix.
-
-    sklearn's `cohen_kappa_score` on the expanded pairs; NaN when it is undefined (one category).
-    """
-    from sklearn.metrics import cohen_kappa_score
-
-    confusion = np.asarray(confusion, np.int64)
-    ref, pred = np.nonzero(confusion)
-    counts = confusion[ref, pred]
-    y_ref, y_pred = np.repeat(ref, counts), np.repeat(pred, counts)
-    if y_ref.size == 0 or (len(set(y_ref)) == 1 and set(y_ref) == set(y_pred)):
-        return math.nan
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        value = cohen_kappa_score(y_ref, y_pred, labels=list(range(NUM_CATEGORIES)),
-                                  weights="linear")
-    return float(value)
 
 
 def _reference_heart_masks(data, split: str, scan_ids: set[str]) -> dict[str, np.ndarray]:

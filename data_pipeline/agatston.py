@@ -1,4 +1,4 @@
-"""Agatston score, calcium volume and mass, and CAC categories (the Agatston contract, DESIGN.md).
+"""Agatston score, calcium volume and mass, and CAC categories (docs/contracts.md, the rules).
 
 Lives in the lower layer (`data_pipeline`) because the dataset builder, the patient splits and the
 synthetic cohort score reference labels; `cac_jax.scoring` re-exports it for users.
@@ -129,7 +129,7 @@ class AgatstonResult:
     warnings: tuple[str, ...]
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The JSON object of DESIGN.md (`cac-jax score`), keys exactly as contracted."""
+        """The JSON object of `cac-jax score` (docs/contracts.md), keys exactly as contracted."""
         return {
             "agatston": self.agatston,
             "volume_mm3": self.volume_mm3,
@@ -275,7 +275,7 @@ def agatston_score(
     slice_thickness_mm: float | None = None,
     five_class: bool = False,
 ) -> AgatstonResult:
-    """Scores an HU volume `(z, y, x)` with its label volume by the Agatston contract (DESIGN.md).
+    """Scores an HU volume `(z, y, x)` with its label volume by the rules of docs/contracts.md.
 
     Args:
       hu: Hounsfield units, `(z, y, x)`.

@@ -1,7 +1,7 @@
 """Numbers and codes that scoring, labels, the synthetic cohort and the models all share.
 
 The one source of each (no imports: every layer can use it). The label codes follow the orCaScore
-challenge convention the Agatston contract (DESIGN.md) adopts.
+challenge convention the Agatston rules adopt (docs/contracts.md).
 """
 
 from __future__ import annotations

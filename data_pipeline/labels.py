@@ -1,10 +1,10 @@
 """Training targets and model inputs from stored scans (numpy only; inference reuses it).
 
-DESIGN.md "Data flow" 3 and issue 4:
+The model inputs and targets of docs/contracts.md:
 - calcium classes: 0 background, 1 coronary calcium (label 1-4: LAD, LCX, RCA, undetermined), 2
   non-coronary calcium (label >= 5: aorta, valves, other) and, in every file, any other voxel at
-  HU >= 130 that is not coronary (bone, noise), so the model learns to tell them apart. Issue 4 applies
-  the HU rule to every file, which wins over DESIGN.md's "where a file has no such annotation".
+  HU >= 130 that is not coronary (bone, noise), so the model learns to tell them apart. The HU rule
+  applies to every file, whether or not it annotates non-coronary calcium.
 - heart mask: any non-zero voxel is heart.
 - HU window: clip to [-800, 1200] HU and scale to [0, 1] (paper, "Preprocessing").
 - 3-slice windows: each axial slice with its two neighbours; the first and last slices repeat

@@ -1,12 +1,12 @@
 """The study manifest: one CSV row per scan, the contract between users' data and the pipeline.
 
-Columns (DESIGN.md): `patient_id, scan_id, protocol (cac|ctac), image, calcium_labels` are
-required; `heart_mask, site, split, series, agatston, category` are optional (a missing column
-means empty in every row). `series` picks a DICOM series of `image` by SeriesNumber or
-SeriesInstanceUID (`data_pipeline.io.read_study`); `agatston` and `category` are the reference
-score and category (the synthetic cohort always writes them). Paths are relative to the
-manifest's folder (absolute paths also work). `calcium_labels` and `heart_mask` may be empty
-(inference-only rows); `split` may be empty (the dataset builder then splits by patient).
+Columns (docs/contracts.md, "The manifest"): `patient_id, scan_id, protocol (cac|ctac), image,
+calcium_labels` are required; `heart_mask, site, split, series, agatston, category` are optional (a
+missing column means empty in every row). `series` picks a DICOM series of `image` by SeriesNumber
+or SeriesInstanceUID (`data_pipeline.io.read_study`); `agatston` and `category` are the reference
+score and category (the synthetic cohort always writes them). Paths are relative to the manifest's
+folder (absolute paths also work). `calcium_labels` and `heart_mask` may be empty (inference-only
+rows); `split` may be empty (the dataset builder then splits by patient).
 
 Inference-only use (`parse_manifest(path, inference=True)`, `read_manifest(..., inference=True)`)
 needs only `scan_id`, `image` and `protocol`; `patient_id` then defaults to the scan id.
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_write_text
+from data_pipeline.constants import NUM_CATEGORIES  # the `category` column: the paper's four
 from data_pipeline.errors import ManifestError
 
 REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels")
@@ -32,7 +33,6 @@ OPTIONAL_COLUMNS = ("heart_mask", "site", "split", "series", "agatston", "catego
 COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels", "heart_mask", "site",
            "split", "series", "agatston", "category")
 PROTOCOLS = ("cac", "ctac")
-NUM_CATEGORIES = 4  # the `category` column uses the paper's four classes
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
                   "val": "validation", "valid": "validation", "test": "test", "testing": "test"}

@@ -215,7 +215,7 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """`parsed_manifest`: the result of `load_manifest` when the caller already checked it;
         `on_warning` gets warnings such as an empty split (default: printed to stderr);
         `neighbour_mm`: the neighbour distance recorded in the metadata with the slice offsets it
-        gives these scans (training uses `config.data.neighbour_mm`; see README)."""
+        gives these scans (training uses `config.data.neighbour_mm`; see docs/input_pipeline.md)."""
         # Set before the base __init__, which may call _info().
         self.manifest_path = None if manifest_path is None else Path(manifest_path)
         self.split_seed = int(split_seed)

@@ -38,7 +38,7 @@ def test_console_script_version_and_missing_command():
 
 
 def test_scoring_imports_no_tensorflow():
-    """A workstation that only scores studies must not pay for TensorFlow (DESIGN.md)."""
+    """A workstation that only scores studies must not pay for TensorFlow (docs/architecture.md)."""
     code = ("import sys, cac_jax.cli, cac_jax.scoring, cac_jax.baselines, data_pipeline.io, "
             "data_pipeline.phantom; cac_jax.cli.build_parser(); "
             "print('tensorflow' in sys.modules)")

@@ -56,7 +56,8 @@ def test_full_config_builds_its_model(path):
     params = abstract_params(config, 32)
     n = count_params(params)
     if config.model.arch == "unet" and config.model.unet.base_width == 64:
-        # The literature's UNet: 31.0 M parameters (DESIGN.md); the head depends on the classes.
+        # The literature's UNet: 31.0 M parameters (docs/architecture.md); the head depends on the
+        # classes.
         assert abs(n - 31.04e6) < 0.01e6
     assert config.model.get("bn_axis_name") is None or isinstance(config.model.bn_axis_name, str)
 

@@ -1,4 +1,5 @@
-"""docs/: the figure script draws both diagrams, and every relative link in docs/*.md resolves."""
+"""docs/: the figure script draws both diagrams, every relative link in docs/*.md and the README
+resolves, and docs/index.md lists every page."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import importlib.util
 import re
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+LINK = re.compile(r"\]\(([^)#\s]+)\)")
 
 
 def test_make_figures_writes_both_diagrams(tmp_path):
@@ -24,8 +27,15 @@ def test_make_figures_writes_both_diagrams(tmp_path):
 def test_relative_links_in_docs_resolve():
     pages = sorted(DOCS.glob("*.md"))
     assert {p.name for p in pages} >= {"architecture.md", "data_flow.md", "agatston.md",
-                                        "extending.md"}
-    for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text()):
+                                        "extending.md", "contracts.md", "index.md"}
+    for page in [*pages, ROOT / "README.md", ROOT / "launch" / "README.md"]:
+        for target in LINK.findall(page.read_text()):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_index_lists_every_page():
+    listed = set(LINK.findall((DOCS / "index.md").read_text()))
+    for page in DOCS.glob("*.md"):
+        if page.name != "index.md":
+            assert page.name in listed, f"docs/index.md does not list {page.name}"

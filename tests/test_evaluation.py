@@ -71,6 +71,25 @@ def test_vectorised_kappa_matches_sklearn():
         assert ours == pytest.approx(expected, abs=1e-12)
 
 
+def test_linear_kappa_of_a_table_is_sklearns_and_training_uses_it():
+    # One linear kappa for training's validation and `cac-jax evaluate`: the table's kappa equals
+    # scikit-learn's on the expanded ratings, NaN where it is undefined.
+    from cac_jax import train
+
+    assert train.linear_kappa is ev.linear_kappa
+    for table in _random_tables(9, seed=4):
+        reference, predicted = _ratings_from_table(table)
+        assert ev.linear_kappa(table) == pytest.approx(
+            cohen_kappa_score(reference, predicted, labels=[0, 1, 2, 3], weights="linear"),
+            abs=1e-12)
+    assert math.isnan(ev.linear_kappa(np.zeros((4, 4), int)))
+    single = np.zeros((4, 4), int)
+    single[2, 2] = 5  # both raters use one and the same category: chance agreement 1
+    assert math.isnan(ev.linear_kappa(single))
+    single[2, 3] = 1
+    assert ev.linear_kappa(single) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_kappa_perfect_and_undefined():
     perfect = ev.weighted_kappa([0, 1, 2, 3, 3], [0, 1, 2, 3, 3])
     assert perfect.kappa == pytest.approx(1.0)
@@ -329,6 +348,78 @@ def test_cli_ref_protocol_matches_each_ctac_scan_to_the_patients_gated_reference
     assert "patient is unknown" in reasons["orphan-ctac"]
 
 
+def test_partly_filled_category_column_one_set_of_reference_categories(tmp_path):
+    # The category column is filled (and contradicts the scores) for the CAC scans only: it is
+    # not used, and the kappas, both z-tests and the CAC group all use the categories from the
+    # reference agatston.
+    ref, pred, pred2, manifest, _, _ = _cohort(tmp_path)
+    for row in manifest:
+        if row[2] == "cac":
+            row[9] = 3 - cac_category(float(row[8]))
+    ref = _write_csv(tmp_path / "manifest.csv", MANIFEST_COLUMNS, manifest)
+    metrics, cases = ev.evaluate(ev.EvaluationInputs(str(pred), str(ref), str(pred2),
+                                                     by_protocol=True, n_bootstrap=200))
+    assert "filled for 24 of 48 cases, so it is not used" in metrics["reference_category"]
+    assert metrics["warnings"]  # the contradicting categories are still listed
+    for block in (metrics, *metrics["by_protocol"].values()):
+        difference = block["kappa_linear"] - block["kappa_linear_2"]
+        assert block["z_test"]["difference"] == pytest.approx(difference, abs=1e-12)
+        assert block["z_test_paired_bootstrap"]["difference"] == pytest.approx(difference,
+                                                                               abs=1e-12)
+    cac = [c for c in cases if c.protocol == "cac"]
+    assert metrics["by_protocol"]["cac"]["kappa_linear"] == pytest.approx(cohen_kappa_score(
+        [cac_category(c.reference_agatston) for c in cac],
+        [cac_category(c.agatston) for c in cac], labels=[0, 1, 2, 3], weights="linear"),
+        abs=1e-12)
+
+
+def test_bootstrap_resamples_whole_clusters():
+    # Every patient has two scans with the same ratings: drawing patients gives exactly the
+    # case bootstrap of one scan per patient (same seed); drawing scans would not.
+    rng = np.random.default_rng(8)
+    reference = rng.integers(0, 4, 30)
+    first = np.clip(reference + rng.choice([-1, 0, 0, 1], 30), 0, 3)
+    second = np.clip(reference + rng.choice([-2, -1, 0, 1, 2], 30), 0, 3)
+    one_scan = ev.bootstrap_kappa(reference, first, n_resamples=400, seed=3, predicted_2=second)
+    patients = np.repeat(np.arange(30), 2)
+    two_scans = [np.repeat(values, 2) for values in (reference, first, second)]
+    clustered = ev.bootstrap_kappa(two_scans[0], two_scans[1], n_resamples=400, seed=3,
+                                   predicted_2=two_scans[2], clusters=patients)
+    assert clustered.n_clusters == 30
+    assert clustered.ci95 == one_scan.ci95 and clustered.ci95_2 == one_scan.ci95_2
+    assert clustered.difference_ci95 == one_scan.difference_ci95
+    assert clustered.paired_test == one_scan.paired_test
+    scans = ev.bootstrap_kappa(two_scans[0], two_scans[1], n_resamples=400, seed=3)
+    assert scans.n_clusters == 60
+    # Scans drawn as if independent: a narrower interval than the patients' own.
+    assert scans.ci95[1] - scans.ci95[0] < clustered.ci95[1] - clustered.ci95[0]
+    with pytest.raises(ValueError, match="one label per case"):
+        ev.bootstrap_kappa(reference, first, clusters=patients)
+
+
+def test_evaluate_bootstrap_resamples_patients(tmp_path):
+    ref, pred, pred2, _, _, _ = _cohort(tmp_path)  # every patient has a CAC and a CTAC scan
+    metrics, cases = ev.evaluate(ev.EvaluationInputs(str(pred), str(ref), str(pred2),
+                                                     n_bootstrap=300, seed=4))
+    assert {c.patient_id for c in cases} == {f"p{i:02d}" for i in range(24)}
+    patients = [c.patient_id for c in cases]
+    reference = [cac_category(c.reference_agatston) for c in cases]
+    first = [cac_category(c.agatston) for c in cases]
+    second = [cac_category(c.agatston_2) for c in cases]
+    expected = ev.bootstrap_kappa(reference, first, n_resamples=300, seed=4,
+                                  predicted_2=second, clusters=patients)
+    assert metrics["kappa_linear_bootstrap_ci95"] == pytest.approx(list(expected.ci95),
+                                                                   abs=1e-12)
+    assert metrics["bootstrap"]["method"].startswith("percentile, patients resampled")
+    assert metrics["bootstrap"]["n_resampled_units"] == 24
+    paired = metrics["z_test_paired_bootstrap"]
+    assert paired["resampling"].startswith("patients resampled")
+    assert paired["difference_ci95"] == pytest.approx(list(expected.difference_ci95), abs=1e-12)
+    assert paired["se"] == pytest.approx(expected.paired_test.std_err, abs=1e-12)
+    by_case = ev.bootstrap_kappa(reference, first, n_resamples=300, seed=4)
+    assert metrics["kappa_linear_bootstrap_ci95"] != pytest.approx(list(by_case.ci95), abs=1e-6)
+
+
 def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
     # b's given category (2: 101-400) contradicts its score (50: 1-100): used, with a warning.
     ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston", "volume_mm3", "category"],
@@ -382,7 +473,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
 
 
 def test_evaluate_imports_neither_jax_nor_tensorflow():
-    """Evaluation runs on a statistician's laptop: no JAX, no TensorFlow (README)."""
+    """Evaluation runs on a statistician's laptop: no JAX, no TensorFlow (docs/commands.md)."""
     import subprocess
     import sys
 

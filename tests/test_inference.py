@@ -1,10 +1,10 @@
 """Inference: the Scorer (buckets, streaming, resampling, post-processing), `cac-jax infer`, no TF.
 
 The helpers at the top are shared with the other inference tests. `cac_jax.checkpoints.TrainedModel`
-(the training issue's contract) is mirrored by `Trained`, so the tests build models from the `:local`
-configs with random weights (`random_variables`: shapes from `jax.eval_shape`, He-normal kernels drawn
-with numpy, so no slow `init` compile), and a `ThresholdNet` whose prediction is known exactly (HU
-above a threshold) for geometry tests.
+(the checkpoint contract, docs/contracts.md) is mirrored by `Trained`, so the tests build models
+from the `:local` configs with random weights (`random_variables`: shapes from `jax.eval_shape`,
+He-normal kernels drawn with numpy, so no slow `init` compile), and a `ThresholdNet` whose
+prediction is known exactly (HU above a threshold) for geometry tests.
 """
 
 from __future__ import annotations

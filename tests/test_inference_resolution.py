@@ -1,6 +1,7 @@
 """Resolution: a heart model trained on coarse-pixel scans gives sensible masks on a fine-pixel
-study (issue 11: "a model trained on 128 px synthetic scans (2.7 mm pixels) must still give
-sensible masks on a 512 px study (0.7 mm)"), here at a quarter of those sizes to fit a test.
+study (a model trained on 128 px synthetic scans, 2.7 mm pixels, must still give sensible masks
+on a 512 px study, 0.7 mm: docs/commands.md, "cac-jax infer"), here at a quarter of those sizes
+to fit a test.
 
 A 10-patient synthetic cohort is rendered at 64 px (gated CAC scans, 3.5-4.9 mm pixels: the
 field of view is drawn per patient), ingested, and a ConvLSTM :local heart model trained on it

@@ -21,6 +21,7 @@ from pydicom.uid import RLELossless
 
 from data_pipeline import io
 from data_pipeline.errors import InputError, LabelError, StudyReadError
+from data_pipeline.io import writers as io_writers
 
 STEP = 2.5
 
@@ -616,7 +617,7 @@ def test_write_volume_failure_leaves_old_file(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(io.sitk, "WriteImage", fail)
+    monkeypatch.setattr(io_writers.sitk, "WriteImage", fail)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     for name in ("old.nii.gz", "old.mhd"):
         with pytest.raises(RuntimeError, match="disk full"):

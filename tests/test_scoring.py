@@ -477,7 +477,7 @@ def test_matches_reference_on_random_volumes(seed):
 
 
 def test_scoring_does_not_import_jax_or_tensorflow():
-    # A workstation that only scores studies should pay for neither (DESIGN.md).
+    # A workstation that only scores studies should pay for neither (docs/architecture.md).
     code = ("import sys, cac_jax.scoring; "
             "print(sorted(m for m in ('jax', 'tensorflow', 'flax') if m in sys.modules))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

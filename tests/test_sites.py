@@ -194,7 +194,7 @@ def test_kvp_contrast_scales_positive_hu_only():
 def test_sites_meet_categories_and_change_the_images(name):
     """Category 1 (the narrowest score band) met on the gated scan at 64 px (the CLI test below
     meets category 3 at site2; tens of patients per site and size were checked by hand, see
-    the README); the same patient imaged at the default site has another image."""
+    docs/synthetic_cohort.md); the same patient imaged at the default site has another image."""
     site = SITES[name]
     seed = patient_seed(4, 1, name)
     scans = render_patient(seed, ("cac", "ctac"), 64, category=1, site=name,

@@ -1,6 +1,7 @@
 """`cac-jax infer`: score CT studies with a trained heart model and a trained calcium model.
 
-A thin loop over `cac_jax.inference.Scorer` (issue 11): one row per study in `OUT/results.csv`,
+A thin loop over `cac_jax.inference.Scorer` (docs/commands.md): one row per study in
+`OUT/results.csv`,
 the scorer's JSON per study, optional masks and previews, a progress bar and a summary. One bad
 study is reported in its row and the batch goes on; a rerun skips studies already scored.
 """

@@ -1,9 +1,9 @@
 """`cac-jax score`: Agatston score, volume, mass and category of one study from its label file.
 
-Prints the JSON object of DESIGN.md ("Agatston contract") on stdout, writes it atomically to
-`--json OUT` when given, and repeats its warnings on stderr for a reader at the terminal. The JSON
-is strict (no NaN or Infinity: a result that overflows is refused); `--json` may not name an input
-file; a standard output that is closed or full is an error (exit 2), not a lost result.
+Prints the JSON object of docs/contracts.md ("cac-jax score JSON") on stdout, writes it atomically
+to `--json OUT` when given, and repeats its warnings on stderr for a reader at the terminal. The
+JSON is strict (no NaN or Infinity: a result that overflows is refused); `--json` may not name an
+input file; a standard output that is closed or full is an error (exit 2), not a lost result.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "score",
         help="Agatston score, volume, mass and CAC category of a study from its calcium labels",
-        description="Scores coronary calcium by the Agatston contract (DESIGN.md): voxels labelled\n"
-                    "1-4 at >= 130 HU; 2D 8-connected lesions per slice and label; lesions of at\n"
-                    "least --min-area-mm2; weights 1-4 by each lesion's peak HU; the sum scaled by\n"
-                    "slice spacing / 3 mm. Prints one JSON object (agatston, volume_mm3, mass_mg,\n"
-                    "category, category_name, per_artery, lesions, spacing_zyx_mm, warnings).",
+        description="Scores coronary calcium by the Agatston rules (docs/agatston.md): voxels\n"
+                    "labelled 1-4 at >= 130 HU; 2D 8-connected lesions per slice and label;\n"
+                    "lesions of at least --min-area-mm2; weights 1-4 by each lesion's peak HU;\n"
+                    "the sum scaled by slice spacing / 3 mm. Prints one JSON object (agatston,\n"
+                    "volume_mm3, mass_mg, category, category_name, per_artery, lesions,\n"
+                    "spacing_zyx_mm, warnings).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

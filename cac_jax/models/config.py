@@ -2,7 +2,7 @@
 
 Fields (read by `cac_jax.models.build_model`):
 - arch: "convlstm" | "unet"; task: "calcium" | "heart"; num_classes: 3 | 2 (from the task:
-  background / coronary / non-coronary calcium, or background / heart, DESIGN.md "Samples");
+  background / coronary / non-coronary calcium, or background / heart, docs/contracts.md);
 - dtype: computation dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or
   "bfloat16"; param_dtype: parameter dtype, float32 (bf16 compute keeps float32 master weights);
 - norm: "group" (default, see cac_jax/models/layers.py for why) or "batch"; groups: GroupNorm's

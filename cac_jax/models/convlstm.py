@@ -25,7 +25,7 @@ from cac_jax.models.layers import ConvNormAct, kaiming_normal, norm_kwargs, spac
 
 Dtype = Any
 
-# Number of adjacent slices the models read: below, centre, above (DESIGN.md "Samples").
+# Number of adjacent slices the models read: below, centre, above (docs/contracts.md).
 NUM_SLICES = 3
 CENTRE = 1
 

@@ -3,7 +3,7 @@
 The paper's reference model: "UNet model with 3 adjacent slices" (Methods). Four down and four up
 levels; widths base * (1, 2, 4, 8, 16); max-pool down, 2x2 stride-2 transposed convolutions up;
 two 3x3 conv-norm-ReLU layers per level; a 1x1 convolution to the class logits. With base 64 this
-is the literature's UNet: 31.0 M parameters for 3 input channels (as in DESIGN.md). A smaller
+is the literature's UNet: 31.0 M parameters for 3 input channels (docs/architecture.md). A smaller
 `base_width` gives the width-matched baseline (configs/unet_matched_calcium.py).
 """
 

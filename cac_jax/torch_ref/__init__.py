@@ -5,7 +5,8 @@ in PyTorch's NCHW layout, with exactly the same parameters: `from_flax(config, p
 module and copies a Flax parameter tree into it, so both frameworks compute the same function on
 the same weights (tests/test_torch_parity.py checks the parameter count and the logits).
 
-Install with the optional extra: `pip install -e .[torch]` (the CPU build; see README).
+Install with the optional extra: `pip install -e .[torch]` (the CPU build; see docs/commands.md,
+"cac-jax bench").
 
 Layout conventions:
 - input `(batch, 3, H, W)` float32: the 3 adjacent slices (below, centre, above) as channels,
