@@ -122,12 +122,14 @@ def _lock(out: Path, log) -> OutputLock:
 
 def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
               save_masks: bool = False, save_previews: bool = False, overwrite: bool = False,
-              progress: bool = True, log=None) -> BatchSummary:
+              progress: bool = True, log=None, after_study=None) -> BatchSummary:
     """Scores `studies` into `out` (see the module docstring and `cac-jax infer --help`).
 
     results.csv is rewritten (atomically) once at the start, keeping the rows this run will not
     redo, and then gets one appended row per study, after that study's other files: a killed
-    batch leaves only complete rows.
+    batch leaves only complete rows. `after_study(out, name, study, volume, result)` (e.g. the
+    DICOM outputs, docs/clinical.md) runs after a study's own files; what it raises makes that
+    study an error row.
     """
     out = Path(out)
     _prepare_out(out, studies)
@@ -135,7 +137,7 @@ def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
     try:
         return _run_locked(scorer, studies, out, save_masks=save_masks,
                            save_previews=save_previews, overwrite=overwrite, progress=progress,
-                           log=log)
+                           log=log, after_study=after_study)
     finally:
         lock.release()
 
@@ -174,7 +176,8 @@ def _start_results(path: Path, studies: list[Study], models: dict[str, str], ove
 
 
 def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: bool,
-                save_previews: bool, overwrite: bool, progress: bool, log) -> BatchSummary:
+                save_previews: bool, overwrite: bool, progress: bool, log,
+                after_study=None) -> BatchSummary:
     from tqdm import tqdm
 
     results_path = out / RESULTS_NAME
@@ -194,7 +197,8 @@ def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: 
                 summary.skipped += 1
                 continue
             start = time.perf_counter()
-            row = _score_study(scorer, study, out, models, save_masks, save_previews)
+            row = _score_study(scorer, study, out, models, save_masks, save_previews,
+                               after_study)
             seconds = time.perf_counter() - start
             row["seconds"] = f"{seconds:.3f}"
             if row["status"] == "ok":
@@ -224,7 +228,7 @@ def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: 
 
 
 def _score_study(scorer: Scorer, study: Study, out: Path, models: dict[str, str],
-                 save_masks: bool, save_previews: bool) -> dict[str, Any]:
+                 save_masks: bool, save_previews: bool, after_study=None) -> dict[str, Any]:
     """The results row of one study, after writing its other files."""
     row: dict[str, Any] = {"scan_id": study.scan_id, "image": str(study.image),
                            "protocol": study.protocol, **models}
@@ -247,6 +251,14 @@ def _score_study(scorer: Scorer, study: Study, out: Path, models: dict[str, str]
     except OSError as err:
         raise OutputWriteError(out, f"cannot write the outputs of {study.scan_id}: "
                                     f"{_reason(err)}") from None
+    if after_study is not None:
+        try:
+            after_study(out, name, study, volume, result)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad study must not stop the batch
+            row.update(status="error", error=error_line(err))
+            return row
     score = result.score
     row.update(status="ok", error="", agatston=number(score.agatston),
                volume_mm3=number(score.volume_mm3), category=score.category,

@@ -14,7 +14,8 @@ same command a user would run (`cac-jax synth | ingest | train | infer | evaluat
 5. measure agreement with the truth as the paper does (`cac-jax evaluate`: linearly weighted
    kappa with CI, concordance matrices, ConvLSTM vs UNet z-test; gated and CTAC; test and site 2);
 6. a short timing study (`cac-jax bench`);
-7. write DIR/report.md (tables, figures, sizes and times, a plain verdict) and DIR/summary.json.
+7. write DIR/report.md (tables, figures, sizes and times, a plain verdict), the same as one
+   self-contained page DIR/report.html, and DIR/summary.json.
 
 A second run reuses every stage whose settings did not change (each stage stamps its settings).
 `--quick` runs the same path at a smaller size in a few minutes.
@@ -396,7 +397,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
             _cli("infer", "--heart-checkpoint", str(out / "models" / f"heart_{arch}"),
                  "--calcium-checkpoint", str(out / "models" / f"calcium_{arch}"),
                  "--manifest", str(combined), "--out", str(folder), "--save-previews",
-                 "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+                 "--report", "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
                  *([] if s.min_heart_ml is None else ["--min-heart-ml", str(s.min_heart_ml)]),
                  stage=f"infer {arch}")
             split_results(folder / "results.csv", {
@@ -431,7 +432,7 @@ def evaluate(out: Path, manifests: dict[str, Path], jobs: int = 1) -> dict:
 
     def one(key):
         folder, args = runs[key]
-        _cli("evaluate", *args, "--out", str(out / "eval" / folder),
+        _cli("evaluate", *args, "--out", str(out / "eval" / folder), "--report",
              stage=f"evaluate {folder}")
         return json.loads((out / "eval" / folder / "metrics.json").read_text())
 
@@ -637,7 +638,10 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
               "works end to end, not how it performs on patients.", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
-    return path
+    from cac_jax.html_report import write_markdown_report
+
+    # The same report as one self-contained page (figures embedded; docs/clinical.md).
+    return write_markdown_report(path, out / "report.html", "cac-jax demo report")
 
 
 def run(out: Path, s: DemoSettings) -> dict:

@@ -21,7 +21,7 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
         min_heart_ml=0.0)  # 2-step heart models find small hearts
     summary = demo.run(tmp_path, settings)
     out = capfd.readouterr().out
-    assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.md'}"
+    assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test"] == summary["test"]
@@ -50,6 +50,10 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
     assert report.startswith("# cac-jax demo report")
     assert "**Verdict:**" in report and "## Second site" in report
     assert "figures/training_curves.png" in report and "bench/bench.png" in report
+    page = (tmp_path / "report.html").read_text()
+    assert "cac-jax demo report" in page and page.count("data:image/png;base64,") >= 2
+    assert (tmp_path / "infer" / "convlstm" / "report.html").exists()
+    assert (tmp_path / "eval" / "test_convlstm" / "report.html").exists()
 
     # A second run reuses every stage (no training, inference or benchmark again).
     demo.run(tmp_path, settings)

@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also the 5-category variant (0, 1-10, 11-100, 101-400, >400)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder (created): report.md, metrics.json, *.png")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html: report.md with its figures embedded, "
+                             "tables sortable (docs/clinical.md)")
     parser.set_defaults(func=run)
 
 
@@ -113,4 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{metrics['n_excluded']} row(s) left out, listed in {args.out}/report.md and "
               "metrics.json")
     print(f"wrote {args.out}/report.md and metrics.json")
+    if args.report:
+        from cac_jax.html_report import write_evaluate_report
+
+        print(f"wrote {write_evaluate_report(args.out)}")
     return 0

@@ -19,11 +19,13 @@ Each PATH is a DICOM folder or an image file (.nii.gz, .mhd, .nrrd); a manifest 
 least scan_id, image and protocol (see the README). Outputs in OUT: results.csv (one row per
 study), <scan_id>.json (the `cac-jax score` JSON), with --save-masks <scan_id>_calcium_labels.nii.gz
 (4 coronary calcium, 5 non-coronary calcium) and <scan_id>_heart_mask.nii.gz in the input's
-geometry, with --save-previews <scan_id>.png. A study whose image is not in HU or where no heart
-is found (--min-heart-ml) is an error row, not a score. A rerun skips studies scored by the same
-models and refuses an OUT scored by others (unless --overwrite); one run per OUT at a time.
-Exit code 0 when at least one study was scored or skipped, 2 when every study failed (or on bad
-arguments, damaged checkpoints, or an OUT that cannot be written). See docs/data_flow.md.
+geometry, with --save-previews <scan_id>.png, with --dicom <scan_id>.seg.dcm (DICOM Segmentation)
+and <scan_id>.sr.dcm (DICOM SR measurement report) for studies read from DICOM, with --report
+report.html (docs/clinical.md). A study whose image is not in HU or where no heart is found
+(--min-heart-ml) is an error row, not a score. A rerun skips studies scored by the same models and
+refuses an OUT scored by others (unless --overwrite); one run per OUT at a time. Exit code 0 when
+at least one study was scored or skipped, 2 when every study failed (or on bad arguments, damaged
+checkpoints, or an OUT that cannot be written). See docs/data_flow.md.
 
 examples:
   cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
@@ -31,9 +33,9 @@ examples:
   cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
       --manifest archive.csv --shard 3/8 --out parts/3      # one of 8 shards
   cac-jax infer --merge parts/1 parts/2 ... parts/8 --manifest archive.csv --out all
+  cac-jax infer --heart-checkpoint runs/heart --calcium-checkpoint runs/calcium \\
+      --dicomweb http://pacs:8042/dicom-web --query ModalitiesInStudy=CT --push --out results
 """
-
-
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -78,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", nargs="+", metavar="PATH", help="studies to score")
     source.add_argument("--manifest", metavar="M.csv", help="manifest of studies to score")
+    source.add_argument("--dicomweb", metavar="URL",
+                        help="pull the studies from this DICOMweb server (QIDO-RS, WADO-RS); "
+                             "select them with --study or --query")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                         help="slices per model call (default: 8)")
@@ -94,6 +99,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="slices the calcium model runs on: those the dilated heart "
                              "silhouette reaches (default; the same score, faster) or all "
                              "(non-coronary calcium is then marked on every slice)")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write a DICOM Segmentation (<scan_id>.seg.dcm) and a DICOM "
+                             "SR measurement report (<scan_id>.sr.dcm) per DICOM study")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html: results table and previews (implies "
+                             "--save-previews)")
+    web = parser.add_argument_group("DICOMweb (with --dicomweb URL; docs/clinical.md)")
+    select = web.add_mutually_exclusive_group()
+    select.add_argument("--study", nargs="+", metavar="UID", help="StudyInstanceUIDs to score")
+    select.add_argument("--query", action="append", metavar="KEY=VALUE",
+                        help="QIDO-RS study search term, repeatable (e.g. ModalitiesInStudy=CT, "
+                             "StudyDate=20260101-20261231)")
+    web.add_argument("--push", action="store_true",
+                     help="store the Segmentation and SR back into each study (STOW-RS; "
+                          "implies --dicom)")
+    web.add_argument("--credentials", metavar="FILE", default=None,
+                     help="file with username=/password= or token= lines (else the "
+                          "environment: CAC_JAX_DICOMWEB_USER and CAC_JAX_DICOMWEB_PASSWORD, or "
+                          "CAC_JAX_DICOMWEB_TOKEN)")
+    web.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                     help="seconds per HTTP request (default 60)")
+    web.add_argument("--retries", type=int, default=3, metavar="N",
+                     help="retries of a failed connection or 5xx answer (default 3)")
     parser.add_argument("--five-class", action="store_true",
                         help="categories 0, 1-10, 11-100, 101-400, >400")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,13 +147,16 @@ def run(args: argparse.Namespace) -> int:
     """Loads both models, scores every study, writes the outputs and prints a summary (or, with
     --merge, joins shard results)."""
     from cac_jax import batch, inference
+    from data_pipeline.errors import InputError
 
     log = lambda line: print(f"cac-jax infer: {line}", file=sys.stderr)  # noqa: E731
-    has_source = args.input is not None or args.manifest is not None
+    has_source = (args.input is not None or args.manifest is not None
+                  or args.dicomweb is not None)
     if args.merge is not None:
         extra = [flag for flag, value in (("--heart-checkpoint", args.heart_checkpoint),
                                           ("--calcium-checkpoint", args.calcium_checkpoint),
-                                          ("--shard", args.shard)) if value is not None]
+                                          ("--shard", args.shard),
+                                          ("--dicomweb", args.dicomweb)) if value is not None]
         if extra:
             args.parser.error(f"--merge joins finished results; it takes no {', '.join(extra)}")
         return _merge(args, log, has_source)
@@ -133,10 +164,22 @@ def run(args: argparse.Namespace) -> int:
                                         ("--calcium-checkpoint", args.calcium_checkpoint))
                if value is None]
     if not has_source:
-        missing.append("--input or --manifest")
+        missing.append("--input, --manifest or --dicomweb")
     if missing:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
-    studies = inference.studies_from_args(args.input, args.manifest, args.series)
+    web = None
+    if args.dicomweb is not None:
+        from cac_jax import dicomweb
+
+        if not (args.study or args.query):
+            raise InputError(None, "--dicomweb needs --study UID ... or --query KEY=VALUE")
+        web = dicomweb.Pacs(args.dicomweb, credentials=args.credentials, timeout=args.timeout,
+                            retries=args.retries)
+        studies = web.studies(args.study, args.query, args.out, series=args.series)
+    elif args.study or args.query or args.push:
+        raise InputError(None, "--study, --query and --push need --dicomweb URL")
+    else:
+        studies = inference.studies_from_args(args.input, args.manifest, args.series)
     if args.shard is not None:
         studies = batch.shard(studies, *args.shard)
     scorer = inference.Scorer.from_checkpoints(args.heart_checkpoint, args.calcium_checkpoint,
@@ -144,11 +187,21 @@ def run(args: argparse.Namespace) -> int:
                                                five_class=args.five_class,
                                                calcium_slices=args.calcium_slices,
                                                min_heart_ml=args.min_heart_ml)
+    after_study = None
+    if args.dicom or args.push:
+        from cac_jax.dicom_outputs import after_study_writer
+
+        after_study = after_study_writer(scorer, log, push=web.push if args.push else None)
     summary = batch.run_batch(
-        scorer, studies, args.out, save_masks=args.save_masks,
-        save_previews=args.save_previews, overwrite=args.overwrite,
-        progress=not args.no_progress, log=log)
+        web.pulling(scorer) if web is not None else scorer, studies, args.out,
+        save_masks=args.save_masks, save_previews=args.save_previews or args.report,
+        overwrite=args.overwrite, progress=not args.no_progress, log=log,
+        after_study=after_study)
     print(summary.text())
+    if args.report:
+        from cac_jax.html_report import write_infer_report
+
+        print(f"wrote {write_infer_report(args.out)}")
     return 2 if summary.all_failed else 0
 
 

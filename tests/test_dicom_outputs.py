@@ -1,0 +1,219 @@
+"""`cac-jax infer --dicom`: the DICOM Segmentation and SR (docs/clinical.md), read back and
+validated with dicom3tools' `dciodvfy` where it is installed."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_inference import threshold_model, tiny_study  # noqa: E402
+
+from cac_jax import dicom_outputs, inference  # noqa: E402
+from cac_jax.cli import main  # noqa: E402
+from data_pipeline.io import (  # noqa: E402
+    CTVolume,
+    StudyMetadata,
+    read_labels,
+    read_study,
+    write_dicom_series,
+    write_volume,
+)
+
+# x runs right to left and the slices foot to head: the series' stored order is not the
+# canonical one, so a mask that skipped the reorientation would not match.
+FLIPPED = (-1, 0, 0, 0, 1, 0, 0, 0, -1)
+
+
+def threshold_scorer(**kwargs):
+    return inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
+                            threshold_model("calcium", spacing=(0.6, 0.7, 0.8)), batch_size=4,
+                            **kwargs)
+
+
+def write_dicom_study(folder: Path, seed: int = 0, slices: int = 8, direction=FLIPPED,
+                      study_uid: str | None = None) -> Path:
+    """A tiny CT series (calcium lesions, heart disc) written as DICOM into `folder`."""
+    hu, _, _ = tiny_study(seed, size=64, slices=slices)
+    volume = CTVolume(hu, (3.0, 0.7, 0.7), (10.0, -20.0, 30.0), direction,
+                      StudyMetadata(source="memory", patient_id=f"PAT{seed}^TEST",
+                                    slice_thickness_mm=3.0, study_uid=study_uid))
+    write_dicom_series(volume, folder, uid_seed=f"study-{seed}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """(root, out, dicom folder, nifti path) after `cac-jax infer --dicom --save-masks` of one
+    DICOM study and one NIfTI study."""
+    root = tmp_path_factory.mktemp("dicom_outputs")
+    dicom = write_dicom_study(root / "p1" / "ct")
+    hu, _, _ = tiny_study(1, size=64, slices=6)
+    nifti = root / "p2.nii.gz"
+    write_volume(nifti, np.round(hu).astype(np.int16),
+                 CTVolume(hu, (3.0, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                          StudyMetadata(source="memory")))
+    scorer = threshold_scorer()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference.Scorer, "from_checkpoints",
+                   classmethod(lambda cls, h, c, **kw: scorer))
+        out = root / "out"
+        code = main(["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C",
+                     "--input", str(dicom), str(nifti), "--out", str(out), "--dicom",
+                     "--save-masks", "--no-progress"])
+    assert code == 0
+    return root, out, dicom, nifti
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "results.csv").open() as f:
+        return {r["scan_id"]: r for r in csv.DictReader(f)}
+
+
+def test_segmentation_equals_the_saved_masks_voxel_for_voxel(scored):
+    _, out, dicom, _ = scored
+    study = read_study(dicom)
+    assert not study.stored_geometry.is_canonical  # the case where orientation matters
+    scan_id = next(iter(_rows(out)))
+    masks = dicom_outputs.segment_masks(out / f"{scan_id}.seg.dcm", study)
+    labels = read_labels(out / f"{scan_id}_calcium_labels.nii.gz", like=study)
+    heart = read_labels(out / f"{scan_id}_heart_mask.nii.gz", like=study)
+    assert masks[1].sum() > 0 and np.array_equal(masks[1], labels == 4)
+    assert np.array_equal(masks[2], labels == 5)
+    assert masks[3].sum() > 0 and np.array_equal(masks[3], heart > 0)
+
+
+def test_segmentation_references_the_source_series(scored):
+    import highdicom as hd
+
+    _, out, dicom, _ = scored
+    scan_id = next(iter(_rows(out)))
+    seg = hd.seg.segread(out / f"{scan_id}.seg.dcm")
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom.glob("*.dcm"))]
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    referenced = {item.ReferencedSOPInstanceUID
+                  for series in seg.ReferencedSeriesSequence
+                  for item in series.ReferencedInstanceSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in sources}
+    labels = [d.SegmentLabel for d in seg.SegmentSequence]
+    assert labels == ["coronary calcium (scored)", "non-coronary calcium", "heart"]
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    from cac_jax import __version__
+
+    assert algorithm.AlgorithmVersion == __version__
+    assert algorithm.AlgorithmParameters == "model=/models/threshold_calcium,step=1"
+
+
+def test_report_score_equals_results_csv(scored):
+    import highdicom as hd
+
+    _, out, dicom, _ = scored
+    scan_id, row = next(iter(_rows(out).items()))
+    values = dicom_outputs.report_measurements(out / f"{scan_id}.sr.dcm")
+    assert values["Coronary artery calcium score"] == pytest.approx(float(row["agatston"]),
+                                                                    rel=1e-5)
+    assert values["Calcium Volume"] == pytest.approx(float(row["volume_mm3"]), rel=1e-5)
+    assert "Calcium Mass" not in values  # not calibrated
+    sr = hd.sr.srread(out / f"{scan_id}.sr.dcm")
+    seg = pydicom.dcmread(out / f"{scan_id}.seg.dcm", stop_before_pixels=True)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence and len(evidence) == 1 + len(list(dicom.glob("*.dcm")))
+    (total,) = sr.content.get_volumetric_roi_measurement_groups()
+    (category,) = total.get_qualitative_evaluations()
+    assert category.value.meaning == row["category_name"]
+    assert total.reference_type.meaning == "Referenced Segment"
+    lesions = sr.content.get_image_measurement_groups()  # artery unknown: only lesion groups
+    assert len(lesions) == int(row["n_lesions"]) > 0
+    sources = {ds.SOPInstanceUID for ds in map(pydicom.dcmread, dicom.glob("*.dcm"))}
+    assert all(g.source_images[0].referenced_sop_instance_uid in sources for g in lesions)
+    agatston = [g.get_measurements(name=hd.sr.CodedConcept("450360000", "SCT", "x"))[0].value
+                for g in lesions]
+    assert sum(agatston) == pytest.approx(float(row["agatston"]), rel=1e-5)
+
+
+def test_a_calibrated_score_reports_mass(tmp_path):
+    folder = write_dicom_study(tmp_path / "ct", seed=2, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    scorer = threshold_scorer(calibration_mg_per_hu_mm3=0.8)
+    volume, result = scorer.score_path(folder)
+    heart = dicom_outputs.ModelInfo.of(scorer.heart, "heart")
+    calcium = dicom_outputs.ModelInfo.of(scorer.calcium, "calcium")
+    _, sr = dicom_outputs.write_dicom_outputs(tmp_path, "s", volume, result, heart, calcium)
+    values = dicom_outputs.report_measurements(sr)
+    assert result.score.mass_mg and values["Calcium Mass"] == pytest.approx(result.score.mass_mg)
+
+
+def test_a_non_dicom_study_gets_no_dicom_files(scored):
+    _, out, _, nifti = scored
+    rows = _rows(out)
+    assert rows["p2"]["status"] == "ok"
+    assert not (out / "p2.seg.dcm").exists() and not (out / "p2.sr.dcm").exists()
+
+
+def test_the_note_is_one_line(tmp_path, capsys):
+    hu, _, _ = tiny_study(3, size=64, slices=5)
+    path = tmp_path / "s.nii.gz"
+    write_volume(path, np.round(hu).astype(np.int16),
+                 CTVolume(hu, (3.0, 0.7, 0.7), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                          StudyMetadata(source="memory")))
+    lines = []
+    hook = dicom_outputs.after_study_writer(threshold_scorer(), lines.append)
+    volume = read_study(path)
+    hook(tmp_path, "s", inference.Study("s", path), volume, None)
+    assert len(lines) == 1 and "no DICOM Segmentation or SR" in lines[0] and str(path) in lines[0]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dicom3tools' dciodvfy is not installed (Debian package dicom3tools; "
+                           ".ci/run installs it)")
+@pytest.mark.parametrize("suffix", ["seg", "sr"])
+def test_dciodvfy_finds_no_error(scored, suffix):
+    _, out, _, _ = scored
+    scan_id = next(iter(_rows(out)))
+    run = subprocess.run(["dciodvfy", str(out / f"{scan_id}.{suffix}.dcm")],
+                         capture_output=True, text=True, timeout=60)
+    text = run.stdout + run.stderr
+    errors = [line for line in text.splitlines() if line.startswith("Error")]
+    assert ("Segmentation" if suffix == "seg" else "Comprehensive3DSR") in text
+    assert errors == [], "\n".join(errors)
+
+
+def test_per_artery_groups_where_the_artery_is_known(tmp_path):
+    """Labels that name the artery (1 LAD, 3 RCA, as reference annotations do) give one SR group
+    per artery with its finding site, besides the lesion groups."""
+    import dataclasses
+
+    import highdicom as hd
+
+    from cac_jax.scoring import agatston_score
+
+    folder = write_dicom_study(tmp_path / "ct", seed=0, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    volume = read_study(folder)
+    scorer = threshold_scorer()
+    result = scorer.score(volume)
+    _, labels, _ = tiny_study(0, size=64, slices=8)
+    labels[labels >= 5] = 0
+    result = dataclasses.replace(result, calcium_labels=labels,
+                                 score=agatston_score(volume.hu, labels, volume.spacing_zyx_mm))
+    heart = dicom_outputs.ModelInfo.of(scorer.heart, "heart")
+    calcium = dicom_outputs.ModelInfo.of(scorer.calcium, "calcium")
+    _, sr_path = dicom_outputs.write_dicom_outputs(tmp_path, "s", volume, result, heart, calcium)
+    groups = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    totals = {g.tracking_identifier: g for g in groups if g.tracking_identifier.endswith("total")}
+    assert set(totals) == {"LAD total", "RCA total"}
+    for artery, group in totals.items():
+        value = group.get_measurements(name=hd.sr.CodedConcept("450360000", "SCT", "x"))[0].value
+        assert float(value) == pytest.approx(result.score.per_artery[artery.split()[0]])
+    assert totals["LAD total"].finding_sites[0].value.value == "59438005"
+    assert len(groups) == 2 + len(result.score.lesions)
