@@ -74,16 +74,17 @@ def load(path: Path = LIBRARY) -> str | None:
 
 
 def available() -> bool:
-    """Whether the extension is built and loads in this process."""
-    return load() is not None
+    """Whether the extension (at `LIBRARY`) is built and loads in this process."""
+    return load(LIBRARY) is not None
 
 
+@functools.cache
 def resolve_impl(name: str) -> str:
     """"xla" or "onednn" for a `config.model.conv_impl` value ("xla" | "onednn" | "auto").
 
     "auto" is oneDNN when JAX's default backend is the CPU and the extension loads, XLA
     otherwise (always on GPU/TPU). "onednn" where it cannot run (no extension, or an accelerator
-    backend) falls back to XLA with a one-line notice.
+    backend) falls back to XLA with a one-line notice (once: the answer is cached per process).
     """
     if name not in IMPLS:
         raise ValueError(f"unknown conv_impl {name!r}: expected one of {IMPLS}")
