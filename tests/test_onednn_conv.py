@@ -142,7 +142,7 @@ def model_outputs(arch: str, impl: str):
 
 
 @needs_onednn
-@pytest.mark.parametrize("arch", ["convlstm", "unet"])
+@pytest.mark.parametrize("arch", [pytest.param("convlstm", marks=pytest.mark.slow), "unet"])
 def test_models_equal_under_both_implementations(arch):
     p_xla, logits_xla, grads_xla, jaxpr_xla = model_outputs(arch, "xla")
     p_dnn, logits_dnn, grads_dnn, jaxpr_dnn = model_outputs(arch, "onednn")
