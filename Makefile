@@ -13,13 +13,20 @@ EXTRAS ?= dev,torch
 
 .PHONY: setup test test-slow lint format demo study bench clean
 
-setup: $(STAMP)
+# The oneDNN convolution extension (docs/onednn.md): rebuilt when its sources change. A failed
+# build prints one line and the models use XLA's convolutions.
+ONEDNN_LIB := cac_jax/ops/_build/libcac_onednn_conv.so
+
+setup: $(STAMP) $(ONEDNN_LIB)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
+
+$(ONEDNN_LIB): $(STAMP) cac_jax/ops/csrc/onednn_conv.cc cac_jax/ops/csrc/CMakeLists.txt
+	$(BIN)/python -m cac_jax.ops.build
 
 lint: setup
 	$(BIN)/ruff check .

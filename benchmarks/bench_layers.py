@@ -12,7 +12,9 @@ convolution is timed on its own: JAX under `jit` (XLA:CPU) against PyTorch's `F.
 convolution with XLA's asymmetric SAME padding (0 before, 1 after) is timed in PyTorch with
 `padding=1`, the same output size and the same work. The whole forward is timed in both
 frameworks too (the JAX model under `jit`, `cac_jax.torch_ref` with the same weights in
-`channels_last` + `inference_mode`, the best variant of `cac-jax bench` on CPU); what is not a
+`channels_last` + `inference_mode`, the best variant of `cac-jax bench` on CPU); where the oneDNN
+extension is built (docs/onednn.md) each convolution is also timed through it from JAX
+(`cac_jax.ops.onednn_conv`, the `jax_onednn` variant's kernels: "oneDNN (FFI)"); what is not a
 convolution (normalisation, activations, concatenations, upsampling and pooling, the LSTM gates,
 heads) is the whole minus the convolutions' sum. Timing rounds are interleaved (JAX, PyTorch,
 JAX, ...) and medians reported, with a float32 matmul peak measured in the same run, so the ratios
@@ -97,10 +99,13 @@ def _seconds(fn, *args) -> float:
 
 
 def time_convolution(key, rounds: int, seed: int = 0) -> dict:
-    """JAX and PyTorch channels_last time of one convolution, interleaved rounds."""
+    """JAX and PyTorch channels_last time of one convolution, interleaved rounds; with the oneDNN
+    extension built, also JAX calling oneDNN through XLA FFI (`onednn_s`)."""
     import jax
     import torch
     import torch.nn.functional as F
+
+    from cac_jax.ops import onednn_conv
 
     (n, h, w, c), (kh, kw, in_c, out_c), strides, padding, lhs_dil, rhs_dil = key
     if lhs_dil != (1, 1):
@@ -112,6 +117,12 @@ def time_convolution(key, rounds: int, seed: int = 0) -> dict:
         x, k, strides, padding, rhs_dilation=rhs_dil, dimension_numbers=("NHWC", "HWIO", "NHWC")))
     xj, kj = jax.device_put(x), jax.device_put(k)
     y = jax.block_until_ready(fn(xj, kj))
+    dnn = None
+    if onednn_conv.available():
+        dnn = jax.jit(lambda x, k: onednn_conv.conv_general_dilated(
+            x, k, strides, padding, rhs_dilation=rhs_dil,
+            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        jax.block_until_ready(dnn(xj, kj))
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     wt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
     # Same output size and work; symmetric padding where XLA's SAME is asymmetric (stride 2).
@@ -120,11 +131,16 @@ def time_convolution(key, rounds: int, seed: int = 0) -> dict:
         yt = F.conv2d(xt, wt, stride=strides, padding=pad, dilation=rhs_dil)
         if tuple(yt.shape) != (y.shape[0], y.shape[3], y.shape[1], y.shape[2]):
             raise ValueError(f"PyTorch output {tuple(yt.shape)} does not match JAX's {y.shape}")
-        jax_t, torch_t = [], []
+        jax_t, torch_t, dnn_t = [], [], []
         for _ in range(rounds):
             jax_t.append(_seconds(lambda: jax.block_until_ready(fn(xj, kj))))
             torch_t.append(_seconds(F.conv2d, xt, wt, None, strides, pad, rhs_dil))
-    return {"jax_s": float(np.median(jax_t)), "torch_s": float(np.median(torch_t))}
+            if dnn is not None:
+                dnn_t.append(_seconds(lambda: jax.block_until_ready(dnn(xj, kj))))
+    out = {"jax_s": float(np.median(jax_t)), "torch_s": float(np.median(torch_t))}
+    if dnn_t:
+        out["onednn_s"] = float(np.median(dnn_t))
+    return out
 
 
 def run(args) -> dict:
@@ -161,6 +177,9 @@ def run(args) -> dict:
                 "jax_s": t["jax_s"], "torch_s": t["torch_s"],
                 "jax_gflops": gflop / t["jax_s"], "torch_gflops": gflop / t["torch_s"],
                 "jax_over_torch_time": t["jax_s"] / t["torch_s"],
+                **({"onednn_s": t["onednn_s"], "onednn_gflops": gflop / t["onednn_s"],
+                    "onednn_over_torch_time": t["onednn_s"] / t["torch_s"]}
+                   if "onednn_s" in t else {}),
             })
             print(f"{name} {key[0]} -> {key[1][3]} stride {key[2][0]} x{count}: JAX "
                   f"{t['jax_s'] * 1e3:.1f} ms, PyTorch {t['torch_s'] * 1e3:.1f} ms", flush=True)
@@ -210,17 +229,22 @@ def markdown(res: dict) -> str:
     lines += ["", "\"rest\": the forward minus its convolutions timed alone (normalisation, "
               "activations, concatenations, up/down-sampling, LSTM gates, heads).", ""]
     for name, r in res["models"].items():
+        dnn = all("onednn_s" in c for c in r["convolutions"])
+        extra = (" oneDNN (FFI) ms | oneDNN (FFI) / PyTorch time |", "---:|---:|") if dnn \
+            else ("", "")
         lines += [f"## {name}", "",
                   "| input (N, H, W, C) | out C | kernel | stride | count | GFLOP each | JAX ms |"
-                  " PyTorch ms | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch time |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  " PyTorch ms | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch time |" + extra[0],
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + extra[1]]
         for c in r["convolutions"]:
             kh, kw, _, out_c = c["kernel_hwio"]
             lines.append(
                 f"| {tuple(c['input_nhwc'])} | {out_c} | {kh}x{kw} | {c['strides'][0]} | "
                 f"{c['count']} | {c['gflop']:.2f} | {c['jax_s'] * 1e3:.1f} | "
                 f"{c['torch_s'] * 1e3:.1f} | {c['jax_gflops']:.0f} | {c['torch_gflops']:.0f} | "
-                f"{c['jax_over_torch_time']:.2f} |")
+                f"{c['jax_over_torch_time']:.2f} |"
+                + (f" {c['onednn_s'] * 1e3:.1f} | {c['onednn_over_torch_time']:.2f} |"
+                   if dnn else ""))
         lines.append("")
     return "\n".join(lines)
 

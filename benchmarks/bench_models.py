@@ -54,12 +54,14 @@ PAPER_MEMORY_RATIO = 13.11 / 22.31
 
 
 def load_config(name: str, norm: str):
-    """The experiment config of benchmark model `name`, float32 compute, chosen norm."""
+    """The experiment config of benchmark model `name`, float32 compute, chosen norm, XLA's
+    convolutions (XLA's cost analysis counts no FLOPs in oneDNN's custom calls, docs/onednn.md)."""
     from cac_jax.config_defaults import load_config_file
 
     config = load_config_file(CONFIGS / MODELS[name])
     config.model.dtype = "float32"
     config.model.norm = norm
+    config.model.conv_impl = "xla"
     return config
 
 

@@ -47,10 +47,13 @@ MODELS = {"convlstm": "convlstm_calcium.py", "unet64": "unet_calcium.py",
           "unet_matched": "unet_matched_calcium.py"}
 
 
-def load_config(name: str):
-    """The config of benchmark model `name` (or of configs/<name>.py), float32 compute."""
+def load_config(name: str, conv_impl: str | None = None):
+    """The config of benchmark model `name` (or of configs/<name>.py), float32 compute; with
+    `conv_impl`, the library that runs its convolutions (docs/onednn.md)."""
     config = load_config_file(CONFIGS / MODELS.get(name, f"{name}.py"))
     config.model.dtype = "float32"
+    if conv_impl is not None:
+        config.model.conv_impl = conv_impl
     return config
 
 
@@ -75,7 +78,7 @@ def _memory(compiled) -> int | None:
 class Bench:
     """One model's compiled forward and training step, ready to time."""
 
-    def __init__(self, name: str, size: int, batch: int):
+    def __init__(self, name: str, size: int, batch: int, conv_impl: str = "xla"):
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -83,7 +86,7 @@ class Bench:
         from cac_jax import train as train_lib
 
         self.name = name
-        config = load_config(name)
+        config = load_config(name, conv_impl)
         self.model = train_lib.model_for_training(config)
         tx = train_lib.make_optimizer(config)
         state = train_lib.init_state(config, self.model, tx, (1, 3, size, size, 1))
@@ -137,11 +140,14 @@ class Bench:
         self.fed.append(time.perf_counter() - t0)
 
 
-def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) -> dict:
+def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3,
+                   onednn: bool = False) -> dict:
     """GFLOP/s of one 3x3, channels -> channels, stride-1 convolution at size x size (NHWC, as
     the models run it): forward, the input gradient and the weight gradient, each compiled
     alone (2 * B * H * W * 9 * C * C FLOPs each). Where the step / forward ratio exceeds the
-    usual 2-3x, the weight gradient's rate shows why."""
+    usual 2-3x, the weight gradient's rate shows why. `onednn`: the same convolution through
+    oneDNN (cac_jax.ops.onednn_conv), its max relative difference to XLA's in `onednn_max_rel_diff`
+    (no im2col variant)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -152,9 +158,16 @@ def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) 
     w = jax.random.normal(kw, (3, 3, channels, channels), jnp.float32) * 0.05
     dims = ("NHWC", "HWIO", "NHWC")
 
-    def conv(x, w):
+    def xla_conv(x, w):
         return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
 
+    if onednn:
+        from cac_jax.ops.onednn_conv import conv_general_dilated
+
+        def conv(x, w):
+            return conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    else:
+        conv = xla_conv
     y = conv(x, w)
     _, vjp = jax.vjp(conv, x, w)
     functions = {
@@ -176,14 +189,15 @@ def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) 
     def im2col(x, g):
         return matmul(g, patches(x)).reshape(channels, 3, 3, channels).transpose(1, 2, 3, 0)
 
-    p = jax.jit(patches)(x)
-    functions.update({
-        "im2col_build": (jax.jit(patches), (x,)),
-        "im2col_matmul": (jax.jit(matmul), (y, p)),
-        "im2col_weight_gradient": (jax.jit(im2col), (x, y)),
-    })
     flops = 2.0 * batch * size * size * 9 * channels * channels
     out = {"size": size, "batch": batch, "channels": channels}
+    if onednn:
+        _, xla_vjp = jax.vjp(xla_conv, x, w)
+        diffs = [(y, xla_conv(x, w)), *zip(vjp(y), xla_vjp(y), strict=True)]
+        out["onednn_max_rel_diff"] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                                         for a, b in diffs)
+    else:
+        functions.update(im2col_functions(x, y, patches, matmul, im2col))
     for name, (fn, fn_args) in functions.items():
         jax.block_until_ready(fn(*fn_args))
         times = [_timed(fn, *fn_args)[0] for _ in range(repeats)]
@@ -191,22 +205,40 @@ def conv_gradients(size: int, batch: int, channels: int = 64, repeats: int = 3) 
             out["im2col_build_s"] = statistics.median(times)
         else:
             out[f"{name}_gflops"] = flops / statistics.median(times) / 1e9
-    reference = functions["weight_gradient"][0](y)
-    mine = functions["im2col_weight_gradient"][0](x, y)
-    out["im2col_max_rel_diff"] = float(jnp.max(jnp.abs(mine - reference))
-                                       / jnp.max(jnp.abs(reference)))
+    if not onednn:
+        reference = functions["weight_gradient"][0](y)
+        mine = functions["im2col_weight_gradient"][0](x, y)
+        out["im2col_max_rel_diff"] = float(jnp.max(jnp.abs(mine - reference))
+                                           / jnp.max(jnp.abs(reference)))
     return out
+
+
+def im2col_functions(x, y, patches, matmul, im2col) -> dict:
+    """The im2col reformulation's three timed functions and their arguments."""
+    import jax
+
+    p = jax.jit(patches)(x)
+    return {
+        "im2col_build": (jax.jit(patches), (x,)),
+        "im2col_matmul": (jax.jit(matmul), (y, p)),
+        "im2col_weight_gradient": (jax.jit(im2col), (x, y)),
+    }
 
 
 def run(args) -> dict:
     import jax
 
-    names = args.models
+    from cac_jax.ops import onednn_conv
+
+    impls = [i for i in args.conv_impls if onednn_conv.resolve_impl(i) == i]
     benches = {}
-    for name in names:
-        print(f"compiling {name} at {args.size} px, batch {args.batch}", flush=True)
-        benches[name] = Bench(name, args.size, args.batch)
-        benches[name].rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for name in args.models:
+        for impl in impls:
+            # One row per model and convolution library: "convlstm" (XLA), "convlstm+onednn".
+            key = name if impl == "xla" else f"{name}+{impl}"
+            print(f"compiling {key} at {args.size} px, batch {args.batch}", flush=True)
+            benches[key] = Bench(name, args.size, args.batch, impl)
+            benches[key].rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peaks = []
     for r in range(args.rounds):
         peaks.append(matmul_peak_gflops())
@@ -234,6 +266,8 @@ def run(args) -> dict:
         }
     return {
         "conv_3x3": conv_gradients(args.size, args.batch),
+        **({"conv_3x3_onednn": conv_gradients(args.size, args.batch, onednn=True)}
+           if "onednn" in impls else {}),
         "size": args.size, "batch": args.batch, "rounds": args.rounds,
         "loop_steps": args.loop_steps, "dtype": "float32",
         "matmul_gflops": statistics.median(peaks), "matmul_rounds_gflops": peaks,
@@ -290,6 +324,14 @@ def markdown(res: dict) -> str:
                              <= 1.2 * conv["weight_gradient_gflops"] else
                              "faster than the convolution's own weight gradient on this "
                              "machine.")]
+    dnn = res.get("conv_3x3_onednn")
+    if dnn:
+        lines += ["", f"The same convolution through oneDNN (docs/onednn.md): forward "
+                      f"{dnn['forward_gflops']:.0f} GFLOP/s, input gradient "
+                      f"{dnn['input_gradient_gflops']:.0f}, weight gradient "
+                      f"{dnn['weight_gradient_gflops']:.0f} (max relative difference to XLA's "
+                      f"{dnn['onednn_max_rel_diff']:.1e}). Rows `<model>+onednn` run every 3x3 "
+                      "convolution of the model through it."]
     lines += ["", "Target (issue 9): step <= 4x forward for every model; <= 5% of loop time "
                   "outside the compiled step. The step is `cac_jax.train.train_step` (focal loss, "
                   "ConvLSTM aux losses, gradients, Adam)."]
@@ -406,6 +448,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--loop-steps", type=int, default=3)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--conv-impls", nargs="+", default=["xla", "onednn"],
+                   choices=["xla", "onednn"],
+                   help="convolution libraries to time side by side (docs/onednn.md); oneDNN "
+                        "is left out where its extension does not run")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--curve", action="store_true",
                    help="learning curve instead: train each run for --seconds on --data-dir")

@@ -13,11 +13,14 @@ built from the experiment configs (configs/*.py; `local=True` takes their tiny `
 variants), with untrained weights, and timed in interleaved rounds (sample i on every model, then
 sample i + 1), so load from other processes hits all models alike.
 
-Frameworks: "jax" (the Flax model under `jax.jit`) and "torch": the PyTorch reference
+Frameworks: "jax" (the Flax model under `jax.jit`) with its convolutions run by XLA ("jax_xla") and,
+where the extension is built, by oneDNN through XLA FFI custom calls ("jax_onednn", docs/onednn.md;
+`conv_impls` picks which), and "torch": the PyTorch reference
 (`cac_jax.torch_ref`, the same function on the same weights) as eager NCHW under `no_grad`
 ("torch_eager"), `inference_mode` + `channels_last` ("torch_channels_last"), and that model under
 `torch.compile` ("torch_compile", where it compiles). Both use the same number of threads
-(`threads` in the output). `results["torch"]` is the fastest PyTorch variant per model.
+(`threads` in the output). `results["jax"]` and `results["torch"]` are the fastest JAX and PyTorch
+variants per model (the variant is named in the row).
 
 Training step (`train_step=True`): focal loss (Lin et al. 2017, gamma 2; for the ConvLSTM plus the
 temporal and spatial branch losses, weight 0.5) and Adam (lr 1e-3), at `train_batch`. Memory: on
@@ -51,6 +54,8 @@ MODEL_CONFIGS = {
 }
 FRAMEWORKS = ("jax", "torch")
 TORCH_VARIANTS = ("torch_eager", "torch_channels_last", "torch_compile")
+# JAX variants: config.model.conv_impl of each (docs/onednn.md).
+JAX_VARIANTS = {"jax_xla": "xla", "jax_onednn": "onednn"}
 DEFAULT_SAMPLES = 5
 PAPER_SAMPLES = 1024
 # Upper bounds of the settings (refused with one line above them). Samples are built one at a
@@ -84,6 +89,7 @@ class BenchSettings:
     local: bool = False
     dtype: str = "float32"
     torch_compile: bool = True
+    conv_impls: tuple[str, ...] = ("xla", "onednn")
     seed: int = 0
 
     def check(self) -> None:
@@ -107,17 +113,38 @@ class BenchSettings:
                                        f"got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise BenchError(None, f"--dtype must be float32, bfloat16 or auto, got {self.dtype}")
+        bad = [c for c in self.conv_impls if c not in JAX_VARIANTS.values()]
+        if bad or not self.conv_impls:
+            raise BenchError(None, f"--conv-impls must name some of "
+                                   f"{list(JAX_VARIANTS.values())}, got {list(self.conv_impls)}")
         if "torch" in self.frameworks and importlib.util.find_spec("torch") is None:
             raise BenchError(None, "--frameworks torch needs PyTorch: pip install -e .[torch]")
 
 
-def load_config(name: str, settings: BenchSettings):
-    """The experiment config of benchmark model `name` (configs/*.py), with the bench's dtype."""
+def jax_variants(settings: BenchSettings, log=print) -> dict[str, str]:
+    """{variant: conv_impl} of the JAX variants to run (jax_onednn only where oneDNN loads)."""
+    from cac_jax.ops import onednn_conv
+
+    out = {}
+    for variant, impl in JAX_VARIANTS.items():
+        if impl not in settings.conv_impls:
+            continue
+        if impl == "onednn" and onednn_conv.resolve_impl("onednn") != "onednn":
+            log("bench: jax_onednn left out (the oneDNN extension does not run here)")
+            continue
+        out[variant] = impl
+    return out
+
+
+def load_config(name: str, settings: BenchSettings, conv_impl: str = "xla"):
+    """The experiment config of benchmark model `name` (configs/*.py), with the bench's dtype
+    and convolution implementation."""
     from cac_jax.config_defaults import load_config_file  # imports JAX (the models' package)
 
     config = load_config_file(ROOT / "configs" / MODEL_CONFIGS[name],
                               "local" if settings.local else None)
     config.model.dtype = settings.dtype
+    config.model.conv_impl = conv_impl
     config.data.image_size = settings.size
     return config
 
@@ -247,13 +274,13 @@ def jax_focal(logits, labels, gamma: float = 2.0):
 class JaxModel:
     """A model's jitted forward pass (compiled once for the sample shape) and its weights."""
 
-    def __init__(self, name: str, settings: BenchSettings):
+    def __init__(self, name: str, settings: BenchSettings, conv_impl: str = "xla"):
         import jax
         import jax.numpy as jnp
 
         from cac_jax.models import build_model, count_params
 
-        self.name, self.config = name, load_config(name, settings)
+        self.name, self.config = name, load_config(name, settings, conv_impl)
         self.model = build_model(self.config)
         shape = (settings.slices, 3, settings.size, settings.size, 1)
         # rbg keys: XLA:CPU compiles threefry-based init several times more slowly.
@@ -541,17 +568,22 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     result["matmul_n"] = matmul_n = 256 if settings.local else MATMUL_N
     result["matmul_peak_gflops_before"] = matmul_peak_gflops(matmul_n)
 
-    runners: dict[str, dict[str, Any]] = {"jax": {}}
-    warmup: dict[str, dict[str, dict]] = {"jax": {}}
+    runners: dict[str, dict[str, Any]] = {}
+    warmup: dict[str, dict[str, dict]] = {}
     errors: dict[str, dict[str, str]] = {}
-    jax_models = {}
-    for name in settings.models:
-        log(f"bench: [jax] {name}: build and compile")
-        jm = JaxModel(name, settings)
-        start = time.perf_counter()
-        jm(samples[0])
-        warmup["jax"][name] = {"compile_s": jm.compile_s, "warmup_s": time.perf_counter() - start}
-        runners["jax"][name], jax_models[name] = jm, jm
+    jax_models = {}  # the first JAX variant's models: their weights are every variant's
+    variants_jax = jax_variants(settings, log)
+    for variant, impl in variants_jax.items():
+        runners[variant], warmup[variant] = {}, {}
+        for name in settings.models:
+            log(f"bench: [{variant}] {name}: build and compile")
+            jm = JaxModel(name, settings, impl)
+            start = time.perf_counter()
+            jm(samples[0])
+            warmup[variant][name] = {"compile_s": jm.compile_s,
+                                     "warmup_s": time.perf_counter() - start}
+            runners[variant][name] = jm
+            jax_models.setdefault(name, jm)
     if want_torch:
         variants = [v for v in TORCH_VARIANTS if settings.torch_compile or v != "torch_compile"]
         for variant in variants:
@@ -582,15 +614,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     results = {fw: {name: {**_summary(t), "per_slice_median_s": float(np.median(t)) /
                            settings.slices, **warmup[fw][name]}
                     for name, t in models.items()} for fw, models in times.items()}
+    results["jax"] = best_variant(results, "jax_", settings.models)
     if want_torch:
-        best = {}
-        for name in settings.models:
-            candidates = [(results[v][name]["median_s"], v) for v in results
-                          if v.startswith("torch_") and name in results[v]]
-            if candidates:
-                _, variant = min(candidates)
-                best[name] = {**results[variant][name], "variant": variant}
-        results["torch"] = best
+        results["torch"] = best_variant(results, "torch_", settings.models)
     result["results"] = results
     result["compile_errors"] = errors
     for models in results.values():
@@ -606,10 +632,13 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
 
     if settings.train_step:
         rss = RssSampler()
-        train: dict[str, dict] = {"jax": {}}
-        for name in settings.models:
-            log(f"bench: [jax] {name}: training step")
-            train["jax"][name] = jax_train_step(jax_models[name], settings, rss)
+        train: dict[str, dict] = {}
+        for variant in variants_jax:
+            train[variant] = {}
+            for name in settings.models:
+                log(f"bench: [{variant}] {name}: training step")
+                train[variant][name] = jax_train_step(runners[variant][name], settings, rss)
+        train["jax"] = best_variant(train, "jax_", settings.models, "step_s")
         if want_torch:
             for variant in ("torch_eager", "torch_channels_last"):
                 train[variant] = {}
@@ -624,11 +653,23 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
                 train["torch"][name] = {**train[variant][name], "variant": variant}
         result["train_step"] = train
         result["train_ratios"] = {
-            name: {"jax_step_speedup_vs_best_torch": train["torch"][name]["step_s"]
-                   / train["jax"][name]["step_s"]}
+            name: {f"{v}_step_speedup_vs_best_torch": train["torch"][name]["step_s"]
+                   / train[v][name]["step_s"] for v in ("jax", *variants_jax)}
             for name in settings.models if "torch" in train}
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     return result
+
+
+def best_variant(results: dict, prefix: str, models, key: str = "median_s") -> dict:
+    """{model: the row of the fastest variant named `prefix`*, with "variant" added}."""
+    best = {}
+    for name in models:
+        candidates = [(results[v][name][key], v) for v in results
+                      if v.startswith(prefix) and name in results[v]]
+        if candidates:
+            _, variant = min(candidates)
+            best[name] = {**results[variant][name], "variant": variant}
+    return best
 
 
 def times_of(results: dict, fw: str, name: str) -> list[float]:
@@ -653,6 +694,14 @@ def ratios(results: dict) -> dict:
             v: {name: results[v][name]["median_s"] / results["jax"][name]["median_s"]
                 for name in results[v]}
             for v in results if v.startswith("torch_")}
+        out["jax_variant_speedup_vs_best_torch"] = {
+            v: {name: results["torch"][name]["median_s"] / results[v][name]["median_s"]
+                for name in results[v] if name in results["torch"]}
+            for v in results if v.startswith("jax_")}
+    if "jax_xla" in results and "jax_onednn" in results:
+        out["onednn_speedup_vs_xla"] = {
+            name: results["jax_xla"][name]["median_s"] / results["jax_onednn"][name]["median_s"]
+            for name in results["jax_onednn"] if name in results["jax_xla"]}
     return out
 
 
@@ -703,7 +752,7 @@ def markdown(res: dict) -> str:
     ]
     for fw, models in res["results"].items():
         for name, r in models.items():
-            label = f"torch (best: {r['variant']})" if fw == "torch" else fw
+            label = f"{fw} (best: {r['variant']})" if fw in ("jax", "torch") else fw
             lines.append(
                 f"| {label} | {name} | {r['params'] / 1e6:.2f} | {r['median_s']:.3f} | "
                 f"{r['iqr_s']:.3f} | {r['per_slice_median_s']:.4f} | {r['n']} | "
@@ -728,7 +777,7 @@ def markdown(res: dict) -> str:
                   "|---|---|---:|---:|---:|---|---:|"]
         for fw, models in res["train_step"].items():
             for name, r in models.items():
-                label = f"torch (best: {r['variant']})" if fw == "torch" else fw
+                label = f"{fw} (best: {r['variant']})" if fw in ("jax", "torch") else fw
                 lines.append(
                     f"| {label} | {name} | {r['step_s']:.3f} | {r['forward_s']:.3f} | "
                     f"{r['step_over_forward']:.2f} | {_gib(r['peak_memory_bytes'])} "
@@ -747,7 +796,7 @@ def box_plot(res: dict, path: pathlib.Path) -> None:
 
     labels, data = [], []
     for fw, models in res["results"].items():
-        if fw == "torch":  # the best variant is already shown under its own name
+        if fw in ("jax", "torch"):  # the best variant is already shown under its own name
             continue
         for name, r in models.items():
             labels.append(f"{fw}\n{name}")

@@ -57,7 +57,9 @@ from data_pipeline.manifest import PROTOCOLS
 
 AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
 # Keys a resumed run may change: the length of the run and how it is shown.
-RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds")
+# model.conv_impl picks the library that runs the same convolutions (docs/onednn.md), so a run may
+# resume under another.
+RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl")
 # Keys added to the configs after runs were made: a saved config without one had this value.
 ADDED_KEYS = {"train.anneal_fraction": 0.0}
 CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")

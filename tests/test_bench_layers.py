@@ -86,6 +86,11 @@ def test_bench_layers_quick_end_to_end(tmp_path):
     assert r["jax_speedup_forward"] == pytest.approx(
         r["forward_s"]["torch_channels_last"] / r["forward_s"]["jax"])
     assert all(row["jax_s"] > 0 and row["torch_s"] > 0 for row in rows)
+    from cac_jax.ops import onednn_conv
+
+    if onednn_conv.available():  # the oneDNN column (docs/onednn.md)
+        assert all(row["onednn_s"] > 0 and row["onednn_over_torch_time"] == pytest.approx(
+            row["onednn_s"] / row["torch_s"]) for row in rows)
     assert len(res["matmul_peak_gflops"]) == 2
     md = (tmp_path / "bench_layers.md").read_text()
     assert "| unet_matched |" in md and "## unet_matched" in md

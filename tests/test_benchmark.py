@@ -11,6 +11,7 @@ from scipy import stats
 
 from cac_jax import benchmark
 from cac_jax.cli import main
+from cac_jax.ops import onednn_conv
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -43,7 +44,18 @@ def test_bench_jax_end_to_end(tmp_path):
     assert p == pytest.approx(expected.pvalue)
     assert res["preprocessing"]["per_study_s"] > 0
     assert res["preprocessing"]["study_shape_zyx"][1:] == [64, 64]
-    assert "| jax | convlstm |" in md and "train_step" not in res
+    assert "| jax_xla | convlstm |" in md and "train_step" not in res
+    # The JAX variants by convolution library; "jax" is the faster one per model.
+    variants = {"jax_xla", "jax_onednn"} if onednn_conv.available() else {"jax_xla"}
+    assert {v for v in res["results"] if v.startswith("jax_")} == variants
+    for name, r in jax_res.items():
+        assert r["variant"] in variants
+        assert r["median_s"] == min(res["results"][v][name]["median_s"] for v in variants)
+    if onednn_conv.available():
+        assert "| jax_onednn | convlstm |" in md
+        assert res["ratios"]["onednn_speedup_vs_xla"]["convlstm"] == pytest.approx(
+            res["results"]["jax_xla"]["convlstm"]["median_s"]
+            / res["results"]["jax_onednn"]["convlstm"]["median_s"])
 
 
 def test_bench_train_step_jax_and_torch(tmp_path):
@@ -57,6 +69,7 @@ def test_bench_train_step_jax_and_torch(tmp_path):
     assert t["peak_memory_bytes"] == t["xla_memory_analysis"]["total"] > 0
     assert t["rss_peak_bytes"] >= t["rss_before_bytes"] > 0
     assert "Training step" in md
+    assert t["variant"] in {v for v in res["train_step"] if v.startswith("jax_")}
     if not HAS_TORCH:
         pytest.skip("PyTorch not installed (pip install -e .[torch]): JAX part checked")
     results = res["results"]
@@ -78,6 +91,7 @@ def test_bench_train_step_jax_and_torch(tmp_path):
     (["--models", "convlstm,resnet"], "unknown model"),
     (["--size", "72"], "multiple of 16"),
     (["--frameworks", "torch"], "must include jax"),
+    (["--conv-impls", "mkl"], "--conv-impls"),
 ])
 def test_bad_requests_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", "--local", "--out", str(tmp_path / "o"), *argv]) == 2

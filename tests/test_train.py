@@ -27,6 +27,7 @@ from test_tfds_builder import write_tiny_cohort  # noqa: E402
 from cac_jax import checkpoints as ckpt  # noqa: E402
 from cac_jax import main as main_lib  # noqa: E402
 from cac_jax import train as train_lib  # noqa: E402
+from cac_jax.ops import onednn_conv  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ("convlstm_calcium", "convlstm_heart", "unet_calcium", "unet_heart")
@@ -145,6 +146,32 @@ def test_short_run_then_kill_and_resume_continues_the_same_sequence(data_dir, tm
     with pytest.raises(train_lib.ConfigError, match="train.learning_rate"):
         train_lib.train_and_evaluate(
             tiny_config("unet_heart", data_dir, steps=10, learning_rate=0.5, **common), resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not onednn_conv.available(), reason="oneDNN extension not built")
+def test_a_run_through_onednn_resumes_identically_and_may_switch_library(data_dir, tmp_path):
+    """docs/onednn.md: 4 steps straight with conv_impl="onednn" equal 2 steps and a resume to 4;
+    a run resumes under another conv_impl (the same maths)."""
+    def config(steps, impl="onednn"):
+        c = tiny_config("unet_heart", data_dir, steps=steps, log_every=1, eval_every=4,
+                        checkpoint_every=2)
+        c.model.conv_impl = impl
+        return c
+
+    train_lib.train_and_evaluate(config(4), tmp_path / "straight")
+    train_lib.train_and_evaluate(config(2), tmp_path / "resumed")
+    summary = train_lib.train_and_evaluate(config(4), tmp_path / "resumed")
+    assert summary["resumed_from"] == 2
+    losses = [[r["loss"] for r in rows(tmp_path / run)] for run in ("straight", "resumed")]
+    assert len(losses[0]) == 4
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # as the XLA resume test
+    a, b = (ckpt.load_trained(tmp_path / run / "checkpoints" / "4")
+            for run in ("straight", "resumed"))
+    for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    saved = json.loads(json.dumps(ckpt.config_to_dict(config(4))))
+    assert train_lib.config_differences(saved, config(4, "xla")) == []
 
 
 def test_anneal_factor_reaches_zero_at_the_budget():

@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the configs' tiny :local variants (tests, smoke runs)")
     parser.add_argument("--no-torch-compile", action="store_true",
                         help="skip the torch.compile variant (its compilation takes minutes)")
+    parser.add_argument("--conv-impls", type=_csv, default=("xla", "onednn"),
+                        help="JAX variants by convolution library: xla (jax_xla), onednn "
+                             "(jax_onednn, where built; docs/onednn.md); default both")
     parser.add_argument("--seed", type=int, default=0, help="synthetic study and weights seed")
     parser.add_argument("--out", required=True, type=pathlib.Path, metavar="DIR",
                         help="output folder for bench.json, bench.md, bench.png")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         models=args.models, frameworks=args.frameworks, samples=args.samples,
         slices=args.slices, size=args.size, train_step=args.train_step,
         train_batch=args.train_batch, train_repeats=args.train_repeats, local=args.local,
-        dtype=args.dtype, torch_compile=not args.no_torch_compile, seed=args.seed,
+        dtype=args.dtype, torch_compile=not args.no_torch_compile, conv_impls=args.conv_impls,
+        seed=args.seed,
     )
     settings.check()
     result = run_bench(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -25,6 +25,7 @@ from flax import linen as nn
 from cac_jax.models.attention import ConvLSTMAttentionNet
 from cac_jax.models.layers import resolve_dtype
 from cac_jax.models.unet import UNet
+from cac_jax.ops.onednn_conv import resolve_impl
 
 __all__ = ["ConvLSTMAttentionNet", "UNet", "build_model", "count_params"]
 
@@ -37,6 +38,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         norm=cfg.norm,
         groups=int(cfg.groups),
         bn_axis_name=cfg.get("bn_axis_name"),
+        # Resolved here, once: "auto" becomes "onednn" or "xla" (docs/onednn.md).
+        conv_impl=resolve_impl(cfg.get("conv_impl", "auto")),
         dtype=resolve_dtype(cfg.dtype),
         param_dtype=resolve_dtype(cfg.param_dtype),
     )

@@ -61,6 +61,7 @@ class Decoder(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
+    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -84,6 +85,7 @@ class AttentionHead(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
+    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -115,6 +117,7 @@ class ConvLSTMAttentionNet(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
+    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -148,10 +151,11 @@ class ConvLSTMAttentionNet(nn.Module):
         # Temporal features: ConvLSTM scanned over the slices at each chosen level.
         temporal = {}
         for level, hidden in zip(self.lstm_levels, self.lstm_features):
-            fwd = ConvLSTM(hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+            fwd = ConvLSTM(hidden, conv_impl=self.conv_impl, dtype=self.dtype,
+                           param_dtype=self.param_dtype,
                            name=f"lstm{level}")(feats[level])
             if self.bidirectional:
-                bwd = ConvLSTM(hidden, reverse=True, dtype=self.dtype,
+                bwd = ConvLSTM(hidden, reverse=True, conv_impl=self.conv_impl, dtype=self.dtype,
                                param_dtype=self.param_dtype, name=f"lstm{level}_reverse")(feats[level])
                 # Centre step of both directions: below+centre and above+centre, symmetric.
                 temporal[level] = jnp.concatenate([fwd[:, CENTRE], bwd[:, CENTRE]], axis=-1)

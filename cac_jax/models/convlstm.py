@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cac_jax.models.layers import ConvNormAct, kaiming_normal, norm_kwargs, space_to_depth
+from cac_jax.models.layers import (
+    ConvNormAct,
+    conv_impl_fn,
+    kaiming_normal,
+    norm_kwargs,
+    space_to_depth,
+)
 
 Dtype = Any
 
@@ -40,6 +46,7 @@ class ConvLSTMCell(nn.Module):
 
     hidden: int
     kernel_size: tuple[int, int] = (3, 3)
+    conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -50,7 +57,7 @@ class ConvLSTMCell(nn.Module):
         gates = x_gates + nn.Conv(
             4 * self.hidden, self.kernel_size, padding="SAME", use_bias=False,
             kernel_init=kaiming_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="hidden_conv",
+            conv_general_dilated=conv_impl_fn(self.conv_impl), name="hidden_conv",
         )(h)
         gates = gates.astype(jnp.float32)
         i, f, g, o = jnp.split(gates, 4, axis=-1)
@@ -69,6 +76,7 @@ class ConvLSTM(nn.Module):
     hidden: int
     kernel_size: tuple[int, int] = (3, 3)
     reverse: bool = False
+    conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -80,7 +88,7 @@ class ConvLSTM(nn.Module):
         x_gates = nn.Conv(
             4 * self.hidden, self.kernel_size, padding="SAME", use_bias=True,
             kernel_init=kaiming_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="input_conv",
+            conv_general_dilated=conv_impl_fn(self.conv_impl), name="input_conv",
         )(x.reshape(batch * steps, height, width, channels))
         x_gates = x_gates.reshape(batch, steps, height, width, 4 * self.hidden)
         scan_cell = nn.scan(
@@ -96,8 +104,8 @@ class ConvLSTM(nn.Module):
             jnp.zeros((batch, height, width, self.hidden), jnp.float32),
             jnp.zeros((batch, height, width, self.hidden), self.dtype),
         )
-        _, hs = scan_cell(self.hidden, self.kernel_size, self.dtype, self.param_dtype,
-                          name="cell")(carry, x_gates)
+        _, hs = scan_cell(self.hidden, self.kernel_size, self.conv_impl, self.dtype,
+                          self.param_dtype, name="cell")(carry, x_gates)
         return hs
 
 
@@ -113,6 +121,7 @@ class SliceEncoder(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
+    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

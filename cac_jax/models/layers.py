@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cac_jax.ops import onednn_conv
+
 Dtype = Any
 
 # Kaiming-normal for ReLU convolutions (He et al. 2015), matching torch.nn.init.kaiming_normal_.
@@ -59,13 +61,25 @@ def kaiming_normal_transposed(strides: Sequence[int]) -> nn.initializers.Initial
 
 
 def norm_kwargs(module: nn.Module) -> dict:
-    """The normalisation and dtype settings every conv block of `module` shares.
+    """The normalisation, convolution and dtype settings every conv block of `module` shares.
 
-    Our modules all carry the fields norm, groups, bn_axis_name, dtype and param_dtype and pass
-    them down unchanged to their ConvNormAct / DoubleConv blocks.
+    Our modules all carry the fields norm, groups, bn_axis_name, conv_impl, dtype and param_dtype
+    and pass them down unchanged to their ConvNormAct / DoubleConv blocks.
     """
     return dict(norm=module.norm, groups=module.groups, bn_axis_name=module.bn_axis_name,
-                dtype=module.dtype, param_dtype=module.param_dtype)
+                conv_impl=module.conv_impl, dtype=module.dtype, param_dtype=module.param_dtype)
+
+
+def conv_impl_fn(conv_impl: str):
+    """The `conv_general_dilated` for `nn.Conv` under `config.model.conv_impl` (docs/onednn.md).
+
+    "xla": None (flax's default, `lax.conv_general_dilated`). "onednn" / "auto": oneDNN's
+    convolutions through XLA FFI custom calls where they run (CPU, extension built; "auto" only on
+    the CPU backend), XLA's otherwise. Only the function changes: parameters, their names and
+    initial values are flax's, so checkpoints and the PyTorch port do not depend on it.
+    """
+    impl = onednn_conv.resolve_impl(conv_impl)
+    return onednn_conv.conv_general_dilated if impl == "onednn" else None
 
 
 def resolve_dtype(name: str | None) -> Dtype:
@@ -164,6 +178,7 @@ class ConvNormAct(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
+    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -177,6 +192,7 @@ class ConvNormAct(nn.Module):
             padding="SAME",
             use_bias=False,  # the norm's shift makes a conv bias redundant
             kernel_init=kaiming_normal,
+            conv_general_dilated=conv_impl_fn(self.conv_impl),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(x)
@@ -192,6 +208,7 @@ class DoubleConv(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
+    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

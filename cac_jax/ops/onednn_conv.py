@@ -1,0 +1,229 @@
+"""2D NHWC float32 convolutions through oneDNN as XLA FFI custom calls (docs/onednn.md).
+
+`conv_general_dilated` has `jax.lax.conv_general_dilated`'s signature, so it can be handed to
+`flax.linen.Conv(conv_general_dilated=...)` (parameters, names and initialisation stay flax's).
+It sends the convolutions the extension covers (rank 4, NHWC input, HWIO kernel, float32, no
+dilation, one feature group, non-negative padding) to oneDNN and everything else to XLA.
+
+The oneDNN convolution is a `jax.custom_vjp`: forward, input gradient and weight gradient are three
+FFI targets (`cac_jax/ops/csrc/onednn_conv.cc`) registered for the CPU platform. Each call has a
+batching rule (`jax.custom_batching.custom_vmap`): a vmapped input with a shared kernel folds the
+vmapped axis into the convolution's batch (one call); a vmapped kernel, or the weight gradient of
+vmapped inputs (one gradient per example), runs one call per example (`lax.map`).
+
+`available()` loads the library built by `python -m cac_jax.ops.build` once; when it is missing
+or fails to load it prints one line and returns False, and the callers use XLA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cac_jax.ops.build import BUILD_DIR, LIBRARY_NAME
+
+LIBRARY = BUILD_DIR / LIBRARY_NAME
+# FFI target name -> symbol exported by the library.
+TARGETS = {
+    "cac_onednn_conv_forward": "CacOnednnConvForward",
+    "cac_onednn_conv_backward_data": "CacOnednnConvBackwardData",
+    "cac_onednn_conv_backward_weights": "CacOnednnConvBackwardWeights",
+}
+IMPLS = ("xla", "onednn", "auto")
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def process_cores() -> int:
+    """The cores this process may run on (its CPU affinity), which oneDNN's threads follow."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def load(path: Path = LIBRARY) -> str | None:
+    """Load the extension at `path` and register its FFI targets; its oneDNN version, or None.
+
+    None (with one line on stderr naming the file and the problem) when the library is missing
+    or does not load; the result is cached, so the notice appears once per process.
+    """
+    try:
+        lib = ctypes.CDLL(str(path))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        lib.cac_onednn_set_num_threads(ctypes.c_int(process_cores()))
+        version = int(lib.cac_onednn_version())
+    except (OSError, AttributeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"{path}: oneDNN convolutions unavailable ({reason}); using XLA's convolutions "
+              "(build with `python -m cac_jax.ops.build`, docs/onednn.md)", file=sys.stderr)
+        return None
+    return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+
+
+def available() -> bool:
+    """Whether the extension (at `LIBRARY`) is built and loads in this process."""
+    return load(LIBRARY) is not None
+
+
+@functools.cache
+def resolve_impl(name: str) -> str:
+    """"xla" or "onednn" for a `config.model.conv_impl` value ("xla" | "onednn" | "auto").
+
+    "auto" is oneDNN when JAX's default backend is the CPU and the extension loads, XLA
+    otherwise (always on GPU/TPU). "onednn" where it cannot run (no extension, or an accelerator
+    backend) falls back to XLA with a one-line notice (once: the answer is cached per process).
+    """
+    if name not in IMPLS:
+        raise ValueError(f"unknown conv_impl {name!r}: expected one of {IMPLS}")
+    if name == "xla":
+        return "xla"
+    on_cpu = jax.default_backend() == "cpu"
+    if name == "auto":
+        return "onednn" if on_cpu and available() else "xla"
+    if not on_cpu:
+        print(f"conv_impl 'onednn' runs on the CPU only; the {jax.default_backend()} backend uses "
+              "XLA's convolutions", file=sys.stderr)
+        return "xla"
+    return "onednn" if available() else "xla"
+
+
+def _call(target: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
+          strides: tuple[int, int], pads: Pads) -> jax.Array:
+    """One unbatched FFI call with the geometry as attributes."""
+    (pt, pb), (pl, pr) = pads
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32))(
+        a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+        pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+        pad_right=np.int64(pr))
+
+
+def _per_example(fn, a: jax.Array, b: jax.Array, a_batched: bool, b_batched: bool,
+                 axis_size: int) -> jax.Array:
+    """fn(a[i], b[i]) for every i of the vmapped axis (unbatched operands broadcast)."""
+    if not a_batched:
+        a = jnp.broadcast_to(a, (axis_size, *a.shape))
+    if not b_batched:
+        b = jnp.broadcast_to(b, (axis_size, *b.shape))
+    return lax.map(lambda ab: fn(*ab), (a, b))
+
+
+def _image_op(target: str, out_shape_fn, strides: tuple[int, int], pads: Pads):
+    """An op f(images, kernel) whose output has the images' batch (forward, input gradient)."""
+
+    @jax.custom_batching.custom_vmap
+    def op(images: jax.Array, kernel: jax.Array) -> jax.Array:
+        return _call(target, out_shape_fn(images.shape, kernel.shape), images, kernel, strides,
+                     pads)
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, images, kernel):
+        images_batched, kernel_batched = in_batched
+        if images_batched and not kernel_batched:  # fold the vmapped axis into the batch
+            folded = op(images.reshape(-1, *images.shape[2:]), kernel)
+            return folded.reshape(axis_size, -1, *folded.shape[1:]), True
+        if not (images_batched or kernel_batched):
+            return op(images, kernel), False
+        return _per_example(op, images, kernel, images_batched, kernel_batched, axis_size), True
+
+    return op
+
+
+def _forward(x, w, strides, pads):
+    def out_shape(xs, ws):
+        oh = (xs[1] + sum(pads[0]) - ws[0]) // strides[0] + 1
+        ow = (xs[2] + sum(pads[1]) - ws[1]) // strides[1] + 1
+        return (xs[0], oh, ow, ws[3])
+
+    return _image_op("cac_onednn_conv_forward", out_shape, strides, pads)(x, w)
+
+
+def _backward_data(dy, w, in_hw, strides, pads):
+    return _image_op("cac_onednn_conv_backward_data",
+                     lambda ds, ws: (ds[0], *in_hw, ws[2]), strides, pads)(dy, w)
+
+
+def _backward_weights(x, dy, kernel_hw, strides, pads):
+    @jax.custom_batching.custom_vmap
+    def op(x, dy):
+        return _call("cac_onednn_conv_backward_weights",
+                     (*kernel_hw, x.shape[-1], dy.shape[-1]), x, dy, strides, pads)
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, x, dy):
+        if not any(in_batched):
+            return op(x, dy), False
+        return _per_example(op, x, dy, *in_batched, axis_size), True
+
+    return op(x, dy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+    """oneDNN convolution of NHWC float32 `x` with HWIO float32 `w` (cross-correlation, as XLA).
+
+    strides (sh, sw), pads ((top, bottom), (left, right)), all non-negative; the output shape is
+    `lax.conv_general_dilated`'s.
+    """
+    return _forward(x, w, strides, pads)
+
+
+def _conv2d_fwd(x, w, strides, pads):
+    return _forward(x, w, strides, pads), (x, w)
+
+
+def _conv2d_bwd(strides, pads, residuals, dy):
+    x, w = residuals
+    dx = _backward_data(dy, w, x.shape[1:3], strides, pads)
+    dw = _backward_weights(x, dy, w.shape[:2], strides, pads)
+    return dx, dw
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _covered(lhs, rhs, window_strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
+             feature_group_count) -> bool:
+    """Whether oneDNN's path covers this convolution (otherwise XLA runs it)."""
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (lhs.ndim == 4 and dims == _NHWC and feature_group_count == 1
+            and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and all(d == 1 for d in (rhs_dilation or (1, 1)))
+            and all(p >= 0 for pair in pads for p in pair) and available())
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` with the convolutions oneDNN covers run by oneDNN."""
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding) \
+            if lhs.ndim == 4 else None
+    else:
+        pads = padding
+    if (pads is not None and batch_group_count == 1 and preferred_element_type is None
+            and _covered(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count)):
+        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+        return conv2d(lhs, rhs, strides, pads)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)

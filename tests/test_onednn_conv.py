@@ -1,0 +1,188 @@
+"""oneDNN convolutions (cac_jax/ops, docs/onednn.md): forward and both gradients equal XLA's over the
+models' shapes and odd ones, under jit, vmap and pmap; whole models equal under both
+implementations; the XLA fallback when the extension is missing; the build's failure path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cac_jax.models import build_model
+from cac_jax.models.config import model_config
+from cac_jax.ops import build as build_lib
+from cac_jax.ops import onednn_conv
+
+needs_onednn = pytest.mark.skipif(not onednn_conv.available(),
+                                  reason="oneDNN extension not built (python -m cac_jax.ops.build)")
+DIMS = ("NHWC", "HWIO", "NHWC")
+FORWARD = "cac_onednn_conv_forward"
+
+# (input NHWC, kernel (kh, kw), out channels, strides, padding): the models' kinds of convolution
+# at tiny sizes (3x3 SAME at stride 1 and 2, the UNet's 3-channel input, the ConvLSTM's 4 * hidden
+# gates) and odd ones: 1-pixel images, batch 1, channels not a multiple of 8, VALID, other kernels.
+CASES = [
+    ((2, 16, 16, 8), (3, 3), 16, (1, 1), "SAME"),
+    ((2, 16, 16, 8), (3, 3), 16, (2, 2), "SAME"),
+    ((1, 8, 8, 3), (3, 3), 8, (1, 1), "SAME"),
+    ((3, 8, 8, 16), (3, 3), 64, (1, 1), "SAME"),
+    ((1, 1, 1, 3), (3, 3), 5, (1, 1), "SAME"),
+    ((1, 1, 1, 5), (3, 3), 7, (2, 2), "SAME"),
+    ((2, 9, 7, 5), (3, 3), 7, (2, 2), "SAME"),
+    ((2, 9, 7, 5), (3, 3), 6, (1, 1), "VALID"),
+    ((1, 10, 12, 4), (5, 5), 3, (2, 1), "SAME"),
+    ((2, 6, 6, 4), (1, 1), 3, (1, 1), "VALID"),
+    ((2, 6, 5, 3), (2, 3), 4, (1, 2), ((1, 0), (2, 1))),
+]
+
+
+def xla_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMS)
+
+
+def onednn(x, w, strides, padding):
+    return onednn_conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMS)
+
+
+def operands(shape, kernel, features, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, shape, jnp.float32)
+    w = jax.random.normal(kw, (*kernel, shape[-1], features), jnp.float32) / np.sqrt(
+        np.prod(kernel) * shape[-1])
+    return x, w
+
+
+def loss_of(conv, strides, padding):
+    # A nonlinear loss, so the incoming gradient differs per output element.
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding)))
+
+
+def close(a, b, rtol=1e-5):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b).max())))
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,kernel,features,strides,padding", CASES)
+def test_forward_and_both_gradients_equal_xla(shape, kernel, features, strides, padding):
+    x, w = operands(shape, kernel, features)
+    fn = jax.jit(onednn, static_argnums=(2, 3))
+    assert FORWARD in str(jax.make_jaxpr(onednn, static_argnums=(2, 3))(x, w, strides, padding))
+    close(fn(x, w, strides, padding), xla_conv(x, w, strides, padding))
+    grads = jax.jit(jax.grad(loss_of(onednn, strides, padding), (0, 1)))(x, w)
+    expected = jax.grad(loss_of(xla_conv, strides, padding), (0, 1))(x, w)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.shape == want.shape
+        close(got, want)
+
+
+@needs_onednn
+def test_vmap_folds_a_shared_kernel_and_maps_per_example_kernels():
+    strides, padding = (2, 2), "SAME"
+    x, w = operands((2, 9, 9, 5), (3, 3), 6)
+    xs = jnp.stack([x, 2 * x, -x])
+    ws = jnp.stack([w, -w, 0.5 * w])
+    # Shared kernel: one call over the folded batch (no loop in the jaxpr).
+    folded = jax.make_jaxpr(jax.vmap(lambda x: onednn(x, w, strides, padding)))(xs)
+    assert FORWARD in str(folded) and "scan" not in str(folded)
+    close(jax.vmap(lambda x: onednn(x, w, strides, padding))(xs),
+          jax.vmap(lambda x: xla_conv(x, w, strides, padding))(xs))
+    # Per-example kernels and per-example gradients of both operands.
+    got = jax.jit(jax.vmap(jax.grad(loss_of(onednn, strides, padding), (0, 1))))(xs, ws)
+    want = jax.vmap(jax.grad(loss_of(xla_conv, strides, padding), (0, 1)))(xs, ws)
+    for a, b in zip(got, want, strict=True):
+        close(a, b)
+    # A batched kernel with a shared input.
+    close(jax.vmap(lambda w: onednn(x, w, strides, padding))(ws),
+          jax.vmap(lambda w: xla_conv(x, w, strides, padding))(ws))
+
+
+@needs_onednn
+def test_pmap_over_host_devices():
+    n = min(4, jax.local_device_count())
+    x, w = operands((n * 2, 8, 8, 4), (3, 3), 8)
+    xs = x.reshape(n, 2, 8, 8, 4)
+    grad = jax.grad(loss_of(onednn, (1, 1), "SAME"), 1)
+    got = jax.pmap(lambda x: jax.lax.pmean(grad(x, w), "d"), axis_name="d")(xs)
+    want = jax.grad(loss_of(xla_conv, (1, 1), "SAME"), 1)(x, w) / n
+    for row in np.asarray(got):
+        close(row, want)
+
+
+def test_uncovered_convolutions_and_bfloat16_go_to_xla():
+    x, w = operands((1, 8, 8, 4), (3, 3), 4)
+    cases = [
+        lambda: onednn_conv.conv_general_dilated(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                                                 (1, 1), "SAME", dimension_numbers=DIMS),
+        lambda: onednn_conv.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                                 dimension_numbers=DIMS),
+        lambda: onednn_conv.conv_general_dilated(x, w[:, :, :2], (1, 1), "SAME",
+                                                 feature_group_count=2, dimension_numbers=DIMS),
+    ]
+    for case in cases:
+        assert FORWARD not in str(jax.make_jaxpr(case)())
+
+
+def model_outputs(arch: str, impl: str):
+    cfg = model_config(arch, "calcium", local=True)
+    cfg.conv_impl = impl
+    model = build_model(cfg)
+    x = jax.random.normal(jax.random.key(1), (1, 3, 16, 16, 1))
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(p):
+        logits, _ = model.apply({"params": p}, x)
+        return jnp.mean(logits ** 2), logits
+
+    lowered = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params)
+    (_, logits), grads = lowered.compile()(params)
+    return params, logits, grads, lowered.as_text()
+
+
+@needs_onednn
+@pytest.mark.parametrize("arch", [pytest.param("convlstm", marks=pytest.mark.slow), "unet"])
+def test_models_equal_under_both_implementations(arch):
+    p_xla, logits_xla, grads_xla, jaxpr_xla = model_outputs(arch, "xla")
+    p_dnn, logits_dnn, grads_dnn, jaxpr_dnn = model_outputs(arch, "onednn")
+    assert FORWARD in str(jaxpr_dnn) and FORWARD not in str(jaxpr_xla)
+    # Same parameter tree, names, shapes and initial values: checkpoints do not depend on it.
+    assert jax.tree.structure(p_xla) == jax.tree.structure(p_dnn)
+    for a, b in zip(jax.tree.leaves(p_xla), jax.tree.leaves(p_dnn), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    close(logits_dnn, logits_xla, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(grads_dnn), jax.tree.leaves(grads_xla), strict=True):
+        close(a, b, rtol=1e-4)
+
+
+def test_missing_extension_falls_back_to_xla_with_one_line(monkeypatch, tmp_path, capsys):
+    missing = tmp_path / "libmissing.so"
+    monkeypatch.setattr(onednn_conv, "LIBRARY", missing)
+    onednn_conv.resolve_impl.cache_clear()
+    try:
+        assert onednn_conv.resolve_impl("auto") == "xla"
+        assert onednn_conv.resolve_impl("onednn") == "xla"
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and str(missing) in lines[0] and "XLA" in lines[0]
+        _, logits, _, jaxpr = model_outputs("unet", "onednn")
+        assert FORWARD not in str(jaxpr) and np.isfinite(np.asarray(logits)).all()
+        x, w = operands((1, 4, 4, 2), (3, 3), 2)
+        assert FORWARD not in str(jax.make_jaxpr(onednn, static_argnums=(2, 3))(
+            x, w, (1, 1), "SAME"))
+    finally:
+        onednn_conv.resolve_impl.cache_clear()
+    with pytest.raises(ValueError, match="conv_impl"):
+        onednn_conv.resolve_impl("mkl")
+
+
+def test_build_failure_is_one_line_and_not_an_error(monkeypatch, capsys):
+    def no_dnnl():
+        raise FileNotFoundError("/nowhere/include/oneapi/dnnl/dnnl.hpp: missing")
+
+    monkeypatch.setattr(build_lib, "dnnl_dirs", no_dnnl)
+    assert build_lib.main([]) == 0
+    assert build_lib.main(["--strict"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("dnnl.hpp: missing" in line and "XLA" in line
+                                   for line in lines)
