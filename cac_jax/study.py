@@ -124,6 +124,16 @@ def _config_file(spec: str) -> tuple[str, str]:
     return demo._config_path(path) + (f":{arg}" if sep else ""), spec
 
 
+def _finished(workdir: Path) -> bool:
+    """Whether a training run ended by itself (its step budget or early stopping), not by a
+    SIGTERM or a time box: only then is it reused; otherwise `cac-jax train` continues it."""
+    path = workdir / "summary.json"
+    if not path.exists():
+        return False
+    summary = json.loads(path.read_text())
+    return not (summary.get("preempted") or summary.get("timed_out"))
+
+
 def train_models(out: Path, config, stamps, only: set[str] | None = None) -> None:
     names = [n for n in config.trainings if only is None or n in only]
     _say(f"[3/7] training {', '.join(names)} (to convergence: early stopping on validation)")
@@ -140,7 +150,7 @@ def train_models(out: Path, config, stamps, only: set[str] | None = None) -> Non
         same = stamp.exists() and json.loads(stamp.read_text()) == wanted
         if not same and workdir.exists():
             shutil.rmtree(workdir)  # trained with other settings: start again
-        if same and (workdir / "summary.json").exists():
+        if same and _finished(workdir):
             _say(f"      reusing {name} ({workdir})")
             continue
         # Stamped before it starts, so a killed run is continued (from its last checkpoint)
