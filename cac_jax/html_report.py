@@ -108,7 +108,8 @@ def _warnings(out: Path, name: str) -> list[str]:
 
 def write_infer_report(out: str | os.PathLike) -> Path:
     """Writes `out/report.html` from `out/results.csv`, the per-study JSON and previews."""
-    from cac_jax.inference import RESULTS_NAME, safe_name
+    from cac_jax.inference import safe_name
+    from cac_jax.results import RESULTS_NAME
 
     out = Path(out)
     with (out / RESULTS_NAME).open(newline="", encoding="utf-8") as f:

@@ -33,6 +33,9 @@ FLIPPED = (-1, 0, 0, 0, 1, 0, 0, 0, -1)
 
 
 def threshold_scorer(**kwargs):
+    """ThresholdNet heart and calcium models; the tiny studies' hearts (a few ml) are scored
+    (min_heart_ml 0), not reported as no heart found."""
+    kwargs.setdefault("min_heart_ml", 0.0)
     return inference.Scorer(threshold_model("heart", spacing=(0.6, 0.7, 0.8)),
                             threshold_model("calcium", spacing=(0.6, 0.7, 0.8)), batch_size=4,
                             **kwargs)

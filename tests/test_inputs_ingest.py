@@ -96,7 +96,9 @@ def test_overwrite_that_fails_keeps_the_old_dataset_and_empty_folder_is_built(tm
     assert err.strip().splitlines()[-1].startswith(f"cac-jax ingest: error: {manifest}: row 2")
     # ... and leaves the dataset it was to replace exactly as it was, and nothing beside it.
     assert snapshot(data_dir) == built
-    assert sorted(p.name for p in (data_dir / "cac_ct").iterdir()) == [DATASET_VERSION]
+    # (the build lock `.ingest.lock` stays: it guards the next build)
+    assert sorted(p.name for p in (data_dir / "cac_ct").iterdir()
+                  if p.name != ".ingest.lock") == [DATASET_VERSION]
     # Its own manifest copy cannot be the input of a rebuild that would replace it.
     copy = data_dir / "cac_ct" / DATASET_VERSION / "manifest.csv"
     code, _, err = ingest(capfd, "--manifest", copy, "--data-dir", data_dir, "--overwrite")
