@@ -135,14 +135,12 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     # Focal loss (Lin et al. 2017): gamma 2 is their default; alpha per class. Calcium: background,
     # coronary, non-coronary. A small background alpha keeps the rare coronary class (about 1
     # candidate pixel in 100) from being drowned; with the candidate weighting and the
-    # coronary-centred crops below this recipe learnt within minutes on 2 CPU cores where the
-    # paper's uniform pixels did not start calling coronary calcium. The non-coronary alpha sets
-    # the operating point between the two calcium classes: at 0.05 a pixel is worth calling
-    # coronary from about a 5% chance on, which in low-dose CTAC calls the noise coronary. The
-    # ConvLSTM takes 0.5 (of 0.05, 0.25, 0.5 and 1, the best on both protocols in the probes;
-    # 1 starts missing gated plaques). The UNet, with about two thirds of the ConvLSTM's steps in
-    # a CPU time box, called no coronary pixel at all with 1 in 120 s at 128 px and keeps 0.05
-    # (docs/training_notes.md: the recipe probes).
+    # coronary-centred crops below, the calcium model starts calling coronary calcium within
+    # minutes on a CPU. The non-coronary alpha sets the operating point between the two calcium
+    # classes: at 0.05 a pixel is worth calling coronary from about a 5% chance on, which in
+    # low-dose CTAC calls the noise coronary. The ConvLSTM takes 0.5, the UNet (fewer steps in a
+    # CPU time box) 0.05: the values that worked best per architecture in the recipe probes
+    # (docs/training_notes.md).
     t.focal_gamma = 2.0
     if task != "calcium":
         t.focal_alpha = (0.25, 1.0)

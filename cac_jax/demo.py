@@ -92,8 +92,8 @@ class DemoSettings:
     heart_seconds: float = 60.0
     calcium_seconds: float = 120.0
     # The learning rate falls linearly to 0 over this last fraction of each time box
-    # (`train.anneal_fraction`): in a paired 120 s probe of the calcium ConvLSTM it cut false
-    # coronary voxels by a third to a half (docs/training_notes.md).
+    # (`train.anneal_fraction`): fewer false coronary voxels at the end of a short run
+    # (docs/training_notes.md).
     anneal_fraction: float = 0.5
     # The configs' tiny `:local` widths (tests); the demo itself trains the full models.
     local_models: bool = False

@@ -66,8 +66,9 @@ def model_config(arch: str, task: str, local: bool = False) -> ml_collections.Co
         c.temporal_decoder_widths = (8, 16, 16)
         c.attention_width = 8
     else:
-        # Our choice (the paper gives no widths), measured in benchmarks/bench_models.py: 4.35 M
-        # parameters, 63.7 GFLOP per 512 px sample, ~5x faster than UNet-64 on a 2-core CPU.
+        # Our choice (the paper gives no widths): a few million parameters, several times faster
+        # than UNet-64 on a CPU (docs/architecture.md has the sizes, docs/benchmarks.md the
+        # timings).
         # Stages at H/2..H/16 (2x2 space-to-depth stem); widths are multiples of 32, which XLA:CPU
         # convolutions run efficiently; most weights sit at H/8 and H/16, where FLOPs are cheap.
         # ConvLSTMs at H/8 (64 hidden) and H/16 (128 hidden): "hierarchical" temporal context.

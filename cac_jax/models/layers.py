@@ -24,11 +24,10 @@ BatchNorm's running averages differ from the batch statistics it trains with (a 
 mismatch that is worst when the sampled training slices, enriched for calcium, differ from the
 slices seen at inference). GroupNorm (Wu & He 2018) normalises each sample on its own: no
 `batch_stats` collection, no `train` flag needed, identical behaviour in training and inference.
-Its cost on CPU is one extra statistics pass per layer: with the GroupNorm below, the default
-ConvLSTM's 512 px forward took 0.448 s against 0.419 s with (inference-mode) BatchNorm, measured
-side by side (5 interleaved rounds, 2-core EPYC), i.e. about 7%
-(`python benchmarks/bench_models.py --norm batch` runs the whole benchmark with BatchNorm). With `norm="batch"`, `bn_axis_name` names the pmap
-axis over which batch statistics are averaged (cross-device synchronised BatchNorm).
+Its cost on CPU is one extra statistics pass per layer, a few per cent of the forward
+(docs/benchmarks.md; `python benchmarks/bench_models.py --norm batch` measures it). With
+`norm="batch"`, `bn_axis_name` names the pmap axis over which batch statistics are averaged
+(cross-device synchronised BatchNorm).
 """
 
 from __future__ import annotations
@@ -113,8 +112,8 @@ class GroupNorm(nn.Module):
     (flax's GroupNorm: 0.015-0.08). In float32 the cancellation costs about |mean| / std * 2^-24,
     far below bfloat16's output rounding, so the result matches flax's to bfloat16 precision
     (tests/test_models.py). The centred form `(x - mean) * mult + bias` would be equally accurate
-    and as fast forward, but XLA:CPU ran its gradient 1.5-3.4x slower at the encoder's shapes
-    (benchmarks/bench_models.py --groupnorm, benchmarks/results/bench_groupnorm.md).
+    and as fast forward, but XLA:CPU runs its gradient slower at the encoder's shapes
+    (docs/benchmarks.md; benchmarks/results/bench_groupnorm.md).
     """
 
     num_groups: int
@@ -262,9 +261,8 @@ class TransposedConv2x2(nn.Module):
     at zero), initial values and outputs as `nn.ConvTranspose(features, (2, 2), strides=(2, 2))`
     (tests/test_models.py checks all three), so checkpoints and `cac_jax.torch_ref.from_flax` see
     no difference. Why not `nn.ConvTranspose`: XLA lowers it to a convolution over the input
-    dilated with zeros, 4x the multiply-adds, and on CPU its gradient is very slow (13-29x this
-    layer's at UNet-64's shapes); with `max_pool2x` it made UNet-64's whole gradient at 256 px,
-    batch 2, 2.5x faster, its forward about the same (benchmarks/bench_layer_rewrites.py).
+    dilated with zeros, 4x the multiply-adds, and on CPU its gradient is an order of magnitude
+    slower than this matmul's (docs/benchmarks.md; benchmarks/bench_layer_rewrites.py).
     With kernel size = stride each output pixel receives exactly one kernel tap, so the layer is
     a (pixels, in) x (in, 2 * 2 * out) matmul whose columns are then moved to the 2x2 block of
     output pixels they belong to. Flax's `ConvTranspose` (transpose_kernel=False)
@@ -292,8 +290,8 @@ def max_pool2x(x: jax.Array) -> jax.Array:
     """2x2 max pooling with stride 2 over NHWC (H and W even): `nn.max_pool(x, (2, 2), (2, 2))`.
 
     Written as a reshape and a max reduction: the same forward values, and XLA:CPU runs its
-    gradient 1.6-3.6x faster than the select-and-scatter of `reduce_window`'s (511 against 864 ms
-    for a (4, 512, 512, 64) input in benchmarks/bench_layer_rewrites.py). Where a window's
+    gradient faster than the select-and-scatter of `reduce_window`'s (docs/benchmarks.md;
+    benchmarks/bench_layer_rewrites.py). Where a window's
     maximum is tied the gradient is shared between the tied inputs instead of going to one of
     them (both are valid subgradients).
     In the UNet the pooled values come out of a ReLU, so most ties are zeros, whose gradient the
