@@ -295,11 +295,17 @@ class _ModelRunner:
         if pending is not None:
             back += self._store(out, pending, model_hw, resample)
         total = time.perf_counter() - start
+        self._add_timings(timings, host, back, total, int(selected.size))
+        return out
+
+    def _add_timings(self, timings: dict, host: float, back: float, total: float,
+                     slices: int) -> None:
+        """Adds one `predict` call's seconds (host preprocessing, resampling back, the rest on
+        the device) and slice count to `timings`."""
         timings["preprocess"] = timings.get("preprocess", 0.0) + host
         timings["postprocess"] = timings.get("postprocess", 0.0) + back
         timings[f"{self.role}_model"] = timings.get(f"{self.role}_model", 0.0) + total - host - back
-        timings[f"{self.role}_slices"] = timings.get(f"{self.role}_slices", 0) + int(selected.size)
-        return out
+        timings[f"{self.role}_slices"] = timings.get(f"{self.role}_slices", 0) + slices
 
     def _predict_frame(self, hu, spacing_zyx_mm, selected, probabilities, timings, centre_yx):
         """`predict` for a heart-frame model: windows resampled into the frame, the model's
@@ -341,10 +347,7 @@ class _ModelRunner:
         if pending is not None:
             back += store(pending)
         total = time.perf_counter() - start
-        timings["preprocess"] = timings.get("preprocess", 0.0) + host
-        timings["postprocess"] = timings.get("postprocess", 0.0) + back
-        timings[f"{self.role}_model"] = timings.get(f"{self.role}_model", 0.0) + total - host - back
-        timings[f"{self.role}_slices"] = timings.get(f"{self.role}_slices", 0) + int(selected.size)
+        self._add_timings(timings, host, back, total, int(selected.size))
         return out
 
     def _batch(self, hu, centres, offset, model_hw, bucket) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cac_jax.commands import positive_int
+from cac_jax.commands import non_negative_float, positive_int
 
 EPILOG = """\
 H and C are each a training workdir (its best checkpoint is used) or a checkpoint folder in one.
@@ -46,17 +46,6 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
-
-def _non_negative_float(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -135,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "folders into OUT/results.csv (refused if they overlap or come "
                              "from different models; with --input/--manifest, also if a study "
                              "is in none of them)")
-    parser.add_argument("--min-heart-ml", type=_non_negative_float, default=None, metavar="ML",
+    parser.add_argument("--min-heart-ml", type=non_negative_float, default=None, metavar="ML",
                         help="smallest predicted heart (ml) a study is scored with; below it "
                              "the study is an error row, 'no heart found' (default: a quarter "
                              "of the smallest training heart where the checkpoint records "

@@ -12,6 +12,8 @@ import argparse
 import math
 import sys
 
+from cac_jax.commands import non_negative_float
+
 EPILOG = """\
 IMAGE and LABELS are each a DICOM folder or a file SimpleITK reads (.mhd, .nii, .nii.gz, .nrrd).
 Labels: 0 none, 1 LAD (with left main), 2 LCX, 3 RCA, 4 other coronary; 5 and above are
@@ -24,15 +26,6 @@ example:
   cac-jax score --image study/dicom --labels study/calcium_labels.nii.gz --json score.json
 """
 
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -70,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="also write the JSON object to this file (atomically; never onto "
                              "an input)")
-    parser.add_argument("--min-area-mm2", type=_non_negative_float, default=1.0, metavar="A",
+    parser.add_argument("--min-area-mm2", type=non_negative_float, default=1.0, metavar="A",
                         help="smallest lesion area that counts, in mm^2 (default: 1.0)")
     parser.add_argument("--calibration", type=_positive_float, default=None, metavar="F",
                         help="mass calibration factor in mg per (HU * mm^3), from a calibration "
