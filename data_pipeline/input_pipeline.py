@@ -49,19 +49,20 @@ How (design):
   `[:h, :w]` is the scan's own grid (h, w in `iterator.scans`).
 - TensorFlow never sees a GPU; its thread pool is bounded (`config.num_threads`); map parallelism and
   prefetch use AUTOTUNE; element order is deterministic.
+
+Modules: this one builds the tf.data graph (`make_dataset`, the samples, the epoch plan);
+`data_pipeline.records` reads the records and the scans' metadata (scan index);
+`data_pipeline.scan_store` holds the voxels (memory or streaming store, heart-frame windows).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import math
 import os
-import struct
 import threading
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -70,50 +71,25 @@ from data_pipeline import labels as labels_lib
 from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.errors import InputError
 from data_pipeline.labels import DEFAULT_NEIGHBOUR_MM, HU_WINDOW
+from data_pipeline.records import (  # noqa: F401  (re-exported: tests and cac_jax use them here)
+    _META_KEYS,
+    ScanInfo,
+    _builder,
+    _data_config,
+    _host_slice_counts,
+    _host_split,
+    _read_meta,
+    _Records,
+    _target_keys,
+    _tf,
+    dataset_path,
+)
+from data_pipeline.scan_store import _MemoryStore, _Source, _StreamStore  # noqa: F401
 
-_TF_CONFIGURED = False
 INFINITE = 2**62
 _PURPOSE_POSITIVE, _PURPOSE_NEGATIVE, _PURPOSE_ORDER, _PURPOSE_AUGMENT, _PURPOSE_NOISE = 1, 2, 3, 4, 5
 _PURPOSE_CROP = 6
 _PURPOSE_FRAME = 7
-
-
-def _drop_tfds_dtype_notice(record: logging.LogRecord) -> bool:
-    """TFDS 4.9 logs a deprecation notice each time its own code reads `FeatureConnector.dtype`
-    (while decoding, not from our code); it says nothing a user can act on."""
-    return "FeatureConnector.dtype` is deprecated" not in record.getMessage()
-
-
-def _tf():
-    """Imports TensorFlow with GPUs hidden (JAX owns the accelerators)."""
-    global _TF_CONFIGURED
-    import tensorflow as tf
-
-    if not _TF_CONFIGURED:
-        logging.getLogger("absl").addFilter(_drop_tfds_dtype_notice)
-        try:
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError:  # TF already initialised its devices; nothing placed on GPU by us
-            pass
-        _TF_CONFIGURED = True
-    return tf
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanInfo:
-    """One scan of a host's shard (index = `scan_index` in the batches)."""
-
-    scan_id: str
-    patient_id: str
-    protocol: str
-    site: str
-    shape_zyx: tuple[int, int, int]
-    spacing_zyx_mm: tuple[float, float, float]
-    agatston: float | None
-    category: int | None
-    num_positive_slices: int
-    # Slices between the centre and each neighbour: labels.neighbour_offset(dz, neighbour_mm).
-    neighbour_offset: int = 1
 
 
 @dataclasses.dataclass
@@ -159,419 +135,6 @@ class InputIterator:
         if self._iterator is None:
             self._iterator = self.dataset.as_numpy_iterator()
         return next(self._iterator)
-
-
-def _data_config(config):
-    """(data config, seed) from a full experiment config or a bare data config."""
-    data = config.data if "data" in config else config
-    seed = data.get("seed", None)
-    if seed is None:
-        seed = config.get("seed", 0) if "data" in config else 0
-    return data, int(seed or 0)
-
-
-def dataset_path(data):
-    """DATA_DIR/NAME/VERSION of the dataset a data config points at, as `etils.epath.Path`: a
-    `gs://` data_dir stays a URL (TFDS and TensorFlow read it); a local one is expanded."""
-    from etils import epath
-
-    text = os.fspath(data.data_dir)
-    root = epath.Path(text if "://" in text else os.path.expanduser(text))
-    return root / data.name / data.version
-
-
-def _builder(data):
-    import tensorflow_datasets as tfds
-
-    path = dataset_path(data)
-    if not (path / "dataset_info.json").exists():
-        raise InputError(path, "no dataset here; build it with `cac-jax ingest --manifest M.csv "
-                               f"--data-dir {data.data_dir} --name {data.name}`")
-    builder = tfds.builder_from_directory(os.fspath(path))
-    _check_files(builder)
-    return builder
-
-
-def _check_files(builder) -> None:
-    """Refuse a dataset whose TFRecord files are not all there (one deleted or moved)."""
-    gfile = _tf().io.gfile
-    for split in builder.info.splits.values():
-        for instruction in split.file_instructions:
-            if not gfile.exists(instruction.filename):
-                raise InputError(instruction.filename, "TFRecord file of the dataset is missing; "
-                                                       "rebuild it with `cac-jax ingest`")
-
-
-def _host_split(builder, split: str, process_index: int, process_count: int):
-    import tensorflow_datasets as tfds
-
-    # TFDS slicing ("train[:100]", "train[10%:]") picks a subset of a split's scans.
-    if split.split("[", 1)[0] not in builder.info.splits:
-        raise InputError(_dataset_path_of(builder), f"dataset has no {split!r} split (it has "
-                                                   f"{', '.join(builder.info.splits)})")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if process_count == 1:
-        return split
-    return tfds.split_for_jax_process(split, process_index=process_index,
-                                      process_count=process_count)
-
-
-def _dataset_path_of(builder) -> str:
-    return os.fspath(builder.data_dir)
-
-
-def _num_examples(builder, host_split) -> int:
-    return int(builder.info.splits[host_split].num_examples)
-
-
-def _target_keys(task: str) -> tuple[str, str, str]:
-    if task == "calcium":
-        return "calcium_class", "annotated_calcium_slice", "has_calcium_labels"
-    if task == "heart":
-        return "heart_mask", "heart_slice", "has_heart_mask"
-    raise ValueError(f"unknown task {task!r}")
-
-
-class _Records:
-    """Random access to the examples of a host split in the dataset's TFRecord files.
-
-    TFDS reads TFRecords front to back; streaming needs scan i whenever the sampling plan asks for
-    it, so the record offsets are indexed once (headers only: 12 bytes read per record) and each
-    example is read with one seek and decoded by TFDS's own numpy decoder
-    (`ExampleParserNp` and each feature's `decode_example_np`). Example i is the i-th of `builder.as_dataset(split,
-    shuffle_files=False)`: the same file instructions, in the same order.
-    """
-
-    def __init__(self, builder, host_split, index: dict | None = None):
-        tf = _tf()
-        from tensorflow_datasets.core import example_parser
-
-        self._gfile = tf.io.gfile
-        self.features = builder.info.features
-        # TFDS's numpy parser (what `deserialize_example_np` uses); each feature is then decoded
-        # on its own, so reading the metadata never decompresses a volume.
-        self._parser = example_parser.ExampleParserNp(self.features.get_serialized_info())
-        self.locations: list[tuple[str, int, int]] = []
-        # The build-time scan index's entry of each location (data_pipeline.scan_index), or None.
-        self.entries: list[dict | None] = []
-        if _num_examples(builder, host_split) == 0:
-            return
-        for instruction in builder.info.splits[host_split].file_instructions:
-            indexed = (index or {}).get(os.path.basename(instruction.filename))
-            if indexed is not None:
-                offsets = [(e["offset"], e["length"]) for e in indexed]
-            else:
-                offsets = self._offsets(instruction.filename)
-            if len(offsets) != instruction.examples_in_shard:
-                raise InputError(instruction.filename, f"holds {len(offsets)} records, the dataset "
-                                                       f"says {instruction.examples_in_shard}; "
-                                                       "rebuild it with `cac-jax ingest`")
-            end = instruction.skip + instruction.take
-            chosen = offsets[instruction.skip:end]
-            self.locations.extend((instruction.filename, start, size) for start, size in chosen)
-            self.entries.extend(indexed[instruction.skip:end] if indexed is not None
-                                else [None] * len(chosen))
-
-    def _offsets(self, path: str) -> list[tuple[int, int]]:
-        """(data offset, length) of every record of a TFRecord file (uncompressed, as TFDS writes:
-        8-byte little-endian length, 4-byte length CRC, data, 4-byte data CRC)."""
-        out = []
-        with self._gfile.GFile(path, "rb") as f:
-            size = self._gfile.stat(path).length
-            position = 0
-            while position < size:
-                f.seek(position)
-                header = f.read(12)
-                if len(header) < 12:
-                    raise InputError(path, f"truncated TFRecord file (header at byte {position})")
-                (length,) = struct.unpack("<Q", header[:8])
-                start = position + 12
-                position = start + length + 4
-                if position > size:
-                    raise InputError(path, f"truncated TFRecord file (record at byte {start})")
-                out.append((start, length))
-        return out
-
-    def __len__(self) -> int:
-        return len(self.locations)
-
-    def read(self, index: int, keys) -> dict:
-        """The decoded features `keys` of example `index` (numpy)."""
-        path, start, size = self.locations[index]
-        with self._gfile.GFile(path, "rb") as f:
-            f.seek(start)
-            raw = f.read(size)
-        if len(raw) != size:
-            raise InputError(path, f"truncated TFRecord file (record at byte {start})")
-        parsed = self._parser.parse_example(raw)
-        return {key: self.features[key].decode_example_np(parsed[key]) for key in keys}
-
-
-_META_KEYS = ("scan_id", "patient_id", "protocol", "site", "shape_zyx", "spacing_zyx_mm",
-              "agatston", "category")
-
-
-def _read_meta(records: _Records, task: str, neighbour_mm: float):
-    """(ScanInfo list, record index per scan, per-slice positive flags) of the scans with the
-    task's targets, without decoding any volume."""
-    _, flag_key, has_key = _target_keys(task)
-    scans, record_index, flags = [], [], []
-    for index in range(len(records)):
-        entry = records.entries[index] if records.entries else None
-        ex = (_indexed_meta(entry, task, flag_key, has_key) if entry is not None
-              else records.read(index, (*_META_KEYS, flag_key, has_key)))
-        if not ex[has_key]:
-            continue
-        agatston = float(ex["agatston"])
-        spacing = tuple(float(v) for v in ex["spacing_zyx_mm"])
-        scans.append(ScanInfo(
-            scan_id=_text(ex["scan_id"]), patient_id=_text(ex["patient_id"]),
-            protocol=_text(ex["protocol"]), site=_text(ex["site"]),
-            shape_zyx=tuple(int(n) for n in ex["shape_zyx"]), spacing_zyx_mm=spacing,
-            agatston=None if math.isnan(agatston) else agatston,
-            category=None if int(ex["category"]) < 0 else int(ex["category"]),
-            num_positive_slices=int(ex[flag_key].sum()),
-            neighbour_offset=labels_lib.neighbour_offset(spacing[0], neighbour_mm)))
-        record_index.append(index)
-        flags.append(np.asarray(ex[flag_key], bool))
-    return scans, record_index, flags
-
-
-def _indexed_meta(entry: dict, task: str, flag_key: str, has_key: str) -> dict:
-    """A scan-index entry in the shape `_Records.read` gives the metadata keys."""
-    targets = entry["targets"][task]
-    flags = np.zeros(int(entry["shape_zyx"][0]), bool)
-    flags[targets["positive"]] = True
-    agatston = entry["agatston"]
-    return {**{k: entry[k] for k in ("scan_id", "patient_id", "protocol", "site", "shape_zyx",
-                                     "spacing_zyx_mm", "category")},
-            "agatston": math.nan if agatston is None else agatston, flag_key: flags,
-            has_key: targets["has"]}
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class _Source:
-    """The host's scans for the tf.data graph: per-slice lookup tables (TF) and the voxels (numpy).
-
-    The voxels stay in numpy and reach tf.data through `tf.numpy_function` (one call per sample,
-    returning the 3-slice window): a `tf.constant` captured by a tf.data function is copied by
-    tf.data's graph rewrites (twice the RAM), and a `tf.Variable` needs a second full-size copy
-    while it is created. Subclasses hold the voxels in memory or stream them from the records.
-    """
-
-    def __init__(self, scans: list[ScanInfo], records: _Records | None, record_index, task: str,
-                 heart_frame: bool = False, frame_spacing_mm: float = 1.0):
-        tf = _tf()
-        self.scans = scans
-        self.records = records
-        self.record_index = list(record_index)
-        self.target_key = _target_keys(task)[0]
-        # Heart frame (data_pipeline.frames): each scan's frame centre (y, x) in its pixels, from
-        # the reference heart mask (else the coronary calcium, else the scan centre), found when
-        # the scan is decoded.
-        self.heart_frame = bool(heart_frame)
-        self.centres: dict[int, tuple[float, float]] = {}
-        self.shapes = np.asarray([s.shape_zyx for s in scans], np.int64).reshape(-1, 3)
-        self.offsets = np.asarray([s.neighbour_offset for s in scans], np.int64)
-        slices_per_scan = self.shapes[:, 0]
-        self.num_slices = int(slices_per_scan.sum())
-        self.slice_scan_np = np.repeat(np.arange(len(scans)), slices_per_scan)
-        first_slice = np.concatenate([[0], np.cumsum(slices_per_scan)[:-1]]).astype(np.int64)
-        self.slice_z_np = np.arange(self.num_slices) - first_slice[self.slice_scan_np]
-        self.slice_scan = tf.constant(self.slice_scan_np.astype(np.int64))
-        self.slice_z = tf.constant(self.slice_z_np.astype(np.int64))
-        self.shapes_t = tf.constant(self.shapes)
-        self.scan_ids = tf.constant([s.scan_id for s in scans] or [""])
-        # Heart frame: scan pixels per frame pixel (y, x), per scan.
-        frame_mm = float(frame_spacing_mm or 1.0)
-        self.ratios_t = tf.constant(np.asarray(
-            [[frame_mm / s.spacing_zyx_mm[1], frame_mm / s.spacing_zyx_mm[2]] for s in scans]
-            or [[1.0, 1.0]], np.float32))
-
-    @property
-    def decoded_bytes(self) -> int:
-        """Decoded size of the scans: int16 HU + uint8 target, 3 bytes per voxel."""
-        return int(self.shapes.prod(axis=1).sum()) * 3
-
-    def _decode(self, scan: int) -> tuple[np.ndarray, np.ndarray]:
-        """(hu (z, y, x) int16, target (z, y, x) uint8) of one scan, read from the records."""
-        keys = ("hu", self.target_key, "heart_mask") if self.heart_frame else ("hu",
-                                                                               self.target_key)
-        ex = self.records.read(self.record_index[scan], keys)
-        hu = np.asarray(ex["hu"], np.int16)
-        target = np.asarray(ex[self.target_key]).astype(np.uint8, copy=False)
-        if hu.shape != tuple(self.shapes[scan]) or target.shape != hu.shape:
-            raise InputError(self.scans[scan].scan_id, f"stored volume shape {hu.shape} / "
-                                                       f"target {target.shape} differ from "
-                                                       f"shape_zyx {tuple(self.shapes[scan])}")
-        if self.heart_frame:
-            heart = np.asarray(ex["heart_mask"])
-            self._set_centre(scan, heart if heart.shape == hu.shape else None, target)
-        return hu, target
-
-    def _set_centre(self, scan: int, heart: np.ndarray | None, target: np.ndarray) -> None:
-        centre = frames_lib.heart_centre_yx(heart, fallback=target == 1)
-        if centre is None:
-            _, h, w = self.shapes[scan]
-            centre = ((h - 1) / 2.0, (w - 1) / 2.0)
-        self.centres[scan] = centre
-
-    def centre(self, scan: int) -> tuple[float, float]:
-        """The heart frame's centre (y, x) of `scan` (known once the scan has been decoded)."""
-        return self.centres[int(scan)]
-
-    def volumes(self, scan: int, key: int) -> tuple[np.ndarray, np.ndarray]:
-        """(hu, target) of `scan` as (z, y, x) arrays; `key` names the sampling block asking."""
-        raise NotImplementedError
-
-    def _window_np(self, scan, z, key):
-        scan, z = int(scan), int(z)
-        hu, target = self.volumes(scan, int(key))
-        zs = labels_lib.window_indices(hu.shape[0], np.asarray([z]), int(self.offsets[scan]))[0]
-        centre = self.centres.get(scan, (0.0, 0.0))
-        return hu[zs], target[z], np.asarray(centre, np.float32)
-
-    def window(self, k, key=0):
-        """(hu (3, h, w) int16, target (h, w) uint8, scan index, z, frame centre (y, x)) of
-        global slice k.
-
-        The neighbours are `neighbour_offset` slices away (`labels.window_indices`, the function
-        inference uses), edges repeated. The centre is the heart frame's (0, 0 without one).
-        """
-        tf = _tf()
-        scan = tf.gather(self.slice_scan, k)
-        z = tf.gather(self.slice_z, k)
-        hu, target, centre = tf.numpy_function(
-            self._window_np, [scan, z, tf.cast(key, tf.int64)], [tf.int16, tf.uint8, tf.float32],
-            stateful=False)
-        shape = tf.gather(self.shapes_t, scan)
-        hu = tf.reshape(hu, [3, shape[1], shape[2]])
-        target = tf.reshape(target, [shape[1], shape[2]])
-        return hu, target, scan, z, tf.reshape(centre, [2])
-
-    def frame_geometry(self, scan: int, frame_size: int, frame_spacing_mm: float):
-        """The heart frame of `scan` (data_pipeline.frames.FrameGeometry)."""
-        info = self.scans[int(scan)]
-        return frames_lib.geometry(self.centre(scan), info.spacing_zyx_mm[1:],
-                                   info.shape_zyx[1:], frame_size, frame_spacing_mm)
-
-    def _frame_window_np(self, scan, z, key, frame_size, frame_spacing_mm):
-        """(image (3, S, S) float32 windowed, label (S, S) int32, weight (S, S) float32, Agatston
-        candidates (S, S) bool) of one slice in its heart frame: the numpy resampling inference
-        uses."""
-        hu, target, _ = self._window_np(scan, z, key)
-        geom = self.frame_geometry(int(scan), int(frame_size), float(frame_spacing_mm))
-        image = frames_lib.to_frame(labels_lib.window_hu(hu), geom, order=1, cval=0.0)
-        label = frames_lib.to_frame(target, geom, order=0, cval=0).astype(np.int32)
-        weight = frames_lib.inside_scan(geom).astype(np.float32)
-        candidate = frames_lib.to_frame(hu[1] >= CALCIUM_THRESHOLD_HU, geom, order=0, cval=False)
-        return image.astype(np.float32), label, weight, candidate
-
-
-class _MemoryStore(_Source):
-    """Every scan of the host decoded once into one preallocated int16 and one uint8 buffer.
-
-    The buffers are sized from the stored shapes before any volume is decoded and filled one scan
-    at a time, so loading needs the decoded bytes plus one scan in flight, never twice the shard.
-    """
-
-    def __init__(self, scans, records, record_index, task, *, progress: bool = False,
-                 heart_frame: bool = False, frame_spacing_mm: float = 1.0):
-        super().__init__(scans, records, record_index, task, heart_frame, frame_spacing_mm)
-        voxels = self.shapes.prod(axis=1)
-        self.starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
-        self.hu = np.empty(int(voxels.sum()), np.int16)
-        self.target = np.empty(int(voxels.sum()), np.uint8)
-        for scan in range(len(scans)):
-            hu, target = self._decode(scan)
-            start, count = int(self.starts[scan]), int(voxels[scan])
-            self.hu[start:start + count] = hu.reshape(-1)
-            self.target[start:start + count] = target.reshape(-1)
-            del hu, target
-
-    @classmethod
-    def from_arrays(cls, scans: list[ScanInfo], hu_list, target_list, task: str = "calcium",
-                    heart_list=None, frame_spacing_mm: float = 1.0):
-        """A store of in-memory volumes (tests and tools); no records behind it. `heart_list`
-        (reference heart masks) turns the heart frame on."""
-        store = cls.__new__(cls)
-        _Source.__init__(store, scans, None, range(len(scans)), task, heart_list is not None,
-                         frame_spacing_mm)
-        for scan, heart in enumerate(heart_list or ()):
-            store._set_centre(scan, None if heart is None else np.asarray(heart),
-                              np.asarray(target_list[scan]))
-        voxels = store.shapes.prod(axis=1)
-        store.starts = np.concatenate([[0], np.cumsum(voxels)[:-1]]).astype(np.int64)
-        store.hu = np.concatenate([np.asarray(h, np.int16).reshape(-1) for h in hu_list])
-        store.target = np.concatenate([np.asarray(t, np.uint8).reshape(-1) for t in target_list])
-        return store
-
-    def volumes(self, scan, key):
-        del key
-        start = int(self.starts[scan])
-        count = int(self.shapes[scan].prod())
-        shape = tuple(self.shapes[scan])
-        return (self.hu[start:start + count].reshape(shape),
-                self.target[start:start + count].reshape(shape))
-
-
-class _StreamStore(_Source):
-    """Scans read from the records when the sampling plan reaches them: bounded memory.
-
-    The plan names, for every sample, its block key (training: the epoch's block of
-    `shuffle_block_scans` scans; evaluation: the scan). When a key is first asked for, the scans of
-    the next key are decoded in the background; a least-recently-used cache holds about two
-    blocks of scans. The batches do not depend on the cache (a scan it dropped is read again), so
-    they are identical to memory mode's.
-    """
-
-    def __init__(self, scans, records, record_index, task, *, block_scans: int,
-                 block_of: Callable[[int], Sequence[int]], heart_frame: bool = False,
-                 frame_spacing_mm: float = 1.0):
-        super().__init__(scans, records, record_index, task, heart_frame, frame_spacing_mm)
-        import concurrent.futures
-
-        self.block_of = block_of
-        self.capacity = 2 * max(1, block_scans) + 2
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._seen_keys: set[int] = set()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                          thread_name_prefix="scan-stream")
-        # The reader thread ends with the store (an iterator dropped mid-stream leaves none).
-        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
-        self.reads = 0  # scans decoded so far (a dropped scan read again counts again)
-
-    def _load(self, scan):
-        self.reads += 1
-        return self._decode(scan)
-
-    def _future(self, scan: int):
-        future = self._cache.get(scan)
-        if future is None:
-            future = self._pool.submit(self._load, scan)
-            self._cache[scan] = future
-        self._cache.move_to_end(scan)
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return future
-
-    def volumes(self, scan, key):
-        with self._lock:
-            future = self._future(scan)
-            if key not in self._seen_keys:
-                self._seen_keys.add(key)
-                for upcoming in self.block_of(key + 1):
-                    if upcoming not in self._cache:
-                        self._future(int(upcoming))
-                    # Keep the asking scan most recent: the prefetch must not evict it.
-                self._cache.move_to_end(scan)
-        return future.result()
-
 
 def _plain(fn):
     """Traces `fn` as written: it has no Python control flow on tensors for AutoGraph to convert."""
@@ -857,31 +420,6 @@ def _shape_batches(tf, ds, local_devices: int, per_device: int, prefetch: int):
     ds = ds.batch(local_devices * per_device, drop_remainder=True)
     ds = ds.map(_plain(reshape), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(prefetch or tf.data.AUTOTUNE)
-
-
-def _host_slice_counts(builder, split: str, task: str, process_count: int) -> list[int]:
-    """Slices with the task's targets on each host's shard (for equal evaluation steps)."""
-    import tensorflow_datasets as tfds
-
-    from data_pipeline.scan_index import read_scan_index, split_entries
-
-    _, _, has_key = _target_keys(task)
-    decoders = tfds.decode.PartialDecoding({"num_slices": True, has_key: True})
-    counts = []
-    index = read_scan_index(builder.data_dir)
-    for process in range(process_count):
-        host_split = _host_split(builder, split, process, process_count)
-        if _num_examples(builder, host_split) == 0:
-            counts.append(0)
-            continue
-        entries = split_entries(builder, host_split, index)
-        if entries is not None:  # the build-time index: no record read
-            counts.append(sum(int(e["shape_zyx"][0]) for e in entries
-                              if e["targets"][task]["has"]))
-            continue
-        ds = builder.as_dataset(split=host_split, shuffle_files=False, decoders=decoders)
-        counts.append(sum(int(ex["num_slices"]) for ex in tfds.as_numpy(ds) if ex[has_key]))
-    return counts
 
 
 CACHE_MODES = ("memory", "stream", "auto")
