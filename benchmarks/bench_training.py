@@ -11,7 +11,7 @@
 For the ConvLSTM-attention (configs/convlstm_calcium.py), UNet-64 (configs/unet_calcium.py) and
 the width-matched UNet (configs/unet_matched_calcium.py), calcium task, float32, on one device:
 - `forward_s`: jit-compiled inference forward at the batch (warm, median of rounds);
-- `step_s`: `cac_jax.train.train_step` itself (focal loss with aux losses, gradients, pmean,
+- `step_s`: `cac_jax.steps.train_step` itself (focal loss with aux losses, gradients, pmean,
   Adam), pmapped on one device with the batch already on the device;
 - `step_over_forward` (the target: <= 4, docs/benchmarks.md), `samples_per_s` (batch / step_s);
 - `compiled_bytes`: XLA's memory analysis of the compiled step (temp + arguments + outputs -
@@ -333,7 +333,7 @@ def markdown(res: dict) -> str:
                       f"{dnn['onednn_max_rel_diff']:.1e}). Rows `<model>+onednn` run every 3x3 "
                       "convolution of the model through it."]
     lines += ["", "Target (issue 9): step <= 4x forward for every model; <= 5% of loop time "
-                  "outside the compiled step. The step is `cac_jax.train.train_step` (focal loss, "
+                  "outside the compiled step. The step is `cac_jax.steps.train_step` (focal loss, "
                   "ConvLSTM aux losses, gradients, Adam)."]
     return "\n".join(lines) + "\n"
 

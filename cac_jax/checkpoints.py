@@ -13,6 +13,9 @@ self-sufficient; it holds four items:
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 during a write leaves no folder that reads as a checkpoint; `load_trained` also refuses a step
 folder whose items are missing.
+
+Training builds its checkpoints with `training_items`, resumes with `load_state_if_possible`
+(the latest intact checkpoint, agreed between processes) and saves with `save_training`.
 """
 
 from __future__ import annotations
@@ -127,6 +130,57 @@ def save_args(variables, train_state, meta: dict, config):
         train_state=ocp.args.StandardSave(train_state),
         meta=ocp.args.JsonSave(meta),
         config=ocp.args.JsonSave(config_to_dict(config)))
+
+
+def training_items(state) -> tuple[dict, dict]:
+    """(`variables`, `train_state`) items of a training state (params, batch_stats, opt_state,
+    step), as one step folder holds them."""
+    import numpy as np
+
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables, {"opt_state": state.opt_state, "step": np.asarray(state.step)}
+
+
+def restore_training(manager, template, step: int) -> dict:
+    """The items of checkpoint `step` restored into the structure of the training state
+    `template` (host arrays)."""
+    import orbax.checkpoint as ocp
+
+    variables, train_items = training_items(template)
+    return manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(variables),
+        train_state=ocp.args.StandardRestore(train_items),
+        meta=ocp.args.JsonRestore()))
+
+
+def load_state_if_possible(manager, template, where, is_main: bool = True):
+    """(step, items) of the latest intact checkpoint in `where` (the manager's folder), restored
+    into the structure of `template`; (None, None) for a fresh run. Damaged checkpoints are
+    skipped (`cac_jax.train_support.restore_intact`) and every process must find the same step
+    (`cac_jax.distributed.agree_on_step`)."""
+    import functools
+
+    from cac_jax import distributed as dist
+    from cac_jax import train_support as support
+
+    restored, items = support.restore_intact(
+        manager, functools.partial(restore_training, manager, template), where, is_main)
+    dist.agree_on_step(restored, where)
+    return restored, items
+
+
+def save_training(manager, step: int, state, meta: dict, metrics: dict | None, config) -> None:
+    """Save the host training `state` as checkpoint `step` with its `meta` and, when evaluated,
+    its finite validation `metrics` (what the manager ranks the best on)."""
+    variables, train_items = training_items(state)
+    clean = None
+    if metrics:
+        clean = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, int | float) and math.isfinite(float(v))}
+    manager.save(step, args=save_args(variables, train_items, meta, config), metrics=clean,
+                 force=True)
 
 
 def _is_step_folder(path: pathlib.Path) -> bool:

@@ -10,6 +10,8 @@
 - `any_process`, `max_processes`, `sum_processes`, `agree_on_step`: small all-gathers every host
   makes at the same step (`allgather` is the one place that talks to the other hosts).
 - `Preemption`: SIGTERM sets a flag the loop polls every step (docs/cluster.md).
+- `replicate`, `local_array`, `unreplicate`, `shard_batch`: pmap's replicated layout over the
+  named data-parallel axis `AXIS`, and this host's share of it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import jax
 import numpy as np
 
 from data_pipeline.errors import InputError
+
+AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
 
 
 class ClusterError(InputError):
@@ -210,3 +214,50 @@ class Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# pmap's replicated layout
+
+
+def replicate(tree, devices):
+    """One copy of `tree` per device, stacked on a leading axis sharded over `devices` (pmap's
+    input layout), without a host-side stack of the copies.
+
+    With several processes pmap spans every process's devices and takes this host's share as
+    host arrays (local devices, ...), so the copies are stacked on the host instead.
+    """
+    if jax.process_count() > 1:
+        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None],
+                                                      (len(devices), *np.shape(x))), tree)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
+                                          jax.sharding.PartitionSpec(AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback((len(devices), *x.shape), sharding,
+                                            lambda index: x[None])
+
+    return jax.tree.map(put, tree)
+
+
+def local_array(x) -> np.ndarray:
+    """This host's rows of a pmapped array (leading axis = local devices) as numpy.
+
+    With several processes a pmap output is not fully addressable: read its local shards.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+        parts = [np.asarray(shard.data) for shard in shards]
+        return np.concatenate([p if p.ndim == x.ndim else p[None] for p in parts])
+    return np.asarray(x)
+
+
+def unreplicate(tree):
+    """The first local copy of a replicated pytree, as host arrays."""
+    return jax.tree.map(lambda x: local_array(x)[0], tree)
+
+
+def shard_batch(batch: dict, keys=("image", "label", "weight", "candidate")) -> dict:
+    """The arrays the step needs (strings such as `scan_id` stay on the host)."""
+    return {k: batch[k] for k in keys if k in batch}

@@ -21,6 +21,11 @@ continues the same sequence (model and optimizer state, the step from which the 
 pipeline resumes, plateau and early-stop state are saved); SIGTERM saves a checkpoint before
 exiting. Multi-host agreement, preemption, the start-up guards and the faults reported as one
 line: docs/cluster.md (`cac_jax.distributed`, `cac_jax.train_support`).
+
+Modules: this one holds the config checks, the set-up (`_start`, `_check_data_and_workdir`) and
+the loop (`_Run`: its set-up, the body of a step, the decisions after each step and evaluation);
+`cac_jax.steps` the model, optimizer and per-device steps; `cac_jax.validation` the validation
+metrics; `cac_jax.checkpoints` restoring and saving the training state.
 """
 
 from __future__ import annotations
@@ -38,51 +43,45 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import struct
-from jax import lax
 
 from cac_jax import checkpoints as ckpt_lib
 from cac_jax import distributed as dist
 from cac_jax import train_support as support
-from cac_jax.evaluation.statistics import linear_kappa
-from cac_jax.losses import focal_loss_map
-from cac_jax.models import build_model
 from cac_jax.models.config import NUM_CLASSES
+from cac_jax.steps import (  # noqa: F401  (loss_weight: re-exported for tests and benchmarks)
+    TrainState,
+    _anneal_fraction,
+    anneal_factor,
+    eval_step,
+    init_state,
+    loss_weight,
+    make_optimizer,
+    make_plateau,
+    model_for_training,
+    train_step,
+)
+from cac_jax.validation import _reference_heart_masks, _train_pixel_spacing, evaluate
 from data_pipeline import frames as frames_lib
-from data_pipeline.constants import CALCIUM_THRESHOLD_HU, NUM_CATEGORIES
 from data_pipeline.errors import InputError
-from data_pipeline.labels import HU_WINDOW, unwindow_hu
-from data_pipeline.manifest import PROTOCOLS
 
-AXIS = "batch"  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
+AXIS = dist.AXIS  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
 # Keys a resumed run may change: the length of the run and how it is shown.
 # model.conv_impl picks the library that runs the same convolutions (docs/onednn.md), so a run may
 # resume under another.
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl")
 # Keys added to the configs after runs were made: a saved config without one had this value.
 ADDED_KEYS = {"train.anneal_fraction": 0.0}
-CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
-HEART_CLASS_NAMES = ("background", "heart")
 
 log = logging.getLogger(__name__)
 # Multi-host helpers (cac_jax.distributed) under the names the loop uses.
 _setup_distributed = dist.setup
 _any_process, _max_processes, _sum_processes = (dist.any_process, dist.max_processes,
                                                 dist.sum_processes)
+_replicate, _unreplicate, _shard_batch = dist.replicate, dist.unreplicate, dist.shard_batch
 
 
 class ConfigError(InputError):
     """The experiment config is inconsistent or does not fit the run (devices, data)."""
-
-
-class TrainState(struct.PyTreeNode):
-    """What the step changes: parameters, BatchNorm statistics, optimizer state, step."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,333 +164,6 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
     keys = sorted(set(a) | set(b))
     return [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in keys
             if k not in RESUMABLE_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
-# ----------------------------------------------------------------------------------------------
-# Model, optimizer and the per-device steps
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    """Adam (or AdamW with weight decay) at the base rate, optionally after gradient clipping.
-
-    The plateau factor multiplies the updates inside the step (`lr_scale`): it changes only at
-    evaluations, on the host, from `optax.contrib.reduce_on_plateau`.
-    """
-    t = config.train
-    parts = []
-    if float(t.grad_clip_norm) > 0:
-        parts.append(optax.clip_by_global_norm(float(t.grad_clip_norm)))
-    if float(t.weight_decay) > 0:
-        parts.append(optax.adamw(float(t.learning_rate), weight_decay=float(t.weight_decay)))
-    else:
-        parts.append(optax.adam(float(t.learning_rate)))
-    return optax.chain(*parts)
-
-
-def make_plateau(config) -> optax.GradientTransformationExtraArgs:
-    """reduce_on_plateau counted in evaluations (one `update` per validation loss)."""
-    t = config.train
-    return optax.contrib.reduce_on_plateau(
-        factor=float(t.plateau_factor), patience=int(t.plateau_patience),
-        rtol=float(t.plateau_rtol), cooldown=int(t.plateau_cooldown),
-        min_scale=float(t.plateau_min_scale), accumulation_size=1)
-
-
-def _anneal_fraction(config) -> float:
-    return float(config.train.get("anneal_fraction", 0.0) or 0.0)
-
-
-def anneal_factor(config, step: int, time_fraction: float = 0.0) -> float:
-    """The end-of-budget annealing factor on the learning rate (1 while off or not reached).
-
-    With `train.anneal_fraction` f > 0 the rate falls linearly to 0 over the last f of the run's
-    budget: progress is the larger of step / `train.steps` and `time_fraction` (this run's
-    elapsed time over `train.max_seconds`), so a time-boxed run anneals before its box ends
-    whatever the machine's speed (budgeted training, Li et al. 2020: a schedule that reaches 0 at
-    the budget beats a constant rate cut off there)."""
-    fraction = _anneal_fraction(config)
-    if fraction <= 0:
-        return 1.0
-    progress = max(step / max(int(config.train.steps), 1), time_fraction)
-    return float(np.clip((1.0 - progress) / fraction, 0.0, 1.0))
-
-
-def model_for_training(config) -> Any:
-    """The model with synchronised BatchNorm over the data axis (GroupNorm needs no axis)."""
-    if config.model.norm == "batch" and not config.model.get("bn_axis_name"):
-        config = ml_collections.ConfigDict(config)
-        config.model.bn_axis_name = AXIS
-    return build_model(config)
-
-
-def init_state(config, model, tx, sample_shape) -> TrainState:
-    """A fresh TrainState (host arrays) from `config.seed`."""
-    key = jax.random.key(int(config.seed))
-    sample = jnp.zeros(sample_shape, jnp.float32)
-    init = jax.jit(model.init)
-    if jax.default_backend() == "cpu":
-        # Run once: XLA:CPU's optimising backend spends ~9 s on the initialisers' RNG code of a
-        # ConvLSTM (2.7 s unoptimised), a third of a short run's start-up. Values agree to an ulp.
-        init = init.lower(key, sample).compile(
-            compiler_options={"xla_backend_optimization_level": 0})
-    variables = init(key, sample)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params))
-    return jax.device_get(state)
-
-
-def _losses(config, logits, aux, labels, weight):
-    """(per-pixel main focal loss, per-pixel aux focal loss sum) for one device's batch."""
-    t = config.train
-    kwargs = dict(alpha=tuple(float(a) for a in t.focal_alpha), gamma=float(t.focal_gamma))
-    main = focal_loss_map(logits, labels, **kwargs)
-    aux_loss = jnp.zeros_like(main)
-    if float(t.aux_loss_weight) > 0:
-        for name in ("temporal", "spatial"):
-            if name in aux:
-                aux_loss = aux_loss + focal_loss_map(aux[name], labels, **kwargs)
-    return main, aux_loss
-
-
-def loss_weight(config, images: jax.Array, weight: jax.Array,
-                candidate: jax.Array | None = None) -> jax.Array:
-    """The pipeline's per-pixel weight times `config.train.non_candidate_weight` on pixels whose
-    centre-slice value is below 130 HU (not Agatston candidates; calcium task only).
-
-    `candidate` is the pipeline's mask of those pixels, decided on the stored HU before
-    augmentation (contrast, shift and noise move 130-220 HU plaques across the threshold) and
-    resampled with the label; without it the centre slice of `images` is thresholded (exact for
-    un-augmented images).
-
-    Scoring keeps the coronary class only at HU >= 130, so what the calcium model says below it
-    never reaches a score: weighting those pixels down spends the gradient on telling coronary
-    from other calcium at the candidates (about 1 coronary pixel in 100 candidates instead of 1 in
-    10^4 pixels). 1.0 (and the heart task) keep every pixel equal, as the paper trains.
-    """
-    factor = float(config.train.get("non_candidate_weight", 1.0))
-    if config.task != "calcium" or factor == 1.0:
-        return weight
-    if candidate is None:
-        low, high = HU_WINDOW
-        centre = images[:, images.shape[1] // 2, :, :, 0]  # (batch, H, W), window scaled to [0, 1]
-        candidate = centre >= (CALCIUM_THRESHOLD_HU - low) / (high - low)
-    return weight * jnp.where(candidate, 1.0, factor).astype(weight.dtype)
-
-
-def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx, config):
-    """One optimizer step on one device's share of the global batch (run under `pmap(AXIS)`).
-
-    The loss is normalised by the global weight sum (`psum` over devices), so the pmean of the
-    device gradients equals the gradient of one mean over the whole global batch: any device count
-    gives the same update.
-    """
-    images, labels = batch["image"], batch["label"]
-    weight = loss_weight(config, images, batch["weight"], batch.get("candidate"))
-    num_devices = lax.psum(1, AXIS)
-    total_weight = jnp.maximum(lax.psum(jnp.sum(weight), AXIS), 1e-12)
-    aux_weight = float(config.train.aux_loss_weight)
-    use_bn = bool(state.batch_stats)
-
-    def loss_fn(params):
-        variables = {"params": params}
-        if use_bn:
-            variables["batch_stats"] = state.batch_stats
-            (logits, aux), updates = model.apply(variables, images, train=True,
-                                                 mutable=["batch_stats"])
-        else:
-            logits, aux = model.apply(variables, images, train=True)
-            updates = {}
-        main, aux_loss = _losses(config, logits, aux, labels, weight)
-        # This device's share of the global mean, times the device count (pmean divides by it).
-        main_sum = jnp.sum(main * weight) / total_weight
-        aux_sum = jnp.sum(aux_loss * weight) / total_weight
-        loss = (main_sum + aux_weight * aux_sum) * num_devices
-        return loss, (main_sum, aux_sum, updates)
-
-    (_, (main_sum, aux_sum, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    grads = lax.pmean(grads, AXIS)
-    step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    step_updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), step_updates)
-    params = optax.apply_updates(state.params, step_updates)
-    batch_stats = state.batch_stats
-    if use_bn:
-        batch_stats = lax.pmean(updates["batch_stats"], AXIS)
-    main_loss = lax.psum(main_sum, AXIS)
-    aux_loss = lax.psum(aux_sum, AXIS)
-    metrics = {
-        "loss": main_loss + aux_weight * aux_loss,
-        "focal_loss": main_loss,
-        "aux_loss": aux_loss,
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-    }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: dict, *, model, config):
-    """Validation on one device: predictions and summed loss / Dice counts over `AXIS`.
-
-    The predictions are the class map (int8), or, for a heart-frame calcium model, the class
-    probabilities (float32), which validation maps back onto each scan's grid as inference does.
-    """
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    logits, aux = model.apply(variables, batch["image"], train=False)
-    labels, weight = batch["label"], batch["weight"]
-    main, _ = _losses(config, logits, {}, labels, weight)
-    loss_w = loss_weight(config, batch["image"], weight, batch.get("candidate"))
-    pred = jnp.argmax(logits, axis=-1)
-    classes = jnp.arange(int(config.model.num_classes))
-    on = weight[..., None] > 0
-    pred_1h = (pred[..., None] == classes) & on
-    true_1h = (labels[..., None] == classes) & on
-    sums = {
-        "loss_sum": jnp.sum(main * loss_w),
-        "weight_sum": jnp.sum(loss_w),
-        "intersection": jnp.sum(pred_1h & true_1h, axis=(0, 1, 2)).astype(jnp.float32),
-        "predicted": jnp.sum(pred_1h, axis=(0, 1, 2)).astype(jnp.float32),
-        "true": jnp.sum(true_1h, axis=(0, 1, 2)).astype(jnp.float32),
-    }
-    if frames_lib.uses_heart_frame(config):
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), lax.psum(sums, AXIS)
-    return pred.astype(jnp.int8), lax.psum(sums, AXIS)
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation: per-scan categories and kappa
-
-
-def _reference_heart_masks(data, split: str, scan_ids: set[str]) -> dict[str, np.ndarray]:
-    """The reference heart masks of the given scans, read from the TFDS dataset."""
-    import tensorflow_datasets as tfds
-
-    from data_pipeline.input_pipeline import dataset_path
-
-    builder = tfds.builder_from_directory(os.fspath(dataset_path(data)))
-    decoders = tfds.decode.PartialDecoding(
-        {"scan_id": True, "heart_mask": True, "has_heart_mask": True})
-    masks = {}
-    if split not in builder.info.splits or not builder.info.splits[split].num_examples:
-        return masks
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-    for ex in tfds.as_numpy(ds):
-        scan_id = ex["scan_id"].decode()
-        if scan_id in scan_ids and ex["has_heart_mask"]:
-            masks[scan_id] = ex["heart_mask"].astype(bool)
-    return masks
-
-
-def _train_pixel_spacing(data) -> dict:
-    """min/median/max in-plane pixel spacing (mm) of the training split, for inference."""
-    import tensorflow_datasets as tfds
-
-    from data_pipeline.input_pipeline import dataset_path
-    from data_pipeline.scan_index import read_scan_index, split_entries
-
-    builder = tfds.builder_from_directory(os.fspath(dataset_path(data)))
-    entries = split_entries(builder, "train", read_scan_index(dataset_path(data)))
-    if entries is not None:  # the build-time scan index: no record is read
-        values = [float(v) for e in entries for v in e["spacing_zyx_mm"][1:]]
-    else:
-        decoders = tfds.decode.PartialDecoding({"spacing_zyx_mm": True})
-        ds = builder.as_dataset(split="train", shuffle_files=False, decoders=decoders)
-        values = [float(v) for ex in tfds.as_numpy(ds) for v in ex["spacing_zyx_mm"][1:]]
-    if not values:
-        return {}
-    return {"min": float(np.min(values)), "median": float(np.median(values)),
-            "max": float(np.max(values))}
-
-
-class _ScanCollector:
-    """Reassembles per-slice predictions and HU into whole scans on the host.
-
-    With `frame` (a heart-frame calcium model: the input pipeline's store and the data config),
-    each slice's class probabilities in its heart frame are resampled onto the scan's grid and the
-    argmax taken (`data_pipeline.frames.from_frame`, what inference does), and the HU and the true
-    classes come from the stored scan.
-    """
-
-    def __init__(self, scans, frame=None):
-        self.scans = scans
-        self.frame = frame
-        self.pred = [np.zeros(s.shape_zyx, np.uint8) for s in scans]
-        self.hu = [np.zeros(s.shape_zyx, np.int16) for s in scans]
-        self.true = [np.zeros(s.shape_zyx, np.uint8) for s in scans]
-
-    def add(self, pred: np.ndarray, batch: dict) -> None:
-        valid = batch["valid"].reshape(-1)
-        scan_index = batch["scan_index"].reshape(-1)
-        slice_index = batch["slice_index"].reshape(-1)
-        if self.frame is not None:
-            self._add_frame(pred.reshape(-1, *pred.shape[-3:]), valid, scan_index, slice_index)
-            return
-        pred = pred.reshape(-1, *pred.shape[-2:])
-        labels = batch["label"].reshape(-1, *batch["label"].shape[-2:])
-        centre = batch["image"].reshape(-1, *batch["image"].shape[-4:])[:, 1, ..., 0]
-        for i in np.flatnonzero(valid):
-            s, z = int(scan_index[i]), int(slice_index[i])
-            _, h, w = self.scans[s].shape_zyx
-            self.pred[s][z] = pred[i, :h, :w]
-            self.true[s][z] = labels[i, :h, :w]
-            # The windowed image gives HU back exactly within HU_WINDOW (stored int16 HU, scaled
-            # to [0, 1]): enough for the 130/200/300/400 HU rules.
-            self.hu[s][z] = np.rint(unwindow_hu(centre[i, :h, :w])).astype(np.int16)
-
-    def _add_frame(self, probs, valid, scan_index, slice_index) -> None:
-        store, data = self.frame
-        for s in np.unique(scan_index[valid]):
-            s = int(s)
-            rows = np.flatnonzero(valid & (scan_index == s))
-            hu, target = store.volumes(s, s)
-            geom = store.frame_geometry(s, int(data.frame_size), float(data.frame_spacing_mm))
-            native = frames_lib.from_frame(probs[rows], geom)
-            zs = slice_index[rows].astype(np.int64)
-            self.pred[s][zs] = np.argmax(native, axis=-1).astype(np.uint8)
-            self.hu[s][zs] = hu[zs]
-            self.true[s][zs] = target[zs]
-
-
-def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dict:
-    """{protocol: (model confusion 4x4, naive-threshold confusion 4x4)} of reference vs predicted
-    category, for every protocol of the manifest contract (zeros where none was validated, so
-    every host sums the same arrays)."""
-    from cac_jax.baselines import threshold_score
-    from cac_jax.postprocess import DEFAULT_HEART_DILATION_MM, heart_silhouette, predicted_score
-
-    shape = (NUM_CATEGORIES, NUM_CATEGORIES)
-    matrices = {protocol: (np.zeros(shape, np.int64), np.zeros(shape, np.int64))
-                for protocol in PROTOCOLS}
-    for info, pred, hu, true in zip(collector.scans, collector.pred, collector.hu, collector.true):
-        heart = heart_masks.get(info.scan_id)
-        if heart is None or heart.shape != hu.shape:
-            continue  # no reference heart mask: no category for this scan
-        if config.task == "calcium":
-            # Inference's rule: coronary calcium counts inside the heart dilated by the Scorer's
-            # default margin, so the best checkpoint is picked on the number users get.
-            silhouette = heart_silhouette(heart, info.spacing_zyx_mm, DEFAULT_HEART_DILATION_MM)
-            predicted = predicted_score(hu, pred, silhouette, info.spacing_zyx_mm).category
-        else:
-            silhouette = heart_silhouette(pred, info.spacing_zyx_mm)
-            predicted = threshold_score(hu, silhouette, info.spacing_zyx_mm).category
-        reference = info.category
-        if reference is None:
-            if config.task != "calcium":
-                continue
-            # No reference score stored: the true coronary class scored the same way.
-            reference = predicted_score(hu, true, heart, info.spacing_zyx_mm).category
-        naive = threshold_score(hu, heart, info.spacing_zyx_mm).category
-        if info.protocol not in matrices:
-            continue  # not a protocol of the manifest contract (ingest refuses those)
-        model_cm, naive_cm = matrices[info.protocol]
-        model_cm[reference, predicted] += 1
-        naive_cm[reference, naive] += 1
-    return matrices
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,100 +255,10 @@ class _Writer:
             self.tb.close()
 
 
-def _replicate(tree, devices):
-    """One copy of `tree` per device, stacked on a leading axis sharded over `devices` (pmap's
-    input layout), without a host-side stack of the copies.
-
-    With several processes pmap spans every process's devices and takes this host's share as
-    host arrays (local devices, ...), so the copies are stacked on the host instead.
-    """
-    if jax.process_count() > 1:
-        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None],
-                                                      (len(devices), *np.shape(x))), tree)
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), (AXIS,)),
-                                          jax.sharding.PartitionSpec(AXIS))
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback((len(devices), *x.shape), sharding,
-                                            lambda index: x[None])
-
-    return jax.tree.map(put, tree)
-
-
-def _local_array(x) -> np.ndarray:
-    """This host's rows of a pmapped array (leading axis = local devices) as numpy.
-
-    With several processes a pmap output is not fully addressable: read its local shards.
-    """
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-        parts = [np.asarray(shard.data) for shard in shards]
-        return np.concatenate([p if p.ndim == x.ndim else p[None] for p in parts])
-    return np.asarray(x)
-
-
-def _unreplicate(tree):
-    """The first local copy of a replicated pytree, as host arrays."""
-    return jax.tree.map(lambda x: _local_array(x)[0], tree)
-
-
-def _shard_batch(batch: dict, keys=("image", "label", "weight", "candidate")) -> dict:
-    """The arrays the step needs (strings such as `scan_id` stay on the host)."""
-    return {k: batch[k] for k in keys if k in batch}
-
-
 def _device_scale(scale: float, devices) -> jax.Array:
     """The learning-rate factor (plateau times anneal) the step multiplies its updates by,
     replicated on the local devices."""
     return _replicate(jnp.asarray(scale, jnp.float32), devices)
-
-
-def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None) -> dict | None:
-    """Validation metrics of the replicated `state` on `val_iter` (every host, same steps).
-
-    `stop(batch_index)`, polled before each batch (every host at the same batches), ends the
-    evaluation early: None is returned (a SIGTERM during validation)."""
-    num_classes = int(config.model.num_classes)
-    names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
-    totals = None
-    frame = ((val_iter.store, config.data) if frames_lib.uses_heart_frame(config) else None)
-    collector = _ScanCollector(val_iter.scans, frame)
-    for index, batch in enumerate(val_iter):
-        if stop is not None and stop(index):
-            return None
-        pred, sums = p_eval(state, _shard_batch(batch))
-        sums = _unreplicate(sums)
-        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-        collector.add(_local_array(pred), batch)
-    metrics = {}
-    if totals is None:
-        return metrics
-    metrics["val_loss"] = float(totals["loss_sum"] / max(float(totals["weight_sum"]), 1e-12))
-    dice = []
-    for c in range(1, num_classes):
-        denom = float(totals["predicted"][c] + totals["true"][c])
-        value = 2.0 * float(totals["intersection"][c]) / denom if denom else math.nan
-        metrics[f"val_dice_{names[c]}"] = value
-        dice.append(value)
-    finite = [d for d in dice if math.isfinite(d)]
-    metrics["val_dice_mean"] = float(np.mean(finite)) if finite else math.nan
-    matrices = {protocol: (_sum_processes(m), _sum_processes(n))
-                for protocol, (m, n) in scan_categories(config, collector, heart_masks).items()}
-    model_cm = sum(m for m, _ in matrices.values())
-    naive_cm = sum(n for _, n in matrices.values())
-    metrics["val_kappa"] = linear_kappa(model_cm)
-    metrics["val_kappa_naive"] = linear_kappa(naive_cm)
-    metrics["val_exact"] = float(np.trace(model_cm) / max(model_cm.sum(), 1))
-    metrics["val_scans"] = int(model_cm.sum())
-    # Per protocol (the paper reports gated CAC and CTAC apart); protocols not validated are left
-    # out.
-    for protocol, (m, n) in matrices.items():
-        if m.sum():
-            metrics[f"val_kappa_{protocol}"] = linear_kappa(m)
-            metrics[f"val_kappa_naive_{protocol}"] = linear_kappa(n)
-            metrics[f"val_exact_{protocol}"] = float(np.trace(m) / m.sum())
-    return metrics
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
@@ -685,20 +267,6 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
     return value < best if mode == "min" else value > best
-
-
-def _restore(manager, fresh, step):
-    """The items of checkpoint `step` restored into the structure of `fresh` (host arrays)."""
-    import orbax.checkpoint as ocp
-
-    variables = {"params": fresh.params}
-    if fresh.batch_stats:
-        variables["batch_stats"] = fresh.batch_stats
-    train_items = {"opt_state": fresh.opt_state, "step": np.asarray(fresh.step)}
-    return manager.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(variables),
-        train_state=ocp.args.StandardRestore(train_items),
-        meta=ocp.args.JsonRestore()))
 
 
 # What the file system says in the errors of Orbax's array writer (TensorStore reports a full disk
@@ -742,26 +310,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    config, workdir, hosts = _start(config, workdir)
+    data_path = _check_data_and_workdir(config, workdir, hosts.is_main)
+    run = _Run(config, workdir, hosts, data_path)
+    run.train()
+    return run.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hosts:
+    """This process's devices and its place among the processes."""
+
+    devices: list
+    counts: dict  # cac_jax.distributed.device_counts
+    process_index: int
+    process_count: int
+
+    @property
+    def n_local(self) -> int:
+        return len(self.devices)
+
+    @property
+    def n_global(self) -> int:
+        return self.counts["global_devices"]
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+
+def _start(config, workdir) -> tuple[ml_collections.ConfigDict, Any, _Hosts]:
+    """Join the cluster, check the config and the devices: (our copy of the config with its
+    derived fields, the workdir as an epath, the devices)."""
     _setup_distributed(config)
     check_config(config)
     workdir = support.as_path(workdir)
     devices = resolve_devices(config)
     counts = dist.device_counts(devices)
     dist.check_host_accelerators(counts, int(config.train.get("num_devices", 0) or 0))
-    n_local, n_global = len(devices), counts["global_devices"]
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
-    if is_main:
+    hosts = _Hosts(devices, counts, jax.process_index(), jax.process_count())
+    if hosts.is_main:
         log.info("devices: %d global (%s), %d in this process, %d on this host, %d process(es) "
-                 "on %d host(s)", n_global, counts["platform"], n_local, counts["host_devices"],
-                 process_count, counts["hosts"])
+                 "on %d host(s)", hosts.n_global, counts["platform"], hosts.n_local,
+                 counts["host_devices"], hosts.process_count, counts["hosts"])
     config = ml_collections.ConfigDict(config)  # our copy: derived fields are set below
     with config.unlocked():
-        config.data.per_device_batch = int(config.train.batch_size) // n_global
+        config.data.per_device_batch = int(config.train.batch_size) // hosts.n_global
     if config.data.get("seed") is None:
         with config.unlocked():
             config.data.seed = int(config.seed)
+    return config, workdir, hosts
 
+
+def _check_data_and_workdir(config, workdir, is_main: bool):
+    """The dataset's path, after refusing a missing dataset, an unusable workdir or a workdir
+    holding a run of another config (which keys differ); writes `config.json`."""
     from data_pipeline.input_pipeline import dataset_path
 
     data_path = dataset_path(config.data)
@@ -770,7 +377,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
                                     f"M.csv --data-dir {config.data.data_dir} --name "
                                     f"{config.data.name}`")
     support.check_workdir(workdir, is_main)
-    # Refuse to resume a run of another config (which keys differ).
     config_file = workdir / ckpt_lib.CONFIG_FILE
     if config_file.exists():
         saved = json.loads(config_file.read_text())
@@ -780,243 +386,327 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pat
                                            "keys: " + "; ".join(diffs))
     if is_main:
         support.write_text(config_file, json.dumps(ckpt_lib.config_to_dict(config), indent=2))
+    return data_path
 
-    from data_pipeline.input_pipeline import make_dataset
 
-    model = model_for_training(config)
-    tx = make_optimizer(config)
-    plateau = make_plateau(config)
-    size = int(config.data.crop_size or (config.data.frame_size if frames_lib.uses_heart_frame(
-        config) else config.data.image_size))
-    fresh = init_state(config, model, tx, (1, 3, size, size, 1))
-    host = _HostState(plateau=plateau.init({}))
-    name, mode = ckpt_lib.best_options(config)
+# ----------------------------------------------------------------------------------------------
+# The run: set-up, the loop body, and the decisions after each step and evaluation
 
-    manager = ckpt_lib.make_manager(workdir, config)
-    start_step = 0
-    restored, items = support.restore_intact(
-        manager, functools.partial(_restore, manager, fresh), workdir / ckpt_lib.CHECKPOINT_DIR,
-        is_main)
-    dist.agree_on_step(restored, workdir / ckpt_lib.CHECKPOINT_DIR)
-    eval_pending = False
-    if restored is not None:
+
+class _Run:
+    """One run of the loop: what the set-up builds, the loop's state, and its decisions.
+
+    Everything periodic happens at global step counts, so every host takes the same decisions
+    at the same steps (module docstring)."""
+
+    def __init__(self, config, workdir, hosts: _Hosts, data_path):
+        self.config, self.workdir, self.hosts = config, workdir, hosts
+        self.devices = hosts.devices
+        self.is_main = hosts.is_main
+        self.model = model_for_training(config)
+        self.tx = make_optimizer(config)
+        self.plateau = make_plateau(config)
+        size = int(config.data.crop_size or (config.data.frame_size if frames_lib.uses_heart_frame(
+            config) else config.data.image_size))
+        fresh = init_state(config, self.model, self.tx, (1, 3, size, size, 1))
+        self.host = _HostState(plateau=self.plateau.init({}))
+        self.best_name, self.best_mode = ckpt_lib.best_options(config)
+        self.manager = ckpt_lib.make_manager(workdir, config)
+        fresh = self._resume(fresh)
+        self.total_steps = int(config.train.steps)
+        self.state = _replicate(fresh, self.devices)
+        self._compile_steps()
+        self._open_data(data_path)
+        self.window = support.LossWindow(_unreplicate)
+        self.base_rate = float(config.train.learning_rate)
+        self._start_loop_state()
+
+    def _resume(self, fresh: TrainState) -> TrainState:
+        """The state to start from: `fresh`, or the latest intact checkpoint's with the host
+        state, the step and whether its evaluation is pending (a SIGTERM during validation)."""
+        self.start_step, self.eval_pending = 0, False
+        self.restored, items = ckpt_lib.load_state_if_possible(
+            self.manager, fresh, self.workdir / ckpt_lib.CHECKPOINT_DIR, self.is_main)
+        if self.restored is None:
+            return fresh
         v, ts = items["variables"], items["train_state"]
-        fresh = TrainState(step=jnp.asarray(ts["step"], jnp.int32), params=v["params"],
+        state = TrainState(step=jnp.asarray(ts["step"], jnp.int32), params=v["params"],
                            batch_stats=v.get("batch_stats", {}), opt_state=ts["opt_state"])
-        fresh = jax.device_get(fresh)
-        host = _HostState.from_json(items["meta"]["host"], host.plateau)
-        start_step = int(items["meta"]["step"])
-        eval_pending = bool(items["meta"].get("eval_pending", False))
-    total_steps = int(config.train.steps)
+        self.host = _HostState.from_json(items["meta"]["host"], self.host.plateau)
+        self.start_step = int(items["meta"]["step"])
+        self.eval_pending = bool(items["meta"].get("eval_pending", False))
+        return jax.device_get(state)
 
-    state = _replicate(fresh, devices)
-    # Multi-process: pmap over all devices of all processes (devices=None); the collectives
-    # then span the hosts.
-    pmap_devices = devices if process_count == 1 else None
-    p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config),
-                       axis_name=AXIS, devices=pmap_devices, donate_argnums=(0,))
-    p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config),
-                      axis_name=AXIS, devices=pmap_devices)
+    def _compile_steps(self) -> None:
+        # Multi-process: pmap over all devices of all processes (devices=None); the collectives
+        # then span the hosts.
+        pmap_devices = self.devices if self.hosts.process_count == 1 else None
+        self.p_train = jax.pmap(
+            functools.partial(train_step, model=self.model, tx=self.tx, config=self.config),
+            axis_name=AXIS, devices=pmap_devices, donate_argnums=(0,))
+        self.p_eval = jax.pmap(functools.partial(eval_step, model=self.model, config=self.config),
+                               axis_name=AXIS, devices=pmap_devices)
 
-    val_iter = make_dataset(config, "validation", process_index=process_index,
-                            process_count=process_count, local_devices=n_local, train=False)
-    heart_masks = _reference_heart_masks(config.data, "validation",
-                                         {s.scan_id for s in val_iter.scans})
-    support.check_validation(
-        config, val_iter.scans, heart_masks,
-        int(_sum_processes(np.asarray(len(val_iter.scans), np.int64))),
-        int(_sum_processes(np.asarray(len(heart_masks), np.int64))), data_path)
-    writer = _Writer(workdir, start_step, enabled=is_main)
-    spacing = _train_pixel_spacing(config.data)
-    train_iter = None
-    if start_step < total_steps and not host.stopped_early:
-        train_iter = make_dataset(config, "train", process_index=process_index,
-                                  process_count=process_count, local_devices=n_local,
-                                  start_step=start_step)
-    window = support.LossWindow(_unreplicate)
-    base_rate = float(config.train.learning_rate)
+    def _open_data(self, data_path) -> None:
+        """The validation iterator and its reference heart masks (refused when validation cannot
+        rank checkpoints), the metrics writer, and the training stream from the start step."""
+        from data_pipeline.input_pipeline import make_dataset
 
-    def save(step: int, metrics: dict | None, pending: bool = False) -> None:
-        window.check_finite(step, base_rate, workdir)  # a diverged state is never saved
-        host_state = _unreplicate(state)
-        variables = {"params": host_state.params}
-        if host_state.batch_stats:
-            variables["batch_stats"] = host_state.batch_stats
-        train_items = {"opt_state": host_state.opt_state, "step": np.asarray(host_state.step)}
+        config, hosts = self.config, self.hosts
+        shard = dict(process_index=hosts.process_index, process_count=hosts.process_count,
+                     local_devices=hosts.n_local)
+        self.val_iter = make_dataset(config, "validation", train=False, **shard)
+        self.heart_masks = _reference_heart_masks(config.data, "validation",
+                                                  {s.scan_id for s in self.val_iter.scans})
+        support.check_validation(
+            config, self.val_iter.scans, self.heart_masks,
+            int(_sum_processes(np.asarray(len(self.val_iter.scans), np.int64))),
+            int(_sum_processes(np.asarray(len(self.heart_masks), np.int64))), data_path)
+        self.writer = _Writer(self.workdir, self.start_step, enabled=self.is_main)
+        self.spacing = _train_pixel_spacing(config.data)
+        self.train_iter = None
+        if self.start_step < self.total_steps and not self.host.stopped_early:
+            self.train_iter = make_dataset(config, "train", start_step=self.start_step, **shard)
+
+    def _start_loop_state(self) -> None:
+        from tqdm import tqdm
+
+        config, t = self.config, self.config.train
+        self.bar = tqdm(total=self.total_steps, initial=self.start_step,
+                        disable=not (self.is_main and t.progress), unit="step",
+                        dynamic_ncols=True, desc=f"train {config.model.arch}/{config.task}")
+        self.t_start = time.perf_counter()
+        self.last_log_time, self.last_log_step = time.perf_counter(), self.start_step
+        self.step = self.start_step
+        self.last_saved = self.restored
+        self.preempted = self.timed_out = False
+        self.max_seconds = float(t.get("max_seconds", 0) or 0)
+        self.lr_scale = float(self.host.plateau.scale)
+        # End-of-budget annealing (`anneal_factor`): the time part is agreed between hosts at the
+        # steps where they already talk (every step with one process), so every host uses one
+        # rate. The time box is this run's: a resumed time-boxed run anneals again within its
+        # new box.
+        self.time_fraction = 0.0
+        self.anneal_time = bool(self.max_seconds) and _anneal_fraction(config) > 0
+        self.anneal = anneal_factor(config, self.step)
+        self.scale_dev = _device_scale(self.lr_scale * self.anneal, self.devices)
+        self.last_metrics: dict = {}
+        self.log_every = int(t.log_every)
+        self.preemption = None
+
+    # -- the loop
+
+    def train(self) -> None:
+        """The pending evaluation of a resumed run, then steps until the end, the time budget,
+        early stopping or a SIGTERM; a last checkpoint of the final step."""
+        try:
+            with dist.Preemption() as preemption:
+                self.preemption = preemption
+                if self.eval_pending and not preemption.requested:
+                    self._evaluate_pending()
+                while self.step < self.total_steps and not self.host.stopped_early:
+                    if self._train_step():
+                        break
+            if self.last_saved != self.step and self.step > 0:
+                self.save(self.step, None)
+        finally:
+            self.manager.wait_until_finished()
+            self.bar.close()
+            self.writer.close()
+
+    def _evaluate_pending(self) -> None:
+        """The evaluation of the step the run was stopped in (by a SIGTERM)."""
+        eval_metrics = self.run_evaluation(self.step, None)
+        if eval_metrics is not None:
+            # The same state again, now with its metrics (so it can rank as the best).
+            self.manager.delete(self.step)
+            self.save(self.step, eval_metrics)
+            self.last_saved = self.step
+
+    def _train_step(self) -> bool:
+        """One optimizer step and what follows it: log row, evaluation, checkpoint; True when
+        the run ends at this step (time budget or SIGTERM)."""
+        self._update_anneal()
+        batch = _shard_batch(next(self.train_iter))
+        self.state, metrics = self.p_train(self.state, batch, self.scale_dev)
+        self.step += 1
+        self.window.add(self.step, metrics)
+        self.bar.update(1)
+        time_up = self._time_up()
+        final = self.step == self.total_steps or time_up
+        row = self._log_row(final)
+        eval_metrics, interrupted = None, False
+        if self.step % int(self.config.train.eval_every) == 0 or final:
+            eval_metrics = self.run_evaluation(self.step, row)
+            interrupted = eval_metrics is None
+            if interrupted and row is not None:
+                self.writer.write(row)
+        elif row is not None:
+            self.writer.write(row)
+        stop_now = interrupted or self.stop_requested(self.step)
+        if self._should_save(eval_metrics, final, stop_now):
+            self.save(self.step, eval_metrics, pending=interrupted)
+            self.last_saved = self.step
+        return self._ends_here(time_up, stop_now)
+
+    def _update_anneal(self) -> None:
+        """The end-of-budget factor for the next step; the devices' rate changes only when it
+        moved (or reached 0)."""
+        if self.anneal_time and (self.hosts.process_count == 1
+                                 or self.step % self.log_every == 0):
+            self.time_fraction = _max_processes(
+                (time.perf_counter() - self.t_start) / self.max_seconds)
+        new_anneal = anneal_factor(self.config, self.step, self.time_fraction)
+        if abs(new_anneal - self.anneal) > 2e-3 or (new_anneal == 0.0) != (self.anneal == 0.0):
+            self.anneal = new_anneal
+            self.scale_dev = _device_scale(self.lr_scale * self.anneal, self.devices)
+
+    def _time_up(self) -> bool:
+        """The time budget (config.train.max_seconds) ends the run like its last step; hosts
+        agree on it at logging steps (every step with one process)."""
+        if self.max_seconds and (self.hosts.process_count == 1
+                                 or self.step % self.log_every == 0):
+            return _any_process(time.perf_counter() - self.t_start > self.max_seconds)
+        return False
+
+    def _log_row(self, final: bool) -> dict | None:
+        """The training row of a logging step (mean of the window since the last), else None."""
+        if not (self.step % self.log_every == 0 or final):
+            return None
+        now = time.perf_counter()
+        row = {"step": self.step, **self.window.mean(self.step, self.base_rate, self.workdir),
+               "learning_rate": self.base_rate * self.lr_scale * self.anneal,
+               "samples_per_s": (self.step - self.last_log_step)
+               * int(self.config.train.batch_size) / max(now - self.last_log_time, 1e-9),
+               "elapsed_s": now - self.t_start}
+        self.last_log_time, self.last_log_step = now, self.step
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
+        self.last_metrics = row
+        return row
+
+    # -- the decisions
+
+    def stop_requested(self, counter: int) -> bool:
+        """SIGTERM seen (by any host). One process: polled at every call; several: agreed by an
+        all-gather every `log_every` counts (each host calls at the same counts)."""
+        if self.hosts.process_count == 1:
+            return self.preemption.requested
+        return counter % self.log_every == 0 and _any_process(self.preemption.requested)
+
+    def _should_save(self, eval_metrics: dict | None, final: bool, stop_now: bool) -> bool:
+        """Checkpoint after an evaluation, every `checkpoint_every` steps, at the end, at an
+        early stop and before exiting on a SIGTERM."""
+        return (eval_metrics is not None
+                or self.step % int(self.config.train.checkpoint_every) == 0
+                or final or self.host.stopped_early or stop_now)
+
+    def _ends_here(self, time_up: bool, stop_now: bool) -> bool:
+        if time_up and not stop_now:
+            self.timed_out = True
+            if self.is_main:
+                self.bar.write(f"time budget of {self.max_seconds:.0f} s reached at step "
+                               f"{self.step}")
+            return True
+        if stop_now:
+            self.preempted = True
+            if self.is_main:
+                self.bar.write(f"SIGTERM: checkpoint saved at step {self.step}; exiting")
+            return True
+        return False
+
+    def run_evaluation(self, step: int, row: dict | None) -> dict | None:
+        """Validation at `step`, the plateau, best and early-stop bookkeeping; None when a
+        SIGTERM interrupted it (then nothing of it is recorded)."""
+        # No evaluation of a diverged state.
+        self.window.check_finite(step, self.base_rate, self.workdir)
+        eval_metrics = evaluate(self.config, self.p_eval, self.state, self.val_iter,
+                                self.heart_masks, stop=self.stop_requested)
+        if eval_metrics is None:
+            return None
+        self._step_plateau(eval_metrics.get("val_loss", math.nan))
+        self._track_best(step, float(eval_metrics.get(self.best_name, math.nan)))
+        row = {**(row or {"step": step}), **eval_metrics,
+               "elapsed_s": time.perf_counter() - self.t_start,
+               "learning_rate_next": self.base_rate * self.lr_scale * self.anneal}
+        self.writer.write(row)
+        # Keep evaluation time out of the next row's training throughput.
+        self.last_log_time = time.perf_counter()
+        if self.host.stopped_early and self.is_main:
+            host = self.host
+            self.bar.write(f"early stop at step {step}: no better {self.best_name} in "
+                           f"{int(self.config.train.early_stop_patience)} evaluations (best "
+                           f"{host.best_value} at {host.best_step})")
+        return eval_metrics
+
+    def _step_plateau(self, val_loss: float) -> None:
+        """reduce_on_plateau on the validation loss; the devices' rate follows."""
+        if math.isfinite(val_loss):  # an infinite loss is no plateau: the rate stays
+            _, self.host.plateau = self.plateau.update(
+                updates={}, state=self.host.plateau, value=jnp.asarray(val_loss, jnp.float32))
+        self.lr_scale = float(self.host.plateau.scale)
+        self.scale_dev = _device_scale(self.lr_scale * self.anneal, self.devices)
+
+    def _track_best(self, step: int, value: float) -> None:
+        """The best value of `config.train.best_metric` so far, and early stopping."""
+        host = self.host
+        if _improved(value, host.best_value, self.best_mode):
+            host.best_value, host.best_step, host.evals_since_best = value, step, 0
+        else:
+            host.evals_since_best += 1
+        patience = int(self.config.train.early_stop_patience)
+        if patience and host.evals_since_best >= patience:
+            host.stopped_early = True
+
+    def save(self, step: int, metrics: dict | None, pending: bool = False) -> None:
+        """Checkpoint `step` (with its validation `metrics`; `pending`: its evaluation was
+        interrupted), after every host checked its disk has room."""
+        # A diverged state is never saved.
+        self.window.check_finite(step, self.base_rate, self.workdir)
+        host_state = _unreplicate(self.state)
         # Every host checks its view of the disk and they agree, so none is left in a save.
         try:
             support.check_free_space(
-                workdir / ckpt_lib.CHECKPOINT_DIR,
-                sum(np.asarray(x).nbytes for x in jax.tree.leaves((variables, train_items))),
+                self.workdir / ckpt_lib.CHECKPOINT_DIR,
+                sum(np.asarray(x).nbytes
+                    for x in jax.tree.leaves(ckpt_lib.training_items(host_state))),
                 f"the step-{step} checkpoint")
             short = None
         except InputError as err:
             short = err
         if _any_process(short is not None):
-            raise short or InputError(workdir, "another host has no space left for the "
-                                               f"step-{step} checkpoint")
+            raise short or InputError(self.workdir, "another host has no space left for the "
+                                                    f"step-{step} checkpoint")
+        config = self.config
         meta = {"step": step, "metrics": {k: _json_safe(v) for k, v in (metrics or {}).items()},
-                "host": host.to_json(),
-                "pixel_spacing_mm": spacing, "task": config.task,
+                "host": self.host.to_json(),
+                "pixel_spacing_mm": self.spacing, "task": config.task,
                 "num_classes": int(config.model.num_classes), "eval_pending": pending}
-        clean = None
-        if metrics:
-            clean = {k: float(v) for k, v in metrics.items()
-                     if isinstance(v, int | float) and math.isfinite(float(v))}
-        manager.save(step, args=ckpt_lib.save_args(variables, train_items, meta, config),
-                     metrics=clean, force=True)
+        ckpt_lib.save_training(self.manager, step, host_state, meta, metrics, config)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and
-                                                                     config.train.progress),
-               unit="step", dynamic_ncols=True, desc=f"train {config.model.arch}/{config.task}")
-    t_start = time.perf_counter()
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    step = start_step
-    last_saved = restored
-    preempted = timed_out = False
-    max_seconds = float(config.train.get("max_seconds", 0) or 0)
-    lr_scale = float(host.plateau.scale)
-    # End-of-budget annealing (`anneal_factor`): the time part is agreed between hosts at the
-    # steps where they already talk (every step with one process), so every host uses one rate.
-    # The time box is this run's: a resumed time-boxed run anneals again within its new box.
-    time_fraction = 0.0
-    anneal_time = bool(max_seconds) and _anneal_fraction(config) > 0
-    anneal = anneal_factor(config, step)
-    scale_dev = _device_scale(lr_scale * anneal, devices)
-    last_metrics: dict = {}
-    agree_every = int(config.train.log_every)
-
-    def stop_requested(counter: int) -> bool:
-        """SIGTERM seen (by any host). One process: polled at every call; several: agreed by an
-        all-gather every `log_every` counts (each host calls at the same counts)."""
-        if process_count == 1:
-            return preemption.requested
-        return counter % agree_every == 0 and _any_process(preemption.requested)
-
-    def run_evaluation(step: int, row: dict | None) -> dict | None:
-        """Validation at `step`, the plateau, best and early-stop bookkeeping; None when a
-        SIGTERM interrupted it (then nothing of it is recorded)."""
-        nonlocal lr_scale, scale_dev, last_log_time
-        window.check_finite(step, base_rate, workdir)  # no evaluation of a diverged state
-        eval_metrics = evaluate(config, p_eval, state, val_iter, heart_masks,
-                                stop=stop_requested)
-        if eval_metrics is None:
-            return None
-        val_loss = eval_metrics.get("val_loss", math.nan)
-        if math.isfinite(val_loss):  # an infinite loss is no plateau: the rate stays
-            _, host.plateau = plateau.update(updates={}, state=host.plateau,
-                                             value=jnp.asarray(val_loss, jnp.float32))
-        lr_scale = float(host.plateau.scale)
-        scale_dev = _device_scale(lr_scale * anneal, devices)
-        value = float(eval_metrics.get(name, math.nan))
-        if _improved(value, host.best_value, mode):
-            host.best_value, host.best_step, host.evals_since_best = value, step, 0
-        else:
-            host.evals_since_best += 1
-        patience = int(config.train.early_stop_patience)
-        if patience and host.evals_since_best >= patience:
-            host.stopped_early = True
-        row = {**(row or {"step": step}), **eval_metrics,
-               "elapsed_s": time.perf_counter() - t_start,
-               "learning_rate_next": base_rate * lr_scale * anneal}
-        writer.write(row)
-        # Keep evaluation time out of the next row's training throughput.
-        last_log_time = time.perf_counter()
-        if host.stopped_early and is_main:
-            bar.write(f"early stop at step {step}: no better {name} in {patience} "
-                      f"evaluations (best {host.best_value} at {host.best_step})")
-        return eval_metrics
-
-    try:
-        with dist.Preemption() as preemption:
-            if eval_pending and not preemption.requested:
-                # The evaluation of the step the run was stopped in (by a SIGTERM).
-                eval_metrics = run_evaluation(step, None)
-                if eval_metrics is not None:
-                    # The same state again, now with its metrics (so it can rank as the best).
-                    manager.delete(step)
-                    save(step, eval_metrics)
-                    last_saved = step
-            while step < total_steps and not host.stopped_early:
-                if anneal_time and (process_count == 1
-                                    or step % int(config.train.log_every) == 0):
-                    time_fraction = _max_processes((time.perf_counter() - t_start) / max_seconds)
-                new_anneal = anneal_factor(config, step, time_fraction)
-                if abs(new_anneal - anneal) > 2e-3 or (new_anneal == 0.0) != (anneal == 0.0):
-                    anneal = new_anneal
-                    scale_dev = _device_scale(lr_scale * anneal, devices)
-                batch = _shard_batch(next(train_iter))
-                state, metrics = p_train(state, batch, scale_dev)
-                step += 1
-                window.add(step, metrics)
-                bar.update(1)
-                # The time budget (config.train.max_seconds) ends the run like its last step;
-                # hosts agree on it at logging steps (every step with one process).
-                time_up = False
-                if max_seconds and (process_count == 1
-                                    or step % int(config.train.log_every) == 0):
-                    time_up = _any_process(time.perf_counter() - t_start > max_seconds)
-                final = step == total_steps or time_up
-                row = None
-                if step % int(config.train.log_every) == 0 or final:
-                    now = time.perf_counter()
-                    row = {"step": step, **window.mean(step, base_rate, workdir),
-                           "learning_rate": base_rate * lr_scale * anneal,
-                           "samples_per_s": (step - last_log_step) * int(config.train.batch_size)
-                           / max(now - last_log_time, 1e-9),
-                           "elapsed_s": now - t_start}
-                    last_log_time, last_log_step = now, step
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.1e}")
-                    last_metrics = row
-                eval_metrics, interrupted = None, False
-                if step % int(config.train.eval_every) == 0 or final:
-                    eval_metrics = run_evaluation(step, row)
-                    interrupted = eval_metrics is None
-                    if interrupted and row is not None:
-                        writer.write(row)
-                elif row is not None:
-                    writer.write(row)
-                stop_now = interrupted or stop_requested(step)
-                if (eval_metrics is not None or step % int(config.train.checkpoint_every) == 0
-                        or final or host.stopped_early or stop_now):
-                    save(step, eval_metrics, pending=interrupted)
-                    last_saved = step
-                if time_up and not stop_now:
-                    timed_out = True
-                    if is_main:
-                        bar.write(f"time budget of {max_seconds:.0f} s reached at step {step}")
-                    break
-                if stop_now:
-                    preempted = True
-                    if is_main:
-                        bar.write(f"SIGTERM: checkpoint saved at step {step}; exiting")
-                    break
-        if last_saved != step and step > 0:
-            save(step, None)
-    finally:
-        manager.wait_until_finished()
-        bar.close()
-        writer.close()
-    wall = time.perf_counter() - t_start
-    steps_run = step - start_step
-    best_step = manager.best_step()
-    manager.close()
-    peak = _peak_memory_bytes(devices[0])
-    summary = {
-        "workdir": os.fspath(workdir), "task": config.task, "arch": config.model.arch,
-        "steps": step, "steps_this_run": steps_run, "resumed_from": restored,
-        "best_step": best_step, "best_metric": name, "best_value": host.best_value,
-        "stopped_early": host.stopped_early, "preempted": preempted, "timed_out": timed_out,
-        "wall_time_s": wall, "steps_per_s": steps_run / wall if wall > 0 else None,
-        "devices": n_global, "local_devices": n_local, "host_devices": counts["host_devices"],
-        "hosts": counts["hosts"], "platform": counts["platform"], "processes": process_count,
-        "peak_memory_bytes": peak, "last": {k: _json_safe(v) for k, v in last_metrics.items()},
-    }
-    if is_main:
-        support.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    def finish(self) -> dict:
+        """The run's summary (written to `summary.json` by process 0)."""
+        config, hosts, counts = self.config, self.hosts, self.hosts.counts
+        wall = time.perf_counter() - self.t_start
+        steps_run = self.step - self.start_step
+        best_step = self.manager.best_step()
+        self.manager.close()
+        peak = _peak_memory_bytes(self.devices[0])
+        summary = {
+            "workdir": os.fspath(self.workdir), "task": config.task, "arch": config.model.arch,
+            "steps": self.step, "steps_this_run": steps_run, "resumed_from": self.restored,
+            "best_step": best_step, "best_metric": self.best_name,
+            "best_value": self.host.best_value, "stopped_early": self.host.stopped_early,
+            "preempted": self.preempted, "timed_out": self.timed_out,
+            "wall_time_s": wall, "steps_per_s": steps_run / wall if wall > 0 else None,
+            "devices": hosts.n_global, "local_devices": hosts.n_local,
+            "host_devices": counts["host_devices"], "hosts": counts["hosts"],
+            "platform": counts["platform"], "processes": hosts.process_count,
+            "peak_memory_bytes": peak,
+            "last": {k: _json_safe(v) for k, v in self.last_metrics.items()},
+        }
+        if self.is_main:
+            support.write_text(self.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
 
 
 def _peak_memory_bytes(device) -> int | None:

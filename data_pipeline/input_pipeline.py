@@ -267,7 +267,7 @@ def _train_sample(tf, store: _Source, data, seed: int, index, k, process_index: 
                         tf.constant(centre_out), tf.constant(centre_out))
     # Agatston candidates (centre slice >= 130 HU) decided on the stored HU, before contrast,
     # shift and noise move pixel values across the threshold; the loss weights them
-    # (cac_jax.train.loss_weight).
+    # (cac_jax.steps.loss_weight).
     candidate = tf.cast(tf.cast(hu[1], tf.float32) >= CALCIUM_THRESHOLD_HU, tf.uint8)
     image, label, weight, candidate = _resample(tf, image, target, transform, size, candidate)
     if aug.enabled:

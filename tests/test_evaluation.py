@@ -74,9 +74,9 @@ def test_vectorised_kappa_matches_sklearn():
 def test_linear_kappa_of_a_table_is_sklearns_and_training_uses_it():
     # One linear kappa for training's validation and `cac-jax evaluate`: the table's kappa equals
     # scikit-learn's on the expanded ratings, NaN where it is undefined.
-    from cac_jax import train
+    from cac_jax import validation
 
-    assert train.linear_kappa is ev.linear_kappa
+    assert validation.linear_kappa is ev.linear_kappa
     for table in _random_tables(9, seed=4):
         reference, predicted = _ratings_from_table(table)
         assert ev.linear_kappa(table) == pytest.approx(

@@ -196,7 +196,7 @@ def test_validation_maps_predictions_back_exactly_as_inference():
     from test_inference import heart_on_some_slices
 
     from cac_jax import inference
-    from cac_jax.train import _ScanCollector
+    from cac_jax.validation import _ScanCollector
     from data_pipeline import input_pipeline as ip
     from data_pipeline import labels as labels_lib
 

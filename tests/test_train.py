@@ -27,6 +27,7 @@ from test_tfds_builder import write_tiny_cohort  # noqa: E402
 from cac_jax import checkpoints as ckpt  # noqa: E402
 from cac_jax import main as main_lib  # noqa: E402
 from cac_jax import train as train_lib  # noqa: E402
+from cac_jax import validation  # noqa: E402
 from cac_jax.ops import onednn_conv  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -434,7 +435,7 @@ def test_scan_categories_per_protocol():
     coronary = np.zeros(shape, np.uint8)
     coronary[1, 4:8, 4:8] = 1
     nothing = np.zeros(shape, np.uint8)
-    collector = train_lib._ScanCollector([
+    collector = validation._ScanCollector([
         ScanInfo("a_cac", "a", "cac", "s", shape, spacing, 64.0, 1, 1),
         ScanInfo("b_ctac", "b", "ctac", "s", shape, spacing, 0.0, 0, 0),
         ScanInfo("c_cac", "c", "cac", "s", shape, spacing, 0.0, 0, 0),
@@ -443,7 +444,7 @@ def test_scan_categories_per_protocol():
     collector.pred = [coronary, coronary, nothing]
     collector.hu = [hu, hu, hu]
     collector.true = [coronary, nothing, nothing]
-    matrices = train_lib.scan_categories(
+    matrices = validation.scan_categories(
         config, collector, {"a_cac": heart, "b_ctac": heart, "c_cac": heart})
     assert set(matrices) == {"cac", "ctac"}
 
