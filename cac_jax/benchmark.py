@@ -22,8 +22,10 @@ where the extension is built, by oneDNN through XLA FFI custom calls ("jax_onedn
 (`threads` in the output). `results["jax"]` and `results["torch"]` are the fastest JAX and PyTorch
 variants per model (the variant is named in the row).
 
-Training step (`train_step=True`): focal loss (Lin et al. 2017, gamma 2; for the ConvLSTM plus the
-temporal and spatial branch losses, weight 0.5) and Adam (lr 1e-3), at `train_batch`. Memory: on
+Training step (`train_step=True`): the training loss of the model's config (focal loss with the
+config's alpha and gamma, the ConvLSTM's temporal and spatial branch losses at
+`train.aux_loss_weight`, the calcium task's candidate weighting: `cac_jax.steps.training_loss`;
+PyTorch computes the same) and Adam (lr 1e-3), at `train_batch`. Memory: on
 CPU, XLA's compiled memory analysis (JAX) and the resident-set growth while the step runs (both
 frameworks); on a GPU the device's peak (`peak_bytes_in_use`; process-wide, so run one model per
 process for exact per-model peaks, as benchmarks/gpu_check.sh does).
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import pathlib
 import platform
@@ -44,7 +45,9 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.constants import CALCIUM_THRESHOLD_HU
 from data_pipeline.errors import InputError
+from data_pipeline.labels import HU_WINDOW
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = {
@@ -66,7 +69,6 @@ MAX_SAMPLES = 100 * PAPER_SAMPLES
 MAX_SIZE = 1024
 MAX_SLICES = 64
 MAX_TRAIN_BATCH = 64
-AUX_WEIGHT = 0.5
 MATMUL_N = 2048
 
 
@@ -261,16 +263,6 @@ def study_samples(settings: BenchSettings) -> tuple[StudySamples, dict]:
 
 # ----------------------------------------------------------------------------------------- JAX
 
-def jax_focal(logits, labels, gamma: float = 2.0):
-    """Mean multi-class focal loss (Lin et al. 2017), float32, from log-softmax."""
-    import jax
-    import jax.numpy as jnp
-
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_pt = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-    return jnp.mean(-jnp.power(-jnp.expm1(log_pt), gamma) * log_pt)
-
-
 class JaxModel:
     """A model's jitted forward pass (compiled once for the sample shape) and its weights."""
 
@@ -300,21 +292,20 @@ class JaxModel:
 
 
 def jax_train_step(jm: JaxModel, settings: BenchSettings, rss: RssSampler) -> dict:
-    """Compile and time a focal-loss + Adam step at `train_batch`; memory and forward time too."""
+    """Compile and time a training-loss + Adam step at `train_batch`; memory and forward time
+    too."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    model, batch, size = jm.model, settings.train_batch, settings.size
+    from cac_jax.steps import training_loss
+
+    model, batch, size, config = jm.model, settings.train_batch, settings.size, jm.config
     tx = optax.adam(1e-3)
 
     def loss_fn(params, x, labels):
         logits, aux = model.apply({"params": params}, x)
-        loss = jax_focal(logits, labels)
-        for branch in ("temporal", "spatial"):
-            if branch in aux:
-                loss = loss + AUX_WEIGHT * jax_focal(aux[branch], labels)
-        return loss
+        return training_loss(config, logits, aux, labels, jnp.ones(labels.shape, jnp.float32), x)
 
     def step(params, opt_state, x, labels):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, labels)
@@ -383,6 +374,7 @@ class TorchModel:
 
         self.variant, self.settings = variant, settings
         self.num_classes = int(jm.config.model.num_classes)
+        self.config = jm.config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.channels_last = variant in ("torch_channels_last", "torch_compile")
         model = from_flax(jm.config, jm.variables["params"]).eval().to(self.device)
@@ -434,9 +426,22 @@ class TorchModel:
         x = self._input(torch.rand((b, 3, size, size, 1), generator=gen).numpy())
         labels = torch.randint(0, self.num_classes, (b, size, size), generator=gen).to(self.device)
 
+        # The training loss of `cac_jax.steps.training_loss`, as JAX times it.
+        train = self.config.train
+        alpha = torch.tensor([float(a) for a in train.focal_alpha], device=self.device)
+        gamma, aux_weight = float(train.focal_gamma), float(train.aux_loss_weight)
+        weight = torch.ones((b, size, size), device=self.device)
+        factor = float(train.get("non_candidate_weight", 1.0))
+        if self.config.task == "calcium" and factor != 1.0:
+            low, high = HU_WINDOW
+            centre = x[:, 1]  # (b, H, W): the centre slice of the 3-slice input
+            candidate = centre >= (CALCIUM_THRESHOLD_HU - low) / (high - low)
+            weight = torch.where(candidate, 1.0, factor)
+
         def focal(logits):
             log_pt = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
-            return torch.mean(-torch.pow(-torch.expm1(log_pt), 2.0) * log_pt)
+            per_pixel = -torch.pow(-torch.expm1(log_pt), gamma) * log_pt * alpha[labels]
+            return torch.sum(per_pixel * weight) / weight.sum().clamp_min(1e-12)
 
         def one_step():
             opt.zero_grad(set_to_none=True)
@@ -445,7 +450,7 @@ class TorchModel:
             loss = focal(logits)
             for branch in ("temporal", "spatial"):
                 if branch in aux:
-                    loss = loss + AUX_WEIGHT * focal(aux[branch])
+                    loss = loss + aux_weight * focal(aux[branch])
             loss.backward()
             opt.step()
             self._sync()
@@ -705,124 +710,11 @@ def ratios(results: dict) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------- reports
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def load_warning(res: dict) -> list[str]:
-    """A warning line when other processes loaded the machine during the run (shared CPUs)."""
-    m = res["machine"]
-    load = max(m["load_average_at_start"][0], m["load_average_at_end"][0])
-    peaks = (res["matmul_peak_gflops_before"], res["matmul_peak_gflops_after"])
-    if res["settings"]["local"] or (load <= 1.5 * m["logical_cores"]
-                                    and max(peaks) <= 1.5 * min(peaks)):
-        return []
-    return [f"**Warning: the machine was shared during this run (load average up to {load:.1f} on "
-            f"{m['logical_cores']} cores; matmul peak {peaks[0]:.0f} then {peaks[1]:.0f} GFLOP/s): "
-            "absolute times are inflated and the ratios are only indicative.**"]
-
-
-def markdown(res: dict) -> str:
-    """bench.json as a markdown report."""
-    m, s = res["machine"], res["settings"]
-    lines = [
-        "# cac-jax bench: inference time per sample and training step",
-        "",
-        f"Protocol: {res['protocol']}. Models: {', '.join(s['models'])}"
-        f"{' (tiny :local configs)' if s['local'] else ''}, untrained, dtype {s['dtype']}.",
-        f"Machine: {m['cpu_model']}, {m['logical_cores']} logical / {m['physical_cores']} physical "
-        f"cores, AVX-512 {'yes' if m['avx512'] else 'no'}, accelerator {m['accelerator'] or 'none'}"
-        f", {m['threads']} threads; JAX {m['jax']}"
-        + (f", PyTorch {m['torch']}" if "torch" in m else "")
-        + f"; load average {m['load_average_at_start'][0]:.1f} at start, "
-          f"{m['load_average_at_end'][0]:.1f} at end.",
-        f"float32 matmul peak (JAX, {res['matmul_n']}^3): {res['matmul_peak_gflops_before']:.0f} GFLOP/s "
-        f"before, {res['matmul_peak_gflops_after']:.0f} after the timing rounds.",
-        *load_warning(res),
-        f"Preprocessing (`model_inputs`, whole {res['preprocessing']['study_shape_zyx']} study): "
-        f"{res['preprocessing']['per_study_s']:.3f} s per study, not included below.",
-        "",
-        "## Inference, seconds per sample",
-        "",
-        "| framework | model | params (M) | median s | IQR s | s / slice | n | compile s | "
-        "warm-up s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for fw, models in res["results"].items():
-        for name, r in models.items():
-            label = f"{fw} (best: {r['variant']})" if fw in ("jax", "torch") else fw
-            lines.append(
-                f"| {label} | {name} | {r['params'] / 1e6:.2f} | {r['median_s']:.3f} | "
-                f"{r['iqr_s']:.3f} | {r['per_slice_median_s']:.4f} | {r['n']} | "
-                f"{r['compile_s']:.1f} | {r['warmup_s']:.2f} |")
-    lines += ["", "Wilcoxon rank-sum p between models (scipy.stats.ranksums):", ""]
-    for fw, pairs in res["wilcoxon_p"].items():
-        lines.append(f"- {fw}: " + ", ".join(f"{k} p = {v:.3g}" for k, v in pairs.items()))
-    lines += ["", "Ratios (time of the UNet over time of the ConvLSTM; JAX speed-up = PyTorch "
-                  "time / JAX time):", ""]
-    for key, value in res["ratios"].items():
-        lines.append(f"- {key}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else {
-            kk: round(vv, 3) for kk, vv in v.items()}) for k, v in value.items()}))
-    if res.get("compile_errors"):
-        lines += ["", "Left out (failed to build or compile):", ""]
-        for fw, errs in res["compile_errors"].items():
-            for name, err in errs.items():
-                lines.append(f"- {fw} {name}: {err}")
-    if "train_step" in res:
-        lines += ["", f"## Training step (focal loss + Adam), batch {s['train_batch']}", "",
-                  "| framework | model | step s | forward s | step / forward | peak memory GiB "
-                  "(source) | RSS growth GiB |",
-                  "|---|---|---:|---:|---:|---|---:|"]
-        for fw, models in res["train_step"].items():
-            for name, r in models.items():
-                label = f"{fw} (best: {r['variant']})" if fw in ("jax", "torch") else fw
-                lines.append(
-                    f"| {label} | {name} | {r['step_s']:.3f} | {r['forward_s']:.3f} | "
-                    f"{r['step_over_forward']:.2f} | {_gib(r['peak_memory_bytes'])} "
-                    f"({r['peak_memory_source']}) | {_gib(r['rss_increase_bytes'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def box_plot(res: dict, path: pathlib.Path) -> None:
-    """Box plot of the per-sample times, one box per framework and model (PNG, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from data_pipeline.atomic import atomic_path
-
-    labels, data = [], []
-    for fw, models in res["results"].items():
-        if fw in ("jax", "torch"):  # the best variant is already shown under its own name
-            continue
-        for name, r in models.items():
-            labels.append(f"{fw}\n{name}")
-            data.append(r["times_s"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5))
-    ax.boxplot(data)
-    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
-    ax.set_ylabel(f"seconds per {res['settings']['slices']}-slice sample")
-    ax.set_yscale("log")
-    ax.set_title(f"{res['settings']['samples']} samples at {res['settings']['size']} px, "
-                 f"{res['machine']['threads']} threads ({res['machine']['cpu_model'][:40]})",
-                 fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def write_outputs(res: dict, out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Write DIR/bench.json, bench.md and bench.png atomically; returns their paths."""
-    from data_pipeline.atomic import atomic_write_text
+    """bench.json, bench.md and bench.png in `out_dir` (`cac_jax.benchmark_report`)."""
+    from cac_jax.benchmark_report import write_outputs as write
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md",
-             "png": out_dir / "bench.png"}
-    atomic_write_text(paths["json"], json.dumps(res, indent=2) + "\n")
-    atomic_write_text(paths["md"], markdown(res))
-    box_plot(res, paths["png"])
-    return paths
+    return write(res, out_dir)

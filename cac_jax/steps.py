@@ -124,6 +124,18 @@ def _losses(config, logits, aux, labels, weight):
     return main, aux_loss
 
 
+def training_loss(config, logits, aux, labels, weight, images, candidate=None) -> jax.Array:
+    """The loss the training step minimises, on one device's batch alone: the focal loss (the
+    config's alpha and gamma) plus `aux_loss_weight` times the branch losses, weighted by
+    `loss_weight` and normalised by the weights' sum. `train_step` normalises by the sum over all
+    devices instead; on one device the two agree. The timing study times this loss."""
+    weight = loss_weight(config, images, weight, candidate)
+    main, aux_loss = _losses(config, logits, aux, labels, weight)
+    total = jnp.maximum(jnp.sum(weight), 1e-12)
+    return (jnp.sum(main * weight) + float(config.train.aux_loss_weight)
+            * jnp.sum(aux_loss * weight)) / total
+
+
 def loss_weight(config, images: jax.Array, weight: jax.Array,
                 candidate: jax.Array | None = None) -> jax.Array:
     """The pipeline's per-pixel weight times `config.train.non_candidate_weight` on pixels whose
