@@ -30,6 +30,9 @@ def _script(name: str = "bench_layers"):
 def _convolutions(arch: str, batch: int = 2, size: int = 64):
     cfg = model_config(arch, "calcium", local=True)
     cfg.dtype = "float32"
+    # The census reads XLA's convolutions from the jaxpr, as the script builds its models
+    # (oneDNN's convolutions are custom calls there).
+    cfg.conv_impl = "xla"
     model = build_model(cfg)
     x = jnp.zeros((batch, 3, size, size, 1), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)

@@ -7,6 +7,7 @@ import, which must break it: a contract that cannot fail would guard nothing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def _copy_tree(tmp_path: Path) -> Path:
 def test_repository_keeps_the_layer_contracts():
     result = _lint_imports(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout
+    assert re.search(r"Contracts: [1-9]\d* kept, 0 broken", result.stdout), result.stdout[-2000:]
 
 
 def test_upward_import_breaks_the_layers_contract(tmp_path):
