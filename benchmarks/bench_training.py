@@ -332,7 +332,7 @@ def markdown(res: dict) -> str:
                       f"{dnn['weight_gradient_gflops']:.0f} (max relative difference to XLA's "
                       f"{dnn['onednn_max_rel_diff']:.1e}). Rows `<model>+onednn` run every 3x3 "
                       "convolution of the model through it."]
-    lines += ["", "Target (issue 9): step <= 4x forward for every model; <= 5% of loop time "
+    lines += ["", "Target (docs/benchmarks.md): step <= 4x forward for every model; <= 5% of loop time "
                   "outside the compiled step. The step is `cac_jax.steps.train_step` (focal loss, "
                   "ConvLSTM aux losses, gradients, Adam)."]
     return "\n".join(lines) + "\n"
