@@ -244,13 +244,26 @@ def _config_path(relative: str) -> str:
     return str(CONFIG_DIR.parent / relative)
 
 
+# Config keys that change how a model is computed, not what it computes (docs/onednn.md).
+IMPLEMENTATION_KEYS = ("model.conv_impl",)
+
+
 def _config_defaults(config: str) -> dict:
     """The config file's whole configuration before the demo's command-line overrides (JSON
     types), so that a changed default (a width, a loss weight, a schedule) retrains the models
-    instead of reusing them."""
+    instead of reusing them. Keys that only choose how the same computation runs
+    (`IMPLEMENTATION_KEYS`: which library runs the convolutions) are left out: a run made with
+    one is reused, or continued, under another."""
     from cac_jax.config_defaults import load_config_file
 
-    return json.loads(load_config_file(_config_path(config)).to_json())
+    defaults = json.loads(load_config_file(_config_path(config)).to_json())
+    for key in IMPLEMENTATION_KEYS:
+        *parents, leaf = key.split(".")
+        node = defaults
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return defaults
 
 
 def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
