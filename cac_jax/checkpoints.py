@@ -392,3 +392,60 @@ def load_trained(path: str | pathlib.Path) -> TrainedModel:
         neighbour_mm=float(DEFAULT_NEIGHBOUR_MM if neighbour is None else neighbour),
         metrics=dict(meta.get("metrics") or {}),
         heart_volume_ml=dict(meta.get("heart_volume_ml") or {}))
+
+
+# Items of a step folder that inference reads; `train_state` (optimizer state) is left out of an
+# exported model.
+EXPORTED_ITEMS = ("variables", "meta", "config", "metrics")
+
+
+def export_parameters(source: str | pathlib.Path, out: str | pathlib.Path, *,
+                      overwrite: bool = False) -> pathlib.Path:
+    """Copy the model of a training workdir (its best step, else latest) or of a step folder into
+    a new workdir `out` holding that one step without its optimizer state.
+
+    `out` loads with `load_trained` (and `cac-jax infer --heart-checkpoint/--calcium-checkpoint`)
+    exactly as the source does. The copy is assembled in a temporary folder beside `out`, loaded
+    back and compared with the source's variables, then renamed into place, so a failed export
+    leaves no partial model. Returns `out`'s step folder.
+    """
+    import shutil
+
+    import numpy as np
+    import jax
+
+    step_dir, _ = resolve_checkpoint(source)
+    _check_complete(step_dir)
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        step_out = tmp / CHECKPOINT_DIR / step_dir.name
+        step_out.mkdir(parents=True)
+        for item in EXPORTED_ITEMS:
+            if (step_dir / item).is_dir():
+                shutil.copytree(step_dir / item, step_out / item)
+        (tmp / CONFIG_FILE).write_text(json.dumps(_read_json_item(step_dir, "config"), indent=2)
+                                       + "\n")
+        # The finalisation marker last: until it exists the folder does not read as a checkpoint.
+        shutil.copy2(step_dir / _FINALIZED_MARKER, step_out / _FINALIZED_MARKER)
+        original, copy = load_trained(step_dir), load_trained(tmp)
+        for a, b in zip(jax.tree.leaves(original.variables), jax.tree.leaves(copy.variables),
+                        strict=True):
+            if not np.array_equal(np.asarray(a), np.asarray(b)):
+                raise InputError(tmp, "exported variables differ from the source's")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise InputError(out, f"cannot write the exported model: {err.strerror or err}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / CHECKPOINT_DIR / step_dir.name

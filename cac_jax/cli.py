@@ -17,7 +17,8 @@ from data_pipeline.errors import InputError
 
 # Subcommand modules under cac_jax.commands, in the order `--help` lists them. Each module is
 # imported lazily-cheap: heavy imports (JAX, TensorFlow) happen inside its handler.
-COMMANDS = ("score", "synth", "ingest", "train", "infer", "evaluate", "bench", "study")
+COMMANDS = ("score", "synth", "ingest", "train", "infer", "evaluate", "bench", "study",
+            "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,9 @@ stamp matches what it would do now is reused; a training run continues from its 
    concordance, the ConvLSTM vs UNet z-test, CTAC predictions against the gated reference of the
    same patients, and the heart-frame ablation;
 6. the timing study (`cac-jax bench`);
-7. DIR/report.md and DIR/summary.json: the results beside the paper's.
+7. DIR/report.md and DIR/summary.json: the results beside the paper's;
+8. the trained models without optimizer state (`cac-jax export`) in DIR/reference/NAME/, each with
+   a MODEL.md card (training data, recipe, steps, the study's results).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ PROTOCOLS = ("cac", "ctac")
 COHORTS = ("test", "unseen")
 # The paper's linearly weighted kappas (ConvLSTM / UNet) on its held-out patients.
 PAPER = {"cac": {"convlstm": 0.84, "unet": 0.86}, "ctac": {"convlstm": 0.64, "unet": 0.67}}
-STAGES = ("cohorts", "dataset", "train", "infer", "evaluate", "bench", "report")
+STAGES = ("cohorts", "dataset", "train", "infer", "evaluate", "bench", "report", "export")
 
 
 def _say(message: str) -> None:
@@ -58,7 +60,7 @@ def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
         jobs[f"train_{site}"] = (site, config.train_patients_per_site, _site_seed(config, i, 0))
         jobs[f"test_{site}"] = (site, config.test_patients_per_site, _site_seed(config, i, 1))
     jobs["unseen"] = (config.unseen_site, config.unseen_patients, _site_seed(config, 0, 2))
-    _say(f"[1/7] synthetic cohorts at {config.size} px: training sites "
+    _say(f"[1/8] synthetic cohorts at {config.size} px: training sites "
          f"{', '.join(config.train_sites)} ({config.train_patients_per_site} + "
          f"{config.test_patients_per_site} test patients each), unseen site "
          f"{config.unseen_site!r} ({config.unseen_patients} patients)")
@@ -103,7 +105,7 @@ def _training_manifest(out: Path, config, manifests: dict[str, Path]) -> Path:
 
 
 def build_dataset(out: Path, config, manifests, stamps) -> Path:
-    _say("[2/7] TFDS dataset of the training sites (train / validation by patient)")
+    _say("[2/8] TFDS dataset of the training sites (train / validation by patient)")
     data_dir = out / "tfds"
     manifest = _training_manifest(out, config, manifests)
     wanted = {"cohorts": {k: json.loads((out / f".stamps/cohort_{k}.json").read_text())
@@ -136,7 +138,7 @@ def _finished(workdir: Path) -> bool:
 
 def train_models(out: Path, config, stamps, only: set[str] | None = None) -> None:
     names = [n for n in config.trainings if only is None or n in only]
-    _say(f"[3/7] training {', '.join(names)} (to convergence: early stopping on validation)")
+    _say(f"[3/8] training {', '.join(names)} (to convergence: early stopping on validation)")
     for name in names:
         spec = config.trainings[name]
         workdir = out / "models" / name
@@ -170,7 +172,7 @@ def _systems(config, only: set[str] | None = None) -> dict[str, tuple[str, str]]
 
 
 def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Path]:
-    _say(f"[4/7] scoring the test patients and the unseen site with {', '.join(systems)} "
+    _say(f"[4/8] scoring the test patients and the unseen site with {', '.join(systems)} "
          "(cac-jax infer), and the naive threshold")
     from data_pipeline.manifest import read_manifest, write_manifest
 
@@ -210,7 +212,7 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
 
 
 def evaluate(out: Path, config, cohorts: dict[str, Path], systems) -> dict:
-    _say("[5/7] agreement with the truth (cac-jax evaluate): kappa with CI, concordance, z-tests")
+    _say("[5/8] agreement with the truth (cac-jax evaluate): kappa with CI, concordance, z-tests")
     runs = {}
     for cohort, manifest in cohorts.items():
         ref = ["--ref", str(manifest), "--by", "protocol", "--bootstrap", "1000"]
@@ -238,7 +240,7 @@ def evaluate(out: Path, config, cohorts: dict[str, Path], systems) -> dict:
 
 
 def bench(out: Path, config, stamps) -> Path:
-    _say(f"[6/7] timing study (cac-jax bench: {config.bench_samples} samples of 16 slices at "
+    _say(f"[6/8] timing study (cac-jax bench: {config.bench_samples} samples of 16 slices at "
          f"{config.bench_size} px)")
     folder = out / "bench"
     wanted = {"models": config.bench_models, "samples": config.bench_samples,
@@ -351,7 +353,7 @@ def run(out: Path, config, *, only: set[str] | None = None,
         seconds["bench"] = time.perf_counter() - t0
     if "report" not in stages:
         return None
-    _say("[7/7] report")
+    _say("[7/8] report")
     summary = summarise(config, metrics, systems)
     summary["seconds"] = seconds
     summary["config"] = json.loads(config.to_json())
@@ -363,7 +365,122 @@ def run(out: Path, config, *, only: set[str] | None = None,
                               for p in PROTOCOLS)
             _say(f"      {cohort:6s} {model:15s} {cells}")
     _say(f"report: {report}")
+    if "export" in stages:
+        export_models(out, config, summary, systems)
     return summary
+
+
+def _parameter_count(step_dir: Path) -> int:
+    from cac_jax.checkpoints import load_trained
+
+    import jax
+    import numpy as np
+
+    params = load_trained(step_dir).variables["params"]
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def model_card(name: str, config, summary: dict, systems, step_dir: Path,
+               training: dict) -> str:
+    """MODEL.md of an exported model: what it is, what it was trained on, how, and the study's
+    results of every system it belongs to."""
+    saved = json.loads((step_dir / "config" / "metadata").read_text())
+    train, data, model = saved["train"], saved["data"], saved["model"]
+    task, arch = saved["task"], model["arch"]
+    if task == "calcium" and data.get("calcium_frame") == "heart":
+        inputs = (f"a {data['frame_size']} px window at {data['frame_spacing_mm']} mm centred on "
+                  f"the heart (trained on {data['crop_size']} px crops of it; "
+                  "docs/heart_frame.md)")
+    else:
+        inputs = f"whole slices resampled to {data['image_size']} px"
+    classes = ("heart silhouette, 2 classes" if task == "heart" else
+               "3 classes: background, coronary calcium, other calcium")
+    patients = config.train_patients_per_site * len(config.train_sites)
+    lines = [
+        f"# {name}: the study's {task} model ({arch})", "",
+        "**Trained on synthetic phantoms only (cac-jax's CT cohort generator); not for clinical "
+        "use.** A research reference: it shows what the recipe reaches on the generator's "
+        "scans and gives a starting point for training on real data.", "",
+        "## Model", "",
+        f"- Task: {task} ({classes}); architecture {arch}; "
+        f"{_parameter_count(step_dir):,} parameters.",
+        f"- Input: 3 adjacent slices, {inputs}.",
+        f"- Files: `config.json` and `checkpoints/{step_dir.name}/` (variables, config, meta, "
+        "metrics); no optimizer state.", "",
+        "## Training data", "",
+        f"- Generator: `cac-jax synth` (data_pipeline.phantom, generator version "
+        f"{_generator_version()}), {config.size} px scans, gated CAC and CTAC protocols of every "
+        f"patient.",
+        f"- Sites: {', '.join(config.train_sites)} ({config.train_patients_per_site} patients each, "
+        f"{patients} in all; {config.validation_fraction:.0%} of them, by patient, for "
+        "validation). The study's test patients (other seeds) and its unseen site "
+        f"({config.unseen_site}) were never trained on.", "",
+        "## Recipe", "",
+        f"- `cac-jax train --config {training['config']}` with "
+        + ", ".join(f"`{o}`" for o in training["overrides"] if not o.startswith("data.data_dir")),
+        f"- Batch {train['batch_size']}, Adam at {train.get('learning_rate')}, focal loss "
+        f"(alpha {train.get('focal_alpha')}, gamma {train.get('focal_gamma')}), the plateau "
+        f"schedule and early stopping on `{training['best_metric']}` (patience "
+        f"{train.get('early_stop_patience')} evaluations every {train.get('eval_every')} steps).",
+        f"- Trained {training['steps']} steps ({training['wall_time_s'] / 60:.0f} min in its "
+        f"last run; {'stopped early' if training.get('stopped_early') else 'step budget reached'}"
+        f"); this checkpoint is step {step_dir.name}, validation {training['best_metric']} = "
+        f"{training['best_value']:.3f}.", "",
+        "## The study's results", "",
+        "Linearly weighted kappa of the four CAC categories (95% CI) against the reference "
+        "categories of the same patients (docs/study.md):", ""]
+    for system, pair in systems.items():
+        if name not in pair:
+            continue
+        lines += [f"System `{system}` ({pair[0]} + {pair[1]}):", "",
+                  "| patients | gated CAC | CTAC | naive 130 HU (CAC / CTAC) |",
+                  "| --- | --- | --- | --- |"]
+        for cohort in COHORTS:
+            row, naive = summary[cohort][system], summary[cohort]["naive"]
+            cells = []
+            for p in PROTOCOLS:
+                ci = row[p]["kappa_linear_ci95"] or [None, None]
+                cells.append(f"{_fmt(row[p]['kappa_linear'])} ({_fmt(ci[0])}-{_fmt(ci[1])}), "
+                             f"n={row[p]['n']}")
+            label = "held-out, training sites" if cohort == "test" else \
+                f"unseen site {config.unseen_site}"
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} | "
+                         f"{_fmt(naive['cac']['kappa_linear'])} / "
+                         f"{_fmt(naive['ctac']['kappa_linear'])} |")
+        lines.append("")
+    lines += ["## Use", "",
+              "```bash",
+              "cac-jax infer --heart-checkpoint models/synthetic/heart_" + arch
+              + " --calcium-checkpoint models/synthetic/calcium_" + arch
+              + " --input STUDY_DIR --out results",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _generator_version() -> int:
+    from data_pipeline.phantom.cohort import GENERATOR_VERSION
+
+    return GENERATOR_VERSION
+
+
+def export_models(out: Path, config, summary: dict, systems) -> dict[str, Path]:
+    """Every model of `systems`, without optimizer state, in OUT/reference/NAME with MODEL.md."""
+    from cac_jax.checkpoints import export_parameters
+
+    _say("[8/8] reference models (cac-jax export) with their cards")
+    names = sorted({n for pair in systems.values() for n in pair})
+    folders = {}
+    for name in names:
+        folder = out / "reference" / name
+        step_dir = export_parameters(out / "models" / name, folder, overwrite=True)
+        training = json.loads((out / "models" / name / "summary.json").read_text())
+        training.update({"config": config.trainings[name].config,
+                         "overrides": list(config.trainings[name].overrides)})
+        atomic_write_text(folder / "MODEL.md",
+                          model_card(name, config, summary, systems, step_dir, training))
+        folders[name] = folder
+        _say(f"      {name}: {folder}")
+    return folders
 
 
 def _csv(text: str) -> set[str]:

@@ -215,3 +215,39 @@ def test_training_heart_volumes_are_read_where_recorded(run, tmp_path):
     meta_file.write_text(json.dumps(meta))
     trained = ckpt.load_trained(recorded)
     assert trained.heart_volume_ml["min"] == 320.0 and min_heart_bound(trained) == 80.0
+
+
+def test_export_keeps_the_best_step_without_optimizer_state(run, tmp_path, capsys):
+    from cac_jax import cli
+
+    workdir, _, saved = run
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(workdir), str(out)]) == 0
+    assert "exported step 2" in capsys.readouterr().out
+    step = out / "checkpoints" / "2"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    assert not (step / "train_state").exists() and (step / "variables").is_dir()
+    trained = ckpt.load_trained(out)
+    assert trained.step == 2 and trained.metrics == {"val_dice_mean": 0.9}
+    assert trained.pixel_spacing_mm == {"min": 0.5, "median": 0.7, "max": 0.9}
+    _leaves_equal(trained.variables, saved[2])
+    assert json.loads((out / "config.json").read_text())["task"] == "heart"
+    # A second export to the same folder is refused (one line, exit 2), --overwrite replaces it.
+    assert cli.main(["export", str(workdir / "checkpoints" / "4"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert ckpt.load_trained(out).step == 2
+    assert cli.main(["export", str(workdir / "checkpoints" / "4"), str(out), "--overwrite"]) == 0
+    assert ckpt.load_trained(out).step == 4
+    assert not list(tmp_path.glob(".exported.export-*"))
+
+
+def test_export_that_cannot_write_is_one_line(run, tmp_path, capsys):
+    from cac_jax import cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert cli.main(["export", str(run[0]), str(blocker / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the exported model" in err and len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"

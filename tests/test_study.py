@@ -64,3 +64,61 @@ def test_the_local_study_runs_every_stage_and_resumes(tmp_path):
     before = (out / "models" / "calcium_convlstm" / "summary.json").stat().st_mtime
     assert cli.main(["study", "--config", f"{STUDY}:local", "--out", str(out)]) == 0
     assert (out / "models" / "calcium_convlstm" / "summary.json").stat().st_mtime == before
+
+
+def _saved_run(workdir: pathlib.Path, config_file: str, step: int) -> None:
+    """A workdir as `cac-jax train` leaves it: one checkpoint with validation metrics and
+    summary.json (random weights: the export and the card do not look at their values)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cac_jax import checkpoints as ckpt
+    from cac_jax.models import build_model
+
+    config = load_config_file(str(ROOT / "configs" / config_file), "local")
+    abstract = jax.eval_shape(build_model(config).init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, 3, 32, 32, 1), jnp.float32))
+    variables = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), abstract)
+    workdir.mkdir(parents=True)
+    (workdir / ckpt.CONFIG_FILE).write_text(json.dumps(ckpt.config_to_dict(config)))
+    metric = ckpt.best_options(config)[0]
+    manager = ckpt.make_manager(workdir, config)
+    manager.save(step, args=ckpt.save_args(variables, {"step": np.asarray(step)},
+                                           {"step": step, "metrics": {metric: 0.5}}, config),
+                 metrics={metric: 0.5}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    (workdir / "summary.json").write_text(json.dumps({
+        "steps": step + 100, "best_step": step, "best_metric": metric, "best_value": 0.5,
+        "stopped_early": True, "wall_time_s": 600.0}))
+
+
+def test_export_stage_writes_loadable_models_with_cards(tmp_path):
+    from cac_jax import study
+    from cac_jax.checkpoints import load_trained
+
+    config = load_config_file(str(STUDY), "local")
+    out = tmp_path / "study"
+    _saved_run(out / "models" / "heart_convlstm", "convlstm_heart.py", 30)
+    _saved_run(out / "models" / "calcium_convlstm", "convlstm_calcium.py", 40)
+    systems = {"convlstm": ("heart_convlstm", "calcium_convlstm")}
+    cell = {"kappa_linear": 0.9, "kappa_linear_ci95": [0.8, 1.0], "exact_agreement": 0.9,
+            "n": 7}
+    summary = {cohort: {m: {p: dict(cell) for p in study.PROTOCOLS}
+                        for m in ("convlstm", "naive")} for cohort in study.COHORTS}
+    summary["unseen"]["convlstm"]["ctac"]["kappa_linear"] = 0.42
+    folders = study.export_models(out, config, summary, systems)
+    assert set(folders) == {"heart_convlstm", "calcium_convlstm"}
+    for name, step in (("heart_convlstm", 30), ("calcium_convlstm", 40)):
+        folder = out / "reference" / name
+        assert load_trained(folder).step == step
+        assert not (folder / "checkpoints" / str(step) / "train_state").exists()
+        card = (folder / "MODEL.md").read_text()
+        assert "not for clinical use" in card.splitlines()[2]
+        assert "| unseen site site2 | 0.90 (0.80-1.00), n=7 | 0.42 (0.80-1.00), n=7 |" in card
+        assert f"this checkpoint is step {step}" in card
+        assert "default, lowdose" in card and "generator version" in card
+    # Run again (a resumed study): the folders are replaced, not refused.
+    study.export_models(out, config, summary, systems)
+    assert load_trained(out / "reference" / "heart_convlstm").step == 30
