@@ -275,6 +275,45 @@ def summarise(config, metrics: dict, systems) -> dict:
     return summary
 
 
+# The study's targets (docs/study.md): the ConvLSTM's kappa on the held-out patients per protocol,
+# its margin over the naive threshold, the unseen site's shortfall, and ConvLSTM vs UNet.
+TARGET_KAPPA = {"cac": 0.85, "ctac": 0.65}
+TARGET_MARGIN = 0.2
+TARGET_UNSEEN_GAP = 0.1
+TARGET_ALPHA = 0.05
+
+
+def targets(summary: dict, system: str = "convlstm", other: str = "unet") -> list[dict]:
+    """Each target with the measured value and whether it is met (None: not measured)."""
+    rows = []
+
+    def kappa(cohort, model, protocol):
+        value = (((summary.get(cohort) or {}).get(model) or {}).get(protocol) or {})
+        value = value.get("kappa_linear")
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) \
+            else float(value)
+
+    for p in PROTOCOLS:
+        test, naive, unseen = (kappa("test", system, p), kappa("test", "naive", p),
+                               kappa("unseen", system, p))
+        rows.append({"target": f"{system} {p.upper()} kappa >= {TARGET_KAPPA[p]}",
+                     "value": test, "met": None if test is None else test >= TARGET_KAPPA[p]})
+        margin = None if test is None or naive is None else test - naive
+        rows.append({"target": f"{system} {p.upper()} kappa >= naive + {TARGET_MARGIN}",
+                     "value": margin, "met": None if margin is None else margin >= TARGET_MARGIN})
+        gap = None if test is None or unseen is None else test - unseen
+        rows.append({"target": f"{system} {p.upper()} unseen site within {TARGET_UNSEEN_GAP} "
+                               "of the held-out patients",
+                     "value": gap, "met": None if gap is None else gap <= TARGET_UNSEEN_GAP})
+        z = ((summary.get("test") or {}).get("comparison") or {}).get(p) or {}
+        p_value, diff = z.get("p"), z.get("difference")
+        met = None if p_value is None or diff is None else (p_value >= TARGET_ALPHA or diff > 0)
+        rows.append({"target": f"{system} vs {other} {p.upper()}: no significant difference "
+                               f"(p >= {TARGET_ALPHA}) or {system} better",
+                     "value": p_value, "met": met})
+    return rows
+
+
 def _fmt(value, pattern="{:.2f}") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else pattern.format(value)
@@ -305,7 +344,23 @@ def write_report(out: Path, config, summary: dict, seconds: dict, systems) -> Pa
                 text = "; ".join(f"{p}: {json.dumps(tests[p])}" for p in PROTOCOLS)
                 lines += ["", f"z-test ({key}): {text}"]
         lines.append("")
-    lines += ["## Stage times", "", *(f"- {k}: {v / 60:.1f} min" for k, v in seconds.items()), ""]
+    if summary.get("targets"):
+        lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+        for row in summary["targets"]:
+            met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+            lines.append(f"| {row['target']} | {_fmt(row['value'], '{:.3f}')} | {met} |")
+        lines += ["", "Measured values: the kappa; the margin over the naive threshold; the "
+                  "held-out kappa minus the unseen site's; the z-test's p.", ""]
+    lines += ["## Concordance (the paper's Figure 2)", "",
+              "Rows: reference category; columns: predicted. `*_vs_*`: the two systems side by "
+              "side; `ctac_vs_gated`: CTAC predictions against the same patients' gated "
+              "reference.", ""]
+    for cohort in COHORTS:
+        for folder in sorted((out / "eval").glob(f"{cohort}_*")):
+            for png in sorted(folder.glob("concordance_*.png")):
+                lines.append(f"![{folder.name} {png.stem}]({png.relative_to(out).as_posix()})")
+    lines += ["", "## Stage times", "",
+              *(f"- {k}: {v / 60:.1f} min" for k, v in seconds.items()), ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
@@ -355,6 +410,7 @@ def run(out: Path, config, *, only: set[str] | None = None,
         return None
     _say("[7/8] report")
     summary = summarise(config, metrics, systems)
+    summary["targets"] = targets(summary, *config.compare)
     summary["seconds"] = seconds
     summary["config"] = json.loads(config.to_json())
     report = write_report(out, config, summary, seconds, systems)

@@ -122,3 +122,27 @@ def test_export_stage_writes_loadable_models_with_cards(tmp_path):
     # Run again (a resumed study): the folders are replaced, not refused.
     study.export_models(out, config, summary, systems)
     assert load_trained(out / "reference" / "heart_convlstm").step == 30
+
+
+def test_targets_say_what_is_met_by_how_much_and_what_was_not_measured():
+    from cac_jax import study
+
+    def cell(k):
+        return {"kappa_linear": k}
+
+    summary = {
+        "test": {"convlstm": {"cac": cell(0.9), "ctac": cell(0.6)},
+                 "naive": {"cac": cell(0.6), "ctac": cell(0.0)},
+                 "comparison": {"cac": {"p": 0.01, "difference": 0.1},
+                                "ctac": {"p": 0.01, "difference": -0.2}}},
+        "unseen": {"convlstm": {"cac": cell(0.85), "ctac": cell(float("nan"))}},
+    }
+    rows = {r["target"]: r for r in study.targets(summary)}
+    assert rows["convlstm CAC kappa >= 0.85"]["met"] is True
+    assert rows["convlstm CTAC kappa >= 0.65"]["met"] is False
+    assert rows["convlstm CAC kappa >= naive + 0.2"]["value"] == pytest.approx(0.3)
+    assert rows["convlstm CAC unseen site within 0.1 of the held-out patients"]["met"] is True
+    ctac_unseen = rows["convlstm CTAC unseen site within 0.1 of the held-out patients"]
+    assert ctac_unseen["met"] is None and ctac_unseen["value"] is None
+    # Significantly better is met; significantly worse is not.
+    assert [r["met"] for t, r in rows.items() if t.startswith("convlstm vs unet")] == [True, False]
