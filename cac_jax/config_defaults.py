@@ -131,6 +131,10 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     t.anneal_fraction = 0.0
     # Early stopping: stop after this many evaluations without a better best_metric (0: never).
     t.early_stop_patience = 10
+    # An evaluation counts as better for early stopping only when it beats the value that last
+    # reset the patience by more than this (absolute; 0: any improvement). The best checkpoint is
+    # still the best value, however small the gain.
+    t.early_stop_min_delta = 0.0
 
     # Focal loss (Lin et al. 2017): gamma 2 is their default; alpha per class. Calcium: background,
     # coronary, non-coronary. A small background alpha keeps the rare coronary class (about 1

@@ -70,7 +70,7 @@ AXIS = dist.AXIS  # the named data-parallel axis of pmap (and of synchronised Ba
 # resume under another.
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl")
 # Keys added to the configs after runs were made: a saved config without one had this value.
-ADDED_KEYS = {"train.anneal_fraction": 0.0}
+ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0}
 
 log = logging.getLogger(__name__)
 # Multi-host helpers (cac_jax.distributed) under the names the loop uses.
@@ -179,12 +179,16 @@ class _HostState:
     best_step: int | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    # The value that last reset early stopping's patience (with `early_stop_min_delta` 0, the
+    # best value).
+    patience_value: float | None = None
 
     def to_json(self) -> dict:
         p = self.plateau
         return {"plateau": {k: float(np.asarray(getattr(p, k))) for k in p._fields},
                 "best_value": self.best_value, "best_step": self.best_step,
-                "evals_since_best": self.evals_since_best, "stopped_early": self.stopped_early}
+                "evals_since_best": self.evals_since_best, "stopped_early": self.stopped_early,
+                "patience_value": self.patience_value}
 
     @classmethod
     def from_json(cls, data: dict, template) -> _HostState:
@@ -194,7 +198,8 @@ class _HostState:
         return cls(plateau=plateau, best_value=data.get("best_value"),
                    best_step=data.get("best_step"),
                    evals_since_best=int(data.get("evals_since_best", 0)),
-                   stopped_early=bool(data.get("stopped_early", False)))
+                   stopped_early=bool(data.get("stopped_early", False)),
+                   patience_value=data.get("patience_value", data.get("best_value")))
 
 
 def _json_safe(value):
@@ -650,7 +655,11 @@ class _Run:
         """The best value of `config.train.best_metric` so far, and early stopping."""
         host = self.host
         if _improved(value, host.best_value, self.best_mode):
-            host.best_value, host.best_step, host.evals_since_best = value, step, 0
+            host.best_value, host.best_step = value, step
+        delta = float(self.config.train.get("early_stop_min_delta", 0.0) or 0.0)
+        shifted = value - delta if self.best_mode == "max" else value + delta
+        if _improved(shifted, host.patience_value, self.best_mode):
+            host.patience_value, host.evals_since_best = value, 0
         else:
             host.evals_since_best += 1
         patience = int(self.config.train.early_stop_patience)

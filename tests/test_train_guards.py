@@ -411,3 +411,48 @@ def test_sigterm_during_evaluation_saves_and_the_resumed_run_evaluates_first(dat
                                            workdir)
     assert summary["resumed_from"] == 2 and summary["steps"] == 4 and not summary["preempted"]
     assert [r["step"] for r in rows(workdir) if "val_loss" in r] == [2, 4]
+
+
+@pytest.mark.parametrize("mode, values, delta, stop_after, best", [
+    # Any gain resets the patience without a min delta: the slow creep never stops.
+    ("max", [0.90, 0.901, 0.902, 0.903, 0.904, 0.905], 0.0, None, 0.905),
+    # With a min delta of 0.01 the creep counts as no gain: stops after 3, the best still 0.905.
+    ("max", [0.90, 0.901, 0.902, 0.903, 0.904, 0.905], 0.01, 4, 0.905),
+    # A real gain resets it.
+    ("max", [0.5, 0.505, 0.6, 0.601, 0.602, 0.603], 0.01, 6, 0.603),
+    # Lower is better (val_loss); a NaN evaluation counts as no gain.
+    ("min", [1.0, 0.5, float("nan"), 0.499, 0.498], 0.01, 5, 0.498),
+])
+def test_early_stopping_min_delta(mode, values, delta, stop_after, best):
+    import types
+
+    import ml_collections
+
+    from cac_jax import train
+
+    config = ml_collections.ConfigDict({"train": {"early_stop_patience": 3,
+                                                  "early_stop_min_delta": delta}})
+    run = types.SimpleNamespace(host=train._HostState(plateau=None), config=config,
+                                best_mode=mode)
+    stopped = None
+    for i, value in enumerate(values, start=1):
+        train._Run._track_best(run, i, value)
+        if run.host.stopped_early and stopped is None:
+            stopped = i
+    assert stopped == stop_after
+    assert run.host.best_value == best and run.host.best_step == values.index(best) + 1
+
+
+def test_a_checkpoint_from_before_the_min_delta_resumes_its_patience_from_the_best():
+    import optax
+
+    from cac_jax import train
+
+    template = optax.contrib.reduce_on_plateau().init(None)
+    host = train._HostState(plateau=template, best_value=0.8, best_step=5, evals_since_best=2,
+                            patience_value=0.79)
+    saved = host.to_json()
+    assert train._HostState.from_json(saved, template).patience_value == 0.79
+    del saved["patience_value"]  # meta written before the key existed
+    old = train._HostState.from_json(saved, template)
+    assert (old.patience_value, old.evals_since_best) == (0.8, 2)
