@@ -411,8 +411,8 @@ def export_parameters(source: str | pathlib.Path, out: str | pathlib.Path, *,
     """
     import shutil
 
-    import numpy as np
     import jax
+    import numpy as np
 
     step_dir, _ = resolve_checkpoint(source)
     _check_complete(step_dir)

@@ -97,6 +97,11 @@ def get_base_config(task: str, arch: str, local: bool = False) -> ml_collections
     return config
 
 
+# Keys added to the configs after runs were made, with the value a config without one had: a saved
+# config (cac_jax.train) or a stamped one (the demo and the study) that lacks a key reads as this.
+ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0}
+
+
 def train_config(task: str, arch: str, local: bool = False) -> ml_collections.ConfigDict:
     """Training settings (`config.train`); counts of steps are global steps (all hosts agree)."""
     t = ml_collections.ConfigDict()

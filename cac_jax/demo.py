@@ -56,6 +56,11 @@ TRAINED = {
 }
 
 
+# The study's reference models: the ConvLSTM heart and calcium models trained to convergence on the
+# study's multi-site cohort (docs/study.md). Present in a source checkout, not in the wheel.
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "models" / "synthetic"
+REFERENCE_MODELS = ("heart_convlstm", "calcium_convlstm")
+
 # The demo trains with the configs' own recipe (docs/training_notes.md: candidate-weighted focal
 # loss, half-size crops centred near coronary calcium for the calcium model, whole slices for the
 # heart); the calcium crops (image_size / 2) cost a quarter of a whole slice, so its batch is
@@ -109,6 +114,10 @@ class DemoSettings:
     # smaller is an error row; the smoke run's seconds-trained heart models find small hearts, so
     # `--quick` (a check of the path) scores every heart that is not empty.
     min_heart_ml: float | None = None
+    # Also score the demo's patients with the study's reference models (models/synthetic/ of a
+    # source checkout, docs/study.md), so the report compares the demo's minutes of training with
+    # the study's training to convergence. Skipped where the folder is absent (an installed wheel).
+    reference_models: bool = True
 
     @classmethod
     def full(cls, **overrides) -> DemoSettings:
@@ -120,7 +129,7 @@ class DemoSettings:
             cls(patients=20, site2_patients=4, size=64, heart_steps=400, calcium_steps=800,
                 batch_size=4, calcium_batch_size=16, eval_every=1000, bench_samples=3,
                 bench_size=64, heart_seconds=10.0, calcium_seconds=20.0, train_jobs=2,
-                smoke=True, min_heart_ml=0.0),
+                smoke=True, min_heart_ml=0.0, reference_models=False),
             **overrides)
 
     @property
@@ -172,9 +181,14 @@ class _Stamps:
         self.folder = out / ".stamps"
 
     def fresh(self, stage: str, wanted: dict, *outputs: Path) -> bool:
+        return self.same(stage, wanted) and all(path.exists() for path in outputs)
+
+    def same(self, stage: str, wanted: dict) -> bool:
+        """Whether the stage's stamp equals `wanted` (config keys added since at their neutral
+        value, `ADDED_KEYS`, count as absent)."""
         stamp = self.folder / f"{stage}.json"
-        return (stamp.exists() and json.loads(stamp.read_text()) == wanted
-                and all(path.exists() for path in outputs))
+        return stamp.exists() and (_comparable(json.loads(stamp.read_text()))
+                                   == _comparable(wanted))
 
     def mark(self, stage: str, wanted: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +260,28 @@ def _config_path(relative: str) -> str:
 
 # Config keys that change how a model is computed, not what it computes (docs/onednn.md).
 IMPLEMENTATION_KEYS = ("model.conv_impl",)
+
+
+def _comparable(stamp):
+    """A stamp with each `defaults` block's `ADDED_KEYS` that hold their neutral value removed, so
+    that adding a key to the configs does not invalidate the runs stamped before it."""
+    from cac_jax.config_defaults import ADDED_KEYS
+
+    if not isinstance(stamp, dict):
+        return stamp
+    out = {k: _comparable(v) for k, v in stamp.items()}
+    defaults = out.get("defaults")
+    if isinstance(defaults, dict):
+        defaults = json.loads(json.dumps(defaults))
+        for key, neutral in ADDED_KEYS.items():
+            *parents, leaf = key.split(".")
+            node = defaults
+            for part in parents:
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+                del node[leaf]
+        out["defaults"] = defaults
+    return out
 
 
 def _config_defaults(config: str) -> dict:
@@ -427,12 +463,45 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
     return manifests
 
 
-def evaluate(out: Path, manifests: dict[str, Path], jobs: int = 1) -> dict:
+def reference_available(s: DemoSettings) -> bool:
+    return s.reference_models and all((REFERENCE_DIR / name / "config.json").is_file()
+                                      for name in REFERENCE_MODELS)
+
+
+def score_reference(out: Path, s: DemoSettings, stamps: _Stamps,
+                    manifests: dict[str, Path]) -> None:
+    """The same patients scored with the study's reference ConvLSTM models (`reference`)."""
+    _say(f"      the study's reference models ({REFERENCE_DIR}) on the same patients")
+    heart, calcium = (REFERENCE_DIR / name for name in REFERENCE_MODELS)
+    folder = out / "infer" / "reference"
+    wanted = {"manifest": {k: str(v) for k, v in manifests.items()},
+              "models": {name: json.loads((REFERENCE_DIR / name / "config.json").read_text())
+                         for name in REFERENCE_MODELS},
+              "steps": sorted(p.name for name in REFERENCE_MODELS
+                              for p in (REFERENCE_DIR / name / "checkpoints").iterdir()),
+              "min_heart_ml": s.min_heart_ml}
+    outputs = [out / "infer" / f"{cohort}_reference" / "results.csv" for cohort in manifests]
+
+    def run_infer():
+        _cli("infer", "--heart-checkpoint", str(heart), "--calcium-checkpoint", str(calcium),
+             "--manifest", str(_combined_manifest(out, manifests)), "--out", str(folder),
+             "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+             *([] if s.min_heart_ml is None else ["--min-heart-ml", str(s.min_heart_ml)]),
+             stage="infer reference")
+        split_results(folder / "results.csv", {
+            cohort: (manifest, out / "infer" / f"{cohort}_reference" / "results.csv")
+            for cohort, manifest in manifests.items()})
+
+    _stage(stamps, "infer_reference", wanted, outputs, run_infer)
+
+
+def evaluate(out: Path, manifests: dict[str, Path], jobs: int = 1,
+             reference: bool = False) -> dict:
     _say("[5/7] agreement with the truth (cac-jax evaluate): kappa, concordance, z-test")
     runs = {}  # metrics key -> (output folder, evaluate arguments)
     for cohort, manifest in manifests.items():
         ref = ["--ref", str(manifest), "--by", "protocol"]
-        for model in (*MODELS, "naive"):
+        for model in (*MODELS, "naive", *(("reference",) if reference else ())):
             pred = out / "infer" / f"{cohort}_{model}" / "results.csv"
             runs[(cohort, model)] = (f"{cohort}_{model}", ["--pred", str(pred), *ref])
         convlstm, unet = (str(out / "infer" / f"{cohort}_{m}" / "results.csv") for m in MODELS)
@@ -484,7 +553,9 @@ def summarise(metrics: dict) -> dict:
     summary = {}
     for cohort in ("test", "site2"):
         block = {}
-        for model in (*MODELS, "naive"):
+        for model in (*MODELS, "naive", "reference"):
+            if (cohort, model) not in metrics:
+                continue  # no reference models in this checkout
             block[model] = {}
             for protocol in PROTOCOLS:
                 m = _protocol_metrics(metrics[(cohort, model)], protocol)
@@ -593,7 +664,9 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
         lines += [f"## {title}", "",
                   "| model | protocol | n | kappa (linear) | 95% CI | exact agreement |",
                   "|---|---|---|---|---|---|"]
-        for model in (*MODELS, "naive"):
+        for model in (*MODELS, "naive", "reference"):
+            if model not in summary[cohort]:
+                continue
             for protocol in PROTOCOLS:
                 m = summary[cohort][model][protocol]
                 ci = m.get("kappa_linear_ci95")
@@ -601,6 +674,16 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
                 lines.append(f"| {model} | {protocol.upper()} | {_fmt(m['n'], '{}')} | "
                              f"{_fmt(m['kappa_linear'])} | {ci_text} | "
                              f"{_fmt(m['exact_agreement'], '{:.0%}')} |")
+        if "reference" in summary[cohort]:
+            lines += ["", "`reference`: the study's ConvLSTM models (`models/synthetic/`, trained "
+                      "to convergence on the study's multi-site cohort at 256 px, "
+                      "docs/study.md) on the same patients, beside the demo's models trained "
+                      "for minutes: "
+                      + "; ".join(f"{p.upper()} kappa "
+                                  f"{_fmt(summary[cohort]['reference'][p]['kappa_linear'])} "
+                                  f"(demo ConvLSTM "
+                                  f"{_fmt(summary[cohort]['convlstm'][p]['kappa_linear'])})"
+                                  for p in PROTOCOLS) + "."]
         comparison = metrics[(cohort, "comparison")]
         lines += ["", "ConvLSTM vs UNet, z-test for the difference of kappas: "
                   + ", ".join(f"{p.upper()} p = {_fmt(_protocol_metrics(comparison, p).get('z_test_p'))}"
@@ -673,7 +756,10 @@ def run(out: Path, s: DemoSettings) -> dict:
     timed("ingest", build_dataset, out, s, stamps)
     timed("train", train_models, out, s, stamps)
     manifests = timed("infer", score_cohorts, out, s, stamps)
-    metrics = timed("evaluate", evaluate, out, manifests, s.eval_jobs)
+    reference = reference_available(s)
+    if reference:
+        timed("infer_reference", score_reference, out, s, stamps, manifests)
+    metrics = timed("evaluate", evaluate, out, manifests, s.eval_jobs, reference)
     bench_dir = timed("bench", bench, out, s, stamps)
     _say("[7/7] report")
     summary = summarise(metrics)
@@ -683,7 +769,7 @@ def run(out: Path, s: DemoSettings) -> dict:
     report = write_report(out, s, metrics, summary, seconds, bench_dir)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     for cohort in ("test", "site2"):
-        for model in (*MODELS, "naive"):
+        for model in summary[cohort]:
             cells = ", ".join(
                 f"{p.upper()} kappa {_fmt(summary[cohort][model][p]['kappa_linear'])}"
                 for p in PROTOCOLS)

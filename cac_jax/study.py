@@ -148,8 +148,7 @@ def train_models(out: Path, config, stamps, only: set[str] | None = None) -> Non
         wanted = {"config": relative, "overrides": overrides,
                   "defaults": demo._config_defaults(relative.partition(":")[0]),
                   "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
-        stamp = stamps.folder / f"train_{name}.json"
-        same = stamp.exists() and json.loads(stamp.read_text()) == wanted
+        same = stamps.same(f"train_{name}", wanted)
         if not same and workdir.exists():
             shutil.rmtree(workdir)  # trained with other settings: start again
         if same and _finished(workdir):
@@ -427,10 +426,10 @@ def run(out: Path, config, *, only: set[str] | None = None,
 
 
 def _parameter_count(step_dir: Path) -> int:
-    from cac_jax.checkpoints import load_trained
-
     import jax
     import numpy as np
+
+    from cac_jax.checkpoints import load_trained
 
     params = load_trained(step_dir).variables["params"]
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))

@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from cac_jax import checkpoints as ckpt_lib
+from cac_jax import config_defaults
 from cac_jax import distributed as dist
 from cac_jax import train_support as support
 from cac_jax.models.config import NUM_CLASSES
@@ -70,7 +71,7 @@ AXIS = dist.AXIS  # the named data-parallel axis of pmap (and of synchronised Ba
 # resume under another.
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl")
 # Keys added to the configs after runs were made: a saved config without one had this value.
-ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0}
+ADDED_KEYS = config_defaults.ADDED_KEYS
 
 log = logging.getLogger(__name__)
 # Multi-host helpers (cac_jax.distributed) under the names the loop uses.

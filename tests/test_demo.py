@@ -4,6 +4,7 @@ report; and a second run that reuses every stage."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -18,7 +19,8 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
         patients=4, site2_patients=1, size=64, heart_steps=2, calcium_steps=2, batch_size=2,
         eval_every=2, bench_samples=1, bench_size=64, workers=1, heart_seconds=0.0,
         calcium_seconds=0.0, local_models=True, train_jobs=2, eval_jobs=2,
-        min_heart_ml=0.0)  # 2-step heart models find small hearts
+        min_heart_ml=0.0,  # 2-step heart models find small hearts
+        reference_models=False)  # scored below, with stand-ins
     summary = demo.run(tmp_path, settings)
     out = capfd.readouterr().out
     assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
@@ -62,6 +64,24 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
                   "naive_site2", "bench"):
         assert f"reusing {stage} " in out, stage
     assert "train convlstm" not in out
+    assert "reference" not in json.loads((tmp_path / "summary.json").read_text())["test"]
+
+    # With reference models (here the demo's own, exported as the study exports its models), the
+    # same patients are also scored with them and the report compares the two.
+    from cac_jax.checkpoints import export_parameters
+
+    reference = tmp_path / "reference_models"
+    for name in demo.REFERENCE_MODELS:
+        export_parameters(tmp_path / "models" / name, reference / name)
+    monkeypatch.setattr(demo, "REFERENCE_DIR", reference)
+    summary = demo.run(tmp_path, dataclasses.replace(settings, reference_models=True))
+    out = capfd.readouterr().out
+    assert "train convlstm" not in out and "reusing infer_convlstm" in out
+    for cohort in ("test", "site2"):
+        assert summary[cohort]["reference"]["cac"]["n"] >= 1, cohort
+    # The stand-ins are the demo's own ConvLSTM models: the same scores.
+    assert summary["test"]["reference"] == summary["test"]["convlstm"]
+    assert "`reference`: the study's ConvLSTM models" in (tmp_path / "report.md").read_text()
     # The training stamps hold the config files' whole defaults, so a changed default retrains.
     stamp = json.loads((tmp_path / ".stamps" / "train_calcium_convlstm.json").read_text())
     assert stamp["defaults"]["train"]["focal_alpha"] == [0.1, 1.0, 0.5]
@@ -151,3 +171,19 @@ def test_run_all_raises_the_first_failure(jobs, expected_ran):
         demo._run_all(tasks, jobs)
     assert sorted(ran) == expected_ran
     assert demo._run_all([task(5, False), task(6, False)], jobs) == [5, 6]
+
+
+def test_a_key_added_at_its_neutral_value_keeps_old_stamps(tmp_path):
+    stamps = demo._Stamps(tmp_path)
+    wanted = {"config": "c.py", "defaults": demo._config_defaults("configs/convlstm_calcium.py")}
+    assert wanted["defaults"]["train"]["early_stop_min_delta"] == 0.0
+    old = json.loads(json.dumps(wanted))
+    del old["defaults"]["train"]["early_stop_min_delta"]  # stamped before the key existed
+    stamps.mark("train_x", old)
+    assert stamps.same("train_x", wanted)
+    changed = json.loads(json.dumps(wanted))
+    changed["defaults"]["train"]["early_stop_min_delta"] = 0.01
+    assert not stamps.same("train_x", changed)
+    changed = json.loads(json.dumps(wanted))
+    changed["defaults"]["train"]["focal_gamma"] = 3.0
+    assert not stamps.same("train_x", changed)
