@@ -53,14 +53,23 @@ def test_unknown_stage_or_training_is_one_line_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_local_study_runs_every_stage_and_resumes(tmp_path):
+def test_the_local_study_runs_every_stage_and_resumes(tmp_path, monkeypatch):
+    # The commands run as subprocesses on one CPU device (the suite's 8 would not divide the
+    # tiny batches).
+    monkeypatch.setenv("XLA_FLAGS", "")
     out = tmp_path / "study"
     assert cli.main(["study", "--config", f"{STUDY}:local", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for cohort in ("test", "unseen"):
         for model in ("convlstm", "unet", "convlstm_slice", "naive"):
             assert summary[cohort][model]["cac"]["n"] >= 2
-    assert (out / "report.md").exists()
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "concordance_cac.png" in report
+    assert len(summary["targets"]) == 8
+    for name in ("heart_convlstm", "calcium_convlstm", "heart_unet", "calcium_unet",
+                 "calcium_convlstm_slice"):
+        card = (out / "reference" / name / "MODEL.md").read_text()
+        assert "not for clinical use" in card and "## The study's results" in card
     before = (out / "models" / "calcium_convlstm" / "summary.json").stat().st_mtime
     assert cli.main(["study", "--config", f"{STUDY}:local", "--out", str(out)]) == 0
     assert (out / "models" / "calcium_convlstm" / "summary.json").stat().st_mtime == before
