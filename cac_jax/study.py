@@ -478,9 +478,8 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
         f"schedule and early stopping on `{training['best_metric']}` (patience "
         f"{train.get('early_stop_patience')} evaluations every {train.get('eval_every')} steps).",
         f"- Trained {training['steps']} steps ({training['wall_time_s'] / 60:.0f} min in its "
-        f"last run; {'stopped early' if training.get('stopped_early') else 'step budget reached'}"
-        f"); this checkpoint is step {step_dir.name}, validation {training['best_metric']} = "
-        f"{training['best_value']:.3f}.", "",
+        f"last run; {_how_it_ended(training)}); this checkpoint is step {step_dir.name}, "
+        f"validation {training['best_metric']} = {training['best_value']:.3f}.", "",
         "## The study's results", "",
         "Linearly weighted kappa of the four CAC categories (95% CI) against the reference "
         "categories of the same patients (docs/study.md):", ""]
@@ -510,6 +509,15 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
               + " --input STUDY_DIR --out results",
               "```", ""]
     return "\n".join(lines)
+
+
+def _how_it_ended(training: dict) -> str:
+    if training.get("stopped_early"):
+        return "ended by early stopping"
+    if training.get("preempted") or training.get("timed_out"):
+        return ("stopped before convergence (SIGTERM or a time box; the study's command "
+                "continues it)")
+    return "its step budget reached"
 
 
 def _generator_version() -> int:

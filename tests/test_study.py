@@ -128,6 +128,7 @@ def test_export_stage_writes_loadable_models_with_cards(tmp_path):
         assert "| unseen site site2 | 0.90 (0.80-1.00), n=7 | 0.42 (0.80-1.00), n=7 |" in card
         assert f"this checkpoint is step {step}" in card
         assert "default, lowdose" in card and "generator version" in card
+        assert "ended by early stopping" in card
     # Run again (a resumed study): the folders are replaced, not refused.
     study.export_models(out, config, summary, systems)
     assert load_trained(out / "reference" / "heart_convlstm").step == 30
