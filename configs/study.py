@@ -91,13 +91,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     suffix = ":local" if local else ""
     convlstm = () if (local or gpu) else HALF_WIDTH_CONVLSTM
     unet_file = "configs/unet_calcium.py" if gpu else "configs/unet_matched_calcium.py"
-    unet_heart = () if (local or gpu) else MATCHED_UNET
+    # Both CPU UNets are width-matched to the half-width ConvLSTM (base 12: the same parameters).
+    matched_unet = () if (local or gpu) else MATCHED_UNET
     c.trainings = ml_collections.ConfigDict({
         "heart_convlstm": _training(f"configs/convlstm_heart.py{suffix}", *convlstm, *heart),
         "calcium_convlstm": _training(f"configs/convlstm_calcium.py{suffix}", *convlstm,
                                       *calcium),
-        "heart_unet": _training(f"configs/unet_heart.py{suffix}", *unet_heart, *heart),
-        "calcium_unet": _training(f"{unet_file}{suffix}", *calcium),
+        "heart_unet": _training(f"configs/unet_heart.py{suffix}", *matched_unet, *heart),
+        "calcium_unet": _training(f"{unet_file}{suffix}", *matched_unet, *calcium),
         "calcium_convlstm_slice": _training(f"configs/convlstm_calcium.py{suffix}", *convlstm,
                                             *calcium_slice),
     })

@@ -156,3 +156,17 @@ def test_targets_say_what_is_met_by_how_much_and_what_was_not_measured():
     assert ctac_unseen["met"] is None and ctac_unseen["value"] is None
     # Significantly better is met; significantly worse is not.
     assert [r["met"] for t, r in rows.items() if t.startswith("convlstm vs unet")] == [True, False]
+
+
+def test_the_cpu_study_matches_the_unets_to_its_half_width_convlstm():
+    from cac_jax.main import parse_flags
+
+    config = load_config_file(str(STUDY))
+    parsed_configs = {}
+    for name in ("calcium_convlstm", "calcium_unet", "heart_unet"):
+        spec = config.trainings[name]
+        parsed, _ = parse_flags(["--config", str(ROOT / spec.config), "--workdir", "w",
+                                 *(f"--config.{o}" for o in spec.overrides)])
+        parsed_configs[name] = parsed
+    assert parsed_configs["calcium_unet"].model.unet.base_width == 12
+    assert parsed_configs["heart_unet"].model.unet.base_width == 12
