@@ -99,7 +99,10 @@ def get_base_config(task: str, arch: str, local: bool = False) -> ml_collections
 
 # Keys added to the configs after runs were made, with the value a config without one had: a saved
 # config (cac_jax.train) or a stamped one (the demo and the study) that lacks a key reads as this.
-ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0}
+ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0,
+              "data.augment.noise_std_max": 0.0, "data.augment.blur_sigma": 0.0,
+              "data.augment.sharpen": 0.0, "data.augment.sharpen_sigma": 1.0,
+              "data.augment.kvp_contrast": 0.0}
 
 
 def train_config(task: str, arch: str, local: bool = False) -> ml_collections.ConfigDict:

@@ -163,6 +163,11 @@ def train_models(out: Path, config, stamps, only: set[str] | None = None) -> Non
         demo._cli(*args, stage=f"train {name}")
 
 
+def _ablations(config) -> dict[str, tuple[str, str]]:
+    """The z-tested ablations, `ablation_NAME` -> (system, its variant)."""
+    return {f"ablation_{name}": tuple(pair) for name, pair in config.ablations.items()}
+
+
 def _systems(config, only: set[str] | None = None) -> dict[str, tuple[str, str]]:
     systems = {name: tuple(pair) for name, pair in config.systems.items()}
     if only is not None:
@@ -219,7 +224,7 @@ def evaluate(out: Path, config, cohorts: dict[str, Path], systems) -> dict:
                    for m in (*systems, "naive")}
         for model, pred in results.items():
             runs[(cohort, model)] = (f"{cohort}_{model}", ["--pred", pred, *ref])
-        pairs = {"comparison": tuple(config.compare), "ablation": tuple(config.ablation)}
+        pairs = {"comparison": tuple(config.compare), **_ablations(config)}
         for key, (a, b) in pairs.items():
             if a in systems and b in systems:
                 runs[(cohort, key)] = (f"{cohort}_{a}_vs_{b}",
@@ -266,7 +271,7 @@ def summarise(config, metrics: dict, systems) -> dict:
             block[model] = {p: {k: _cell(metrics.get((cohort, model)), p).get(k)
                                 for k in ("kappa_linear", "kappa_linear_ci95",
                                           "exact_agreement", "n")} for p in PROTOCOLS}
-        for key in ("comparison", "ablation"):
+        for key in ("comparison", *_ablations(config)):
             found = metrics.get((cohort, key))
             if found is not None:
                 block[key] = {p: _cell(found, p).get("z_test") for p in PROTOCOLS}
@@ -337,7 +342,7 @@ def write_report(out: Path, config, summary: dict, seconds: dict, systems) -> Pa
                      if model in PAPER["cac"] else "")
             lines.append(f"| {model} | {cells[0]} | {cells[1]} | {row['cac']['n']} / "
                          f"{row['ctac']['n']} | {paper} |")
-        for key in ("comparison", "ablation"):
+        for key in ("comparison", *_ablations(config)):
             if key in summary[cohort]:
                 tests = summary[cohort][key]
                 text = "; ".join(f"{p}: {json.dumps(tests[p])}" for p in PROTOCOLS)

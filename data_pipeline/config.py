@@ -94,6 +94,16 @@ def data_config(task: str = "calcium", local: bool = False) -> ml_collections.Co
     c.augment.intensity_scale = 0.05  # contrast: x * (1 + u), u in [-s, s]
     c.augment.intensity_shift = 0.02  # brightness: x + u, u in [-s, s] (in [0, 1] units)
     c.augment.noise_std = 0.01        # per-voxel noise std in [0, 1] units (~20 HU)
+    # Scanner variety (0 = off; docs/training.md "Scanner augmentation"): the noise std drawn per
+    # sample in [noise_std, noise_std_max]; a reconstruction kernel drawn per sample: a third of
+    # the samples smoothed (Gaussian sigma up to blur_sigma input pixels), a third edge-enhanced
+    # (x + a (x - G(x)), a up to `sharpen`, G of sharpen_sigma pixels), a third unchanged; and a
+    # tube-voltage contrast: CT numbers above water x (1 + u), u in [-kvp_contrast, kvp_contrast].
+    c.augment.noise_std_max = 0.0
+    c.augment.blur_sigma = 0.0
+    c.augment.sharpen = 0.0
+    c.augment.sharpen_sigma = 1.0
+    c.augment.kvp_contrast = 0.0
 
     # tf.data: bounded private thread pool (0 -> min(8, CPUs)), batches prefetched ahead.
     c.num_threads = 2 if local else 0

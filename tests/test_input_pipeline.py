@@ -491,3 +491,99 @@ def test_start_up_reads_the_build_time_scan_index_not_the_records(dataset, tmp_p
     assert reads["meta"] > 0 and reads["offsets"] > 0
     assert indexed.scans == unindexed.scans
     np.testing.assert_array_equal(next(indexed)["image"], next(unindexed)["image"])
+
+
+def _scanner_aug(**keys):
+    import ml_collections
+
+    aug = ml_collections.ConfigDict({"noise_std": 0.0, "noise_std_max": 0.0, "blur_sigma": 0.0,
+                                     "sharpen": 0.0, "sharpen_sigma": 1.0, "kvp_contrast": 0.0})
+    aug.update(keys)
+    return aug
+
+
+def test_scanner_smoothing_is_a_mirrored_gaussian():
+    """The kernel augmentation's blur equals scipy's Gaussian filter (mirrored edges) on the same
+    taps; the edge enhancement is x + a (x - G(x)), so it raises a lone peak and keeps the mean."""
+    import tensorflow as tf
+    from scipy import ndimage
+
+    from data_pipeline.input_pipeline import _smooth
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.3, 0.7, size=(3, 20, 20, 1)).astype(np.float32)
+    sigma, radius = 1.3, 4
+    got = _smooth(tf, tf.constant(image), tf.constant(sigma), radius).numpy()
+    want = np.stack([ndimage.gaussian_filter(image[k, ..., 0], sigma, mode="reflect",
+                                             truncate=radius / sigma) for k in range(3)])
+    np.testing.assert_allclose(got[..., 0], want, atol=1e-5)
+
+
+def test_scanner_augmentation_kernels_voltage_and_noise():
+    import tensorflow as tf
+
+    from data_pipeline.input_pipeline import _scanner
+    from data_pipeline.labels import HU_WINDOW
+
+    low, high = HU_WINDOW
+    water = -low / (high - low)
+    image = np.full((3, 15, 15, 1), water, np.float32)
+    image[:, 7, 7] = (400.0 - low) / (high - low)       # one 400 HU pixel on water
+    image[:, 0, 0] = (-500.0 - low) / (high - low)      # lung, below water
+
+    seen = collections.Counter()
+    for k in range(60):
+        key = tf.constant([k, 3], tf.int64)
+        out, std = _scanner(tf, tf.constant(image), _scanner_aug(blur_sigma=1.5, sharpen=0.6),
+                            key)
+        out = out.numpy()
+        peak = out[1, 7, 7, 0]
+        if np.isclose(peak, image[1, 7, 7, 0]) and np.allclose(out, image):
+            seen["stored"] += 1
+        elif peak < image[1, 7, 7, 0]:
+            seen["smooth"] += 1
+            assert out[1, 7, 7, 0] == out[1].max()      # a blurred spot, centred where it was
+        else:
+            seen["sharp"] += 1
+            assert out[1, 6, 7, 0] < water              # the overshoot ring of a sharp kernel
+        assert float(std) == 0.0
+        np.testing.assert_allclose(out[1].mean(), image[1].mean(), atol=2e-3)
+    # Each kernel is drawn about a third of the time (60 draws).
+    assert all(seen[k] >= 8 for k in ("stored", "smooth", "sharp")), seen
+
+    gains, stds = [], []
+    for k in range(40):
+        out, std = _scanner(tf, tf.constant(image),
+                            _scanner_aug(kvp_contrast=0.15, noise_std=0.01, noise_std_max=0.03),
+                            tf.constant([k, 5], tf.int64))
+        out = out.numpy()
+        hu = out[1, 7, 7, 0] * (high - low) + low
+        gains.append(hu / 400.0)
+        stds.append(float(std))
+        np.testing.assert_allclose(out[1, 0, 0], image[1, 0, 0])  # below water: unchanged
+        np.testing.assert_allclose(out[1, 3, 3, 0], water, atol=1e-6)  # water stays 0 HU
+    assert 0.85 <= min(gains) < 0.95 and 1.05 < max(gains) <= 1.15
+    assert 0.01 <= min(stds) < 0.015 and 0.025 < max(stds) <= 0.03
+
+
+def test_scanner_augmentation_off_leaves_batches_unchanged_and_on_keeps_labels(dataset):
+    """The new keys at their neutral values give the batches of a config without them; turned
+    on they change the images, never the labels, weights or Agatston candidates."""
+    data_dir, _ = dataset
+    plain = make_dataset(_config(data_dir), "train", local_devices=DEVICES)
+    config = _config(data_dir)
+    config.augment.update({"blur_sigma": 1.2, "sharpen": 0.6, "noise_std_max": 0.02,
+                           "kvp_contrast": 0.15})
+    varied = make_dataset(config, "train", local_devices=DEVICES)
+    neutral = _config(data_dir)
+    neutral.augment.update({"blur_sigma": 0.0, "sharpen": 0.0, "noise_std_max": 0.0,
+                            "kvp_contrast": 0.0})
+    same = make_dataset(neutral, "train", local_devices=DEVICES)
+    differ = 0
+    for a, b, c in zip(_take(plain, 3), _take(varied, 3), _take(same, 3)):
+        for key in ("label", "weight", "candidate", "scan_index", "slice_index"):
+            np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_array_equal(a["image"], c["image"])
+        differ += int(not np.allclose(a["image"], b["image"]))
+        assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert differ == 3

@@ -23,7 +23,9 @@ def test_every_training_of_the_study_parses_as_cac_jax_train_would(arg, tmp_path
     from cac_jax.train import check_config
 
     config = load_config_file(STUDY, arg)
-    assert set(config.systems) == {"convlstm", "unet", "convlstm_slice"}
+    assert set(config.systems) == {"convlstm", "unet", "convlstm_slice", "convlstm_fixedkernel"}
+    for system, variant in config.ablations.values():
+        assert system in config.systems and variant in config.systems
     for name, spec in config.trainings.items():
         path, relative = study._config_file(spec.config)
         argv = ["--config", path, "--workdir", str(tmp_path / name),
@@ -34,6 +36,9 @@ def test_every_training_of_the_study_parses_as_cac_jax_train_would(arg, tmp_path
         if parsed.task == "calcium":
             frame = "slice" if name.endswith("_slice") else "heart"
             assert parsed.data.calcium_frame == frame, name
+            # Scanner augmentation everywhere but in its own ablation.
+            varied = parsed.data.augment.blur_sigma > 0 and parsed.data.augment.kvp_contrast > 0
+            assert varied == (not name.endswith("_fixedkernel")), name
         if arg != "local":
             assert parsed.train.max_seconds == 0  # convergence, not a time box
             assert parsed.train.early_stop_patience > 0
