@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cac_jax import demo
+from cac_jax import stages as stage_stamps
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
 
@@ -77,7 +78,7 @@ def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
                       str(config.size), "--seed", str(seed), "--site", site, "--workers",
                       str(config.synth_workers), stage=f"synth {name}")
 
-        demo._stage(stamps, f"cohort_{name}", wanted, [folder / "manifest.csv"], synth)
+        stage_stamps._stage(stamps, f"cohort_{name}", wanted, [folder / "manifest.csv"], synth)
         manifests[name] = folder / "manifest.csv"
     return manifests
 
@@ -112,7 +113,7 @@ def build_dataset(out: Path, config, manifests, stamps) -> Path:
                           for k in manifests if k.startswith("train_")},
               "validation_fraction": float(config.validation_fraction), "seed": config.seed}
     built = sorted((data_dir / "cac_ct").glob("*/dataset_info.json"))
-    demo._stage(stamps, "ingest", wanted,
+    stage_stamps._stage(stamps, "ingest", wanted,
                 built[-1:] or [data_dir / "cac_ct" / "dataset_info.json"],
                 lambda: demo._cli("ingest", "--manifest", str(manifest), "--data-dir",
                                   str(data_dir), "--seed", str(config.seed), "--overwrite",
@@ -123,7 +124,7 @@ def build_dataset(out: Path, config, manifests, stamps) -> Path:
 def _config_file(spec: str) -> tuple[str, str]:
     """(absolute path with its ':arg', the relative spec) of a config in configs/."""
     path, sep, arg = spec.partition(":")
-    return demo._config_path(path) + (f":{arg}" if sep else ""), spec
+    return stage_stamps._config_path(path) + (f":{arg}" if sep else ""), spec
 
 
 def _finished(workdir: Path) -> bool:
@@ -146,7 +147,7 @@ def train_models(out: Path, config, stamps, only: set[str] | None = None) -> Non
                      f"seed={config.seed}", *spec.overrides]
         config_path, relative = _config_file(spec.config)
         wanted = {"config": relative, "overrides": overrides,
-                  "defaults": demo._config_defaults(relative.partition(":")[0]),
+                  "defaults": stage_stamps._config_defaults(relative.partition(":")[0]),
                   "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
         same = stamps.same(f"train_{name}", wanted)
         if not same and workdir.exists():
@@ -207,10 +208,10 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
                 cohort: (manifest, out / "infer" / f"{cohort}_{system}" / "results.csv")
                 for cohort, manifest in cohorts.items()})
 
-        demo._stage(stamps, f"infer_{system}", wanted, outputs, run)
+        stage_stamps._stage(stamps, f"infer_{system}", wanted, outputs, run)
     for cohort, manifest in cohorts.items():
         naive = out / "infer" / f"{cohort}_naive" / "results.csv"
-        demo._stage(stamps, f"naive_{cohort}", {"manifest": str(manifest)}, [naive],
+        stage_stamps._stage(stamps, f"naive_{cohort}", {"manifest": str(manifest)}, [naive],
                     lambda manifest=manifest, naive=naive: demo.naive_results(manifest, naive))
     return cohorts
 
@@ -253,7 +254,7 @@ def bench(out: Path, config, stamps) -> Path:
             "--slices", "16", "--size", str(config.bench_size), "--out", str(folder)]
     if config.bench_local:
         args.append("--local")
-    demo._stage(stamps, "bench", wanted, [folder / "bench.json"],
+    stage_stamps._stage(stamps, "bench", wanted, [folder / "bench.json"],
                 lambda: demo._cli(*args, stage="bench"))
     return folder
 
@@ -375,7 +376,7 @@ def run(out: Path, config, *, only: set[str] | None = None,
     """Runs the study's `stages` into `out`; returns summary.json's content (None without the
     report stage). `only` limits training and inference to these trainings."""
     out.mkdir(parents=True, exist_ok=True)
-    stamps = demo._Stamps(out)
+    stamps = stage_stamps._Stamps(out)
     seconds: dict[str, float] = {}
     manifests = make_cohorts(out, config, stamps) if "cohorts" in stages else {}
     if not manifests:

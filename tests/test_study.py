@@ -66,13 +66,15 @@ def test_the_local_study_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert cli.main(["study", "--config", f"{STUDY}:local", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for cohort in ("test", "unseen"):
-        for model in ("convlstm", "unet", "convlstm_slice", "naive"):
+        for model in ("convlstm", "unet", "convlstm_slice", "convlstm_fixedkernel", "naive"):
             assert summary[cohort][model]["cac"]["n"] >= 2
+        for ablation in ("ablation_frame", "ablation_scanner"):
+            assert set(summary[cohort][ablation]) == {"cac", "ctac"}
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "concordance_cac.png" in report
     assert len(summary["targets"]) == 8
     for name in ("heart_convlstm", "calcium_convlstm", "heart_unet", "calcium_unet",
-                 "calcium_convlstm_slice"):
+                 "calcium_convlstm_slice", "calcium_convlstm_fixedkernel"):
         card = (out / "reference" / name / "MODEL.md").read_text()
         assert "not for clinical use" in card and "## The study's results" in card
     before = (out / "models" / "calcium_convlstm" / "summary.json").stat().st_mtime
@@ -175,3 +177,33 @@ def test_the_cpu_study_matches_the_unets_to_its_half_width_convlstm():
         parsed_configs[name] = parsed
     assert parsed_configs["calcium_unet"].model.unet.base_width == 12
     assert parsed_configs["heart_unet"].model.unet.base_width == 12
+
+
+def test_summary_and_report_carry_each_named_ablation(tmp_path):
+    """Every `config.ablations` pair gets its z-test in summary.json and a line in the report."""
+    from cac_jax import study
+
+    config = load_config_file(str(STUDY), "local")
+    systems = {name: tuple(pair) for name, pair in config.systems.items()}
+
+    def block(k, z=None):
+        cell = {"kappa_linear": k, "kappa_linear_ci95": [k - 0.1, k + 0.1],
+                "exact_agreement": 0.8, "n": 9}
+        if z is not None:
+            cell["z_test"] = {"p": z, "difference": 0.05}
+        return {"by_protocol": {p: dict(cell) for p in study.PROTOCOLS}}
+
+    metrics = {}
+    for cohort in study.COHORTS:
+        for model in (*systems, "naive"):
+            metrics[(cohort, model)] = block(0.7)
+        metrics[(cohort, "comparison")] = block(0.7, z=0.3)
+        metrics[(cohort, "ablation_frame")] = block(0.7, z=0.02)
+        metrics[(cohort, "ablation_scanner")] = block(0.7, z=0.4)
+    summary = study.summarise(config, metrics, systems)
+    assert summary["test"]["ablation_frame"]["cac"]["p"] == 0.02
+    assert summary["unseen"]["ablation_scanner"]["ctac"]["p"] == 0.4
+    (tmp_path / "eval").mkdir()
+    report = study.write_report(tmp_path, config, summary, {}, systems).read_text()
+    assert "z-test (ablation_frame)" in report and "z-test (ablation_scanner)" in report
+    assert "| convlstm_fixedkernel |" in report
