@@ -11,7 +11,9 @@ The inference rules are in docs/contracts.md ("Model inputs and targets"). For e
    .scale` s) stretched that to [min / (1 + s), max / (1 - s)]. A study outside that range is
    resampled in-plane (linear, scipy.ndimage) to the training median for the model (or, where
    the study would then overflow the training frame `config.data.image_size`, to the covered
-   spacing that fits it in the frame: `model_spacing_mm`), and the model's class probabilities
+   spacing that fits it in the frame: `model_spacing_mm`); so is a study at a covered spacing
+   that is larger than the training frame (a finer matrix over a large field of view), to the
+   spacing that fits it in the frame. The model's class probabilities
    are resampled back (linear) onto the study's grid before the argmax. The score is always
    computed on the study's own HU at its own spacing.
 3. Shapes: each batch is padded to (B, 3, H_b, W_b, 1), with H_b, W_b rounded up to a multiple of
@@ -159,13 +161,18 @@ def model_spacing_mm(trained, spacing_yx_mm: tuple[float, float],
     if covered is None:
         return None
     low, high = covered
+    frame = training_frame_px(trained)
     # A relative tolerance so a study at exactly the training spacing (stored as float32 in
     # headers) is not resampled for a rounding difference.
-    if all(low * (1 - 1e-4) <= s <= high * (1 + 1e-4) for s in spacing_yx_mm):
+    inside = all(low * (1 - 1e-4) <= s <= high * (1 + 1e-4) for s in spacing_yx_mm)
+    # A study larger than the training frame at a covered spacing (a 512 px CTAC at 0.9 mm for a
+    # model trained on 256 px scans: 2 mm CTAC and 1 mm gated pixels) would be seen at a size and
+    # in a frame it never had (a 256 px-trained heart model found 50-60% of such CTAC hearts).
+    fits = shape_yx is None or not frame or max(int(n) for n in shape_yx) <= frame
+    if inside and fits:
         return None
     median = float(trained.pixel_spacing_mm.get("median") or math.sqrt(low * high))
     target = median
-    frame = training_frame_px(trained)
     if shape_yx is not None and frame:
         fov_mm = max(float(n) * float(s) for n, s in zip(shape_yx, spacing_yx_mm, strict=True))
         target = min(max(median, fov_mm / frame), high)

@@ -377,6 +377,11 @@ def test_covered_spacing_includes_zoom_augmentation():
     assert inference.model_spacing_mm(model, (0.3, 0.3), (100, 120)) == (0.7, 0.7)
     assert inference.model_spacing_mm(model, (0.3, 0.3), (160, 180)) == pytest.approx((0.84375,) * 2)
     assert inference.model_spacing_mm(model, (0.3, 0.3), (250, 100)) == (0.9, 0.9)
+    # At a covered spacing: as it is while it fits the frame; a larger matrix (a finer scan of a
+    # large field of view) is resampled to fit it (80 px x 0.8 mm = 64 px x 1.0 mm, at most 0.9).
+    assert inference.model_spacing_mm(model, (0.8, 0.8), (64, 60)) is None
+    assert inference.model_spacing_mm(model, (0.6, 0.6), (80, 80)) == (0.75, 0.75)
+    assert inference.model_spacing_mm(model, (0.8, 0.8), (80, 80)) == (0.9, 0.9)
 
 
 def test_smaller_studies_run_in_the_training_frame():
