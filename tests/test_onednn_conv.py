@@ -111,10 +111,10 @@ def test_pmap_over_host_devices():
         close(row, want)
 
 
-def test_uncovered_convolutions_and_bfloat16_go_to_xla():
+def test_uncovered_convolutions_go_to_xla():
     x, w = operands((1, 8, 8, 4), (3, 3), 4)
     cases = [
-        lambda: onednn_conv.conv_general_dilated(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+        lambda: onednn_conv.conv_general_dilated(x.astype(jnp.float16), w.astype(jnp.float16),
                                                  (1, 1), "SAME", dimension_numbers=DIMS),
         lambda: onednn_conv.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
                                                  dimension_numbers=DIMS),
@@ -125,9 +125,47 @@ def test_uncovered_convolutions_and_bfloat16_go_to_xla():
         assert FORWARD not in str(jax.make_jaxpr(case)())
 
 
-def model_outputs(arch: str, impl: str):
+needs_bf16 = pytest.mark.skipif(not onednn_conv.bf16_native(),
+                                reason="no native bfloat16 on this CPU (or no extension)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape,kernel,features,strides,padding",
+                         [CASES[0], CASES[1], CASES[3], CASES[4], CASES[6], CASES[10]])
+def test_bfloat16_forward_and_both_gradients_match_xla(shape, kernel, features, strides,
+                                                       padding):
+    x, w = (a.astype(jnp.bfloat16) for a in operands(shape, kernel, features))
+    jaxpr = str(jax.make_jaxpr(onednn, static_argnums=(2, 3))(x, w, strides, padding))
+    assert f"{FORWARD}{onednn_conv.BF16_SUFFIX}" in jaxpr
+    y = jax.jit(onednn, static_argnums=(2, 3))(x, w, strides, padding)
+    assert y.dtype == jnp.bfloat16
+    # The reference: XLA's float32 convolution of the same (bfloat16-valued) operands; oneDNN
+    # accumulates in float32 and rounds once to bfloat16 (relative 2^-8).
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    close(y.astype(jnp.float32), xla_conv(x32, w32, strides, padding), rtol=1e-2)
+
+    def loss(conv):
+        return lambda a, b: jnp.sum(jnp.sin(conv(a, b, strides, padding).astype(jnp.float32)))
+
+    grads = jax.jit(jax.grad(loss(onednn), (0, 1)))(x, w)
+    expected = jax.grad(loss(xla_conv), (0, 1))(x32, w32)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+        # the incoming gradient is rounded to bfloat16 too: a few bfloat16 steps
+        close(got.astype(jnp.float32), want, rtol=3e-2)
+
+
+def test_bfloat16_stays_with_xla_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(onednn_conv, "bf16_native", lambda: False)
+    x, w = (a.astype(jnp.bfloat16) for a in operands((1, 8, 8, 4), (3, 3), 4))
+    assert FORWARD not in str(jax.make_jaxpr(onednn, static_argnums=(2, 3))(x, w, (1, 1),
+                                                                             "SAME"))
+
+
+def model_outputs(arch: str, impl: str, dtype: str = "float32"):
     cfg = model_config(arch, "calcium", local=True)
     cfg.conv_impl = impl
+    cfg.dtype = dtype
     model = build_model(cfg)
     x = jax.random.normal(jax.random.key(1), (1, 3, 16, 16, 1))
     params = model.init(jax.random.key(0), x)["params"]
@@ -186,3 +224,22 @@ def test_build_failure_is_one_line_and_not_an_error(monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all("dnnl.hpp: missing" in line and "XLA" in line
                                    for line in lines)
+
+
+@needs_bf16
+def test_a_bfloat16_model_runs_its_convolutions_through_onednn():
+    _, logits_ref, grads_ref, _ = model_outputs("unet", "xla", "float32")
+    _, logits_xla, grads_xla, text_xla = model_outputs("unet", "xla", "bfloat16")
+    _, logits_dnn, grads_dnn, text_dnn = model_outputs("unet", "onednn", "bfloat16")
+    assert f"{FORWARD}{onednn_conv.BF16_SUFFIX}" in text_dnn and FORWARD not in text_xla
+
+    def error(a, ref):
+        a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+        return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30))
+
+    # Against the float32 model, oneDNN's bfloat16 is as close as XLA's bfloat16 (both round the
+    # activations to bfloat16 between layers; oneDNN accumulates each convolution in float32).
+    assert error(logits_dnn, logits_ref) <= max(2 * error(logits_xla, logits_ref), 0.02)
+    for a, b, ref in zip(jax.tree.leaves(grads_dnn), jax.tree.leaves(grads_xla),
+                         jax.tree.leaves(grads_ref), strict=True):
+        assert error(a, ref) <= max(2 * error(b, ref), 0.05), (error(a, ref), error(b, ref))

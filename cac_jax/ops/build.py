@@ -52,8 +52,11 @@ def build(verbose: bool = False) -> Path:
         for step in steps:
             proc = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, text=True)
             if proc.returncode:
-                tail = (proc.stdout or "").strip().splitlines()[-20:]
-                raise RuntimeError(f"{' '.join(step[:2])} failed:\n" + "\n".join(tail))
+                lines = (proc.stdout or "").strip().splitlines()
+                # The first compiler/CMake error leads (the notice prints the first line only).
+                first = next((line.strip() for line in lines if "error" in line.lower()), "")
+                raise RuntimeError(f"{' '.join(step[:2])} failed: {first}\n"
+                                   + "\n".join(lines[-20:]))
         BUILD_DIR.mkdir(exist_ok=True)
         target = BUILD_DIR / LIBRARY_NAME
         partial = target.with_suffix(".so.partial")

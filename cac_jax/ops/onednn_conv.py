@@ -1,9 +1,10 @@
-"""2D NHWC float32 convolutions through oneDNN as XLA FFI custom calls (docs/onednn.md).
+"""2D NHWC convolutions through oneDNN as XLA FFI custom calls (docs/onednn.md).
 
 `conv_general_dilated` has `jax.lax.conv_general_dilated`'s signature, so it can be handed to
 `flax.linen.Conv(conv_general_dilated=...)` (parameters, names and initialisation stay flax's).
 It sends the convolutions the extension covers (rank 4, NHWC input, HWIO kernel, float32, no
-dilation, one feature group, non-negative padding) to oneDNN and everything else to XLA.
+dilation, one feature group, non-negative padding; float32, or bfloat16 where the CPU computes
+in bfloat16: `bf16_native()`) to oneDNN and everything else to XLA.
 
 The oneDNN convolution is a `jax.custom_vjp`: forward, input gradient and weight gradient are three
 FFI targets (`cac_jax/ops/csrc/onednn_conv.cc`) registered for the CPU platform. Each call has a
@@ -38,6 +39,10 @@ TARGETS = {
     "cac_onednn_conv_backward_data": "CacOnednnConvBackwardData",
     "cac_onednn_conv_backward_weights": "CacOnednnConvBackwardWeights",
 }
+# The bfloat16 handlers: the same targets with this suffix.
+BF16_SUFFIX = "_bf16"
+TARGETS.update({f"{target}{BF16_SUFFIX}": f"{symbol}Bf16"
+                for target, symbol in list(TARGETS.items())})
 IMPLS = ("xla", "onednn", "auto")
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -49,6 +54,9 @@ def process_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+_BF16_NATIVE: dict[str, bool] = {}
 
 
 @functools.cache
@@ -65,6 +73,7 @@ def load(path: Path = LIBRARY) -> str | None:
                                         platform="cpu")
         lib.cac_onednn_set_num_threads(ctypes.c_int(process_cores()))
         version = int(lib.cac_onednn_version())
+        _BF16_NATIVE[str(path)] = bool(lib.cac_onednn_bf16_native())
     except (OSError, AttributeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"{path}: oneDNN convolutions unavailable ({reason}); using XLA's convolutions "
@@ -76,6 +85,12 @@ def load(path: Path = LIBRARY) -> str | None:
 def available() -> bool:
     """Whether the extension (at `LIBRARY`) is built and loads in this process."""
     return load(LIBRARY) is not None
+
+
+def bf16_native() -> bool:
+    """Whether the extension loads and this CPU computes bfloat16 convolutions natively
+    (AVX512-BF16, AMX or AVX2-VNNI-2); elsewhere bfloat16 convolutions stay with XLA."""
+    return available() and _BF16_NATIVE.get(str(LIBRARY), False)
 
 
 @functools.cache
@@ -104,7 +119,9 @@ def _call(target: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
           strides: tuple[int, int], pads: Pads) -> jax.Array:
     """One unbatched FFI call with the geometry as attributes."""
     (pt, pb), (pl, pr) = pads
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32))(
+    if a.dtype == jnp.bfloat16:
+        target += BF16_SUFFIX
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(out_shape), a.dtype))(
         a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
         pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
         pad_right=np.int64(pr))
@@ -172,7 +189,8 @@ def _backward_weights(x, dy, kernel_hw, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
-    """oneDNN convolution of NHWC float32 `x` with HWIO float32 `w` (cross-correlation, as XLA).
+    """oneDNN convolution of NHWC `x` with HWIO `w`, both float32 or both bfloat16
+    (cross-correlation, as XLA).
 
     strides (sh, sw), pads ((top, bottom), (left, right)), all non-negative; the output shape is
     `lax.conv_general_dilated`'s.
@@ -200,8 +218,9 @@ def _covered(lhs, rhs, window_strides, pads, lhs_dilation, rhs_dilation, dimensi
              feature_group_count) -> bool:
     """Whether oneDNN's path covers this convolution (otherwise XLA runs it)."""
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    return (lhs.ndim == 4 and dims == _NHWC and feature_group_count == 1
-            and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+    dtype_ok = lhs.dtype == rhs.dtype and (
+        lhs.dtype == jnp.float32 or (lhs.dtype == jnp.bfloat16 and bf16_native()))
+    return (lhs.ndim == 4 and dims == _NHWC and feature_group_count == 1 and dtype_ok
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
             and all(p >= 0 for pair in pads for p in pair) and available())

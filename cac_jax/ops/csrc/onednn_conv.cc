@@ -1,5 +1,7 @@
-// XLA FFI handlers running 2D NHWC float32 convolutions through oneDNN on the CPU: the forward
-// pass, the input gradient and the weight gradient (docs/onednn.md).
+// XLA FFI handlers running 2D NHWC convolutions through oneDNN on the CPU: the forward pass, the
+// input gradient and the weight gradient, in float32 and in bfloat16 (docs/onednn.md). The
+// bfloat16 handlers take and return bfloat16 tensors (oneDNN accumulates in float32); the Python
+// side uses them only where `cac_onednn_bf16_native` says the CPU computes in bfloat16.
 //
 // Layouts: activations NHWC (JAX's), kernels HWIO (flax's). oneDNN is asked for the activations in
 // NHWC (no reorder of the large tensors) and picks its own blocked layout for the kernel
@@ -67,11 +69,15 @@ struct ThreadBuffer {
 
 struct Geometry {
   int64_t n, h, w, c, o, kh, kw, oh, ow, sh, sw, pt, pb, pl, pr;
-  auto key() const { return std::make_tuple(n, h, w, c, o, kh, kw, oh, ow, sh, sw, pt, pb, pl, pr); }
-  memory::desc src() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
-  memory::desc dst() const { return memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc); }
-  memory::desc wei_any() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::any); }
-  memory::desc wei_hwio() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::hwio); }
+  dt type = dt::f32;  // of every tensor: activations, kernel and their gradients
+  auto key() const {
+    return std::make_tuple(static_cast<int64_t>(type), n, h, w, c, o, kh, kw, oh, ow, sh, sw, pt,
+                           pb, pl, pr);
+  }
+  memory::desc src() const { return memory::desc({n, c, h, w}, type, tag::nhwc); }
+  memory::desc dst() const { return memory::desc({n, o, oh, ow}, type, tag::nhwc); }
+  memory::desc wei_any() const { return memory::desc({o, c, kh, kw}, type, tag::any); }
+  memory::desc wei_hwio() const { return memory::desc({o, c, kh, kw}, type, tag::hwio); }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
@@ -139,7 +145,7 @@ const Entry& lookup(Kind kind, const Geometry& g) {
   static std::mutex mu;
   static std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                              int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             int64_t>,
+                             int64_t, int64_t>,
                   std::unique_ptr<Entry>>
       cache;
   auto key = std::tuple_cat(std::make_tuple(static_cast<int>(kind)), g.key());
@@ -185,9 +191,16 @@ void run(Kind kind, const Geometry& g, void* act, void* out, void* wei) {
 using Dims = ffi::Buffer<ffi::F32, 4>::Dimensions;
 
 Geometry geometry(Dims act, Dims out, Dims wei, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                  int64_t pl, int64_t pr) {
+                  int64_t pl, int64_t pr, dt type) {
   return Geometry{act[0], act[1], act[2], act[3], wei[3], wei[0], wei[1], out[1], out[2],
-                  sh, sw, pt, pb, pl, pr};
+                  sh, sw, pt, pb, pl, pr, type};
+}
+
+// oneDNN's data type for an XLA FFI element type (the two this extension handles).
+template <ffi::DataType T>
+constexpr dt onednn_type() {
+  static_assert(T == ffi::F32 || T == ffi::BF16, "float32 or bfloat16 only");
+  return T == ffi::F32 ? dt::f32 : dt::bf16;
 }
 
 ffi::Error checked(Kind kind, const Geometry& g, void* act, void* out, void* wei) {
@@ -200,25 +213,39 @@ ffi::Error checked(Kind kind, const Geometry& g, void* act, void* out, void* wei
   return ffi::Error::Success();
 }
 
-using F32 = ffi::Buffer<ffi::F32, 4>;
-using F32Out = ffi::ResultBuffer<ffi::F32, 4>;
+template <ffi::DataType T>
+using In = ffi::Buffer<T, 4>;
+template <ffi::DataType T>
+using Out = ffi::ResultBuffer<T, 4>;
 
-ffi::Error Forward(F32 x, F32 w, F32Out y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+template <ffi::DataType T>
+ffi::Error Forward(In<T> x, In<T> w, Out<T> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                    int64_t pl, int64_t pr) {
-  Geometry g = geometry(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr);
-  return checked(Kind::kForward, g, x.typed_data(), y->typed_data(), w.typed_data());
+  Geometry g = geometry(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr,
+                        onednn_type<T>());
+  return checked(Kind::kForward, g, x.untyped_data(), y->untyped_data(), w.untyped_data());
 }
 
-ffi::Error BackwardData(F32 dy, F32 w, F32Out dx, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                        int64_t pl, int64_t pr) {
-  Geometry g = geometry(dx->dimensions(), dy.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr);
-  return checked(Kind::kBackwardData, g, dx->typed_data(), dy.typed_data(), w.typed_data());
+template <ffi::DataType T>
+ffi::Error BackwardData(In<T> dy, In<T> w, Out<T> dx, int64_t sh, int64_t sw, int64_t pt,
+                        int64_t pb, int64_t pl, int64_t pr) {
+  Geometry g = geometry(dx->dimensions(), dy.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr,
+                        onednn_type<T>());
+  return checked(Kind::kBackwardData, g, dx->untyped_data(), dy.untyped_data(), w.untyped_data());
 }
 
-ffi::Error BackwardWeights(F32 x, F32 dy, F32Out dw, int64_t sh, int64_t sw, int64_t pt,
+template <ffi::DataType T>
+ffi::Error BackwardWeights(In<T> x, In<T> dy, Out<T> dw, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr) {
-  Geometry g = geometry(x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr);
-  return checked(Kind::kBackwardWeights, g, x.typed_data(), dy.typed_data(), dw->typed_data());
+  Geometry g = geometry(x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr,
+                        onednn_type<T>());
+  return checked(Kind::kBackwardWeights, g, x.untyped_data(), dy.untyped_data(),
+                 dw->untyped_data());
+}
+
+template <ffi::DataType T>
+auto binding() {
+  return ffi::Ffi::Bind().template Arg<In<T>>().template Arg<In<T>>().template Ret<In<T>>();
 }
 
 template <typename B>
@@ -233,16 +260,40 @@ auto with_attrs(B binding) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvForward, Forward,
-                              with_attrs(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvBackwardData, BackwardData,
-                              with_attrs(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvBackwardWeights, BackwardWeights,
-                              with_attrs(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvForward, Forward<ffi::F32>,
+                              with_attrs(binding<ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvBackwardData, BackwardData<ffi::F32>,
+                              with_attrs(binding<ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvBackwardWeights, BackwardWeights<ffi::F32>,
+                              with_attrs(binding<ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvForwardBf16, Forward<ffi::BF16>,
+                              with_attrs(binding<ffi::BF16>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvBackwardDataBf16, BackwardData<ffi::BF16>,
+                              with_attrs(binding<ffi::BF16>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacOnednnConvBackwardWeightsBf16, BackwardWeights<ffi::BF16>,
+                              with_attrs(binding<ffi::BF16>()));
 
 extern "C" {
 // Sets oneDNN's OpenMP team size for every later call (from any thread); 0 keeps the default.
 void cac_onednn_set_num_threads(int n) { g_num_threads.store(n, std::memory_order_relaxed); }
+// 1 where oneDNN computes bfloat16 convolutions with the CPU's own bfloat16 instructions
+// (AVX512-BF16, AMX or AVX2-VNNI-2) and builds the three primitives for one; 0 otherwise (older
+// CPUs would emulate bfloat16, slower than float32: the Python side keeps XLA there).
+int cac_onednn_bf16_native() {
+  const int isa = static_cast<int>(dnnl::get_effective_cpu_isa());
+  const bool native = (isa & dnnl_cpu_isa_avx512_core_bf16) == dnnl_cpu_isa_avx512_core_bf16 ||
+                      (isa & dnnl_cpu_isa_avx2_vnni_2) == dnnl_cpu_isa_avx2_vnni_2;
+  if (!native) return 0;
+  try {
+    Geometry g{1, 4, 4, 8, 8, 3, 3, 4, 4, 1, 1, 1, 1, 1, 1, dt::bf16};
+    build(Kind::kForward, g);
+    build(Kind::kBackwardData, g);
+    build(Kind::kBackwardWeights, g);
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+  return 1;
+}
 // oneDNN's version as major * 10000 + minor * 100 + patch (reported by the Python side).
 int cac_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
