@@ -109,6 +109,13 @@ class DemoSettings:
     # (`train.anneal_fraction`): fewer false coronary voxels at the end of a short run
     # (docs/training_notes.md).
     anneal_fraction: float = 0.5
+    # Where the calcium models see the scan (docs/heart_frame.md): "slice" (whole slices, the
+    # paper's set-up: the demo's default) or "heart" (a window around the heart resampled to
+    # `frame_spacing_mm`, `frame_size` px, trained on half-size crops: the same pixels per sample
+    # as the slice crops at the default sizes, so the same steps fit in the time box).
+    calcium_frame: str = "slice"
+    frame_spacing_mm: float = 1.5
+    frame_size: int = 128
     # The configs' tiny `:local` widths (tests); the demo itself trains the full models.
     local_models: bool = False
     # `--quick`: a check of the path, not of the models (the report says so).
@@ -220,24 +227,35 @@ def build_dataset(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
                         stage="ingest"))
 
 
+def train_overrides(data_dir: Path, s: DemoSettings, task: str) -> dict:
+    """The `cac-jax train --config.KEY=VALUE` settings of the demo's `task` ("heart" or
+    "calcium") model on the dataset in `data_dir` (also used by benchmarks/bench_train_throughput.py)."""
+    heart = task == "heart"
+    return {"data.data_dir": str(data_dir), "data.name": "cac_ct",
+            "data.image_size": s.image_size,
+            "train.steps": s.heart_steps if heart else s.calcium_steps,
+            "train.batch_size": s.batch_size if heart else s.calcium_batch_size,
+            "train.eval_every": s.eval_every,
+            "train.checkpoint_every": s.eval_every, "train.log_every": 10,
+            "train.max_seconds": s.heart_seconds if heart else s.calcium_seconds,
+            "train.anneal_fraction": s.anneal_fraction, "seed": s.seed,
+            **({} if heart or s.calcium_frame == "slice" else {
+                "data.calcium_frame": "heart", "data.frame_spacing_mm": s.frame_spacing_mm,
+                "data.frame_size": s.frame_size, "data.crop_size": s.frame_size // 2,
+                "data.frame_jitter_mm": 10.0})}
+
+
 def train_models(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
     _say(f"[3/7] training heart and calcium models, ConvLSTM-attention (half width) and "
          f"width-matched UNet "
          f"(time boxes {s.heart_seconds:.0f} s heart / {s.calcium_seconds:.0f} s calcium, batch "
-         f"{s.batch_size} whole slices / {s.calcium_batch_size} half-size crops, "
+         f"{s.batch_size} whole slices / {s.calcium_batch_size} half-size crops "
+         f"{'of whole slices' if s.calcium_frame == 'slice' else 'of the heart window'}, "
          f"{s.image_size} px)")
     tasks = []
     for (task, arch), config in TRAINED.items():
         workdir = out / "models" / f"{task}_{arch}"
-        steps = s.heart_steps if task == "heart" else s.calcium_steps
-        seconds_box = s.heart_seconds if task == "heart" else s.calcium_seconds
-        overrides = {"data.data_dir": str(out / "tfds"), "data.name": "cac_ct",
-                     "data.image_size": s.image_size, "train.steps": steps,
-                     "train.batch_size": s.batch_size if task == "heart" else s.calcium_batch_size,
-                     "train.eval_every": s.eval_every,
-                     "train.checkpoint_every": s.eval_every, "train.log_every": 10,
-                     "train.max_seconds": seconds_box,
-                     "train.anneal_fraction": s.anneal_fraction, "seed": s.seed}
+        overrides = train_overrides(out / "tfds", s, task)
         if s.local_models:
             config = f"{config}:local"
         wanted = {"config": config, "overrides": overrides, "defaults": _config_defaults(config),
@@ -556,7 +574,10 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
              f"trained on): {s.site2_patients} patients. Models trained at {s.image_size} px, "
              f"time-boxed: heart {s.heart_seconds:.0f} s (batch {s.batch_size}, whole slices), "
              f"calcium {s.calcium_seconds:.0f} s (batch {s.calcium_batch_size}, "
-             f"{s.image_size // 2} px crops); steps reached are under Training. "
+             + (f"{s.image_size // 2} px crops of whole slices" if s.calcium_frame == "slice"
+                else f"{s.frame_size // 2} px crops of a {s.frame_size} px window around the "
+                f"heart at {s.frame_spacing_mm:g} mm")
+             + "); steps reached are under Training. "
              + (f"{s.train_jobs} models trained at a time (sharing the cores: fewer steps "
                 "each). " if s.train_jobs > 1 else "")
              + ("The ConvLSTM runs at half the configs' widths (a quarter of the FLOPs) and the "
@@ -709,6 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calcium-steps", type=int, help="training steps of the calcium models")
     parser.add_argument("--seed", type=int, help="cohort, split and training seed")
     parser.add_argument("--workers", type=int, help="processes for the cohort generator")
+    parser.add_argument("--calcium-frame", choices=("slice", "heart"),
+                        help="calcium models on whole slices (default) or on a window around "
+                             "the heart (docs/heart_frame.md)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("out", "quick") and v is not None}

@@ -187,3 +187,18 @@ def test_a_key_added_at_its_neutral_value_keeps_old_stamps(tmp_path):
     changed = json.loads(json.dumps(wanted))
     changed["defaults"]["train"]["focal_gamma"] = 3.0
     assert not stamps.same("train_x", changed)
+
+
+def test_the_demo_calcium_frame_setting_reaches_only_the_calcium_training(tmp_path):
+    slice_ = demo.DemoSettings.full()
+    heart = demo.DemoSettings.full(calcium_frame="heart")
+    assert "data.calcium_frame" not in demo.train_overrides(tmp_path, slice_, "calcium")
+    assert "data.calcium_frame" not in demo.train_overrides(tmp_path, heart, "heart")
+    framed = demo.train_overrides(tmp_path, heart, "calcium")
+    assert framed["data.calcium_frame"] == "heart"
+    assert framed["data.frame_spacing_mm"] == heart.frame_spacing_mm
+    # Half-size crops of the window: the same pixels per sample as the slice model's crops.
+    assert framed["data.crop_size"] == heart.frame_size // 2 == slice_.image_size // 2
+    same = {k: v for k, v in framed.items() if not k.startswith(("data.calcium_frame",
+                                                                  "data.frame_", "data.crop"))}
+    assert same == demo.train_overrides(tmp_path, slice_, "calcium")
