@@ -3,6 +3,7 @@
     python benchmarks/bench_layers.py                  # 512 px, a 4-slice sample (batch 4), 3 models
     python benchmarks/bench_layers.py --models convlstm --size 256 --batch 2
     python benchmarks/bench_layers.py --quick          # 64 px, tiny models, 1 round: checks the script
+    python benchmarks/bench_layers.py --backward --size 256   # also both gradients of each convolution
 
 For each model (the configs `cac-jax bench` uses, float32, untrained weights): the convolutions of
 the forward pass are read from its jaxpr at the sample's shape (every `conv_general_dilated`; one
@@ -19,6 +20,12 @@ convolution (normalisation, activations, concatenations, upsampling and pooling,
 heads) is the whole minus the convolutions' sum. Timing rounds are interleaved (JAX, PyTorch,
 JAX, ...) and medians reported, with a float32 matmul peak measured in the same run, so the ratios
 hold on a machine whose speed varies.
+
+With `--backward`, each convolution's two gradients are timed too: the input gradient and the
+weight gradient of JAX calling oneDNN through XLA FFI (`cac_jax.ops.onednn_conv`, what training
+runs) against PyTorch's (`torch.nn.grad.conv2d_input` / `conv2d_weight` on `channels_last`
+tensors: the kernels its autograd calls), interleaved, with a table per model ("which backward
+kernel is slower"). Needs the extension.
 
 Writes benchmarks/results/bench_layers.json and .md (atomically; `--out DIR` to write elsewhere).
 Needs the `torch` extra (`pip install -e .[torch]`).
@@ -98,9 +105,10 @@ def _seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def time_convolution(key, rounds: int, seed: int = 0) -> dict:
+def time_convolution(key, rounds: int, seed: int = 0, backward: bool = False) -> dict:
     """JAX and PyTorch channels_last time of one convolution, interleaved rounds; with the oneDNN
-    extension built, also JAX calling oneDNN through XLA FFI (`onednn_s`)."""
+    extension built, also JAX calling oneDNN through XLA FFI (`onednn_s`); with `backward`, the
+    input and weight gradients through oneDNN (FFI) and PyTorch (`*_dx_s`, `*_dw_s`)."""
     import jax
     import torch
     import torch.nn.functional as F
@@ -140,7 +148,48 @@ def time_convolution(key, rounds: int, seed: int = 0) -> dict:
     out = {"jax_s": float(np.median(jax_t)), "torch_s": float(np.median(torch_t))}
     if dnn_t:
         out["onednn_s"] = float(np.median(dnn_t))
+    if backward:
+        out.update(time_gradients(key, x, k, np.asarray(y), rounds, xt, wt, pad))
     return out
+
+
+def time_gradients(key, x, k, y, rounds: int, xt, wt, pad) -> dict:
+    """Input and weight gradient of one convolution: oneDNN through XLA FFI vs PyTorch's
+    (`torch.nn.grad`, channels_last), interleaved rounds (seconds, medians)."""
+    import jax
+    import torch
+    from torch.nn import grad as torch_grad
+
+    from cac_jax.ops import onednn_conv
+
+    if not onednn_conv.available():
+        raise ValueError("--backward needs the oneDNN extension (python -m cac_jax.ops.build)")
+    (_, h, w, _), (kh, kw, _, _), strides, padding, _, rhs_dil = key
+    if rhs_dil != (1, 1):
+        raise ValueError(f"dilated convolution: no oneDNN gradient to time: {key}")
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    dy = np.random.default_rng(1).standard_normal(y.shape, np.float32)
+    dx_fn = jax.jit(lambda dy, k: onednn_conv._backward_data(dy, k, (h, w), strides, pads))
+    dw_fn = jax.jit(lambda x, dy: onednn_conv._backward_weights(x, dy, (kh, kw), strides, pads))
+    xj, kj, dyj = jax.device_put(x), jax.device_put(k), jax.device_put(dy)
+    jax.block_until_ready(dx_fn(dyj, kj))
+    jax.block_until_ready(dw_fn(xj, dyj))
+    dyt = torch.from_numpy(dy).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    def torch_dx():
+        return torch_grad.conv2d_input(xt.shape, wt, dyt, strides, pad, rhs_dil)
+
+    def torch_dw():
+        return torch_grad.conv2d_weight(xt, wt.shape, dyt, strides, pad, rhs_dil)
+
+    torch_dx(), torch_dw()  # warm-up (and a shape check: raises on a mismatch)
+    times = {"onednn_dx_s": [], "torch_dx_s": [], "onednn_dw_s": [], "torch_dw_s": []}
+    for _ in range(rounds):
+        times["onednn_dx_s"].append(_seconds(lambda: jax.block_until_ready(dx_fn(dyj, kj))))
+        times["torch_dx_s"].append(_seconds(torch_dx))
+        times["onednn_dw_s"].append(_seconds(lambda: jax.block_until_ready(dw_fn(xj, dyj))))
+        times["torch_dw_s"].append(_seconds(torch_dw))
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def run(args) -> dict:
@@ -156,7 +205,7 @@ def run(args) -> dict:
     x = rng.random((args.batch, 3, args.size, args.size, 1), np.float32)
     peaks = [matmul_peak_gflops()]
     res = {"machine": machine_info(("jax", "torch")), "size": args.size, "batch": args.batch,
-           "rounds": args.rounds, "local": args.local, "models": {}}
+           "rounds": args.rounds, "local": args.local, "backward": args.backward, "models": {}}
     for name in args.models:
         jm = JaxModel(name, settings)
         tm = TorchModel(jm, "torch_channels_last", settings)
@@ -169,7 +218,7 @@ def run(args) -> dict:
         convs = model_convolutions(closed.jaxpr)
         rows = []
         for key, count in sorted(convs.items(), key=lambda kv: -conv_flops(kv[0]) * kv[1]):
-            t = time_convolution(key, args.rounds)
+            t = time_convolution(key, args.rounds, backward=args.backward)
             gflop = conv_flops(key) / 1e9
             rows.append({
                 "input_nhwc": list(key[0]), "kernel_hwio": list(key[1]), "strides": list(key[2]),
@@ -180,6 +229,8 @@ def run(args) -> dict:
                 **({"onednn_s": t["onednn_s"], "onednn_gflops": gflop / t["onednn_s"],
                     "onednn_over_torch_time": t["onednn_s"] / t["torch_s"]}
                    if "onednn_s" in t else {}),
+                **{name: t[name] for name in ("onednn_dx_s", "torch_dx_s", "onednn_dw_s",
+                                              "torch_dw_s") if name in t},
             })
             print(f"{name} {key[0]} -> {key[1][3]} stride {key[2][0]} x{count}: JAX "
                   f"{t['jax_s'] * 1e3:.1f} ms, PyTorch {t['torch_s'] * 1e3:.1f} ms", flush=True)
@@ -246,6 +297,24 @@ def markdown(res: dict) -> str:
                 + (f" {c['onednn_s'] * 1e3:.1f} | {c['onednn_over_torch_time']:.2f} |"
                    if dnn else ""))
         lines.append("")
+        grads = [c for c in r["convolutions"] if "onednn_dx_s" in c]
+        if grads:
+            lines += [f"### {name}: gradients, oneDNN through XLA FFI vs PyTorch (channels_last)",
+                      "", "| input (N, H, W, C) | out C | stride | count | input grad FFI ms | "
+                      "PyTorch ms | FFI / PyTorch | weight grad FFI ms | PyTorch ms | "
+                      "FFI / PyTorch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for c in grads:
+                lines.append(
+                    f"| {tuple(c['input_nhwc'])} | {c['kernel_hwio'][3]} | {c['strides'][0]} | "
+                    f"{c['count']} | {c['onednn_dx_s'] * 1e3:.1f} | {c['torch_dx_s'] * 1e3:.1f} | "
+                    f"{c['onednn_dx_s'] / c['torch_dx_s']:.2f} | {c['onednn_dw_s'] * 1e3:.1f} | "
+                    f"{c['torch_dw_s'] * 1e3:.1f} | {c['onednn_dw_s'] / c['torch_dw_s']:.2f} |")
+            total = {n: sum(c[n] * c["count"] for c in grads)
+                     for n in ("onednn_dx_s", "torch_dx_s", "onednn_dw_s", "torch_dw_s")}
+            lines += ["", f"All gradients, weighted by count: input gradient "
+                      f"{total['onednn_dx_s']:.3f} s (FFI) vs {total['torch_dx_s']:.3f} s "
+                      f"(PyTorch), weight gradient {total['onednn_dw_s']:.3f} s vs "
+                      f"{total['torch_dw_s']:.3f} s.", ""]
     return "\n".join(lines)
 
 
@@ -258,6 +327,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local", action="store_true", help="the tiny :local model variants")
     parser.add_argument("--quick", action="store_true", help="64 px, tiny models, batch 2, 1 round")
+    parser.add_argument("--backward", action="store_true",
+                        help="also time each convolution's input and weight gradients (oneDNN FFI "
+                             "vs PyTorch)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:

@@ -99,6 +99,25 @@ def test_bench_layers_quick_end_to_end(tmp_path):
     assert "| unet_matched |" in md and "## unet_matched" in md
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs the torch extra")
+def test_bench_layers_backward_times_both_gradients(tmp_path):
+    from cac_jax.ops import onednn_conv
+
+    if not onednn_conv.available():
+        pytest.skip("needs the oneDNN extension")
+    script = _script()
+    assert script.main(["--quick", "--backward", "--models", "unet_matched",
+                        "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_layers.json").read_text())
+    assert res["backward"] is True
+    rows = res["models"]["unet_matched"]["convolutions"]
+    keys = ("onednn_dx_s", "torch_dx_s", "onednn_dw_s", "torch_dw_s")
+    assert rows and all(row[k] > 0 for row in rows for k in keys)
+    md = (tmp_path / "bench_layers.md").read_text()
+    assert "### unet_matched: gradients" in md
+    assert md.count("| (") == 2 * len(rows)  # each convolution: a forward and a gradient row
+
+
 def test_bench_layer_rewrites_quick_end_to_end(tmp_path):
     # flax's layers against ours, alone and in a whole model; the script itself refuses a model
     # program where flax's layers were not swapped in (fewer convolutions than ours).
