@@ -16,7 +16,7 @@ the box (outside the measured time), and reports:
 - `startup_s` (JSON only): `elapsed_s` of the first log row minus its steps at the steady rate
   (about 0: the time box starts after the model is built and compiled).
 The study's trainings stop by early stopping, not a time box, so for them the gain is reported as
-the time of the steps their reference runs took (`--study-steps`) at each rate.
+the time of the steps their reference runs took (`STUDY_STEPS`) at each rate.
 Writes bench_train_throughput.json and .md under --out (benchmarks/results/bench_train_throughput
 by default), with the machine and the matmul peak measured in the same run.
 """
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import sys
 import time
@@ -189,20 +188,11 @@ def main(argv=None) -> int:
     if not runs or not runs <= {"demo", "study"}:
         p.error(f"--runs must name demo and/or study, got {args.runs!r}")
 
-    import jax
+    from cac_jax.benchmark import machine_info, matmul_peak_gflops
 
-    from cac_jax.benchmark import matmul_peak_gflops
-
-    machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "jax": jax.__version__, "peak_before": matmul_peak_gflops(),
-               "load_before": os.getloadavg()[0]}
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle
-                     if line.startswith("model name")]
-        machine["cpu"] = names[0] if names else machine["cpu"]
-    except OSError:
-        pass
+    info = machine_info(("jax",))
+    machine = {"cpu": info["cpu_model"], "cpus": info["logical_cores"], "jax": info["jax"],
+               "peak_before": matmul_peak_gflops(), "load_before": os.getloadavg()[0]}
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     if "demo" in runs:
