@@ -137,18 +137,25 @@ def _finished(workdir: Path) -> bool:
     return not (summary.get("preempted") or summary.get("timed_out"))
 
 
+def training_stamp(out: Path, config, name: str) -> tuple[str, list[str], dict]:
+    """(config file, `--config.` overrides, the stamp) of training `name` in study folder `out`:
+    a finished workdir is reused only while its stamp equals this one."""
+    spec = config.trainings[name]
+    overrides = [f"data.data_dir={out / 'tfds'}", "data.name=cac_ct",
+                 f"seed={config.seed}", *spec.overrides]
+    config_path, relative = _config_file(spec.config)
+    wanted = {"config": relative, "overrides": overrides,
+              "defaults": stage_stamps._config_defaults(relative.partition(":")[0]),
+              "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
+    return config_path, overrides, wanted
+
+
 def train_models(out: Path, config, stamps, only: set[str] | None = None) -> None:
     names = [n for n in config.trainings if only is None or n in only]
     _say(f"[3/8] training {', '.join(names)} (to convergence: early stopping on validation)")
     for name in names:
-        spec = config.trainings[name]
         workdir = out / "models" / name
-        overrides = [f"data.data_dir={out / 'tfds'}", "data.name=cac_ct",
-                     f"seed={config.seed}", *spec.overrides]
-        config_path, relative = _config_file(spec.config)
-        wanted = {"config": relative, "overrides": overrides,
-                  "defaults": stage_stamps._config_defaults(relative.partition(":")[0]),
-                  "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
+        config_path, overrides, wanted = training_stamp(out, config, name)
         same = stamps.same(f"train_{name}", wanted)
         if not same and workdir.exists():
             shutil.rmtree(workdir)  # trained with other settings: start again

@@ -177,6 +177,10 @@ def test_the_cpu_study_matches_the_unets_to_its_half_width_convlstm():
         parsed_configs[name] = parsed
     assert parsed_configs["calcium_unet"].model.unet.base_width == 12
     assert parsed_configs["heart_unet"].model.unet.base_width == 12
+    # Both calcium models train with the same loss (the UNet configs' own default differs).
+    assert tuple(parsed_configs["calcium_unet"].train.focal_alpha) == (0.1, 1.0, 0.5)
+    assert (tuple(parsed_configs["calcium_unet"].train.focal_alpha)
+            == tuple(parsed_configs["calcium_convlstm"].train.focal_alpha))
 
 
 def test_summary_and_report_carry_each_named_ablation(tmp_path):
