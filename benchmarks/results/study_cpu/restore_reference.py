@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from cac_jax import stages, study
-from cac_jax.config_defaults import load_config_file
+from cac_jax.config_defaults import ADDED_KEYS, load_config_file
 from cac_jax.main import parse_flags
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -29,8 +29,19 @@ RECORD = Path(__file__).resolve().parent
 
 
 def _comparable(config: dict) -> dict:
+    """The settings a user chose: without the dataset folder, the fields training derives
+    (`data.per_device_batch` from the batch and the devices, `data.seed` from `seed`), and keys
+    added since at their neutral value (config_defaults.ADDED_KEYS)."""
     config = json.loads(json.dumps(config))
-    config["data"].pop("data_dir", None)
+    for key in ("data_dir", "per_device_batch", "seed"):
+        config["data"].pop(key, None)
+    for dotted, neutral in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        block = config
+        for part in parents:
+            block = block.get(part, {})
+        if block.get(leaf, neutral) == neutral:
+            block.pop(leaf, None)
     return config
 
 
