@@ -102,7 +102,7 @@ def get_base_config(task: str, arch: str, local: bool = False) -> ml_collections
 ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0,
               "data.augment.noise_std_max": 0.0, "data.augment.blur_sigma": 0.0,
               "data.augment.sharpen": 0.0, "data.augment.sharpen_sigma": 1.0,
-              "data.augment.kvp_contrast": 0.0}
+              "data.augment.kvp_contrast": 0.0, "data.eval_slices": "all"}
 
 
 def train_config(task: str, arch: str, local: bool = False) -> ml_collections.ConfigDict:

@@ -64,6 +64,7 @@ from cac_jax.steps import (  # noqa: F401  (loss_weight: re-exported for tests a
 from cac_jax.validation import _reference_heart_masks, _train_pixel_spacing, evaluate
 from data_pipeline import frames as frames_lib
 from data_pipeline.errors import InputError
+from data_pipeline.records import EVAL_SLICES
 
 AXIS = dist.AXIS  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
 # Keys a resumed run may change: the length of the run and how it is shown.
@@ -123,6 +124,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         frames_lib.check_frame_config(config.data)
     except ValueError as err:
         raise ConfigError(None, str(err)) from None
+    eval_slices = str(config.data.get("eval_slices", "all"))
+    if eval_slices not in EVAL_SLICES or (eval_slices == "heart" and task != "calcium"):
+        raise ConfigError(None, f"config.data.eval_slices={eval_slices!r}: expected 'all', or "
+                                f"'heart' for the calcium task (the heart model runs on every "
+                                f"slice)")
     frame_key = "frame_size" if frames_lib.uses_heart_frame(config) else "image_size"
     crop, size = int(config.data.get("crop_size", 0) or 0), int(config.data[frame_key])
     if crop < 0 or crop >= size:

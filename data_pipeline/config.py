@@ -56,6 +56,12 @@ def data_config(task: str = "calcium", local: bool = False) -> ml_collections.Co
     c.frame_jitter_mm = 10.0
     c.per_device_batch = 2 if local else 8
     c.eval_per_device_batch = 2 if local else 8
+    # Which slices validation runs the model on (records.eval_slice_mask): "all", or "heart" (the
+    # calcium task only): the slices within 3 mm of the reference heart, the only slices where
+    # the scorer counts calcium and those inference runs the calcium model on, so the validation
+    # categories are the same and the pass about half as long; the validation loss and Dice are
+    # then those of these slices. Scans without a heart mask keep every slice.
+    c.eval_slices = "all"
 
     # Majority-class subset sampling (paper): each epoch keeps this fraction of "positive" slices
     # (calcium task: any annotated calcium; heart task: any heart) and re-draws this fraction of

@@ -78,6 +78,7 @@ from data_pipeline.records import (  # noqa: F401  (re-exported: tests and cac_j
     _data_config,
     _host_slice_counts,
     _host_split,
+    eval_slice_mask,
     _read_meta,
     _Records,
     _target_keys,
@@ -344,11 +345,11 @@ def _scanner(tf, image, aug, key):
     return image, tf.constant(std) + v[3] * (top - std)
 
 
-def _eval_frame_sample(tf, store: _Source, data, num_real: int, i):
-    """Slice i of the host's scans in order, in its heart frame (the numpy resampling that
-    inference uses, `data_pipeline.frames`); padding marked."""
+def _eval_frame_sample(tf, store: _Source, data, order, num_real: int, i):
+    """Validated slice i of the host's scans in order (`order`: their store indices), in its heart
+    frame (the numpy resampling that inference uses, `data_pipeline.frames`); padding marked."""
     valid = i < num_real
-    k = tf.minimum(i, num_real - 1)
+    k = tf.gather(order, tf.minimum(i, num_real - 1))
     scan = tf.gather(store.slice_scan, k)
     z = tf.gather(store.slice_z, k)
     size = int(data.frame_size)
@@ -364,10 +365,11 @@ def _eval_frame_sample(tf, store: _Source, data, num_real: int, i):
             "scan_id": tf.gather(store.scan_ids, scan)}
 
 
-def _eval_sample(tf, store: _Source, size: int, num_real: int, i):
-    """Slice i of the host's scans in order, at the top-left of the frame; padding marked."""
+def _eval_sample(tf, store: _Source, size: int, order, num_real: int, i):
+    """Validated slice i of the host's scans in order (`order`: their store indices), at the
+    top-left of the frame; padding marked."""
     valid = i < num_real
-    k = tf.minimum(i, num_real - 1)
+    k = tf.gather(order, tf.minimum(i, num_real - 1))
     hu, target, scan, z, _ = store.window(k, tf.gather(store.slice_scan, k))
     h, w = tf.shape(target)[0], tf.shape(target)[1]
     pad = [[0, size - h], [0, size - w]]  # top-left placement: no resampling
@@ -581,17 +583,24 @@ def make_dataset(config, split: str, *, process_index: int = 0, process_count: i
         if too_big and not heart:
             raise InputError(dataset_path(data), f"scan(s) {', '.join(too_big)} larger than "
                                                  f"image_size {size}; raise config.data.image_size")
-        num_real = store.num_slices
+        # The slices validated (data.eval_slices), as store indices in scan order.
+        eval_slices = str(data.get("eval_slices", "all"))
+        keep = [eval_slice_mask(s, eval_slices) for s in scans]
+        order_np = (np.flatnonzero(np.concatenate(keep)) if keep
+                    else np.zeros(0, np.int64)).astype(np.int64)
+        order = tf.constant(order_np)
+        num_real = int(order_np.size)
         counts = ([num_real] if process_count == 1
-                  else _host_slice_counts(builder, split, data.task, process_count))
+                  else _host_slice_counts(builder, split, data.task, process_count,
+                                          eval_slices, neighbour_mm))
         steps = max(math.ceil(c / host_batch) for c in counts)
         samples = num_real
         ds = tf.data.Dataset.range(steps * host_batch)
         if num_real and heart:
-            ds = ds.map(_plain(lambda i: _eval_frame_sample(tf, store, data, num_real, i)),
+            ds = ds.map(_plain(lambda i: _eval_frame_sample(tf, store, data, order, num_real, i)),
                         num_parallel_calls=tf.data.AUTOTUNE)
         elif num_real:
-            ds = ds.map(_plain(lambda i: _eval_sample(tf, store, size, num_real, i)),
+            ds = ds.map(_plain(lambda i: _eval_sample(tf, store, size, order, num_real, i)),
                         num_parallel_calls=tf.data.AUTOTUNE)
         else:  # this host's shard is empty but others are not: padding batches only
             ds = ds.map(_plain(lambda i: _padding_sample(tf, size)))

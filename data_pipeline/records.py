@@ -64,6 +64,8 @@ class ScanInfo:
     num_positive_slices: int
     # Slices between the centre and each neighbour: labels.neighbour_offset(dz, neighbour_mm).
     neighbour_offset: int = 1
+    # Calcium task: the slices holding the reference heart (None: the scan has no heart mask).
+    heart_slices: tuple[int, ...] | None = None
 
 
 
@@ -229,6 +231,13 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
               else records.read(index, (*_META_KEYS, flag_key, has_key)))
         if not ex[has_key]:
             continue
+        heart_slices = None
+        if task == "calcium":
+            heart = (_indexed_meta(entry, "heart", "heart_slice", "has_heart_mask")
+                     if entry is not None else records.read(index, ("heart_slice",
+                                                                    "has_heart_mask")))
+            if heart["has_heart_mask"]:
+                heart_slices = tuple(int(z) for z in np.flatnonzero(heart["heart_slice"]))
         agatston = float(ex["agatston"])
         spacing = tuple(float(v) for v in ex["spacing_zyx_mm"])
         scans.append(ScanInfo(
@@ -238,7 +247,8 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
             agatston=None if math.isnan(agatston) else agatston,
             category=None if int(ex["category"]) < 0 else int(ex["category"]),
             num_positive_slices=int(ex[flag_key].sum()),
-            neighbour_offset=labels_lib.neighbour_offset(spacing[0], neighbour_mm)))
+            neighbour_offset=labels_lib.neighbour_offset(spacing[0], neighbour_mm),
+            heart_slices=heart_slices))
         record_index.append(index)
         flags.append(np.asarray(ex[flag_key], bool))
     return scans, record_index, flags
@@ -261,8 +271,46 @@ def _text(value) -> str:
 
 
 
-def _host_slice_counts(builder, split: str, task: str, process_count: int) -> list[int]:
-    """Slices with the task's targets on each host's shard (for equal evaluation steps)."""
+# Validation with `eval_slices="heart"` keeps the slices within this distance of the reference
+# heart: the heart silhouette inference scores inside is the heart dilated by
+# cac_jax.postprocess.DEFAULT_HEART_DILATION_MM (the same value; tests/test_validation.py).
+HEART_REACH_MM = 3.0
+EVAL_SLICES = ("all", "heart")
+
+
+def eval_slice_mask(info: ScanInfo, eval_slices: str = "all") -> np.ndarray:
+    """Which slices of a scan validation runs the model on (bool per slice).
+
+    "all": every slice. "heart": the slices within HEART_REACH_MM of a slice holding the reference
+    heart, which contain every slice the dilated heart silhouette reaches: the only slices where
+    the scorer counts calcium, and the slices inference runs the calcium model on (with its
+    predicted heart). A scan without a heart mask keeps every slice.
+    """
+    if eval_slices not in EVAL_SLICES:
+        raise ValueError(f"config.data.eval_slices must be one of {', '.join(EVAL_SLICES)}, "
+                         f"got {eval_slices!r}")
+    num = int(info.shape_zyx[0])
+    if eval_slices == "all" or info.heart_slices is None:
+        return np.ones(num, bool)
+    mask = np.zeros(num, bool)
+    mask[list(info.heart_slices)] = True
+    reach = int(math.ceil(HEART_REACH_MM / float(info.spacing_zyx_mm[0])))
+    if reach and mask.any():
+        z = np.flatnonzero(mask)
+        lo = np.clip(z - reach, 0, num - 1)
+        hi = np.clip(z + reach, 0, num - 1)
+        # Mark [lo, hi] of every heart slice: +1 at lo, -1 after hi, cumulative sum.
+        edges = np.zeros(num + 1, np.int64)
+        np.add.at(edges, lo, 1)
+        np.add.at(edges, hi + 1, -1)
+        mask = np.cumsum(edges[:-1]) > 0
+    return mask
+
+
+def _host_slice_counts(builder, split: str, task: str, process_count: int,
+                       eval_slices: str = "all", neighbour_mm: float = 3.0) -> list[int]:
+    """Slices validated on each host's shard (for equal evaluation steps): those of the scans
+    with the task's targets that `eval_slice_mask` keeps."""
     import tensorflow_datasets as tfds
 
     from data_pipeline.scan_index import read_scan_index, split_entries
@@ -275,6 +323,10 @@ def _host_slice_counts(builder, split: str, task: str, process_count: int) -> li
         host_split = _host_split(builder, split, process, process_count)
         if _num_examples(builder, host_split) == 0:
             counts.append(0)
+            continue
+        if eval_slices != "all":  # per-slice selection: the scans' metadata
+            scans, _, _ = _read_meta(_Records(builder, host_split, index), task, neighbour_mm)
+            counts.append(sum(int(eval_slice_mask(s, eval_slices).sum()) for s in scans))
             continue
         entries = split_entries(builder, host_split, index)
         if entries is not None:  # the build-time index: no record read

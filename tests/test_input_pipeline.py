@@ -587,3 +587,89 @@ def test_scanner_augmentation_off_leaves_batches_unchanged_and_on_keeps_labels(d
         differ += int(not np.allclose(a["image"], b["image"]))
         assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert differ == 3
+
+
+def test_eval_slice_mask_holds_every_slice_the_dilated_heart_reaches():
+    """"heart": the reference heart's slices and HEART_REACH_MM around them, a superset of the
+    slices of the silhouette the scorer counts calcium in, whatever the slice spacing."""
+    from cac_jax.postprocess import DEFAULT_HEART_DILATION_MM, heart_silhouette
+    from data_pipeline.records import HEART_REACH_MM, ScanInfo, eval_slice_mask
+
+    assert HEART_REACH_MM == DEFAULT_HEART_DILATION_MM
+    heart = np.zeros((30, 16, 16), bool)
+    heart[12:17, 4:12, 4:12] = True
+    for dz in (0.5, 1.25, 2.5, 3.0, 5.0):
+        spacing = (dz, 0.7, 0.7)
+        info = ScanInfo("s", "p", "cac", "x", heart.shape, spacing, None, None, 0,
+                        heart_slices=tuple(range(12, 17)))
+        keep = eval_slice_mask(info, "heart")
+        reached = heart_silhouette(heart, spacing, DEFAULT_HEART_DILATION_MM).any(axis=(1, 2))
+        assert keep[reached].all() and reached.sum() <= keep.sum() < heart.shape[0], dz
+        reach = int(np.ceil(3.0 / dz))
+        np.testing.assert_array_equal(np.flatnonzero(keep), np.arange(12 - reach, 17 + reach))
+        assert eval_slice_mask(info, "all").all()
+    # Two separate runs near the edges: clipped, each grown on its own.
+    info = ScanInfo("s", "p", "cac", "x", (12, 4, 4), (3.0, 1, 1), None, None, 0,
+                    heart_slices=(0, 9))
+    np.testing.assert_array_equal(np.flatnonzero(eval_slice_mask(info, "heart")),
+                                  [0, 1, 8, 9, 10])
+    # No heart mask: every slice; a mask without heart: none (the scorer counts nothing there).
+    no_mask = ScanInfo("s", "p", "cac", "x", (5, 4, 4), (3.0, 1, 1), None, None, 0)
+    assert eval_slice_mask(no_mask, "heart").all()
+    empty = ScanInfo("s", "p", "cac", "x", (5, 4, 4), (3.0, 1, 1), None, None, 0,
+                     heart_slices=())
+    assert not eval_slice_mask(empty, "heart").any()
+    with pytest.raises(ValueError, match="eval_slices"):
+        eval_slice_mask(no_mask, "lungs")
+
+
+@pytest.fixture(scope="module")
+def short_heart_dataset(tmp_path_factory):
+    """The tiny cohort with each heart on slice 2 only: 3 mm slices keep 1-3 under "heart"."""
+    from data_pipeline.tfds_builder import build_dataset
+
+    root = tmp_path_factory.mktemp("short_heart")
+    manifest = write_tiny_cohort(root, patients=10, split_column=True, heart_slices=slice(2, 3))
+    build_dataset(manifest, root / "tfds", name="tiny", progress=False)
+    return root / "tfds"
+
+
+def _validated(iterator) -> dict[tuple[str, int], dict]:
+    """{(scan_id, z): that sample's arrays} of one evaluation pass, checking the order."""
+    seen = {}
+    for batch in iterator:
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+        for i in np.flatnonzero(flat["valid"]):
+            key = (flat["scan_id"][i].decode(), int(flat["slice_index"][i]))
+            assert key not in seen
+            seen[key] = {k: v[i] for k, v in flat.items()}
+    return seen
+
+
+def test_eval_slices_heart_validates_the_heart_slab_only(short_heart_dataset):
+    from data_pipeline.records import eval_slice_mask
+
+    config = _config(short_heart_dataset)
+    every = _validated(make_dataset(config, "validation", local_devices=DEVICES))
+    config.eval_slices = "heart"
+    it = make_dataset(config, "validation", local_devices=DEVICES)
+    heart = _validated(it)
+    assert list(heart) == [(s.scan_id, z) for s in it.scans
+                           for z in np.flatnonzero(eval_slice_mask(s, "heart"))]
+    assert {z for _, z in heart} == {1, 2, 3}  # heart on slice 2, reach 1 slice at 3 mm
+    assert set(heart) < set(every) and len(heart) < len(every)
+    for key, sample in heart.items():  # the same samples as the full pass gives for them
+        for name in ("image", "label", "weight", "candidate"):
+            np.testing.assert_array_equal(sample[name], every[key][name])
+    # Several processes: equal evaluation steps, every kept slice once.
+    for processes in (2, 4):
+        seen, steps = [], []
+        for index in range(processes):
+            shard = make_dataset(config, "validation", process_index=index,
+                                 process_count=processes, local_devices=DEVICES)
+            batches = list(shard)
+            steps.append(len(batches))
+            seen += [(s.decode(), int(z)) for b in batches for v, s, z in
+                     zip(b["valid"].ravel(), b["scan_id"].ravel(), b["slice_index"].ravel())
+                     if v]
+        assert len(set(steps)) == 1 and sorted(seen) == sorted(heart), processes

@@ -51,11 +51,13 @@ def tiny_scan(seed: int, size: int, slices: int):
 
 
 def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = False,
-                      ctac_spacing_z: float = 3.0, agatston: bool = True) -> Path:
+                      ctac_spacing_z: float = 3.0, agatston: bool = True,
+                      heart_slices: slice | None = None) -> Path:
     """Manifest + NIfTI files: patients alternate 64 and 32 px and 5..7 slices; some have ctac.
 
     Slices are 3 mm apart (`ctac_spacing_z` for the ctac scans); without `agatston` the manifest
-    gives no reference score or category, so the builder scores the labels.
+    gives no reference score or category, so the builder scores the labels. `heart_slices` keeps
+    the heart mask on those slices only (default: every slice but the first and the last).
     """
     rows = []
     for p in range(patients):
@@ -65,6 +67,10 @@ def write_tiny_cohort(root: Path, patients: int = 8, *, split_column: bool = Fal
             size = 64 if (p + len(protocol)) % 2 else 32
             slices = 5 + (p % 3)
             hu, labels, heart = tiny_scan(p * 7 + len(protocol), size, slices)
+            if heart_slices is not None:
+                kept = np.zeros_like(heart)
+                kept[heart_slices] = heart[heart_slices]
+                heart = kept
             folder = root / pid / protocol
             spacing = (ctac_spacing_z if protocol == "ctac" else 3.0, 0.7, 0.7)
             rows.append(ManifestRow(

@@ -422,6 +422,51 @@ def test_non_candidate_pixels_weighted_down_for_calcium_only():
                                   np.asarray(weight))
 
 
+def test_validating_the_heart_slab_gives_the_same_categories(tmp_path):
+    """`data.eval_slices="heart"` runs the calcium model on the slices near the reference heart
+    only: every validation category (and so the best checkpoint) equals the full pass's."""
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = write_tiny_cohort(tmp_path, patients=9, split_column=True,
+                                 heart_slices=slice(2, 3))
+    build_dataset(manifest, tmp_path / "tfds", name="tiny", progress=False)
+    metrics = {}
+    for mode in ("all", "heart"):
+        config = tiny_config("unet_calcium", tmp_path / "tfds", steps=2, log_every=1,
+                             eval_every=2, checkpoint_every=2)
+        config.data.eval_slices = mode
+        train_lib.train_and_evaluate(config, tmp_path / mode)
+        metrics[mode] = [r for r in rows(tmp_path / mode) if "val_kappa" in r][-1]
+    same = [k for k in metrics["all"] if k.startswith(("val_kappa", "val_exact", "val_scans"))]
+    assert "val_kappa_cac" in same and metrics["all"]["val_scans"] > 0
+    assert {k: metrics["heart"][k] for k in same} == {k: metrics["all"][k] for k in same}
+    # The loss is another set of pixels' (fewer slices): it differs.
+    assert metrics["heart"]["val_loss"] != metrics["all"]["val_loss"]
+    # benchmarks/bench_validation.py times the two passes on a trained model and checks the same.
+    spec = importlib.util.spec_from_file_location("bench_validation",
+                                                  ROOT / "benchmarks" / "bench_validation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    assert bench.main(["--checkpoint", str(tmp_path / "heart"), "--data-dir",
+                       str(tmp_path / "tfds"), "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "bench_validation.json").read_text())
+    assert result["categories_equal"] is True
+    assert 0 < result["slices"]["heart"] < result["slices"]["all"]
+    assert result["metrics"]["all"]["val_kappa_cac"] == metrics["all"]["val_kappa_cac"]
+    assert "| heart |" in (out / "bench_validation.md").read_text()
+
+
+def test_eval_slices_heart_is_refused_for_the_heart_task():
+    config = load_config("unet_heart")
+    config.data.eval_slices = "heart"
+    with pytest.raises(train_lib.ConfigError, match="eval_slices"):
+        train_lib.check_config(config)
+    config.data.eval_slices = "lungs"
+    with pytest.raises(train_lib.ConfigError, match="eval_slices"):
+        train_lib.check_config(config)
+
+
 def test_scan_categories_per_protocol():
     """Each validated scan lands in its own protocol's confusion matrices (reference row,
     predicted column); a protocol with no scan keeps zeros, so every host sums the same arrays."""
