@@ -78,12 +78,12 @@ from data_pipeline.records import (  # noqa: F401  (re-exported: tests and cac_j
     _data_config,
     _host_slice_counts,
     _host_split,
-    eval_slice_mask,
     _read_meta,
     _Records,
     _target_keys,
     _tf,
     dataset_path,
+    eval_slice_mask,
 )
 from data_pipeline.scan_store import _MemoryStore, _Source, _StreamStore  # noqa: F401
 
