@@ -21,6 +21,7 @@ import os
 import struct
 
 import numpy as np
+from scipy import ndimage
 
 from data_pipeline import labels as labels_lib
 from data_pipeline.errors import InputError
@@ -227,15 +228,15 @@ def _read_meta(records: _Records, task: str, neighbour_mm: float):
     scans, record_index, flags = [], [], []
     for index in range(len(records)):
         entry = records.entries[index] if records.entries else None
+        # Calcium task: also the reference heart's slices (validation's heart slab).
+        heart_keys = ("heart_slice", "has_heart_mask") if task == "calcium" else ()
         ex = (_indexed_meta(entry, task, flag_key, has_key) if entry is not None
-              else records.read(index, (*_META_KEYS, flag_key, has_key)))
+              else records.read(index, (*_META_KEYS, flag_key, has_key, *heart_keys)))
         if not ex[has_key]:
             continue
         heart_slices = None
-        if task == "calcium":
-            heart = (_indexed_meta(entry, "heart", "heart_slice", "has_heart_mask")
-                     if entry is not None else records.read(index, ("heart_slice",
-                                                                    "has_heart_mask")))
+        if heart_keys:
+            heart = (_indexed_meta(entry, "heart", *heart_keys) if entry is not None else ex)
             if heart["has_heart_mask"]:
                 heart_slices = tuple(int(z) for z in np.flatnonzero(heart["heart_slice"]))
         agatston = float(ex["agatston"])
@@ -295,16 +296,7 @@ def eval_slice_mask(info: ScanInfo, eval_slices: str = "all") -> np.ndarray:
     mask = np.zeros(num, bool)
     mask[list(info.heart_slices)] = True
     reach = int(math.ceil(HEART_REACH_MM / float(info.spacing_zyx_mm[0])))
-    if reach and mask.any():
-        z = np.flatnonzero(mask)
-        lo = np.clip(z - reach, 0, num - 1)
-        hi = np.clip(z + reach, 0, num - 1)
-        # Mark [lo, hi] of every heart slice: +1 at lo, -1 after hi, cumulative sum.
-        edges = np.zeros(num + 1, np.int64)
-        np.add.at(edges, lo, 1)
-        np.add.at(edges, hi + 1, -1)
-        mask = np.cumsum(edges[:-1]) > 0
-    return mask
+    return ndimage.binary_dilation(mask, np.ones(2 * reach + 1, bool)) if reach else mask
 
 
 def _host_slice_counts(builder, split: str, task: str, process_count: int,

@@ -21,28 +21,17 @@ import sys
 from pathlib import Path
 
 from cac_jax import stages, study
-from cac_jax.config_defaults import ADDED_KEYS, load_config_file
+from cac_jax.config_defaults import load_config_file
 from cac_jax.main import parse_flags
+from cac_jax.train import config_differences
 
 ROOT = Path(__file__).resolve().parents[3]
 RECORD = Path(__file__).resolve().parent
 
 
-def _comparable(config: dict) -> dict:
-    """The settings a user chose: without the dataset folder, the fields training derives
-    (`data.per_device_batch` from the batch and the devices, `data.seed` from `seed`), and keys
-    added since at their neutral value (config_defaults.ADDED_KEYS)."""
-    config = json.loads(json.dumps(config))
-    for key in ("data_dir", "per_device_batch", "seed"):
-        config["data"].pop(key, None)
-    for dotted, neutral in ADDED_KEYS.items():
-        *parents, leaf = dotted.split(".")
-        block = config
-        for part in parents:
-            block = block.get(part, {})
-        if block.get(leaf, neutral) == neutral:
-            block.pop(leaf, None)
-    return config
+# Fields training derives (the per-device batch from the batch and the devices, the data seed from
+# `seed`) and the dataset folder: not settings a user chose.
+DERIVED = ("data.data_dir", "data.per_device_batch", "data.seed")
 
 
 def restore(out: Path, name: str, study_config) -> None:
@@ -51,8 +40,10 @@ def restore(out: Path, name: str, study_config) -> None:
     parsed, _ = parse_flags(["--config", config_path, "--workdir", "w",
                              *(f"--config.{item}" for item in overrides)])
     trained = json.loads((reference / "config.json").read_text())
-    if _comparable(trained) != _comparable(parsed.to_dict()):
-        raise SystemExit(f"{reference}: trained with another config than the study's {name}")
+    differing = [d for d in config_differences(trained, parsed) if not d.startswith(DERIVED)]
+    if differing:
+        raise SystemExit(f"{reference}: trained with another config than the study's {name}: "
+                         + "; ".join(differing))
     workdir = out / "models" / name
     if workdir.exists():
         raise SystemExit(f"{workdir}: exists; remove it to restore {name}")
