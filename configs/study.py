@@ -97,11 +97,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "data.frame_jitter_mm=10.0"]
     fixed_kernel = list(calcium)
     calcium = [*calcium, *SCANNER_AUGMENT]
+    # Validation of whole slices at 256 px scores only the slices near the reference heart
+    # (inference scores nothing outside the dilated heart; the same categories in 1.7x less
+    # time, benchmarks/results/bench_validation/).
     calcium_slice = [*heart_common, f"train.steps={calcium_steps}",
                      f"train.eval_every={eval_every}", f"train.checkpoint_every={eval_every}",
                      "train.early_stop_patience=8", f"train.batch_size={32 if gpu else 16}",
                      f"data.image_size={64 if local else c.size}", "data.calcium_frame=slice",
-                     *SCANNER_AUGMENT]
+                     "data.eval_slices=heart", *SCANNER_AUGMENT]
     suffix = ":local" if local else ""
     convlstm = () if (local or gpu) else HALF_WIDTH_CONVLSTM
     unet_file = "configs/unet_calcium.py" if gpu else "configs/unet_matched_calcium.py"
