@@ -140,3 +140,53 @@ def test_bench_layer_rewrites_quick_end_to_end(tmp_path):
     from cac_jax.models import unet
 
     assert unet.TransposedConv2x2 is TransposedConv2x2 and unet.max_pool2x is max_pool2x
+
+
+def test_train_ops_census_matches_the_unet():
+    """bench_train_ops.py times one GroupNorm + ReLU per convolution of the UNet's DoubleConvs, a
+    pooling, an upsampling and a concatenation per level, at the shapes the model runs them."""
+    from cac_jax.benchmark import BenchSettings, load_config
+
+    script = _script("bench_train_ops")
+    config = load_config("unet_matched", BenchSettings(models=("unet_matched",), local=True))
+    ops = script.unet_ops(config, size=64, batch=2)
+    model, convs = _convolutions("unet", batch=2, size=64)
+    three_by_three = sum(n for key, n in convs.items() if key[1][:2] == (3, 3))
+    assert sum(op["count"] for op in ops if op["op"] == "norm_relu") == three_by_three
+    depth, base = int(config.model.unet.depth), int(config.model.unet.base_width)
+    for kind in ("max_pool", "upsample", "concat"):
+        assert sum(op["count"] for op in ops if op["op"] == kind) == depth
+    pools = [op["shape"] for op in ops if op["op"] == "max_pool"]
+    assert pools == [(2, 64 // 2**level, 64 // 2**level, base * 2**level)
+                     for level in range(depth)]
+    # Each op's output shape in JAX is what the next layer of the model takes.
+    rng = np.random.default_rng(0)
+    for op in ops:
+        if op["op"] == "upsample":
+            fn, x, dy, _ = script._jax_op(op, config, rng)
+            n, h, w, _ = op["shape"]
+            assert dy.shape == (n, 2 * h, 2 * w, op["features"])
+            fn()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs the torch extra")
+def test_bench_train_ops_quick_end_to_end(tmp_path):
+    script = _script("bench_train_ops")
+    assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_train_ops.json").read_text())
+    assert {r["op"] for r in res["ops"]} == set(script.OPS)
+    assert all(r["jax_s"] > 0 and r["torch_s"] > 0 for r in res["ops"])
+    for op, totals in res["totals_s"].items():
+        for fw in ("jax", "torch"):
+            assert totals[fw] == pytest.approx(sum(r[f"{fw}_s"] * r["count"]
+                                                   for r in res["ops"] if r["op"] == op))
+    assert res["total_s"]["jax"] == pytest.approx(sum(t["jax"] for t in res["totals_s"].values()))
+    adam = next(r for r in res["ops"] if r["op"] == "adam")
+    from cac_jax.benchmark import BenchSettings, load_config
+    from cac_jax.models import build_model, count_params
+
+    config = load_config("unet_matched", BenchSettings(models=("unet_matched",), local=True))
+    variables = jax.eval_shape(build_model(config).init, jax.random.key(0),
+                               jnp.zeros((1, 3, 32, 32, 1), jnp.float32))
+    assert adam["parameters"] == count_params(variables["params"])
+    assert "| norm_relu |" in (tmp_path / "bench_train_ops.md").read_text()
