@@ -6,20 +6,23 @@
 
 `benchmarks/bench_layers.py --backward` times each convolution's forward and both gradients; this
 script times the rest of the UNet's training step, op by op, at the shapes the step runs them
-(the model's config, `--size`, `--batch`): each op's forward and backward together (JAX: the
-jit-compiled gradient of <op(x), dy> with respect to its input and parameters; PyTorch:
-`backward(dy)` on `channels_last` tensors, eager, as `cac-jax bench --train-step` times it), and
-the optimiser update over all the model's parameters (optax.adam against torch.optim.Adam):
+(the model's config, `--size`, `--batch`): each op's forward and backward together, on the same
+inputs and cotangent (JAX: one jit-compiled `jax.vjp` that returns the forward's output and the
+gradients with respect to the inputs and parameters, as the training step needs both; PyTorch:
+the forward and `backward(dy)` on `channels_last` tensors, eager, as `cac-jax bench --train-step`
+times it), and the optimiser update over all the model's parameters (optax.adam against
+torch.optim.Adam):
 - `norm_relu`: GroupNorm + ReLU after every convolution (`cac_jax.models.layers.GroupNorm`;
   `nn.GroupNorm`), two per DoubleConv;
 - `max_pool`: the encoder's 2x2 max pooling (`max_pool2x`; `F.max_pool2d`);
 - `upsample`: the decoder's 2x2 stride-2 transposed convolution (`TransposedConv2x2`, a matmul
   and a pixel shuffle; `nn.ConvTranspose2d`, oneDNN's deconvolution);
-- `concat`: the skip connections;
+- `concat`: the skip connections (the skip and the upsampled tensor, gradients to both);
 - `head_loss`: the 1x1 head and the focal loss (`cac_jax.losses`; the same formula in PyTorch);
 - `adam`: the update of every parameter.
 Rounds are interleaved (JAX, PyTorch, JAX, ...) with the same threads, medians reported, and a
-float32 matmul peak measured in the same run. The per-op sums say which framework's ops outside
+float32 matmul peak measured in the same run; an op shorter than 20 ms is called several times
+per round and its time per call reported. The per-op sums say which framework's ops outside
 the convolutions are slower and by how much.
 
 Writes benchmarks/results/bench_train_ops.json and .md (atomically; `--out DIR` to write
@@ -41,6 +44,7 @@ from data_pipeline.atomic import atomic_write_text
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 OPS = ("norm_relu", "max_pool", "upsample", "concat", "head_loss", "adam")
+MIN_ROUND_S = 0.02  # small ops are called this long per round (several calls)
 
 
 def _seconds(fn) -> float:
@@ -74,15 +78,21 @@ def unet_ops(config, size: int, batch: int) -> list[dict]:
     return ops
 
 
-def _jax_op(op: dict, config, rng):
-    """(jitted fwd+bwd, its arguments) of one op in JAX, and the numpy input and cotangent."""
+def _inputs(op: dict, rng) -> list[np.ndarray]:
+    """The op's inputs: one activation, or for `concat` the skip and the upsampled tensor."""
+    count = 2 if op["op"] == "concat" else 1
+    return [rng.standard_normal(op["shape"], np.float32) for _ in range(count)]
+
+
+def _jax_op(op: dict, config, inputs: list[np.ndarray], labels: np.ndarray, rng):
+    """(a call that runs one op's forward and backward in JAX, jit-compiled, the forward's output
+    kept as the training step keeps it, and the numpy cotangent)."""
     import jax
     import jax.numpy as jnp
 
     from cac_jax.losses import focal_loss
     from cac_jax.models.layers import Conv1x1, GroupNorm, TransposedConv2x2, max_pool2x
 
-    x = rng.standard_normal(op["shape"], np.float32)
     kind = op["op"]
     if kind == "norm_relu":
         module = GroupNorm(op["groups"])
@@ -93,70 +103,84 @@ def _jax_op(op: dict, config, rng):
         module = TransposedConv2x2(op["features"])
         fn = module.apply
     elif kind == "concat":
-        module, fn = None, lambda p, x: jnp.concatenate([x, x], axis=-1)
+        module, fn = None, lambda p, skip, up: jnp.concatenate([skip, up], axis=-1)
     else:  # head_loss
         module = Conv1x1(op["classes"])
-        n, h, w, _ = op["shape"]
-        labels = jnp.asarray(rng.integers(0, op["classes"], (n, h, w)))
         alpha = jnp.asarray([float(a) for a in config.train.focal_alpha], jnp.float32)
+        labels_j = jnp.asarray(labels)
 
         def fn(p, x):
             logits = module.apply(p, x)
-            return focal_loss(logits, labels, alpha=alpha, gamma=float(config.train.focal_gamma))
-    params = module.init(jax.random.key(0), jnp.asarray(x)) if module is not None else {}
-    y = jax.eval_shape(fn, params, jnp.asarray(x))
+            return focal_loss(logits, labels_j, alpha=alpha,
+                              gamma=float(config.train.focal_gamma))
+    xs = [jnp.asarray(x) for x in inputs]
+    params = module.init(jax.random.key(0), xs[0]) if module is not None else {}
+    y = jax.eval_shape(fn, params, *xs)
     dy = jnp.asarray(rng.standard_normal(y.shape, np.float32))
 
-    def objective(p, x):
-        return jnp.vdot(fn(p, x), dy)
+    @jax.jit
+    def forward_backward(p, *xs):
+        out, vjp = jax.vjp(fn, p, *xs)
+        return out, vjp(dy)
 
-    grad = jax.jit(jax.grad(objective, argnums=(0, 1)))
-    args = (params, jnp.asarray(x))
-    return (lambda: jax.block_until_ready(grad(*args))), x, np.array(dy), params
+    return (lambda: jax.block_until_ready(forward_backward(params, *xs))), np.array(dy)
 
 
-def _torch_op(op: dict, config, x: np.ndarray, dy: np.ndarray, params):
-    """One op's forward + backward in PyTorch (channels_last, eager), the same input and weights."""
+def _torch_op(op: dict, config, inputs: list[np.ndarray], labels: np.ndarray, dy: np.ndarray):
+    """One op's forward + backward in PyTorch (channels_last, eager) on the same inputs,
+    cotangent and labels; its modules keep their own initial weights (the time does not depend
+    on the values)."""
     import torch
     import torch.nn.functional as F
 
     cl = torch.channels_last
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=cl).requires_grad_()
+    xts = [torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=cl).requires_grad_()
+           for x in inputs]
+    channels = inputs[0].shape[-1]
     kind = op["op"]
     if kind == "norm_relu":
-        module = torch.nn.GroupNorm(op["groups"], x.shape[-1], eps=1e-6)
+        module = torch.nn.GroupNorm(op["groups"], channels, eps=1e-6)
         fn = lambda x: F.relu(module(x))  # noqa: E731
     elif kind == "max_pool":
         module, fn = None, lambda x: F.max_pool2d(x, 2)
     elif kind == "upsample":
-        module = torch.nn.ConvTranspose2d(x.shape[-1], op["features"], 2, stride=2)
+        module = torch.nn.ConvTranspose2d(channels, op["features"], 2, stride=2)
         module = module.to(memory_format=cl)
         fn = module
     elif kind == "concat":
-        module, fn = None, lambda x: torch.cat([x, x], dim=1)
+        module, fn = None, lambda skip, up: torch.cat([skip, up], dim=1)
     else:
-        module = torch.nn.Conv2d(x.shape[-1], op["classes"], 1).to(memory_format=cl)
-        n, h, w, _ = x.shape
-        labels = torch.from_numpy(np.random.default_rng(0).integers(0, op["classes"], (n, h, w)))
+        module = torch.nn.Conv2d(channels, op["classes"], 1).to(memory_format=cl)
+        labels_t = torch.from_numpy(labels).long()
         alpha = torch.tensor([float(a) for a in config.train.focal_alpha])
         gamma = float(config.train.focal_gamma)
 
         def fn(x):
-            log_pt = F.log_softmax(module(x).float(), dim=1).gather(1, labels[:, None])[:, 0]
-            return torch.mean(-torch.pow(-torch.expm1(log_pt), gamma) * log_pt * alpha[labels])
-    y = fn(xt)
+            log_pt = F.log_softmax(module(x).float(), dim=1).gather(1, labels_t[:, None])[:, 0]
+            return torch.mean(-torch.pow(-torch.expm1(log_pt), gamma) * log_pt * alpha[labels_t])
+    y = fn(*xts)
     dyt = torch.from_numpy(dy)
     dyt = dyt.permute(0, 3, 1, 2).contiguous(memory_format=cl) if dyt.ndim == 4 else dyt
     if tuple(y.shape) != tuple(dyt.shape):
         raise ValueError(f"{kind}: PyTorch output {tuple(y.shape)}, cotangent {tuple(dyt.shape)}")
 
     def step():
-        xt.grad = None
+        for xt in xts:
+            xt.grad = None
         if module is not None:
             module.zero_grad(set_to_none=True)
-        fn(xt).backward(dyt)
+        fn(*xts).backward(dyt)
 
     return step
+
+
+def _repeated(fn, calls: int):
+    """`fn` called `calls` times (small ops are timed over several calls per round, so the
+    per-call dispatch does not dominate); the time per call is the round's time / calls."""
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
 
 
 def _adam(config, rng):
@@ -177,7 +201,6 @@ def _adam(config, rng):
                                                          p.dtype), params)
     state = {"params": params, "opt": tx.init(params)}
 
-    @jax.jit
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
@@ -208,14 +231,20 @@ def run(args) -> dict:
     peaks = [matmul_peak_gflops()]
     rows = []
     for op in unet_ops(config, args.size, args.batch):
-        jax_fn, x, dy, params = _jax_op(op, config, rng)
-        torch_fn = _torch_op(op, config, x, dy, params)
+        inputs = _inputs(op, rng)
+        n, h, w, _ = op["shape"]
+        labels = rng.integers(0, int(config.model.num_classes), (n, h, w))
+        jax_fn, dy = _jax_op(op, config, inputs, labels, rng)
+        torch_fn = _torch_op(op, config, inputs, labels, dy)
         jax_fn(), torch_fn()  # warm-up
+        calls = max(1, int(MIN_ROUND_S / max(_seconds(jax_fn), _seconds(torch_fn))))
+        jax_fn, torch_fn = _repeated(jax_fn, calls), _repeated(torch_fn, calls)
         jt, tt = [], []
         for _ in range(args.rounds):
-            jt.append(_seconds(jax_fn))
-            tt.append(_seconds(torch_fn))
+            jt.append(_seconds(jax_fn) / calls)
+            tt.append(_seconds(torch_fn) / calls)
         rows.append({**{k: v for k, v in op.items() if k != "shape"}, "shape": list(op["shape"]),
+                     "calls_per_round": calls,
                      "jax_s": float(np.median(jt)), "torch_s": float(np.median(tt))})
         print(f"{op['op']} {op['shape']} x{op['count']}: JAX {rows[-1]['jax_s'] * 1e3:.2f} ms, "
               f"PyTorch {rows[-1]['torch_s'] * 1e3:.2f} ms", flush=True)
