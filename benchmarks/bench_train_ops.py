@@ -174,13 +174,20 @@ def _torch_op(op: dict, config, inputs: list[np.ndarray], labels: np.ndarray, dy
     return step
 
 
-def _repeated(fn, calls: int):
-    """`fn` called `calls` times (small ops are timed over several calls per round, so the
-    per-call dispatch does not dominate); the time per call is the round's time / calls."""
-    def run():
-        for _ in range(calls):
-            fn()
-    return run
+def _interleaved(jax_fn, torch_fn, rounds: int) -> dict:
+    """Median seconds per call of each, in interleaved rounds after a warm-up. An op shorter than
+    MIN_ROUND_S is called several times per round, so the per-call dispatch does not dominate."""
+    jax_fn(), torch_fn()  # warm-up
+    calls = max(1, int(MIN_ROUND_S / max(_seconds(jax_fn), _seconds(torch_fn))))
+    times = {"jax": [], "torch": []}
+    for _ in range(rounds):
+        for name, fn in (("jax", jax_fn), ("torch", torch_fn)):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
+    return {"calls_per_round": calls, "jax_s": float(np.median(times["jax"])),
+            "torch_s": float(np.median(times["torch"]))}
 
 
 def _adam(config, rng):
@@ -236,26 +243,13 @@ def run(args) -> dict:
         labels = rng.integers(0, int(config.model.num_classes), (n, h, w))
         jax_fn, dy = _jax_op(op, config, inputs, labels, rng)
         torch_fn = _torch_op(op, config, inputs, labels, dy)
-        jax_fn(), torch_fn()  # warm-up
-        calls = max(1, int(MIN_ROUND_S / max(_seconds(jax_fn), _seconds(torch_fn))))
-        jax_fn, torch_fn = _repeated(jax_fn, calls), _repeated(torch_fn, calls)
-        jt, tt = [], []
-        for _ in range(args.rounds):
-            jt.append(_seconds(jax_fn) / calls)
-            tt.append(_seconds(torch_fn) / calls)
         rows.append({**{k: v for k, v in op.items() if k != "shape"}, "shape": list(op["shape"]),
-                     "calls_per_round": calls,
-                     "jax_s": float(np.median(jt)), "torch_s": float(np.median(tt))})
+                     **_interleaved(jax_fn, torch_fn, args.rounds)})
         print(f"{op['op']} {op['shape']} x{op['count']}: JAX {rows[-1]['jax_s'] * 1e3:.2f} ms, "
               f"PyTorch {rows[-1]['torch_s'] * 1e3:.2f} ms", flush=True)
     jax_adam, torch_adam, n_params = _adam(config, rng)
-    jax_adam(), torch_adam()
-    jt, tt = [], []
-    for _ in range(args.rounds):
-        jt.append(_seconds(jax_adam))
-        tt.append(_seconds(torch_adam))
     rows.append({"op": "adam", "parameters": n_params, "count": 1,
-                 "jax_s": float(np.median(jt)), "torch_s": float(np.median(tt))})
+                 **_interleaved(jax_adam, torch_adam, args.rounds)})
     peaks.append(matmul_peak_gflops())
     totals = {op: {fw: sum(r[f"{fw}_s"] * r["count"] for r in rows if r["op"] == op)
                    for fw in ("jax", "torch")} for op in OPS}
