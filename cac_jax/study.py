@@ -515,7 +515,10 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
                          f"{_fmt(naive['cac']['kappa_linear'])} / "
                          f"{_fmt(naive['ctac']['kappa_linear'])} |")
         lines.append("")
-    lines += ["## Use", "",
+    lines += ["These patients come from the generator the models were trained on. On another "
+              "generator's scans they score lower: docs/study.md, \"Another generator's scans: "
+              "the foreign probe\".", "",
+              "## Use", "",
               "```bash",
               "cac-jax infer --heart-checkpoint models/synthetic/heart_" + arch
               + " --calcium-checkpoint models/synthetic/calcium_" + arch
