@@ -54,8 +54,12 @@ def _site_seed(config, index: int, purpose: int) -> int:
 
 def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
     """Synthesises every cohort; returns name -> manifest."""
-    from data_pipeline.phantom.cohort import GENERATOR_VERSION
+    from data_pipeline.phantom.cohort import DEFAULT_ANATOMY, generator_identity
 
+    # The anatomy variant (data_pipeline.phantom: "classic" unless the config names another); the
+    # stamp's generator is GENERATOR_VERSION for the classic anatomy, as it always was, and the
+    # variant's own identity otherwise, so a cohort of one is never reused as the other's.
+    anatomy = config.get("anatomy", DEFAULT_ANATOMY)
     jobs = {}
     for i, site in enumerate(config.train_sites):
         jobs[f"train_{site}"] = (site, config.train_patients_per_site, _site_seed(config, i, 0))
@@ -69,14 +73,16 @@ def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
     for name, (site, patients, seed) in jobs.items():
         folder = out / "cohorts" / name
         wanted = {"site": site, "patients": patients, "seed": seed, "size": config.size,
-                  "generator": GENERATOR_VERSION}
+                  "generator": generator_identity(anatomy)}
 
         def synth(folder=folder, site=site, patients=patients, seed=seed, name=name):
             if folder.exists():
                 shutil.rmtree(folder)  # made by this study with other settings
             demo._cli("synth", "--out", str(folder), "--patients", str(patients), "--size",
                       str(config.size), "--seed", str(seed), "--site", site, "--workers",
-                      str(config.synth_workers), stage=f"synth {name}")
+                      str(config.synth_workers),
+                      *(() if anatomy == DEFAULT_ANATOMY else ("--anatomy", anatomy)),
+                      stage=f"synth {name}")
 
         stage_stamps._stage(stamps, f"cohort_{name}", wanted, [folder / "manifest.csv"], synth)
         manifests[name] = folder / "manifest.csv"
@@ -477,7 +483,7 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
         "metrics); no optimizer state.", "",
         "## Training data", "",
         f"- Generator: `cac-jax synth` (data_pipeline.phantom, generator version "
-        f"{_generator_version()}), {config.size} px scans, gated CAC and CTAC protocols of every "
+        f"{_generator_version(config)}), {config.size} px scans, gated CAC and CTAC protocols of every "
         f"patient.",
         f"- Sites: {', '.join(config.train_sites)} ({config.train_patients_per_site} patients each, "
         f"{patients} in all; {config.validation_fraction:.0%} of them, by patient, for "
@@ -536,10 +542,13 @@ def _how_it_ended(training: dict) -> str:
     return "its step budget reached"
 
 
-def _generator_version() -> int:
-    from data_pipeline.phantom.cohort import GENERATOR_VERSION
+def _generator_version(config=None):
+    """The generator's identity for the model card: GENERATOR_VERSION, or the anatomy variant's
+    identity (e.g. "2+grooved1") when the study's config names one."""
+    from data_pipeline.phantom.cohort import DEFAULT_ANATOMY, generator_identity
 
-    return GENERATOR_VERSION
+    anatomy = config.get("anatomy", DEFAULT_ANATOMY) if config is not None else DEFAULT_ANATOMY
+    return generator_identity(anatomy)
 
 
 def export_models(out: Path, config, summary: dict, systems) -> dict[str, Path]:

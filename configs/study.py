@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.test_patients_per_site = 2 if local else (60 if gpu else 30)
     c.unseen_patients = 3 if local else (80 if gpu else 40)
     c.synth_workers = 2
+    # Anatomy variant of every cohort (data_pipeline.phantom: "classic", or "grooved" for
+    # groove-dependent epicardial fat and metal devices; docs/synthetic_cohort.md).
+    c.anatomy = "classic"
 
     heart_common = ["train.log_every=25", "train.progress=True"]
     heart_steps = 8 if local else (6000 if gpu else 4000)

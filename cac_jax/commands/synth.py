@@ -10,7 +10,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from data_pipeline.phantom.cohort import MIN_SIZE
+from data_pipeline.phantom.cohort import ANATOMIES, DEFAULT_ANATOMY, MIN_SIZE
 from data_pipeline.phantom.sites import SITES
 
 EPILOG = """\
@@ -27,9 +27,18 @@ own patients (ids like syn0-site2-0000) and writes its name to the manifest's si
 its Manufacturer, ConvolutionKernel and KVP to the DICOM headers.
 {sites}
 
+Anatomy (--anatomy): classic (default) is the anatomy the generator has always drawn: a uniform
+6.5-11 mm epicardial fat layer, so every coronary lies 4-10 mm below the pericardial sac, and no
+devices. grooved varies the fat over the heart (1.5-4 mm over the free walls, 6-20 mm in the
+atrioventricular and interventricular grooves, with the coronaries on the groove floors: about
+3-20 mm deep) and adds metal devices: a pacemaker/ICD lead in about 12% of patients and sternal
+wires in about 18% (label 7). A grooved cohort has its own patients (ids like syn0-grooved-0000)
+and records the anatomy in cohort.json.
+
 examples:
   cac-jax synth --out demo_cohort --patients 40 --size 256 --seed 0 --preview --workers 2
   cac-jax synth --out site2_cohort --patients 12 --size 256 --seed 0 --site site2
+  cac-jax synth --out grooved_cohort --patients 12 --size 256 --seed 0 --anatomy grooved
 """
 
 
@@ -124,6 +133,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--site", choices=tuple(SITES), default="default",
                         help="acquisition-site preset (noise, field of view, slice thickness, "
                              "kernel, kVp; see below; default: default)")
+    parser.add_argument("--anatomy", choices=tuple(ANATOMIES), default=DEFAULT_ANATOMY,
+                        help="anatomy variant: classic (uniform epicardial fat, no devices) or "
+                             "grooved (groove-dependent fat with the coronaries in the grooves, "
+                             "pacemaker leads and sternal wires; see below; default: classic)")
     parser.set_defaults(func=handler)
 
 
@@ -144,7 +157,7 @@ def handler(args: argparse.Namespace) -> int:
                                    size=args.size, seed=args.seed, preview=args.preview,
                                    category_proportions=args.proportions, workers=args.workers,
                                    ctac_overlap=args.ctac_overlap, progress=bar.update,
-                                   site=args.site)
+                                   site=args.site, anatomy=args.anatomy)
     except BaseException:
         if created:  # leave no empty folder behind a failed run
             with contextlib.suppress(OSError):

@@ -19,12 +19,18 @@ Ground truth per scan:
   paracardial fat outside the pericardium is not included.
 - `calcium_labels` (int16): 1 LAD (including left main), 2 LCX, 3 RCA, 5 aortic-wall calcium,
   6 valve calcium (aortic valve, mitral annulus), 7 other non-coronary calcium (costal
-  cartilage). Each calcification's label marks the voxels where it raises the noise-free image by
+  cartilage; metal devices of the grooved anatomy). Each calcification's label marks the voxels where it raises the noise-free image by
   >= 50 HU and the final HU is >= 130: what an expert would mark on that image, provided it can be
   seen at all: a calcification whose peak excess is below 3 noise sigmas of the scan (faint
   plaques in low-dose CTAC) adds its HU but is not labelled (`render.visible_hu`). Bone (spine, ribs,
   sternum) is deliberately left unlabelled: the dataset builder maps every unlabelled voxel at
   >= 130 HU to the non-coronary class.
+
+Anatomy variants (`cohort.ANATOMIES`, `--anatomy`): `classic` (default, the anatomy as it has
+always been drawn: uniform epicardial fat, no devices) and `grooved` (groove-dependent epicardial
+fat with the coronaries on the groove floors, `anatomy.grooved_anatomy`, and metal devices:
+pacemaker/ICD leads and sternal wires, `devices`); each of the first five functions below takes
+`anatomy=`.
 
 Public API: `render_scan` / `render_patient` (in memory), `generate_cohort` (files + manifest),
 `patient_seed`, `patient_id_for`, `assign_categories`, `SyntheticScan`, `save_preview`, and the

@@ -77,6 +77,8 @@ class Heart:
     fat_mm: float               # epicardial fat layer between pericardium and myocardium
     wall_mm: float              # left-ventricular wall thickness
     coronary_offset_mm: float   # coronary centreline distance outside the myocardium
+    # The `grooved` anatomy's position-dependent epicardial fat (None: the uniform `fat_mm`).
+    grooves: Grooves | None = None
 
     def to_local(self, x, y, z):
         """World coordinates (broadcastable arrays) to local (u, v, w), taper undone."""
@@ -160,6 +162,9 @@ class Anatomy:
     z_range: tuple[float, float]          # anatomical extent a scan covers (mm): below apex .. arch
     age_factor: float                     # 0..1, drives calcified-cartilage and valve prevalence
     texture_seed: int                     # lung-vessel texture (fixed per patient)
+    # The coronary tree's drawn layout (groove angles, lengths, calibres), kept so that a variant
+    # (`grooved_anatomy`) can lay the same tree into its own heart surface.
+    coronary_layout: CoronaryLayout | None = None
 
 
 def _unit(v) -> np.ndarray:
@@ -173,36 +178,189 @@ def heart_extent(heart: Heart, axis: np.ndarray) -> float:
     return float(np.sqrt(np.sum((local * heart.radii) ** 2)))
 
 
-def _coronary_lines(heart: Heart, root: np.ndarray, root_radius: float, rng) -> dict[str, Centerline]:
-    """LM, LAD, LCX, RCA centrelines on the heart surface (in the epicardial fat)."""
-    off = -heart.fat_mm + heart.coronary_offset_mm
+@dataclasses.dataclass(frozen=True)
+class CoronaryLayout:
+    """The drawn layout of a patient's coronary tree, as angles on the sac ellipsoid (`Heart`'s
+    polar angle theta from the apex and azimuth phi) and calibres (mm)."""
+
+    groove: float          # atrioventricular groove's theta
+    lad_phi: float         # anterior interventricular groove's phi at the base
+    pda_phi: float         # posterior interventricular groove's phi (the crux)
+    rca_phi: float         # phi of the RCA's entry into the AV groove
+    lad_end: float         # theta of the LAD's apical end
+    lcx_len: float         # LCX's sweep in phi
+    pda_end: float         # theta of the PDA's apical end
+    lm_radius: float
+    lad_radius: float
+    lcx_radius: float
+    rca_radius: float
+    root_radius_mm: float  # the aortic root's radius (the ostia lie on it)
+
+    @property
+    def lad_start(self) -> float:
+        """Theta where the LAD leaves the AV groove (the left main's bifurcation)."""
+        return self.groove + 0.03 * np.pi
+
+
+def _draw_coronary_layout(rng, root_radius: float) -> CoronaryLayout:
+    """The coronary tree's random draws, in the order the classic anatomy has always made them."""
     groove = np.pi * rng.uniform(0.66, 0.72)      # atrioventricular groove, from the apex
     lad_phi = rng.uniform(0.25, 0.5)              # anterior interventricular groove
     pda_phi = -np.pi * rng.uniform(0.72, 0.85)    # posterior interventricular groove
-    bif = heart.surface_point(groove + 0.03 * np.pi, lad_phi, off)
-    rca_start = heart.surface_point(groove, -rng.uniform(0.05, 0.25), off)
+    rca_phi = -rng.uniform(0.05, 0.25)
+    lad_end = np.pi * rng.uniform(0.02, 0.08)
+    lcx_len = rng.uniform(1.6, 2.6)
+    pda_end = np.pi * rng.uniform(0.25, 0.4)
+    return CoronaryLayout(groove=groove, lad_phi=lad_phi, pda_phi=pda_phi, rca_phi=rca_phi,
+                          lad_end=lad_end, lcx_len=lcx_len, pda_end=pda_end,
+                          lm_radius=rng.uniform(1.9, 2.4), lad_radius=rng.uniform(1.6, 2.0),
+                          lcx_radius=rng.uniform(1.4, 1.8), rca_radius=rng.uniform(1.6, 2.0),
+                          root_radius_mm=float(root_radius))
+
+
+def _coronary_lines(heart: Heart, root: np.ndarray, layout: CoronaryLayout,
+                    surface=None) -> dict[str, Centerline]:
+    """LM, LAD, LCX, RCA centrelines on the heart surface (in the epicardial fat).
+
+    `surface(theta, phi)` gives the centreline's world points; by default the ellipsoid
+    `coronary_offset_mm` outside the uniform fat layer (the classic anatomy).
+    """
+    if surface is None:
+        off = -heart.fat_mm + heart.coronary_offset_mm
+
+        def surface(theta, phi):
+            return heart.surface_point(theta, phi, off)
+
+    groove, lad_phi, pda_phi = layout.groove, layout.lad_phi, layout.pda_phi
+    bif = surface(groove + 0.03 * np.pi, lad_phi)
+    rca_start = surface(groove, layout.rca_phi)
 
     def ostium(target):
-        return root + _unit(target - root) * root_radius
+        return root + _unit(target - root) * layout.root_radius_mm
 
     lm_pts = np.linspace(ostium(bif), bif, 8)
     t = np.linspace(0, 1, 60)
-    lad_theta = (groove + 0.03 * np.pi) * (1 - t) + np.pi * rng.uniform(0.02, 0.08) * t
-    lad = heart.surface_point(lad_theta, lad_phi + 0.15 * t, off)
-    lcx_len = rng.uniform(1.6, 2.6)
-    lcx = heart.surface_point(np.full_like(t, groove) - 0.05 * t, lad_phi + 0.15 + lcx_len * t, off)
+    lad_theta = (groove + 0.03 * np.pi) * (1 - t) + layout.lad_end * t
+    lad = surface(lad_theta, lad_phi + 0.15 * t)
+    lcx = surface(np.full_like(t, groove) - 0.05 * t, lad_phi + 0.15 + layout.lcx_len * t)
     crux = abs(pda_phi)
-    rca_ring = heart.surface_point(np.full_like(t, groove), -0.15 - (crux - 0.15) * t, off)
-    pda_theta = groove * (1 - t) + np.pi * rng.uniform(0.25, 0.4) * t
-    pda = heart.surface_point(pda_theta, np.full_like(t, pda_phi), off)
+    rca_ring = surface(np.full_like(t, groove), -0.15 - (crux - 0.15) * t)
+    pda_theta = groove * (1 - t) + layout.pda_end * t
+    pda = surface(pda_theta, np.full_like(t, pda_phi))
     rca_pts = np.concatenate([np.linspace(ostium(rca_start), rca_start, 8)[:-1], rca_ring, pda[1:]])
     lines = {
-        "LM": Centerline("LM", lm_pts, np.full(len(lm_pts), rng.uniform(1.9, 2.4))),
-        "LAD": Centerline("LAD", lad, np.linspace(rng.uniform(1.6, 2.0), 0.8, len(lad))),
-        "LCX": Centerline("LCX", lcx, np.linspace(rng.uniform(1.4, 1.8), 0.8, len(lcx))),
-        "RCA": Centerline("RCA", rca_pts, np.linspace(rng.uniform(1.6, 2.0), 0.8, len(rca_pts))),
+        "LM": Centerline("LM", lm_pts, np.full(len(lm_pts), layout.lm_radius)),
+        "LAD": Centerline("LAD", lad, np.linspace(layout.lad_radius, 0.8, len(lad))),
+        "LCX": Centerline("LCX", lcx, np.linspace(layout.lcx_radius, 0.8, len(lcx))),
+        "RCA": Centerline("RCA", rca_pts, np.linspace(layout.rca_radius, 0.8, len(rca_pts))),
     }
     return {name: line.resample(1.0) for name, line in lines.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grooves:
+    """Epicardial fat of the `grooved` anatomy: a thickness (mm) that varies smoothly over the
+    heart, thin over the free walls and deep along the atrioventricular groove and the anterior
+    and posterior interventricular grooves, as a function of the sac ellipsoid's polar angle
+    theta (from the apex) and azimuth phi (`Heart.surface_point`'s angles).
+
+    Each groove is a Gaussian ridge across its centre line (`width_mm` its sigma in mm of
+    surface); the fat is the free-wall thickness plus the largest ridge's excess. An
+    interventricular groove runs from its base end (at the AV groove) to its apical end, its depth
+    going from the one end's to the other's as the 1.5th power of the fraction of the way (deep
+    for most of the groove, shallowing towards the apex), and fades out past its ends.
+    """
+
+    free_mm: float                       # over the free walls
+    av_mm: float                         # at the floor of the atrioventricular groove
+    aiv_mm: tuple[float, float]          # anterior interventricular groove: base end, apical end
+    piv_mm: tuple[float, float]          # posterior interventricular groove: base end, apical end
+    width_mm: float                      # Gaussian sigma of a groove's cross-section
+    av_theta: float                      # the AV groove's theta
+    aiv: tuple[float, float, float, float]   # (theta at base, theta at apex, phi there, phi there)
+    piv: tuple[float, float, float, float]
+    meridian_mm: float                   # arc length per radian of theta near the AV groove
+    equator_mm: float                    # arc length per radian of phi at the equator
+
+    def fat_mm(self, theta, phi):
+        """Fat thickness (mm) at the sac's angles (arrays; float32 stays float32)."""
+        free, width, meridian = float(self.free_mm), float(self.width_mm), float(self.meridian_mm)
+        across = (theta - float(self.av_theta)) * (meridian / width)
+        excess = (float(self.av_mm) - free) * np.exp(-0.5 * across * across)
+        for (t0, t1, p0, p1), (d0, d1) in ((self.aiv, self.aiv_mm), (self.piv, self.piv_mm)):
+            t0, t1, p0, p1, d0, d1 = (float(x) for x in (t0, t1, p0, p1, d0, d1))
+            along = np.clip((t0 - theta) / (t0 - t1), 0.0, 1.0)
+            dphi = np.mod(phi - (p0 + (p1 - p0) * along) + np.pi, 2 * np.pi) - np.pi
+            side = dphi * np.sin(theta) * (float(self.equator_mm) / width)
+            past = (np.maximum(theta - t0, 0.0) + np.maximum(t1 - theta, 0.0)) * (meridian / width)
+            ridge = (d0 + (d1 - d0) * along ** 1.5 - free) * np.exp(-0.5 * (side * side + past * past))
+            excess = np.maximum(excess, ridge)
+        return free + excess
+
+    def fat_at_local(self, heart: Heart, u, v, w):
+        """Fat thickness (mm) at local points (`Heart.to_local`), via their angles on the sac."""
+        a, b, c = (float(r) for r in heart.radii)
+        nu, nv, nw = u / a, v / b, w / c
+        k0 = np.sqrt(nu * nu + nv * nv + nw * nw)
+        theta = np.arccos(np.clip(nu / np.maximum(k0, 1e-6), -1.0, 1.0))
+        return self.fat_mm(theta, np.arctan2(nw, nv))
+
+
+def _groove_floor(heart: Heart):
+    """`surface(theta, phi)` for `_coronary_lines`: world points `coronary_offset_mm` outside the
+    myocardium of a grooved heart, i.e. (fat - offset) below the sac, measured with the sac's
+    signed-distance function (`tissues._ellipsoid_sdf`, linear along a ray from the centre)."""
+    radii = heart.radii
+
+    def surface(theta, phi):
+        theta, phi = np.asarray(theta, dtype=np.float64), np.asarray(phi, dtype=np.float64)
+        on_sac = np.stack([radii[0] * np.cos(theta), radii[1] * np.sin(theta) * np.cos(phi),
+                           radii[2] * np.sin(theta) * np.sin(phi)], axis=-1)
+        k1 = np.sqrt(np.sum((on_sac / radii ** 2) ** 2, axis=-1))
+        depth = heart.grooves.fat_mm(theta, phi) - heart.coronary_offset_mm
+        local = on_sac * (1.0 - depth * k1)[..., None]
+        return heart.to_world(local[..., 0], local[..., 1], local[..., 2])
+
+    return surface
+
+
+def grooved_anatomy(anat: Anatomy, rng: np.random.Generator) -> Anatomy:
+    """The `grooved` variant of a drawn anatomy: the same body, heart sac, chambers and coronary
+    layout, with groove-dependent epicardial fat (`Grooves`, drawn from `rng`, a stream of its
+    own) and the coronary arteries laid on the groove floors (`coronary_offset_mm` outside the
+    myocardium, so their depth below the sac follows the local fat). The left main still leaves
+    the aortic root, deep in the sac; valves and the rest of the anatomy are unchanged.
+
+    Per patient: free-wall fat 1.5-4 mm; a groove depth of 6-20 mm, the AV groove at 0.85-1.1
+    times it and each interventricular groove at 0.8-1.05 times it at the base, thinning to
+    3.5-6.5 mm (LAD, near the apex) and 4-8 mm (posterior descending) at their apical ends; groove
+    width (Gaussian sigma across) 5-10 mm. Every groove floor keeps the coronary lumen at least
+    2.5 mm below the sac, and the AV groove at most half the heart's transverse radius there.
+    """
+    layout = anat.coronary_layout
+    if layout is None:
+        raise ValueError("the anatomy has no coronary layout (made by sample_anatomy)")
+    heart = anat.heart
+    u = rng.uniform
+    free = u(1.5, 4.0)
+    depth = u(6.0, 20.0)
+    floor = heart.coronary_offset_mm + 2.5
+    a, b, c = (float(r) for r in heart.radii)
+    transverse = 0.5 * (b + c) * np.sin(layout.groove)
+    av = float(np.clip(depth * u(0.85, 1.1), floor, 0.5 * transverse))
+    aiv = (max(floor, depth * u(0.8, 1.05)), max(floor, u(3.5, 6.5)))
+    piv = (max(floor, depth * u(0.8, 1.05)), max(floor, u(4.0, 8.0)))
+    width = u(5.0, 10.0)
+    equator = 0.5 * (b + c)
+    meridian = float(np.hypot(a * np.sin(layout.groove), equator * np.cos(layout.groove)))
+    grooves = Grooves(free_mm=free, av_mm=av, aiv_mm=aiv, piv_mm=piv, width_mm=width,
+                      av_theta=layout.groove,
+                      aiv=(layout.lad_start, layout.lad_end, layout.lad_phi, layout.lad_phi + 0.15),
+                      piv=(layout.groove, layout.pda_end, layout.pda_phi, layout.pda_phi),
+                      meridian_mm=meridian, equator_mm=equator)
+    heart = dataclasses.replace(heart, grooves=grooves)
+    coronaries = _coronary_lines(heart, anat.aortic_root, layout, surface=_groove_floor(heart))
+    return dataclasses.replace(anat, heart=heart, coronaries=coronaries)
 
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -228,7 +386,8 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     bottom = heart_extent(heart, np.array([0.0, 0.0, 1.0]))
     med = _sample_mediastinum(rng, heart, spine_axes, spine_y, bottom)
     root = med.aortic_root
-    coronaries = _coronary_lines(heart, root, med.root_radius_mm, rng)
+    layout = _draw_coronary_layout(rng, med.root_radius_mm)
+    coronaries = _coronary_lines(heart, root, layout)
     mitral = heart.to_world(-0.42 * radii[0], -0.12 * radii[1], 0.25 * radii[2])
     lv, rv, atria = _chambers(radii)
 
@@ -254,6 +413,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         hu_myocardium=u(45, 58), hu_liver=u(50, 65), hu_cortical=u(700, 1200),
         hu_cancellous=u(150, 300), hu_cartilage=u(80, 120), z_range=(z_lo, z_hi),
         age_factor=u(0.0, 1.0), texture_seed=int(rng.integers(0, 2**31 - 1)),
+        coronary_layout=layout,
     )
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from data_pipeline.errors import InputError
 from data_pipeline.manifest import ManifestRow, write_manifest
 from data_pipeline.phantom import plaques as plaque_lib
 from data_pipeline.phantom import render
-from data_pipeline.phantom.anatomy import Anatomy, sample_anatomy
+from data_pipeline.phantom.anatomy import Anatomy, grooved_anatomy, sample_anatomy
+from data_pipeline.phantom.devices import device_wires
 from data_pipeline.phantom.sites import SitePreset, get_site
 
 PROTOCOLS = ("cac", "ctac")
@@ -43,14 +45,22 @@ PROTOCOLS = ("cac", "ctac")
 # only where it stands 3 noise sigmas out, `render.visible_hu`), so stored cohorts can be told
 # apart.
 GENERATOR_VERSION = 2
+# Anatomy variants (`--anatomy`). "classic" is the anatomy this generator has always drawn (uniform
+# epicardial fat, no devices); "grooved" (`anatomy.grooved_anatomy`, `devices`) varies the fat over
+# the heart, lays the coronaries on the groove floors and adds metal devices. A variant's version
+# is bumped whenever its cohorts change; it is part of `generator_identity`.
+ANATOMIES = {"classic": 0, "grooved": 1}
+DEFAULT_ANATOMY = "classic"
 DEFAULT_PROPORTIONS = (0.25, 0.25, 0.25, 0.25)
 SITE = "synthetic"                                # the default preset's manifest `site`
 MANUFACTURER = "cac-jax synthetic phantom"        # the default preset's DICOM Manufacturer
 _DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # SeedSequence children of a patient: one stream per purpose, so adding draws to one part never
 # changes another.
+# SeedSequence children are numbered, so streams appended here leave the earlier ones as they were
+# ("grooves" and "devices" are drawn only by the grooved anatomy).
 _STREAMS = ("anatomy", "category", "coronary", "noncoronary", "cac", "ctac", "cac-noise",
-            "ctac-noise")
+            "ctac-noise", "grooves", "devices")
 
 
 # Below about 48 px a single CAC voxel covers tens of mm^2, and the 1-100 category cannot always
@@ -75,24 +85,56 @@ class SyntheticScan:
     site: str = SITE                # the acquisition site preset's manifest `site` value
 
 
-def patient_seed(seed: int, index: int, site: str | SitePreset | None = None) -> int:
+def check_anatomy(anatomy: str | None) -> str:
+    """The anatomy variant's name (None is the default, "classic"); unknown names are refused."""
+    if anatomy is None:
+        return DEFAULT_ANATOMY
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; expected one of {', '.join(ANATOMIES)}")
+    return anatomy
+
+
+def generator_identity(anatomy: str | None = None):
+    """What made a cohort, for provenance stamps: GENERATOR_VERSION (an int) for the classic
+    anatomy, as it has always been stamped, and e.g. "2+grooved1" for a variant."""
+    anatomy = check_anatomy(anatomy)
+    if anatomy == DEFAULT_ANATOMY:
+        return GENERATOR_VERSION
+    return f"{GENERATOR_VERSION}+{anatomy}{ANATOMIES[anatomy]}"
+
+
+def _anatomy_salt(anatomy: str) -> int:
+    return zlib.crc32(f"anatomy:{anatomy}".encode())
+
+
+def patient_seed(seed: int, index: int, site: str | SitePreset | None = None,
+                 anatomy: str | None = None) -> int:
     """The seed of patient `index` in a cohort generated with `seed` (independent of N).
 
-    A non-default `site` salts it, so a site's cohort has its own patients for every seed.
+    A non-default `site` salts it, so a site's cohort has its own patients for every seed; so
+    does a non-classic `anatomy` (its cohorts share no patient with the classic ones).
     """
     preset = get_site(site)
+    anatomy = check_anatomy(anatomy)
     key = [int(seed), int(index)] if preset.is_default else [int(seed), int(index), preset.salt]
+    if anatomy != DEFAULT_ANATOMY:
+        key.append(_anatomy_salt(anatomy))
     state = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
-def patient_id_for(seed: int, index: int, site: str | SitePreset | None = None) -> str:
+def patient_id_for(seed: int, index: int, site: str | SitePreset | None = None,
+                   anatomy: str | None = None) -> str:
     """The patient id of patient `index` in a cohort generated with `seed` (a non-default
-    `site`'s name is part of it: `syn0-site2-0003`)."""
+    `site`'s name and a non-classic `anatomy`'s are part of it: `syn0-site2-0003`,
+    `syn0-grooved-0003`, `syn0-site2-grooved-0003`)."""
     preset = get_site(site)
-    if preset.is_default:
-        return f"syn{int(seed)}-{int(index):04d}"
-    return f"syn{int(seed)}-{preset.name}-{int(index):04d}"
+    parts = [f"syn{int(seed)}"]
+    if not preset.is_default:
+        parts.append(preset.name)
+    if check_anatomy(anatomy) != DEFAULT_ANATOMY:
+        parts.append(anatomy)
+    return "-".join(parts + [f"{int(index):04d}"])
 
 
 def _check_proportions(proportions: Sequence[float]) -> np.ndarray:
@@ -266,17 +308,20 @@ def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
 
 def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size: int = 128, *,
                    category: int | None = None, patient_id: str | None = None,
-                   ctac_overlap: bool = False,
-                   site: str | SitePreset | None = None) -> dict[str, SyntheticScan]:
+                   ctac_overlap: bool = False, site: str | SitePreset | None = None,
+                   anatomy: str | None = None) -> dict[str, SyntheticScan]:
     """Renders one patient's scans in memory: {protocol: SyntheticScan}.
 
     `category` is the target CAC category (0-3) met by the gated scan; None draws it from the
     patient's own seed (equal proportions). The CAC scan is always rendered (the plaque design is
     measured on it) and returned only when asked for. `site` is an acquisition preset
     (`sites.SITES`, default "default"); it changes how the patient is imaged, not the patient
-    (use `patient_seed(seed, k, site)` for a site's own patients).
+    (use `patient_seed(seed, k, site)` for a site's own patients). `anatomy` is the anatomy
+    variant (`ANATOMIES`, default "classic"); "grooved" draws its fat layout and devices from
+    streams of their own, so the rest of the patient (body, scanner, noise) stays as drawn.
     """
     preset = get_site(site)
+    anatomy = check_anatomy(anatomy)
     for name in protocols:
         if name not in PROTOCOLS:
             raise ValueError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -289,7 +334,11 @@ def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size
         raise ValueError(f"category must be 0, 1, 2 or 3, got {category}")
     patient_id = patient_id or f"syn-{patient_seed}"
     anat = sample_anatomy(streams["anatomy"])
+    if anatomy == "grooved":
+        anat = grooved_anatomy(anat, streams["grooves"])
     others = plaque_lib.noncoronary_calcifications(anat, category, streams["noncoronary"])
+    if anatomy == "grooved":
+        others = others + device_wires(anat, category, streams["devices"])
     cac_protocol = render.sample_protocol("cac", anat, streams["cac"], site=preset)
     ctac_protocol = render.sample_protocol("ctac", anat, streams["ctac"], ctac_overlap=ctac_overlap,
                                            site=preset)
@@ -311,11 +360,12 @@ def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size
 
 def render_scan(patient_seed: int, protocol: str, size: int = 128, *, category: int | None = None,
                 patient_id: str | None = None, ctac_overlap: bool = False,
-                site: str | SitePreset | None = None) -> SyntheticScan:
+                site: str | SitePreset | None = None, anatomy: str | None = None) -> SyntheticScan:
     """One synthetic scan in memory, no files (the same scan `generate_cohort` writes for
-    `patient_seed(seed, k, site)` with `category=assign_categories(seed, N, ...)[k]`)."""
+    `patient_seed(seed, k, site, anatomy)` with `category=assign_categories(seed, N, ...)[k]`)."""
     return render_patient(patient_seed, (protocol,), size, category=category,
-                          patient_id=patient_id, ctac_overlap=ctac_overlap, site=site)[protocol]
+                          patient_id=patient_id, ctac_overlap=ctac_overlap, site=site,
+                          anatomy=anatomy)[protocol]
 
 
 # --------------------------------------------------------------------------- writing
@@ -351,16 +401,17 @@ class _Job:
     preview: bool
     ctac_overlap: bool
     site: SitePreset | None = None
+    anatomy: str = DEFAULT_ANATOMY
 
 
 def _run_job(job: _Job) -> list[ManifestRow]:
     from data_pipeline.io import write_volume
 
     out = Path(job.out_dir)
-    pid = patient_id_for(job.seed, job.index, job.site)
-    scans = render_patient(patient_seed(job.seed, job.index, job.site), job.protocols, job.size,
-                           category=job.category, patient_id=pid, ctac_overlap=job.ctac_overlap,
-                           site=job.site)
+    pid = patient_id_for(job.seed, job.index, job.site, job.anatomy)
+    scans = render_patient(patient_seed(job.seed, job.index, job.site, job.anatomy), job.protocols,
+                           job.size, category=job.category, patient_id=pid,
+                           ctac_overlap=job.ctac_overlap, site=job.site, anatomy=job.anatomy)
     rows = []
     for number, (name, scan) in enumerate(scans.items(), start=1):
         folder = out / pid / name
@@ -385,7 +436,8 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
                     preview: bool = False, category_proportions=DEFAULT_PROPORTIONS,
                     workers: int = 1, ctac_overlap: bool = False,
                     progress: Callable[[int], None] | None = None,
-                    site: str | SitePreset | None = None) -> list[ManifestRow]:
+                    site: str | SitePreset | None = None,
+                    anatomy: str | None = None) -> list[ManifestRow]:
     """Generates `patients` synthetic patients into `out_dir` and writes `out_dir/manifest.csv`.
 
     Layout: OUT/<patient_id>/<protocol>/dicom/*.dcm, .../calcium_labels.nii.gz,
@@ -393,11 +445,15 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     Agatston and category of every scan, the site preset's `site` ("synthetic" for the default),
     split empty) and OUT/cohort.json (GENERATOR_VERSION and the arguments). `site` names an
     acquisition preset (`sites.SITES`): a non-default site images its own patients (salted seeds,
-    the site's name in the patient ids). `workers` > 1 renders patients in parallel processes;
-    `progress(n)` is called as each patient finishes.
+    the site's name in the patient ids). `anatomy` names an anatomy variant (`ANATOMIES`); a
+    non-classic one also has its own patients (salted seeds, its name in the ids) and is recorded
+    in cohort.json ("anatomy" and "generator_identity"; the classic cohort's cohort.json is as it
+    always was). `workers` > 1 renders patients in parallel processes; `progress(n)` is called as
+    each patient finishes.
     Returns the manifest rows.
     """
     preset = get_site(site)
+    anatomy = check_anatomy(anatomy)
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
     if seed < 0:
@@ -414,7 +470,7 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     except OSError as exc:
         raise InputError(out, f"cannot create the output folder: {exc.strerror or exc}") from None
     jobs = [_Job(str(out), k, int(seed), categories[k], protocols, int(size), bool(preview),
-                 bool(ctac_overlap), preset) for k in range(patients)]
+                 bool(ctac_overlap), preset, anatomy) for k in range(patients)]
     results: dict[int, list[ManifestRow]] = {}
     if workers <= 1:
         for job in jobs:
@@ -441,9 +497,12 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     rows = [row for k in range(patients) for row in results[k]]
     write_manifest(out / "manifest.csv", rows)
     # Provenance beside the manifest (whose columns are a contract): what made these files.
-    atomic_write_text(out / "cohort.json", json.dumps({
+    provenance = {
         "generator_version": GENERATOR_VERSION, "patients": int(patients), "seed": int(seed),
         "size": int(size), "protocols": list(protocols), "site": preset.name,
         "category_proportions": [float(p) for p in category_proportions],
-        "ctac_overlap": bool(ctac_overlap)}, indent=2) + "\n")
+        "ctac_overlap": bool(ctac_overlap)}
+    if anatomy != DEFAULT_ANATOMY:   # absent: the classic anatomy (cohorts made before variants)
+        provenance.update(anatomy=anatomy, generator_identity=generator_identity(anatomy))
+    atomic_write_text(out / "cohort.json", json.dumps(provenance, indent=2) + "\n")
     return rows

@@ -5,7 +5,8 @@ placed in world mm on the patient's anatomy, so every protocol renders the same 
 
 Labels (the team's label map): 1 LAD (including the left main), 2 LCX, 3 RCA (orCaScore
 convention), 5 aortic-wall calcium, 6 valve calcium (aortic valve and mitral annulus), 7 other
-non-coronary calcium (costal cartilage). Bone (spine, ribs, sternum) is not labelled: the dataset
+non-coronary calcium (costal cartilage; the grooved anatomy's metal devices use it too,
+`devices`). Bone (spine, ribs, sternum) is not labelled: the dataset
 builder already maps any unlabelled voxel at HU >= 130 to the non-coronary class.
 
 Coronary plaques are drawn as an ordered list of candidates whose sizes suit the patient's target

@@ -50,6 +50,7 @@ from data_pipeline.phantom.acquisition import (
     make_grid,
     sample_protocol,
 )
+from data_pipeline.phantom.devices import Wire
 from data_pipeline.phantom.kernel import (
     blur,
     kernel_radius_px,
@@ -76,7 +77,7 @@ __all__ = [
     "calcification_patch", "complete_lesions", "compose", "kernel_radius_px", "kernel_sigma_px",
     "make_grid", "noise_gain", "noise_sigma_at", "noisy_background", "patches_region",
     "reconstruct", "render_anatomy", "sample_protocol", "sharpen_sigma_px", "visible_hu",
-    "white_noise_sigma",
+    "white_noise_sigma", "wire_patch",
 ]
 
 CALCIUM_HU = CALCIUM_THRESHOLD_HU  # Agatston 1990 threshold (one source: data_pipeline.constants)
@@ -110,7 +111,10 @@ def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
     slice thickness (box profile) and, for coronary plaques in ungated scans, 6 positions along
     the artery's motion path (cosine-weighted dwell: the heart rests longest at the extremes),
     shifted per slice by that slice's cardiac phase.
+    A metal device's `Wire` piece is rendered by `wire_patch`.
     """
+    if isinstance(calc, Wire):
+        return wire_patch(calc, grid, protocol, anatomy_hu)
     pixel = grid.pixel_mm
     thickness = grid.thickness_mm
     motion = protocol.motion.get(calc.artery) if calc.coronary else None
@@ -160,14 +164,66 @@ def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
         dens[i] = value.reshape(len(dzs), ny, ss, nx, ss).mean(axis=(0, 2, 4))
     if not occ.any():
         return None
-    delta = dens - occ * anatomy_hu[zsl, ysl, xsl]
+    return _blurred_patch(calc.label, dens - occ * anatomy_hu[zsl, ysl, xsl], (zsl, ysl, xsl),
+                          grid, protocol)
+
+
+def _blurred_patch(label: int, delta: np.ndarray, box, grid: Grid, protocol: Protocol) -> Patch:
+    """The Patch of an excess `delta` on the grid box `box` (z, y, x slices): padded in-plane by
+    the kernel's reach and reconstructed (blurred) by the protocol's kernel."""
+    zsl, ysl, xsl = box
     pad = kernel_radius_px(protocol, grid) + 1
     y0, y1 = max(0, ysl.start - pad), min(len(grid.y), ysl.stop + pad)
     x0, x1 = max(0, xsl.start - pad), min(len(grid.x), xsl.stop + pad)
     padded = np.zeros((delta.shape[0], y1 - y0, x1 - x0), dtype=np.float32)
     padded[:, ysl.start - y0:ysl.stop - y0, xsl.start - x0:xsl.stop - x0] = delta
-    return Patch(calc.label, (zsl, slice(y0, y1), slice(x0, x1)),
+    return Patch(label, (zsl, slice(y0, y1), slice(x0, x1)),
                  reconstruct(padded, protocol, grid, mode="constant"))
+
+
+def wire_patch(wire: Wire, grid: Grid, protocol: Protocol, anatomy_hu: np.ndarray) -> Patch | None:
+    """Supersampled partial-volume rendering of one metal `Wire` piece (uniform density), blurred
+    by the kernel: the same sub-pixels and sub-slices as `calcification_patch`, no motion."""
+    pixel = grid.pixel_mm
+    thickness = grid.thickness_mm
+    reach = wire.radius_mm + pixel
+    lo, hi = wire.points.min(axis=0) - reach, wire.points.max(axis=0) + reach
+    zsl = _range(grid.z, lo[2] - thickness / 2, hi[2] + thickness / 2)
+    ysl = _range(grid.y, lo[1], hi[1])
+    xsl = _range(grid.x, lo[0], hi[0])
+    if zsl.start >= zsl.stop or ysl.start >= ysl.stop or xsl.start >= xsl.stop:
+        return None
+    ss = int(np.clip(np.ceil(pixel / 0.35), 2, 8))
+    n_sub_z = int(np.clip(np.ceil(thickness / 0.5), 2, 10))
+    offs = (np.arange(ss) + 0.5) / ss - 0.5
+    xs = (grid.x[xsl][:, None] + offs[None, :] * pixel).ravel()[None, None, :]
+    ys = (grid.y[ysl][:, None] + offs[None, :] * pixel).ravel()[None, :, None]
+    z_offs = ((np.arange(n_sub_z) + 0.5) / n_sub_z - 0.5) * thickness
+    ny, nx = ysl.stop - ysl.start, xsl.stop - xsl.start
+    occ = np.zeros((zsl.stop - zsl.start, ny, nx), dtype=np.float32)
+    pts = wire.points
+    first, last = pts[0], pts[-1]
+    n0, n1 = wire.start_normal, wire.end_normal
+    for i, iz in enumerate(range(zsl.start, zsl.stop)):
+        zs = (grid.z[iz] + z_offs)[:, None, None]
+        d2 = np.full((n_sub_z, ys.shape[1], xs.shape[2]), np.inf)
+        for a, b in zip(pts[:-1], pts[1:]):
+            ab = b - a
+            t = np.clip(((xs - a[0]) * ab[0] + (ys - a[1]) * ab[1] + (zs - a[2]) * ab[2])
+                        / float(ab @ ab), 0.0, 1.0)
+            d2 = np.minimum(d2, (xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2
+                            + (zs - a[2] - t * ab[2]) ** 2)
+        inside = ((d2 <= wire.radius_mm ** 2)
+                  & ((xs - first[0]) * n0[0] + (ys - first[1]) * n0[1] + (zs - first[2]) * n0[2] >= 0)
+                  & ((xs - last[0]) * n1[0] + (ys - last[1]) * n1[1] + (zs - last[2]) * n1[2] < 0))
+        occ[i] = inside.reshape(n_sub_z, ny, ss, nx, ss).mean(axis=(0, 2, 4))
+    if not occ.any():
+        return None
+    density = float(wire.density_hu)
+    if protocol.contrast != 1.0:
+        density = float(apply_contrast(np.float64(density), protocol.contrast))
+    return _blurred_patch(wire.label, occ * (density - anatomy_hu[zsl, ysl, xsl]), (zsl, ysl, xsl),
+                          grid, protocol)
 
 
 def visible_hu(protocol: Protocol, grid: Grid) -> float:

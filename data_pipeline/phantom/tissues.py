@@ -273,8 +273,10 @@ def _render_chunk(anat: Anatomy, grid: Grid, protocol: Protocol, st: _Static, zs
         heart_occ[hbox] = _occ(sac, pixel)
         _paint(hv, _occ(sac, heart_w), 25.0)
         _paint(hv, _occ(sac + 1.2, heart_w), anat.hu_fat)
-        _paint(hv, _occ(sac + heart.fat_mm, heart_w), anat.hu_myocardium)
-        inner = _occ(sac + heart.fat_mm + heart.wall_mm * 0.5, heart_w)
+        # Epicardial fat: a uniform layer, or the grooved anatomy's position-dependent one.
+        fat = heart.fat_mm if heart.grooves is None else heart.grooves.fat_at_local(heart, u, v, w)
+        _paint(hv, _occ(sac + fat, heart_w), anat.hu_myocardium)
+        inner = _occ(sac + fat + heart.wall_mm * 0.5, heart_w)
         for center, radii in (anat.lv_cavity, anat.rv_cavity, anat.atria):
             cav = _ellipsoid_sdf(u - float(center[0]), v - float(center[1]), w - float(center[2]),
                                  radii)
