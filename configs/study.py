@@ -9,7 +9,10 @@ Arguments (`--config configs/study.py:ARG`):
 - none: the CPU study (256 px cohort; the ConvLSTM at half the configs' widths and the UNet
   width-matched to it; sized for hours on 2 cores, resumable);
 - "gpu": the GPU variant (full-width ConvLSTM and UNet-64, a larger cohort, larger batches);
-- "local": a tiny version of the whole path for tests (minutes on a CPU, numbers meaningless).
+- "local": a tiny version of the whole path for tests (minutes on a CPU, numbers meaningless);
+- "grooved", alone or after one of the others ("gpu,grooved", "local,grooved"): every cohort with
+  the generator's grooved anatomy (epicardial fat deep in the grooves, coronaries on the groove
+  floors, metal devices; docs/synthetic_cohort.md) instead of the classic one.
 
 Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
 would run `cac-jax train`; `trainings` names each workdir under OUT/models/, `systems` pairs a heart
@@ -23,6 +26,7 @@ from __future__ import annotations
 import ml_collections
 
 ARGS = (None, "", "gpu", "local")
+MODIFIERS = ("grooved",)
 
 HALF_WIDTH_CONVLSTM = (
     "model.convlstm.encoder_widths=(16, 32, 64, 128)",
@@ -51,9 +55,13 @@ def _training(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The study settings; see the module docstring for `arg`."""
-    if arg not in ARGS:
-        raise ValueError(f"unknown study config argument {arg!r}: expected none, 'gpu' or 'local'")
-    gpu, local = arg == "gpu", arg == "local"
+    parts = [p for p in (arg or "").split(",") if p]
+    modifiers = {p for p in parts if p in MODIFIERS}
+    base = [p for p in parts if p not in MODIFIERS]
+    if len(base) > 1 or (base and base[0] not in ARGS):
+        raise ValueError(f"unknown study config argument {arg!r}: expected none, 'gpu' or 'local', "
+                         f"optionally with ',grooved'")
+    gpu, local = base == ["gpu"], base == ["local"]
     c = ml_collections.ConfigDict()
     c.seed = 0
     # Cohort: in-plane matrix of every synthetic scan (the field of view is the protocol's).
@@ -71,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.synth_workers = 2
     # Anatomy variant of every cohort (data_pipeline.phantom: "classic", or "grooved" for
     # groove-dependent epicardial fat and metal devices; docs/synthetic_cohort.md).
-    c.anatomy = "classic"
+    c.anatomy = "grooved" if "grooved" in modifiers else "classic"
 
     heart_common = ["train.log_every=25", "train.progress=True"]
     heart_steps = 8 if local else (6000 if gpu else 4000)

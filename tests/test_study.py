@@ -211,3 +211,17 @@ def test_summary_and_report_carry_each_named_ablation(tmp_path):
     report = study.write_report(tmp_path, config, summary, {}, systems).read_text()
     assert "z-test (ablation_frame)" in report and "z-test (ablation_scanner)" in report
     assert "| convlstm_fixedkernel |" in report
+
+
+def test_grooved_modifier_changes_only_the_anatomy():
+    """`configs/study.py:grooved` (alone or after gpu/local) is the same study on the grooved
+    anatomy; a bad argument is refused with the accepted ones named."""
+    for base in ("", "gpu", "local"):
+        plain = load_config_file(str(STUDY), base or None)
+        grooved = load_config_file(str(STUDY), ",".join(p for p in (base, "grooved") if p))
+        assert plain.anatomy == "classic" and grooved.anatomy == "grooved"
+        plain.anatomy = "grooved"
+        assert plain.to_dict() == grooved.to_dict()
+    for bad in ("grooves", "gpu,local", "grooved,x"):
+        with pytest.raises(ValueError, match="optionally with ',grooved'"):
+            load_config_file(str(STUDY), bad)
