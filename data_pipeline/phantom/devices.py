@@ -24,9 +24,9 @@ nor leave a gap and each renders in its own small patch (`render.calcification_p
   5-8 loops of steel wire (radius 0.4-0.6 mm) around the sternum, 22-32 mm apart from near its
   lower end upwards, each with its twisted end pointing forwards.
 
-Metal is rendered at 3000-4000 HU (the material; the image is clipped at 3071 HU like a 12-bit
-scanner's), so the wires reach the clip at fine pixels and fall to some 1000-2500 HU where
-partial volume spreads them over coarse ones. Metal streak artefacts are not modelled.
+Metal is rendered at 6000-10000 HU (`METAL_HU`; the image is clipped at 3071 HU like a 12-bit
+scanner's), so the wires reach the clip at fine pixels and fall to some 2000 HU where partial
+volume spreads them over coarse ones (the CTAC at 256 px). Metal streak artefacts are not modelled.
 """
 
 from __future__ import annotations
