@@ -29,7 +29,6 @@ Then `cac-jax evaluate --pred OUT/infer_{naive,trueheart}/results.csv --ref MANI
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import pathlib
 import sys
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from cac_jax import demo  # noqa: E402
 from cac_jax.inference import Scorer  # noqa: E402
-from cac_jax.results import number, write_results  # noqa: E402
+from cac_jax.results import number, read_results, write_results  # noqa: E402
 from cac_jax.scoring import CALCIUM_THRESHOLD_HU, CATEGORY_NAMES  # noqa: E402
 from data_pipeline import frames as frames_lib  # noqa: E402
 from data_pipeline.atomic import atomic_write_text  # noqa: E402
@@ -58,11 +57,19 @@ def depth_below_surface(heart: np.ndarray, spacing_zyx_mm) -> np.ndarray:
     return ndimage.distance_transform_edt(heart, sampling=spacing_zyx_mm)
 
 
-def true_heart_scores(scorer: Scorer, calcium_name: str, row, counts: dict) -> dict:
+def scans(manifest: pathlib.Path, protocol: str | None = None):
+    """(row, volume, heart mask as bool, truth labels) of each scan of a cohort (of `protocol`)."""
+    for row in read_manifest(manifest):
+        if protocol is not None and row.protocol != protocol:
+            continue
+        volume = read_study(row.image)
+        yield (row, volume, read_labels(row.heart_mask, like=volume) > 0,
+               read_labels(row.calcium_labels, like=volume))
+
+
+def true_heart_scores(scorer: Scorer, calcium_name: str, row, volume, heart, truth,
+                      counts: dict) -> dict:
     """Score one scan with the calcium model inside its true heart; add its depth counts."""
-    volume = read_study(row.image)
-    heart = read_labels(row.heart_mask, like=volume) > 0
-    truth = read_labels(row.calcium_labels, like=volume)
     spacing = tuple(float(s) for s in volume.spacing_zyx_mm)
     _, silhouette = scorer._silhouettes(heart.astype(np.uint8), spacing, {})
     calcium = scorer._runners["calcium"].predict(
@@ -82,21 +89,16 @@ def true_heart_scores(scorer: Scorer, calcium_name: str, row, counts: dict) -> d
     return dict(scan_id=row.scan_id, image=str(row.image), protocol=row.protocol, status="ok",
                 agatston=number(score.agatston), volume_mm3=number(score.volume_mm3),
                 category=score.category, category_name=CATEGORY_NAMES[score.category],
-                n_lesions=len(score.lesions), heart_model="true heart mask",
+                n_lesions=len(score.lesions),
+                heart_volume_ml=number(heart.sum() * np.prod(spacing) / 1000.0),
+                heart_model="true heart mask",
                 calcium_model=calcium_name)
 
 
 def coronary_depths(manifest: pathlib.Path, protocol: str = "cac") -> np.ndarray:
     """Depth (mm) below the heart surface of every coronary truth voxel of a cohort's scans."""
-    out = []
-    for row in read_manifest(manifest):
-        if row.protocol != protocol:
-            continue
-        volume = read_study(row.image)
-        heart = read_labels(row.heart_mask, like=volume) > 0
-        truth = read_labels(row.calcium_labels, like=volume)
-        depth = depth_below_surface(heart, volume.spacing_zyx_mm)
-        out.append(depth[np.isin(truth, (1, 2, 3))])
+    out = [depth_below_surface(heart, volume.spacing_zyx_mm)[np.isin(truth, (1, 2, 3))]
+           for _, volume, heart, truth in scans(manifest, protocol)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -110,12 +112,7 @@ def lesion_visibility(manifest: pathlib.Path, protocol: str) -> dict:
     the Rose criterion's limit: a reader cannot tell it from noise.
     """
     excess, sigmas = [], []
-    for row in read_manifest(manifest):
-        if row.protocol != protocol:
-            continue
-        volume = read_study(row.image)
-        heart = read_labels(row.heart_mask, like=volume) > 0
-        truth = read_labels(row.calcium_labels, like=volume)
+    for _, volume, heart, truth in scans(manifest, protocol):
         inner = ndimage.binary_erosion(heart, iterations=4)
         local = ndimage.uniform_filter(volume.hu, size=(1, 7, 7))
         tissue = inner & (local > -30) & (local < 90)
@@ -191,18 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict = {}
     rows = []
     heart_ratio: dict = {}
-    predicted = {}
-    if args.infer is not None:
-        with open(args.infer / "results.csv", newline="") as f:
-            predicted = {r["scan_id"]: r for r in csv.DictReader(f) if r["status"] == "ok"}
-    for row in read_manifest(manifest):
-        rows.append(true_heart_scores(scorer, args.calcium_checkpoint, row, counts))
-        if row.scan_id in predicted:
-            volume = read_study(row.image)
-            true_ml = float((read_labels(row.heart_mask, like=volume) > 0).sum()
-                            * np.prod(volume.spacing_zyx_mm) / 1000.0)
+    predicted = read_results(args.infer / "results.csv")[0] if args.infer is not None else {}
+    for row, volume, heart, truth in scans(manifest):
+        rows.append(true_heart_scores(scorer, args.calcium_checkpoint, row, volume, heart, truth,
+                                      counts))
+        if predicted.get(row.scan_id, {}).get("status") == "ok":
             heart_ratio.setdefault(row.protocol, []).append(
-                float(predicted[row.scan_id]["heart_volume_ml"]) / true_ml)
+                float(predicted[row.scan_id]["heart_volume_ml"]) / float(rows[-1]["heart_volume_ml"]))
         print(f"{row.scan_id}: truth {row.agatston:.1f}, true heart {rows[-1]['agatston']}", flush=True)
     (args.out / "infer_trueheart").mkdir(exist_ok=True)
     write_results(args.out / "infer_trueheart" / "results.csv", rows)
