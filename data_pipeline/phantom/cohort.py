@@ -56,8 +56,7 @@ SITE = "synthetic"                                # the default preset's manifes
 MANUFACTURER = "cac-jax synthetic phantom"        # the default preset's DICOM Manufacturer
 _DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # SeedSequence children of a patient: one stream per purpose, so adding draws to one part never
-# changes another.
-# SeedSequence children are numbered, so streams appended here leave the earlier ones as they were
+# changes another; they are numbered, so streams appended here leave the earlier ones as they were
 # ("grooves" and "devices" are drawn only by the grooved anatomy).
 _STREAMS = ("anatomy", "category", "coronary", "noncoronary", "cac", "ctac", "cac-noise",
             "ctac-noise", "grooves", "devices")
