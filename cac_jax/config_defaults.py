@@ -97,9 +97,14 @@ def get_base_config(task: str, arch: str, local: bool = False) -> ml_collections
     return config
 
 
+# The rule that ends a run early (docs/training.md "Early stopping"): it decides when a run stops,
+# not what a step computes, so a run may be continued under another.
+STOP_KEYS = ("train.early_stop_patience", "train.early_stop_metric", "train.early_stop_min_delta")
+
 # Keys added to the configs after runs were made, with the value a config without one had: a saved
 # config (cac_jax.train) or a stamped one (the demo and the study) that lacks a key reads as this.
 ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0,
+              "train.early_stop_metric": "",
               "data.augment.noise_std_max": 0.0, "data.augment.blur_sigma": 0.0,
               "data.augment.sharpen": 0.0, "data.augment.sharpen_sigma": 1.0,
               "data.augment.kvp_contrast": 0.0, "data.eval_slices": "all"}
@@ -137,8 +142,12 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     # `max_seconds` when that ends the run first; `train.anneal_factor`). 0: the paper's constant
     # rate (with the plateau cuts). A time-boxed run then depends on the machine's speed.
     t.anneal_fraction = 0.0
-    # Early stopping: stop after this many evaluations without a better best_metric (0: never).
+    # Early stopping: stop after this many evaluations without a better early_stop_metric (0:
+    # never); "" stops on best_metric. "val_loss" stops when the loss the plateau schedule follows
+    # has converged, whatever a noisy best_metric does meanwhile (the best checkpoint is still
+    # chosen on best_metric).
     t.early_stop_patience = 10
+    t.early_stop_metric = ""
     # An evaluation counts as better for early stopping only when it beats the value that last
     # reset the patience by more than this (absolute; 0: any improvement). The best checkpoint is
     # still the best value, however small the gain.

@@ -34,6 +34,21 @@ class _Stamps:
         return stamp.exists() and (_comparable(json.loads(stamp.read_text()))
                                    == _comparable(wanted))
 
+    def continues(self, stage: str, wanted: dict, keys: Sequence[str]) -> bool:
+        """Whether the stage's stamp differs from `wanted` only in `--config.` overrides of
+        `keys`: settings a training run may be continued under (its length, its stop rule)."""
+        stamp = self.folder / f"{stage}.json"
+        if not stamp.exists():
+            return False
+
+        def without(stamp: dict) -> dict:
+            stamp = dict(_comparable(stamp))
+            stamp["overrides"] = [item for item in stamp.get("overrides", [])
+                                  if item.partition("=")[0] not in keys]
+            return stamp
+
+        return without(json.loads(stamp.read_text())) == without(wanted)
+
     def mark(self, stage: str, wanted: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / f"{stage}.json", json.dumps(wanted, sort_keys=True))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cac_jax import demo
 from cac_jax import stages as stage_stamps
+from cac_jax.config_defaults import STOP_KEYS
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
 
@@ -40,6 +41,8 @@ PROTOCOLS = ("cac", "ctac")
 COHORTS = ("test", "unseen")
 # The paper's linearly weighted kappas (ConvLSTM / UNet) on its held-out patients.
 PAPER = {"cac": {"convlstm": 0.84, "unet": 0.86}, "ctac": {"convlstm": 0.64, "unet": 0.67}}
+# Settings a finished or interrupted training may be continued under instead of trained again.
+CONTINUE_KEYS = ("train.steps", *STOP_KEYS)
 STAGES = ("cohorts", "dataset", "train", "infer", "evaluate", "bench", "report", "export")
 
 
@@ -163,8 +166,11 @@ def train_models(out: Path, config, stamps, only: set[str] | None = None) -> Non
         workdir = out / "models" / name
         config_path, overrides, wanted = training_stamp(out, config, name)
         same = stamps.same(f"train_{name}", wanted)
-        if not same and workdir.exists():
-            shutil.rmtree(workdir)  # trained with other settings: start again
+        # Trained with other settings: start again, unless only its length or its stop rule
+        # changed; then `cac-jax train` continues it from its last checkpoint.
+        if (not same and workdir.exists()
+                and not stamps.continues(f"train_{name}", wanted, CONTINUE_KEYS)):
+            shutil.rmtree(workdir)
         if same and _finished(workdir):
             _say(f"      reusing {name} ({workdir})")
             continue

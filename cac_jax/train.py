@@ -67,10 +67,12 @@ from data_pipeline.errors import InputError
 from data_pipeline.records import EVAL_SLICES
 
 AXIS = dist.AXIS  # the named data-parallel axis of pmap (and of synchronised BatchNorm)
-# Keys a resumed run may change: the length of the run and how it is shown.
+# Keys a resumed run may change: the length of the run, when it stops (its patience is then
+# counted again over the evaluations made) and how it is shown.
 # model.conv_impl picks the library that runs the same convolutions (docs/onednn.md), so a run may
 # resume under another.
-RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl")
+RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl",
+                  *config_defaults.STOP_KEYS)
 # Keys added to the configs after runs were made: a saved config without one had this value.
 ADDED_KEYS = config_defaults.ADDED_KEYS
 
@@ -163,6 +165,13 @@ def resolve_devices(config) -> list:
         raise ConfigError(None, f"config.train.batch_size={batch} is not divisible by the "
                                 f"{total} devices; use a multiple of {total}")
     return local
+
+
+def stop_options(config) -> tuple[str, str]:
+    """(metric name, "min" | "max") of early stopping: `train.early_stop_metric`, or the
+    best-checkpoint metric when it is empty."""
+    name = str(config.train.get("early_stop_metric", "") or config.train.best_metric)
+    return name, "min" if name.endswith("loss") else "max"
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -423,8 +432,10 @@ class _Run:
         fresh = init_state(config, self.model, self.tx, (1, 3, size, size, 1))
         self.host = _HostState(plateau=self.plateau.init({}))
         self.best_name, self.best_mode = ckpt_lib.best_options(config)
+        self.stop_name, self.stop_mode = stop_options(config)
         self.manager = ckpt_lib.make_manager(workdir, config)
         fresh = self._resume(fresh)
+        self._recount_patience()
         self.total_steps = int(config.train.steps)
         self.state = _replicate(fresh, self.devices)
         self._compile_steps()
@@ -636,7 +647,8 @@ class _Run:
         if eval_metrics is None:
             return None
         self._step_plateau(eval_metrics.get("val_loss", math.nan))
-        self._track_best(step, float(eval_metrics.get(self.best_name, math.nan)))
+        self._track_best(step, float(eval_metrics.get(self.best_name, math.nan)),
+                         float(eval_metrics.get(self.stop_name, math.nan)))
         row = {**(row or {"step": step}), **eval_metrics,
                "elapsed_s": time.perf_counter() - self.t_start,
                "learning_rate_next": self.base_rate * self.lr_scale * self.anneal}
@@ -645,9 +657,9 @@ class _Run:
         self.last_log_time = time.perf_counter()
         if self.host.stopped_early and self.is_main:
             host = self.host
-            self.bar.write(f"early stop at step {step}: no better {self.best_name} in "
+            self.bar.write(f"early stop at step {step}: no better {self.stop_name} in "
                            f"{int(self.config.train.early_stop_patience)} evaluations (best "
-                           f"{host.best_value} at {host.best_step})")
+                           f"{self.best_name} {host.best_value} at {host.best_step})")
         return eval_metrics
 
     def _step_plateau(self, val_loss: float) -> None:
@@ -658,20 +670,46 @@ class _Run:
         self.lr_scale = float(self.host.plateau.scale)
         self.scale_dev = _device_scale(self.lr_scale * self.anneal, self.devices)
 
-    def _track_best(self, step: int, value: float) -> None:
-        """The best value of `config.train.best_metric` so far, and early stopping."""
+    def _track_best(self, step: int, value: float, stop_value: float) -> None:
+        """The best value of `config.train.best_metric` so far, and early stopping on
+        `stop_value` (the value of `early_stop_metric`)."""
         host = self.host
         if _improved(value, host.best_value, self.best_mode):
             host.best_value, host.best_step = value, step
+        self._count_patience(stop_value)
+
+    def _count_patience(self, value: float) -> None:
+        """Early stopping's patience after an evaluation whose stop metric is `value`."""
+        host = self.host
         delta = float(self.config.train.get("early_stop_min_delta", 0.0) or 0.0)
-        shifted = value - delta if self.best_mode == "max" else value + delta
-        if _improved(shifted, host.patience_value, self.best_mode):
+        shifted = value - delta if self.stop_mode == "max" else value + delta
+        if _improved(shifted, host.patience_value, self.stop_mode):
             host.patience_value, host.evals_since_best = value, 0
         else:
             host.evals_since_best += 1
         patience = int(self.config.train.early_stop_patience)
-        if patience and host.evals_since_best >= patience:
-            host.stopped_early = True
+        host.stopped_early = bool(patience and host.evals_since_best >= patience)
+
+    def _recount_patience(self) -> None:
+        """A resumed run's patience counted again, under this run's stop rule, over the
+        evaluations `metrics.jsonl` holds up to the resumed step: the rule's keys may have changed
+        since (`STOP_KEYS`), so a run stopped early may be continued with more patience or on
+        another metric. Without that file (or its rows) the checkpoint's count stands."""
+        path = self.workdir / "metrics.jsonl"
+        if not self.restored or not path.exists():
+            return
+        values = []
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if 0 < row.get("step", 0) <= self.start_step and self.stop_name in row:
+                value = row[self.stop_name]
+                values.append(math.nan if value is None else float(value))
+        if not values:
+            return
+        host = self.host
+        host.patience_value, host.evals_since_best, host.stopped_early = None, 0, False
+        for value in values:
+            self._count_patience(value)
 
     def save(self, step: int, metrics: dict | None, pending: bool = False) -> None:
         """Checkpoint `step` (with its validation `metrics`; `pending`: its evaluation was

@@ -42,8 +42,32 @@ def test_every_training_of_the_study_parses_as_cac_jax_train_would(arg, tmp_path
         if arg != "local":
             assert parsed.train.max_seconds == 0  # convergence, not a time box
             assert parsed.train.early_stop_patience > 0
+            # The calcium models stop on their converged loss, the heart models on their Dice.
+            stop = "val_loss" if parsed.task == "calcium" else ""
+            assert parsed.train.early_stop_metric == stop, name
     for heart, calcium in config.systems.values():
         assert heart in config.trainings and calcium in config.trainings
+
+
+def test_a_training_is_continued_when_only_its_length_or_stop_rule_changed(tmp_path):
+    from cac_jax import stages, study
+
+    stamps = stages._Stamps(tmp_path)
+    stamped = {"config": "configs/x.py", "dataset": {"scans": 3}, "defaults": {"train": {}},
+               "overrides": ["seed=0", "train.steps=100", "train.early_stop_patience=8"]}
+    stamps.mark("train_x", stamped)
+
+    def changed(*overrides):
+        return {**stamped, "overrides": ["seed=0", *overrides]}
+
+    keys = study.CONTINUE_KEYS
+    assert stamps.continues("train_x", changed("train.steps=200", "train.early_stop_patience=8",
+                                               "train.early_stop_metric=val_loss"), keys)
+    assert stamps.continues("train_x", changed("train.steps=100"), keys)
+    assert not stamps.continues("train_x", changed("train.steps=100", "train.early_stop_patience=8",
+                                                   "train.learning_rate=0.01"), keys)
+    assert not stamps.continues("train_x", {**stamped, "dataset": {"scans": 4}}, keys)
+    assert not stamps.continues("train_y", stamped, keys)  # nothing stamped
 
 
 def test_unknown_stage_or_training_is_one_line_exit_2(tmp_path, capsys):

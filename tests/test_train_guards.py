@@ -424,23 +424,63 @@ def test_sigterm_during_evaluation_saves_and_the_resumed_run_evaluates_first(dat
     ("min", [1.0, 0.5, float("nan"), 0.499, 0.498], 0.01, 5, 0.498),
 ])
 def test_early_stopping_min_delta(mode, values, delta, stop_after, best):
-    import types
-
     import ml_collections
 
     from cac_jax import train
 
     config = ml_collections.ConfigDict({"train": {"early_stop_patience": 3,
                                                   "early_stop_min_delta": delta}})
-    run = types.SimpleNamespace(host=train._HostState(plateau=None), config=config,
-                                best_mode=mode)
+    run = _loop_decisions(config, mode, mode)
     stopped = None
     for i, value in enumerate(values, start=1):
-        train._Run._track_best(run, i, value)
+        train._Run._track_best(run, i, value, value)
         if run.host.stopped_early and stopped is None:
             stopped = i
     assert stopped == stop_after
     assert run.host.best_value == best and run.host.best_step == values.index(best) + 1
+
+
+def _loop_decisions(config, best_mode: str, stop_mode: str):
+    """The loop's best-checkpoint and early-stopping bookkeeping without a model."""
+    import functools
+    import types
+
+    from cac_jax import train
+
+    run = types.SimpleNamespace(host=train._HostState(plateau=None), config=config,
+                                best_mode=best_mode, stop_mode=stop_mode)
+    run._count_patience = functools.partial(train._Run._count_patience, run)
+    return run
+
+
+def test_early_stopping_on_the_loss_while_the_best_checkpoint_follows_the_kappa():
+    import ml_collections
+
+    from cac_jax import train
+
+    config = ml_collections.ConfigDict({"train": {"early_stop_patience": 3,
+                                                  "early_stop_metric": "val_loss",
+                                                  "best_metric": "val_kappa"}})
+    assert train.stop_options(config) == ("val_loss", "min")
+    config.train.early_stop_metric = ""
+    assert train.stop_options(config) == ("val_kappa", "max")
+    # A kappa that peaks early and swings, a loss that keeps falling and then converges.
+    kappas = [0.6, 0.3, 0.4, 0.5, 0.55, 0.7, 0.65, 0.6, 0.62]
+    losses = [0.010, 0.008, 0.007, 0.006, 0.0055, 0.005, 0.0051, 0.0052, 0.0050]
+    on_kappa = _loop_decisions(config, "max", "max")
+    on_loss = _loop_decisions(config, "max", "min")
+    stops = {}
+    for name, run, stop in (("kappa", on_kappa, kappas), ("loss", on_loss, losses)):
+        for i, (kappa, value) in enumerate(zip(kappas, stop, strict=True), start=1):
+            train._Run._track_best(run, i, kappa, value)
+            if run.host.stopped_early:
+                stops[name] = i
+                break
+    # On the kappa the run ends at the fourth evaluation, before its best; on the loss it goes on
+    # until the loss has not improved three times, and its best checkpoint is the best kappa.
+    assert stops == {"kappa": 4, "loss": 9}
+    assert (on_loss.host.best_value, on_loss.host.best_step) == (0.7, 6)
+    assert on_kappa.host.best_step == 1
 
 
 def test_a_checkpoint_from_before_the_min_delta_resumes_its_patience_from_the_best():
@@ -456,3 +496,23 @@ def test_a_checkpoint_from_before_the_min_delta_resumes_its_patience_from_the_be
     del saved["patience_value"]  # meta written before the key existed
     old = train._HostState.from_json(saved, template)
     assert (old.patience_value, old.evals_since_best) == (0.8, 2)
+
+
+def test_a_run_stopped_early_continues_under_a_laxer_stop_rule(data_dir, tmp_path):
+    common = dict(log_every=2, eval_every=2, checkpoint_every=2, early_stop_patience=1)
+    workdir = tmp_path / "w"
+    # No gain can beat a min delta of 100: the second evaluation ends the run.
+    strict = tiny_config("unet_heart", data_dir, steps=8, early_stop_min_delta=100.0, **common)
+    summary = train_lib.train_and_evaluate(strict, workdir)
+    assert summary["stopped_early"] and summary["steps"] == 4
+    # The same rule again: the run stays stopped.
+    summary = train_lib.train_and_evaluate(strict, workdir)
+    assert summary["stopped_early"] and summary["steps"] == 4 and summary["steps_this_run"] == 0
+    # Without the min delta and with no patience limit it continues from its last checkpoint.
+    lax = tiny_config("unet_heart", data_dir, steps=8, early_stop_min_delta=0.0,
+                      **{**common, "early_stop_patience": 0})
+    summary = train_lib.train_and_evaluate(lax, workdir)
+    assert summary["resumed_from"] == 4 and summary["steps"] == 8
+    assert not summary["stopped_early"]
+    assert [r["step"] for r in rows(workdir) if "val_loss" in r] == [2, 4, 6, 8]
+    assert json.loads((workdir / "config.json").read_text())["train"]["early_stop_patience"] == 0
