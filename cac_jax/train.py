@@ -694,7 +694,8 @@ class _Run:
         """A resumed run's patience counted again, under this run's stop rule, over the
         evaluations `metrics.jsonl` holds up to the resumed step: the rule's keys may have changed
         since (`STOP_KEYS`), so a run stopped early may be continued with more patience or on
-        another metric. Without that file (or its rows) the checkpoint's count stands."""
+        another metric. Without that file (or its rows) the checkpoint's count stands. Every
+        host reads the same file: the workdir is shared, as its checkpoints are."""
         path = self.workdir / "metrics.jsonl"
         if not self.restored or not path.exists():
             return

@@ -179,6 +179,12 @@ def test_targets_say_what_is_met_by_how_much_and_what_was_not_measured():
         "unseen": {"convlstm": {"cac": cell(0.85), "ctac": cell(float("nan"))}},
     }
     rows = {r["target"]: r for r in study.targets(summary)}
+    paper = "convlstm CTAC kappa against the same patients' gated reference (the paper's design)"
+    assert rows[f"{paper} >= 0.65"]["met"] is None  # not evaluated
+    summary["test"]["ctac_vs_gated"] = {"convlstm": cell(0.45), "unet": cell(0.5)}
+    rows = {r["target"]: r for r in study.targets(summary)}
+    assert rows[f"{paper} >= 0.65"]["met"] is False
+    assert rows[f"{paper} >= 0.65"]["value"] == pytest.approx(0.45)
     assert rows["convlstm CAC kappa >= 0.85"]["met"] is True
     assert rows["convlstm CTAC kappa >= 0.65"]["met"] is False
     assert rows["convlstm CAC kappa >= naive + 0.2"]["value"] == pytest.approx(0.3)
@@ -228,7 +234,13 @@ def test_summary_and_report_carry_each_named_ablation(tmp_path):
         metrics[(cohort, "comparison")] = block(0.7, z=0.3)
         metrics[(cohort, "ablation_frame")] = block(0.7, z=0.02)
         metrics[(cohort, "ablation_scanner")] = block(0.7, z=0.4)
+    paper = block(0.45)
+    paper["by_protocol"]["ctac"].update(kappa_linear_2=0.5, kappa_linear_2_ci95=[0.4, 0.6])
+    metrics[("test", "ctac_vs_gated")] = paper
     summary = study.summarise(config, metrics, systems)
+    assert summary["test"]["ctac_vs_gated"]["convlstm"]["kappa_linear"] == 0.45
+    assert summary["test"]["ctac_vs_gated"]["unet"]["kappa_linear_ci95"] == [0.4, 0.6]
+    assert "ctac_vs_gated" not in summary["unseen"]
     assert summary["test"]["ablation_frame"]["cac"]["p"] == 0.02
     assert summary["unseen"]["ablation_scanner"]["ctac"]["p"] == 0.4
     (tmp_path / "eval").mkdir()
