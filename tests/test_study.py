@@ -148,6 +148,7 @@ def test_export_stage_writes_loadable_models_with_cards(tmp_path):
     summary = {cohort: {m: {p: dict(cell) for p in study.PROTOCOLS}
                         for m in ("convlstm", "naive")} for cohort in study.COHORTS}
     summary["unseen"]["convlstm"]["ctac"]["kappa_linear"] = 0.42
+    summary["test"]["ctac_vs_gated"] = {"convlstm": {**cell, "kappa_linear": 0.45}}
     folders = study.export_models(out, config, summary, systems)
     assert set(folders) == {"heart_convlstm", "calcium_convlstm"}
     for name, step in (("heart_convlstm", 30), ("calcium_convlstm", 40)):
@@ -156,7 +157,10 @@ def test_export_stage_writes_loadable_models_with_cards(tmp_path):
         assert not (folder / "checkpoints" / str(step) / "train_state").exists()
         card = (folder / "MODEL.md").read_text()
         assert "not for clinical use" in card.splitlines()[2]
-        assert "| unseen site site2 | 0.90 (0.80-1.00), n=7 | 0.42 (0.80-1.00), n=7 |" in card
+        assert ("| unseen site site2 | 0.90 (0.80-1.00), n=7 | 0.42 (0.80-1.00), n=7 | n/a | "
+                "0.90 / 0.90 |") in card
+        assert ("| held-out, training sites | 0.90 (0.80-1.00), n=7 | 0.90 (0.80-1.00), n=7 | "
+                "0.45 (0.80-1.00), n=7 |") in card
         assert f"this checkpoint is step {step}" in card
         assert "default, lowdose" in card and "generator version" in card
         assert "ended by early stopping" in card
