@@ -33,7 +33,6 @@ from pathlib import Path
 
 from cac_jax import demo
 from cac_jax import stages as stage_stamps
-from cac_jax.config_defaults import STOP_KEYS
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
 
@@ -41,8 +40,6 @@ PROTOCOLS = ("cac", "ctac")
 COHORTS = ("test", "unseen")
 # The paper's linearly weighted kappas (ConvLSTM / UNet) on its held-out patients.
 PAPER = {"cac": {"convlstm": 0.84, "unet": 0.86}, "ctac": {"convlstm": 0.64, "unet": 0.67}}
-# Settings a finished or interrupted training may be continued under instead of trained again.
-CONTINUE_KEYS = ("train.steps", *STOP_KEYS)
 STAGES = ("cohorts", "dataset", "train", "infer", "evaluate", "bench", "report", "export")
 
 
@@ -159,6 +156,15 @@ def training_stamp(out: Path, config, name: str) -> tuple[str, list[str], dict]:
     return config_path, overrides, wanted
 
 
+def continue_keys() -> tuple[str, ...]:
+    """Settings a finished or interrupted training may be continued under instead of trained
+    again: its length and its stop rule. (Imported here: `cac-jax evaluate` loads this module
+    without JAX.)"""
+    from cac_jax.config_defaults import STOP_KEYS
+
+    return ("train.steps", *STOP_KEYS)
+
+
 def train_models(out: Path, config, stamps, only: set[str] | None = None) -> None:
     names = [n for n in config.trainings if only is None or n in only]
     _say(f"[3/8] training {', '.join(names)} (to convergence: early stopping on validation)")
@@ -169,7 +175,7 @@ def train_models(out: Path, config, stamps, only: set[str] | None = None) -> Non
         # Trained with other settings: start again, unless only its length or its stop rule
         # changed; then `cac-jax train` continues it from its last checkpoint.
         if (not same and workdir.exists()
-                and not stamps.continues(f"train_{name}", wanted, CONTINUE_KEYS)):
+                and not stamps.continues(f"train_{name}", wanted, continue_keys())):
             shutil.rmtree(workdir)
         if same and _finished(workdir):
             _say(f"      reusing {name} ({workdir})")

@@ -60,7 +60,7 @@ def test_a_training_is_continued_when_only_its_length_or_stop_rule_changed(tmp_p
     def changed(*overrides):
         return {**stamped, "overrides": ["seed=0", *overrides]}
 
-    keys = study.CONTINUE_KEYS
+    keys = study.continue_keys()
     assert stamps.continues("train_x", changed("train.steps=200", "train.early_stop_patience=8",
                                                "train.early_stop_metric=val_loss"), keys)
     assert stamps.continues("train_x", changed("train.steps=100"), keys)
