@@ -70,11 +70,15 @@ def config_from_dict(data: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(data)
 
 
+def metric_mode(name: str) -> str:
+    """"min" for a loss (lower is better), else "max"."""
+    return "min" if name.endswith("loss") else "max"
+
+
 def best_options(config) -> tuple[str, str]:
     """(metric name, "min" | "max") that chooses the best checkpoint of a run."""
     name = str(config.train.best_metric)
-    mode = "min" if name.endswith("loss") else "max"
-    return name, mode
+    return name, metric_mode(name)
 
 
 def _best_value(metrics: dict, name: str) -> float:

@@ -171,7 +171,7 @@ def stop_options(config) -> tuple[str, str]:
     """(metric name, "min" | "max") of early stopping: `train.early_stop_metric`, or the
     best-checkpoint metric when it is empty."""
     name = str(config.train.get("early_stop_metric", "") or config.train.best_metric)
-    return name, "min" if name.endswith("loss") else "max"
+    return name, ckpt_lib.metric_mode(name)
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
