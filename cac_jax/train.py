@@ -448,6 +448,10 @@ class _Run:
         """The state to start from: `fresh`, or the latest intact checkpoint's with the host
         state, the step and whether its evaluation is pending (a SIGTERM during validation)."""
         self.start_step, self.eval_pending = 0, False
+        # A run under way has no summary: an earlier run's would call this one finished to
+        # whoever looks while it trains or after it is killed (the study reuses finished runs).
+        if self.is_main:
+            support.remove_file(self.workdir / "summary.json")
         self.restored, items = ckpt_lib.load_state_if_possible(
             self.manager, fresh, self.workdir / ckpt_lib.CHECKPOINT_DIR, self.is_main)
         if self.restored is None:

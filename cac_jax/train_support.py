@@ -53,6 +53,15 @@ def write_text(path: epath.Path, text: str) -> None:
         atomic_write_text(os.fspath(path), text)
 
 
+def remove_file(path: epath.Path) -> None:
+    """Removes `path` if it is there (local disk or cloud storage); one line if it cannot be."""
+    try:
+        if path.exists():
+            path.unlink()
+    except OSError as err:
+        raise os_error(err, path) from None
+
+
 class DivergedError(InputError):
     """The training loss became NaN or infinite: the run stops without saving."""
 

@@ -498,7 +498,7 @@ def test_a_checkpoint_from_before_the_min_delta_resumes_its_patience_from_the_be
     assert (old.patience_value, old.evals_since_best) == (0.8, 2)
 
 
-def test_a_run_stopped_early_continues_under_a_laxer_stop_rule(data_dir, tmp_path):
+def test_a_run_stopped_early_continues_under_a_laxer_stop_rule(data_dir, tmp_path, monkeypatch):
     common = dict(log_every=2, eval_every=2, checkpoint_every=2, early_stop_patience=1)
     workdir = tmp_path / "w"
     # No gain can beat a min delta of 100: the second evaluation ends the run.
@@ -511,7 +511,18 @@ def test_a_run_stopped_early_continues_under_a_laxer_stop_rule(data_dir, tmp_pat
     # Without the min delta and with no patience limit it continues from its last checkpoint.
     lax = tiny_config("unet_heart", data_dir, steps=8, early_stop_min_delta=0.0,
                       **{**common, "early_stop_patience": 0})
+    # While it trains, the stopped run's summary is gone: a run killed now must not read as
+    # finished (the study reuses finished runs).
+    summary_while_saving = []
+    save = train_lib.ckpt_lib.save_training
+
+    def watched_save(*args, **kwargs):
+        summary_while_saving.append((workdir / "summary.json").exists())
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib.ckpt_lib, "save_training", watched_save)
     summary = train_lib.train_and_evaluate(lax, workdir)
+    assert summary_while_saving == [False, False]
     assert summary["resumed_from"] == 4 and summary["steps"] == 8
     assert not summary["stopped_early"]
     assert [r["step"] for r in rows(workdir) if "val_loss" in r] == [2, 4, 6, 8]
