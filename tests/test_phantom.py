@@ -3,6 +3,7 @@ and that a plain 130 HU threshold inside the heart is a poor scorer (more so on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -245,3 +246,37 @@ def test_naive_threshold_is_badly_wrong_more_so_on_ctac(small_cohort):
     kappa = {name: cohen_kappa_score(truth[name], naive[name], weights="linear")
              for name in truth}
     assert kappa["ctac"] < kappa["cac"]
+
+
+def test_ctac_motion_window_smears_by_where_the_slice_falls_in_the_cycle():
+    """A coronary plaque in an ungated slice: the whole-cycle model (generator version 2) smears
+    it over the artery's path; a short reconstruction window in diastasis leaves it nearly
+    still, and one over systole smears it more than diastasis does."""
+    from data_pipeline.phantom import acquisition, render
+    from data_pipeline.phantom.plaques import Calcification
+
+    # 40 mm field, 1 mm slices at z = 0 only, no noise or kernel blur to speak of.
+    protocol = acquisition.Protocol(
+        name="ctac", fov_mm=40.0, center_xy_mm=(0.0, 0.0), z_first_mm=0.0, n_slices=1,
+        spacing_z_mm=1.0, thickness_mm=1.0, noise_sigma_hu=1.0, psf_mm=0.05, heart_blur_mm=0.0,
+        motion={"RCA": (np.array([1.0, 0.0, 0.0]), 10.0)}, slice_phase=np.array([0.0]),
+        kvp=120.0, ecg_gated=False, series_description="test")
+    grid = acquisition.make_grid(protocol, 80)
+    plaque = Calcification(label=3, artery="RCA", center=np.zeros(3), axes=np.eye(3),
+                           half_mm=np.full(3, 1.0), density_hu=600.0)
+    anatomy = np.zeros((1, 80, 80), np.float32)
+
+    def peak(window, phase):
+        p = dataclasses.replace(protocol, motion_window=window, slice_phase=np.array([phase]))
+        return render.calcification_patch(plaque, grid, p, anatomy).peak
+
+    still = render.calcification_patch(plaque, grid, dataclasses.replace(protocol, motion={}),
+                                       anatomy).peak
+    whole_cycle = peak(None, 0.0)
+    diastasis = peak(0.1, 2 * 0.7 - 1)     # t = 0.70-0.80: displacement -0.32..-0.34
+    systole = peak(0.1, 2 * 0.15 - 1)      # t = 0.15-0.25: displacement -0.22..0.14
+    assert whole_cycle < 0.5 * still
+    assert diastasis > 0.9 * still
+    assert systole < 0.8 * diastasis
+    # The window's mean position moves the plaque (misregistration between slices).
+    assert acquisition.cardiac_displacement(np.array([0.35]))[0] == pytest.approx(0.5)

@@ -46,6 +46,24 @@ class Protocol:
     sharpen: float = 0.0             # edge enhancement gain of the kernel (unsharp mask)
     sharpen_sigma_mm: float = 1.0
     kernel: str | None = None        # DICOM ConvolutionKernel
+    # Ungated coronary motion seen by one slice: None (generator version 2) averages the whole
+    # cycle's path, dwell-weighted, shifted by 0.3 x the slice's phase; a fraction w of the cycle
+    # averages `cardiac_displacement` over the window [t0, t0 + w) that starts at the slice's
+    # phase t0 = (slice_phase + 1) / 2 (a reconstruction window of rotation time / RR interval).
+    motion_window: float | None = None
+
+
+# Coronary displacement over one cardiac cycle (fraction of the R-R interval -> position along the
+# artery's motion direction, in units of its peak-to-peak amplitude, -0.5..0.5): the systolic
+# excursion, the return in rapid filling, diastasis, the atrial kick.
+CARDIAC_CYCLE_KNOTS = (0.0, 0.1, 0.35, 0.5, 0.6, 0.85, 0.95, 1.0)
+CARDIAC_DISPLACEMENT_KNOTS = (-0.5, -0.4, 0.5, 0.0, -0.3, -0.35, -0.45, -0.5)
+
+
+def cardiac_displacement(t: np.ndarray) -> np.ndarray:
+    """Position along the motion direction (units of the amplitude) at cycle fractions `t`
+    (taken modulo 1)."""
+    return np.interp(np.mod(t, 1.0), CARDIAC_CYCLE_KNOTS, CARDIAC_DISPLACEMENT_KNOTS)
 
 
 @dataclasses.dataclass(frozen=True)

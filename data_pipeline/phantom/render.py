@@ -47,6 +47,7 @@ from data_pipeline.phantom.acquisition import (
     Protocol,
     _range,
     apply_contrast,
+    cardiac_displacement,
     make_grid,
     sample_protocol,
 )
@@ -110,7 +111,8 @@ def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
     Sub-samples: an in-plane sub-pixel grid (about 0.35 mm), sub-slices every ~0.5 mm over the
     slice thickness (box profile) and, for coronary plaques in ungated scans, 6 positions along
     the artery's motion path (cosine-weighted dwell: the heart rests longest at the extremes),
-    shifted per slice by that slice's cardiac phase.
+    shifted per slice by that slice's cardiac phase; or, with `protocol.motion_window`, its
+    positions at 6 equal times of that slice's reconstruction window on the cardiac cycle.
     A metal device's `Wire` piece is rendered by `wire_patch`.
     """
     if isinstance(calc, Wire):
@@ -144,7 +146,12 @@ def calcification_patch(calc: Calcification, grid: Grid, protocol: Protocol,
         shift = np.zeros((1, 3))
         if motion:
             phase = float(protocol.slice_phase[iz]) if len(protocol.slice_phase) else 0.0
-            shift = np.outer(path + 0.3 * phase, motion[0]) * amplitude
+            if protocol.motion_window is None:
+                positions = path + 0.3 * phase
+            else:   # the reconstruction window's positions, at 6 equal times
+                positions = cardiac_displacement(
+                    (phase + 1) / 2 + protocol.motion_window * (k + 0.5) / 6)
+            shift = np.outer(positions, motion[0]) * amplitude
         # offsets: (S,) over sub-slices x motion positions
         dzs = (grid.z[iz] + z_offs[:, None] - calc.center[2] - shift[None, :, 2]).ravel()
         dys = (-calc.center[1] - np.broadcast_to(shift[None, :, 1], (n_sub_z, len(path)))).ravel()
