@@ -52,30 +52,51 @@ def _site_seed(config, index: int, purpose: int) -> int:
     return int(config.seed) + 10_000 * purpose + 100 * index
 
 
+def anatomies(config) -> tuple[str, ...]:
+    """The study's anatomy variants (data_pipeline.phantom), the first under the plain cohort
+    names; configs written before the key had one `anatomy`, or none (the classic one)."""
+    from data_pipeline.phantom.cohort import DEFAULT_ANATOMY
+
+    if config.get("anatomies"):
+        return tuple(config.anatomies)
+    return (config.get("anatomy", DEFAULT_ANATOMY),)
+
+
+def cohort_names(config, stem: str) -> list[str]:
+    """The cohorts of `stem` ("train_SITE", "test_SITE" or "unseen") in every anatomy:
+    `stem` for the first, `stem_ANATOMY` for the others."""
+    first, *others = anatomies(config)
+    return [stem, *(f"{stem}_{a}" for a in others)]
+
+
 def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
     """Synthesises every cohort; returns name -> manifest."""
     from data_pipeline.phantom.cohort import DEFAULT_ANATOMY, generator_identity
 
-    # The anatomy variant (data_pipeline.phantom: "classic" unless the config names another); the
-    # stamp's generator is GENERATOR_VERSION for the classic anatomy, as it always was, and the
-    # variant's own identity otherwise, so a cohort of one is never reused as the other's.
-    anatomy = config.get("anatomy", DEFAULT_ANATOMY)
+    # Each anatomy variant's cohorts (data_pipeline.phantom); the stamp's generator is
+    # GENERATOR_VERSION for the classic anatomy, as it always was, and the variant's own identity
+    # otherwise, so a cohort of one is never reused as the other's.
     jobs = {}
-    for i, site in enumerate(config.train_sites):
-        jobs[f"train_{site}"] = (site, config.train_patients_per_site, _site_seed(config, i, 0))
-        jobs[f"test_{site}"] = (site, config.test_patients_per_site, _site_seed(config, i, 1))
-    jobs["unseen"] = (config.unseen_site, config.unseen_patients, _site_seed(config, 0, 2))
-    _say(f"[1/8] synthetic cohorts at {config.size} px: training sites "
-         f"{', '.join(config.train_sites)} ({config.train_patients_per_site} + "
-         f"{config.test_patients_per_site} test patients each), unseen site "
-         f"{config.unseen_site!r} ({config.unseen_patients} patients)")
+    for anatomy, suffix in zip(anatomies(config), cohort_names(config, "")):
+        for i, site in enumerate(config.train_sites):
+            jobs[f"train_{site}{suffix}"] = (site, config.train_patients_per_site,
+                                             _site_seed(config, i, 0), anatomy)
+            jobs[f"test_{site}{suffix}"] = (site, config.test_patients_per_site,
+                                            _site_seed(config, i, 1), anatomy)
+        jobs[f"unseen{suffix}"] = (config.unseen_site, config.unseen_patients,
+                                   _site_seed(config, 0, 2), anatomy)
+    _say(f"[1/8] synthetic cohorts at {config.size} px ({' and '.join(anatomies(config))} "
+         f"anatomy): training sites {', '.join(config.train_sites)} "
+         f"({config.train_patients_per_site} + {config.test_patients_per_site} test patients "
+         f"each), unseen site {config.unseen_site!r} ({config.unseen_patients} patients)")
     manifests = {}
-    for name, (site, patients, seed) in jobs.items():
+    for name, (site, patients, seed, anatomy) in jobs.items():
         folder = out / "cohorts" / name
         wanted = {"site": site, "patients": patients, "seed": seed, "size": config.size,
                   "generator": generator_identity(anatomy)}
 
-        def synth(folder=folder, site=site, patients=patients, seed=seed, name=name):
+        def synth(folder=folder, site=site, patients=patients, seed=seed, name=name,
+                  anatomy=anatomy):
             if folder.exists():
                 shutil.rmtree(folder)  # made by this study with other settings
             demo._cli("synth", "--out", str(folder), "--patients", str(patients), "--size",
@@ -98,13 +119,14 @@ def _training_manifest(out: Path, config, manifests: dict[str, Path]) -> Path:
 
     rows = []
     for i, site in enumerate(config.train_sites):
-        site_rows = read_manifest(manifests[f"train_{site}"])
-        patients = sorted({r.patient_id for r in site_rows})
-        rng = np.random.default_rng([int(config.seed), i])
-        count = max(1, round(float(config.validation_fraction) * len(patients)))
-        validation = set(rng.permutation(patients)[:count].tolist())
-        rows += [dataclasses.replace(r, split="validation" if r.patient_id in validation
-                                     else "train") for r in site_rows]
+        for j, name in enumerate(cohort_names(config, f"train_{site}")):
+            site_rows = read_manifest(manifests[name])
+            patients = sorted({r.patient_id for r in site_rows})
+            rng = np.random.default_rng([int(config.seed), i, j] if j else [int(config.seed), i])
+            count = max(1, round(float(config.validation_fraction) * len(patients)))
+            validation = set(rng.permutation(patients)[:count].tolist())
+            rows += [dataclasses.replace(r, split="validation" if r.patient_id in validation
+                                         else "train") for r in site_rows]
     path = out / "dataset" / "manifest.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(path, rows)
@@ -207,13 +229,18 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
     from data_pipeline.manifest import read_manifest, write_manifest
 
     cohorts = {}
-    test_rows = [r for site in config.train_sites
-                 for r in read_manifest(manifests[f"test_{site}"])]
+    test_rows = [r for site in config.train_sites for name in cohort_names(config, f"test_{site}")
+                 for r in read_manifest(manifests[name])]
     path = out / "eval" / "test_manifest.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(path, [dataclasses.replace(r, split="test") for r in test_rows])
     cohorts["test"] = path
+    unseen = cohort_names(config, "unseen")
     cohorts["unseen"] = manifests["unseen"]
+    if len(unseen) > 1:   # the unseen site in every anatomy, as one cohort
+        cohorts["unseen"] = out / "eval" / "unseen_manifest.csv"
+        write_manifest(cohorts["unseen"], [r for name in unseen
+                                           for r in read_manifest(manifests[name])])
     combined = demo._combined_manifest(out, cohorts)
     min_heart = ([] if config.get("min_heart_ml") is None
                  else ["--min-heart-ml", str(config.min_heart_ml)])
@@ -369,7 +396,8 @@ def _fmt(value, pattern="{:.2f}") -> str:
 
 def write_report(out: Path, config, summary: dict, seconds: dict, systems) -> Path:
     lines = ["# The study", "",
-             f"Cohort at {config.size} px; training sites {', '.join(config.train_sites)}; "
+             f"Cohort at {config.size} px ({' and '.join(anatomies(config))} anatomy); "
+             f"training sites {', '.join(config.train_sites)}; "
              f"unseen site {config.unseen_site}. Linearly weighted kappa of the four CAC "
              "categories (95% CI), against the reference categories of the same patients.", ""]
     for cohort in COHORTS:
@@ -443,8 +471,9 @@ def run(out: Path, config, *, only: set[str] | None = None,
         t0 = time.perf_counter()
         cohorts = score_cohorts(out, config, manifests, stamps, systems)
         seconds["infer"] = time.perf_counter() - t0
-    cohorts = cohorts or {"test": out / "eval" / "test_manifest.csv",
-                          "unseen": manifests.get("unseen", out / "cohorts/unseen/manifest.csv")}
+    unseen = (out / "eval" / "unseen_manifest.csv" if len(cohort_names(config, "unseen")) > 1
+              else manifests.get("unseen", out / "cohorts/unseen/manifest.csv"))
+    cohorts = cohorts or {"test": out / "eval" / "test_manifest.csv", "unseen": unseen}
     metrics = {}
     if "evaluate" in stages or "report" in stages:
         t0 = time.perf_counter()
@@ -499,7 +528,7 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
         inputs = f"whole slices resampled to {data['image_size']} px"
     classes = ("heart silhouette, 2 classes" if task == "heart" else
                "3 classes: background, coronary calcium, other calcium")
-    patients = config.train_patients_per_site * len(config.train_sites)
+    patients = config.train_patients_per_site * len(config.train_sites) * len(anatomies(config))
     lines = [
         f"# {name}: the study's {task} model ({arch})", "",
         "**Trained on synthetic phantoms only (cac-jax's CT cohort generator); not for clinical "
@@ -515,8 +544,8 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
         f"- Generator: `cac-jax synth` (data_pipeline.phantom, generator version "
         f"{_generator_version(config)}), {config.size} px scans, gated CAC and CTAC protocols of every "
         f"patient.",
-        f"- Sites: {', '.join(config.train_sites)} ({config.train_patients_per_site} patients each, "
-        f"{patients} in all; {config.validation_fraction:.0%} of them, by patient, for "
+        f"- Sites: {', '.join(config.train_sites)} ({config.train_patients_per_site} patients each"
+        f"{_per_anatomy(config)}, {patients} in all; {config.validation_fraction:.0%} of them, by patient, for "
         "validation). The study's test patients (other seeds) and its unseen site "
         f"({config.unseen_site}) were never trained on.", "",
         "## Recipe", "",
@@ -578,13 +607,20 @@ def _how_it_ended(training: dict) -> str:
     return "its step budget reached"
 
 
+def _per_anatomy(config) -> str:
+    names = anatomies(config)
+    return "" if len(names) == 1 else f" in each of the {' and '.join(names)} anatomies"
+
+
 def _generator_version(config=None):
     """The generator's identity for the model card: GENERATOR_VERSION, or the anatomy variant's
-    identity (e.g. "2+grooved1") when the study's config names one."""
+    identity (e.g. "2+grooved1") when the study's config names one; several joined by " and "."""
     from data_pipeline.phantom.cohort import DEFAULT_ANATOMY, generator_identity
 
-    anatomy = config.get("anatomy", DEFAULT_ANATOMY) if config is not None else DEFAULT_ANATOMY
-    return generator_identity(anatomy)
+    names = anatomies(config) if config is not None else (DEFAULT_ANATOMY,)
+    if len(names) == 1:
+        return generator_identity(names[0])
+    return " and ".join(str(generator_identity(a)) for a in names)
 
 
 def export_models(out: Path, config, summary: dict, systems) -> dict[str, Path]:

@@ -13,6 +13,9 @@ Arguments (`--config configs/study.py:ARG`):
 - "grooved", alone or after one of the others ("gpu,grooved", "local,grooved"): every cohort with
   the generator's grooved anatomy (epicardial fat deep in the grooves, coronaries on the groove
   floors, metal devices; docs/synthetic_cohort.md) instead of the classic one.
+- "mixed", alone or after one of the others: every site's cohorts in both anatomies (the classic
+  ones under their usual names, the grooved ones with a "_grooved" suffix), trained on together
+  and held out together, so the models see two heart anatomies.
 
 Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
 would run `cac-jax train`; `trainings` names each workdir under OUT/models/, `systems` pairs a heart
@@ -26,7 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 ARGS = (None, "", "gpu", "local")
-MODIFIERS = ("grooved",)
+MODIFIERS = ("grooved", "mixed")
 
 HALF_WIDTH_CONVLSTM = (
     "model.convlstm.encoder_widths=(16, 32, 64, 128)",
@@ -56,11 +59,11 @@ def _training(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The study settings; see the module docstring for `arg`."""
     parts = [p for p in (arg or "").split(",") if p]
-    modifiers = {p for p in parts if p in MODIFIERS}
+    modifiers = [p for p in parts if p in MODIFIERS]
     base = [p for p in parts if p not in MODIFIERS]
-    if len(base) > 1 or (base and base[0] not in ARGS):
+    if len(base) > 1 or (base and base[0] not in ARGS) or len(modifiers) > 1:
         raise ValueError(f"unknown study config argument {arg!r}: expected none, 'gpu' or 'local', "
-                         f"optionally with ',grooved'")
+                         f"optionally with ',grooved' or ',mixed'")
     gpu, local = base == ["gpu"], base == ["local"]
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -77,9 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.test_patients_per_site = 2 if local else (60 if gpu else 30)
     c.unseen_patients = 3 if local else (80 if gpu else 40)
     c.synth_workers = 2
-    # Anatomy variant of every cohort (data_pipeline.phantom: "classic", or "grooved" for
-    # groove-dependent epicardial fat and metal devices; docs/synthetic_cohort.md).
-    c.anatomy = "grooved" if "grooved" in modifiers else "classic"
+    # Anatomy variants of the cohorts (data_pipeline.phantom: "classic", "grooved" for
+    # groove-dependent epicardial fat and metal devices; docs/synthetic_cohort.md): each site's
+    # cohorts are made in every one, the first under the plain names.
+    c.anatomies = {"grooved": ("grooved",), "mixed": ("classic", "grooved")}.get(
+        modifiers[0] if modifiers else "", ("classic",))
 
     heart_common = ["train.log_every=25", "train.progress=True"]
     heart_steps = 8 if local else (6000 if gpu else 4000)

@@ -96,7 +96,8 @@ def test_the_local_study_runs_every_stage_and_resumes(tmp_path, monkeypatch):
             assert set(summary[cohort][ablation]) == {"cac", "ctac"}
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "concordance_cac.png" in report
-    assert len(summary["targets"]) == 8
+    assert len(summary["targets"]) == 9
+    assert any("gated reference" in t["target"] for t in summary["targets"])
     for name in ("heart_convlstm", "calcium_convlstm", "heart_unet", "calcium_unet",
                  "calcium_convlstm_slice", "calcium_convlstm_fixedkernel"):
         card = (out / "reference" / name / "MODEL.md").read_text()
@@ -255,13 +256,74 @@ def test_summary_and_report_carry_each_named_ablation(tmp_path):
 
 def test_grooved_modifier_changes_only_the_anatomy():
     """`configs/study.py:grooved` (alone or after gpu/local) is the same study on the grooved
-    anatomy; a bad argument is refused with the accepted ones named."""
+    anatomy, `:mixed` on both; a bad argument is refused with the accepted ones named."""
     for base in ("", "gpu", "local"):
         plain = load_config_file(str(STUDY), base or None)
         grooved = load_config_file(str(STUDY), ",".join(p for p in (base, "grooved") if p))
-        assert plain.anatomy == "classic" and grooved.anatomy == "grooved"
-        plain.anatomy = "grooved"
+        mixed = load_config_file(str(STUDY), ",".join(p for p in (base, "mixed") if p))
+        assert plain.anatomies == ("classic",) and grooved.anatomies == ("grooved",)
+        assert mixed.anatomies == ("classic", "grooved")
+        plain.anatomies = ("grooved",)
         assert plain.to_dict() == grooved.to_dict()
-    for bad in ("grooves", "gpu,local", "grooved,x"):
-        with pytest.raises(ValueError, match="optionally with ',grooved'"):
+        plain.anatomies = ("classic", "grooved")
+        assert plain.to_dict() == mixed.to_dict()
+    for bad in ("grooves", "gpu,local", "grooved,x", "grooved,mixed"):
+        with pytest.raises(ValueError, match="optionally with ',grooved' or ',mixed'"):
             load_config_file(str(STUDY), bad)
+
+
+def test_mixed_study_makes_and_trains_on_every_sites_cohorts_in_both_anatomies(tmp_path,
+                                                                               monkeypatch):
+    """`:local,mixed`: every site's cohorts in the classic anatomy (plain names, as the classic
+    study makes them) and the grooved one ("_grooved", synthesised with --anatomy grooved); the
+    training manifest holds both, with the classic validation draw of the classic study."""
+    from cac_jax import stages, study
+    from data_pipeline.manifest import ManifestRow, read_manifest, write_manifest
+    from data_pipeline.phantom.cohort import generator_identity
+
+    synthesised = {}
+
+    def fake_cli(*args, stage):
+        folder = pathlib.Path(args[args.index("--out") + 1])
+        anatomy = args[args.index("--anatomy") + 1] if "--anatomy" in args else "classic"
+        synthesised[folder.name] = anatomy
+        patients = int(args[args.index("--patients") + 1])
+        folder.mkdir(parents=True)
+        (folder / "x").write_text("")   # an image path the manifest reader finds
+        write_manifest(folder / "manifest.csv", [
+            ManifestRow(f"{folder.name}-{k}", f"{folder.name}-{k}_{p}", p, folder / "x", None,
+                        None, "synthetic", None) for k in range(patients) for p in ("cac", "ctac")])
+
+    monkeypatch.setattr(study.demo, "_cli", fake_cli)
+    out = tmp_path / "study"
+    mixed = load_config_file(str(STUDY), "local,mixed")
+    manifests = study.make_cohorts(out, mixed, stages._Stamps(out))
+    sites = ("default", "lowdose")
+    plain = [f"{kind}_{s}" for s in sites for kind in ("train", "test")] + ["unseen"]
+    assert synthesised == {**{n: "classic" for n in plain},
+                           **{f"{n}_grooved": "grooved" for n in plain}}
+    assert set(manifests) == set(synthesised)
+    stamp = json.loads((out / ".stamps" / "cohort_train_default_grooved.json").read_text())
+    assert stamp["generator"] == generator_identity("grooved")
+    assert json.loads((out / ".stamps" / "cohort_train_default.json").read_text())[
+        "generator"] == generator_identity("classic")
+    rows = read_manifest(study._training_manifest(out, mixed, manifests))
+    assert {r.patient_id.rsplit("-", 1)[0] for r in rows} == {
+        f"train_{s}{a}" for s in sites for a in ("", "_grooved")}
+    # The classic cohorts keep the classic study's validation patients.
+    classic = load_config_file(str(STUDY), "local")
+    classic_rows = read_manifest(study._training_manifest(tmp_path / "c", classic, manifests))
+    split = {r.scan_id: r.split for r in rows}
+    assert all(split[r.scan_id] == r.split for r in classic_rows)
+    assert {r.split for r in rows if "grooved" in r.patient_id} == {"train", "validation"}
+    assert study._generator_version(mixed) == (f"{generator_identity('classic')} and "
+                                               f"{generator_identity('grooved')}")
+    # Held out: the test sites and the unseen site, each in both anatomies.
+    monkeypatch.setattr(study.demo, "naive_results",
+                        lambda manifest, path: (path.parent.mkdir(parents=True, exist_ok=True),
+                                                path.write_text("")))
+    cohorts = study.score_cohorts(out, mixed, manifests, stages._Stamps(out), {})
+    held_out = {name: {r.patient_id.rsplit("-", 1)[0] for r in read_manifest(path)}
+                for name, path in cohorts.items()}
+    assert held_out == {"test": {f"test_{s}{a}" for s in sites for a in ("", "_grooved")},
+                        "unseen": {"unseen", "unseen_grooved"}}
