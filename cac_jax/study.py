@@ -65,8 +65,7 @@ def anatomies(config) -> tuple[str, ...]:
 def cohort_names(config, stem: str) -> list[str]:
     """The cohorts of `stem` ("train_SITE", "test_SITE" or "unseen") in every anatomy:
     `stem` for the first, `stem_ANATOMY` for the others."""
-    first, *others = anatomies(config)
-    return [stem, *(f"{stem}_{a}" for a in others)]
+    return [stem, *(f"{stem}_{a}" for a in anatomies(config)[1:])]
 
 
 def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
@@ -545,8 +544,8 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
         f"{_generator_version(config)}), {config.size} px scans, gated CAC and CTAC protocols of every "
         f"patient.",
         f"- Sites: {', '.join(config.train_sites)} ({config.train_patients_per_site} patients each"
-        f"{_per_anatomy(config)}, {patients} in all; {config.validation_fraction:.0%} of them, by patient, for "
-        "validation). The study's test patients (other seeds) and its unseen site "
+        f"{_per_anatomy(config)}, {patients} in all; {config.validation_fraction:.0%} of them, "
+        "by patient, for validation). The study's test patients (other seeds) and its unseen site "
         f"({config.unseen_site}) were never trained on.", "",
         "## Recipe", "",
         f"- `cac-jax train --config {training['config']}` with "
