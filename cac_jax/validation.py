@@ -124,16 +124,22 @@ class _ScanCollector:
             self.true[s][zs] = target[zs]
 
 
+# The paper's CTAC design: CTAC predictions against the same patient's gated reference category.
+CTAC_VS_GATED = "ctac_vs_gated"
+
+
 def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dict:
     """{protocol: (model confusion 4x4, naive-threshold confusion 4x4)} of reference vs predicted
     category, for every protocol of the manifest contract (zeros where none was validated, so
-    every host sums the same arrays)."""
+    every host sums the same arrays), and under CTAC_VS_GATED the CTAC scans' predicted category
+    against the same patient's gated reference (the pairs whose two scans this host holds)."""
     from cac_jax.baselines import threshold_score
     from cac_jax.postprocess import DEFAULT_HEART_DILATION_MM, heart_silhouette, predicted_score
 
     shape = (NUM_CATEGORIES, NUM_CATEGORIES)
     matrices = {protocol: (np.zeros(shape, np.int64), np.zeros(shape, np.int64))
-                for protocol in PROTOCOLS}
+                for protocol in (*PROTOCOLS, CTAC_VS_GATED)}
+    scored = []   # (patient, protocol, reference, predicted, naive)
     for info, pred, hu, true in zip(collector.scans, collector.pred, collector.hu, collector.true):
         heart = heart_masks.get(info.scan_id)
         if heart is None or heart.shape != hu.shape:
@@ -153,11 +159,19 @@ def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dic
             # No reference score stored: the true coronary class scored the same way.
             reference = predicted_score(hu, true, heart, info.spacing_zyx_mm).category
         naive = threshold_score(hu, heart, info.spacing_zyx_mm).category
-        if info.protocol not in matrices:
+        if info.protocol not in PROTOCOLS:
             continue  # not a protocol of the manifest contract (ingest refuses those)
-        model_cm, naive_cm = matrices[info.protocol]
-        model_cm[reference, predicted] += 1
-        naive_cm[reference, naive] += 1
+        scored.append((info.patient_id, info.protocol, reference, predicted, naive))
+    gated = {patient: reference for patient, protocol, reference, _, _ in scored
+             if protocol == "cac"}
+    for patient, protocol, reference, predicted, naive in scored:
+        cells = [(protocol, reference)]
+        if protocol == "ctac" and patient in gated:
+            cells.append((CTAC_VS_GATED, gated[patient]))
+        for key, row in cells:
+            model_cm, naive_cm = matrices[key]
+            model_cm[row, predicted] += 1
+            naive_cm[row, naive] += 1
     return matrices
 
 
@@ -192,8 +206,8 @@ def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None) -> dict | 
     metrics["val_dice_mean"] = float(np.mean(finite)) if finite else math.nan
     matrices = {protocol: (dist.sum_processes(m), dist.sum_processes(n))
                 for protocol, (m, n) in scan_categories(config, collector, heart_masks).items()}
-    model_cm = sum(m for m, _ in matrices.values())
-    naive_cm = sum(n for _, n in matrices.values())
+    model_cm = sum(matrices[p][0] for p in PROTOCOLS)
+    naive_cm = sum(matrices[p][1] for p in PROTOCOLS)
     metrics["val_kappa"] = linear_kappa(model_cm)
     metrics["val_kappa_naive"] = linear_kappa(naive_cm)
     metrics["val_exact"] = float(np.trace(model_cm) / max(model_cm.sum(), 1))
@@ -205,4 +219,9 @@ def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None) -> dict | 
             metrics[f"val_kappa_{protocol}"] = linear_kappa(m)
             metrics[f"val_kappa_naive_{protocol}"] = linear_kappa(n)
             metrics[f"val_exact_{protocol}"] = float(np.trace(m) / m.sum())
+    # The paper's design pooled: gated scans against their reference, CTAC scans against the
+    # same patient's gated reference (`train.best_metric="val_kappa_paired"` ranks on it).
+    paired = matrices["cac"][0] + matrices[CTAC_VS_GATED][0]
+    if paired.sum():
+        metrics["val_kappa_paired"] = linear_kappa(paired)
     return metrics

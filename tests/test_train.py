@@ -438,7 +438,7 @@ def test_validating_the_heart_slab_gives_the_same_categories(tmp_path):
         train_lib.train_and_evaluate(config, tmp_path / mode)
         metrics[mode] = [r for r in rows(tmp_path / mode) if "val_kappa" in r][-1]
     same = [k for k in metrics["all"] if k.startswith(("val_kappa", "val_exact", "val_scans"))]
-    assert "val_kappa_cac" in same and metrics["all"]["val_scans"] > 0
+    assert {"val_kappa_cac", "val_kappa_paired"} <= set(same) and metrics["all"]["val_scans"] > 0
     assert {k: metrics["heart"][k] for k in same} == {k: metrics["all"][k] for k in same}
     # The loss is another set of pixels' (fewer slices): it differs.
     assert metrics["heart"]["val_loss"] != metrics["all"]["val_loss"]
@@ -484,14 +484,16 @@ def test_scan_categories_per_protocol():
         ScanInfo("a_cac", "a", "cac", "s", shape, spacing, 64.0, 1, 1),
         ScanInfo("b_ctac", "b", "ctac", "s", shape, spacing, 0.0, 0, 0),
         ScanInfo("c_cac", "c", "cac", "s", shape, spacing, 0.0, 0, 0),
+        ScanInfo("a_ctac", "a", "ctac", "s", shape, spacing, 0.0, 0, 0),
     ])
-    # Right for a; a false call for b; nothing called for c (whose 450 HU the threshold counts).
-    collector.pred = [coronary, coronary, nothing]
-    collector.hu = [hu, hu, hu]
-    collector.true = [coronary, nothing, nothing]
+    # Right for a; a false call for b; nothing called for c (whose 450 HU the threshold counts);
+    # nothing called on a's CTAC, whose own truth shows nothing (its gated scan is category 1).
+    collector.pred = [coronary, coronary, nothing, nothing]
+    collector.hu = [hu, hu, hu, hu]
+    collector.true = [coronary, nothing, nothing, nothing]
     matrices = validation.scan_categories(
-        config, collector, {"a_cac": heart, "b_ctac": heart, "c_cac": heart})
-    assert set(matrices) == {"cac", "ctac"}
+        config, collector, {"a_cac": heart, "b_ctac": heart, "c_cac": heart, "a_ctac": heart})
+    assert set(matrices) == {"cac", "ctac", validation.CTAC_VS_GATED}
 
     def matrix(*cells):
         m = np.zeros((4, 4), np.int64)
@@ -503,5 +505,9 @@ def test_scan_categories_per_protocol():
     np.testing.assert_array_equal(model_cac, matrix((1, 1), (0, 0)))
     np.testing.assert_array_equal(naive_cac, matrix((1, 1), (0, 1)))
     model_ctac, naive_ctac = matrices["ctac"]
-    np.testing.assert_array_equal(model_ctac, matrix((0, 1)))
-    np.testing.assert_array_equal(naive_ctac, matrix((0, 1)))
+    np.testing.assert_array_equal(model_ctac, matrix((0, 1), (0, 0)))
+    np.testing.assert_array_equal(naive_ctac, matrix((0, 1), (0, 1)))
+    # The paper's design: only a's CTAC has a gated partner; its row is a's gated category.
+    model_paired, naive_paired = matrices[validation.CTAC_VS_GATED]
+    np.testing.assert_array_equal(model_paired, matrix((1, 0)))
+    np.testing.assert_array_equal(naive_paired, matrix((1, 1)))
