@@ -45,6 +45,9 @@ def test_every_training_of_the_study_parses_as_cac_jax_train_would(arg, tmp_path
             # The calcium models stop on their converged loss, the heart models on their Dice.
             stop = "val_loss" if parsed.task == "calcium" else ""
             assert parsed.train.early_stop_metric == stop, name
+            # The calcium models' best checkpoint is the best kappa in the paper's CTAC design.
+            best = "val_kappa_paired" if parsed.task == "calcium" else "val_dice_mean"
+            assert parsed.train.best_metric == best, name
     for heart, calcium in config.systems.values():
         assert heart in config.trainings and calcium in config.trainings
 
