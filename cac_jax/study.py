@@ -222,6 +222,14 @@ def _systems(config, only: set[str] | None = None) -> dict[str, tuple[str, str]]
     return systems
 
 
+def _unseen_manifest(out: Path, config, manifests: dict[str, Path]) -> Path:
+    """The unseen site's manifest: its cohort's, or with several anatomies the pooled one that
+    `score_cohorts` writes."""
+    if len(cohort_names(config, "unseen")) > 1:
+        return out / "eval" / "unseen_manifest.csv"
+    return manifests.get("unseen", out / "cohorts" / "unseen" / "manifest.csv")
+
+
 def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Path]:
     _say(f"[4/8] scoring the test patients and the unseen site with {', '.join(systems)} "
          "(cac-jax infer), and the naive threshold")
@@ -235,9 +243,8 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
     write_manifest(path, [dataclasses.replace(r, split="test") for r in test_rows])
     cohorts["test"] = path
     unseen = cohort_names(config, "unseen")
-    cohorts["unseen"] = manifests["unseen"]
+    cohorts["unseen"] = _unseen_manifest(out, config, manifests)
     if len(unseen) > 1:   # the unseen site in every anatomy, as one cohort
-        cohorts["unseen"] = out / "eval" / "unseen_manifest.csv"
         write_manifest(cohorts["unseen"], [r for name in unseen
                                            for r in read_manifest(manifests[name])])
     combined = demo._combined_manifest(out, cohorts)
@@ -470,9 +477,8 @@ def run(out: Path, config, *, only: set[str] | None = None,
         t0 = time.perf_counter()
         cohorts = score_cohorts(out, config, manifests, stamps, systems)
         seconds["infer"] = time.perf_counter() - t0
-    unseen = (out / "eval" / "unseen_manifest.csv" if len(cohort_names(config, "unseen")) > 1
-              else manifests.get("unseen", out / "cohorts/unseen/manifest.csv"))
-    cohorts = cohorts or {"test": out / "eval" / "test_manifest.csv", "unseen": unseen}
+    cohorts = cohorts or {"test": out / "eval" / "test_manifest.csv",
+                          "unseen": _unseen_manifest(out, config, manifests)}
     metrics = {}
     if "evaluate" in stages or "report" in stages:
         t0 = time.perf_counter()
