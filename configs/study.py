@@ -114,18 +114,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # foreign scans (docs/study.md).
     converge = ["train.early_stop_patience=8", "train.early_stop_metric=val_loss",
                 "train.best_metric=val_kappa_paired"]
+    # Validation runs the calcium models only on the slices within 3 mm of the reference heart,
+    # where the scorer counts calcium: the same categories as every slice, in 1.7x less time
+    # (benchmarks/results/bench_validation/), and a validation pass costs several times the
+    # training between two of them.
     calcium = [*heart_common, f"train.steps={calcium_steps}", f"train.eval_every={eval_every}",
                f"train.checkpoint_every={eval_every}", *converge,
                f"train.batch_size={32 if gpu else 16}",
                f"data.image_size={64 if local else c.size}",
                "data.calcium_frame=heart", "data.frame_spacing_mm=1.0",
                f"data.frame_size={frame}", f"data.crop_size={frame // 2}",
-               "data.frame_jitter_mm=10.0"]
+               "data.frame_jitter_mm=10.0", "data.eval_slices=heart"]
     fixed_kernel = list(calcium)
     calcium = [*calcium, *SCANNER_AUGMENT]
-    # Validation of whole slices at 256 px scores only the slices near the reference heart
-    # (inference scores nothing outside the dilated heart; the same categories in 1.7x less
-    # time, benchmarks/results/bench_validation/).
+    # The whole-slice ablation validates on the same slices.
     calcium_slice = [*heart_common, f"train.steps={calcium_steps}",
                      f"train.eval_every={eval_every}", f"train.checkpoint_every={eval_every}",
                      *converge, f"train.batch_size={32 if gpu else 16}",

@@ -39,6 +39,8 @@ def test_every_training_of_the_study_parses_as_cac_jax_train_would(arg, tmp_path
             # Scanner augmentation everywhere but in its own ablation.
             varied = parsed.data.augment.blur_sigma > 0 and parsed.data.augment.kvp_contrast > 0
             assert varied == (not name.endswith("_fixedkernel")), name
+            # Validated only on the slices the scorer counts (the same categories, a shorter pass).
+            assert parsed.data.eval_slices == "heart", name
         if arg != "local":
             assert parsed.train.max_seconds == 0  # convergence, not a time box
             assert parsed.train.early_stop_patience > 0
