@@ -146,32 +146,40 @@ def inside_scan(geom: FrameGeometry) -> np.ndarray:
     return (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
 
 
+def _linear_taps(coordinate: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation along one axis of `size` samples at `coordinate` (1-D): the two
+    sample indices and the second one's weight, beyond the ends the end sample (as
+    `scipy.ndimage.map_coordinates` with order 1 and mode "nearest")."""
+    low = np.floor(coordinate)
+    weight = (coordinate - low).astype(np.float32)
+    low = low.astype(np.int64)
+    return np.clip(low, 0, size - 1), np.clip(low + 1, 0, size - 1), weight
+
+
 def from_frame(probabilities: np.ndarray, geom: FrameGeometry) -> np.ndarray:
     """Class probabilities (n, S, S, C) of the frame back on the scan's grid (n, h, w, C).
 
     Bilinear; scan pixels outside the frame are background (class 0) with certainty. The class
-    map is the argmax of the result (a linear resample of class indices would not be one).
+    map is the argmax of the result (a linear resample of class indices would not be one). The
+    frame's axes are the scan's, scaled and shifted, so the resample is separable: one linear
+    pass along the rows, then one along the columns.
     """
     probabilities = np.asarray(probabilities, np.float32)
     n, _, _, classes = probabilities.shape
     h, w = geom.scan_hw
     coords = geom.inverse_coordinates()
+    fy, fx = coords[0][:, 0], coords[1][0, :]
     last = geom.size - 1
-    inside = ((coords[0] >= -0.5) & (coords[0] <= last + 0.5)
-              & (coords[1] >= -0.5) & (coords[1] <= last + 0.5))
+    in_rows = np.flatnonzero((fy >= -0.5) & (fy <= last + 0.5))
+    in_cols = np.flatnonzero((fx >= -0.5) & (fx <= last + 0.5))
     out = np.zeros((n, h, w, classes), np.float32)
     out[..., 0] = 1.0
-    if not inside.any():
+    if not (in_rows.size and in_cols.size):
         return out
-    rows = np.flatnonzero(inside.any(axis=1))
-    cols = np.flatnonzero(inside.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    sub = coords[:, y0:y1, x0:x1]
-    sub_inside = inside[y0:y1, x0:x1]
-    for k in range(n):
-        for c in range(classes):
-            values = ndimage.map_coordinates(probabilities[k, ..., c], sub, order=1,
-                                             mode="nearest", prefilter=False)
-            block = out[k, y0:y1, x0:x1, c]
-            block[sub_inside] = values[sub_inside]
+    y0, y1, x0, x1 = in_rows[0], in_rows[-1] + 1, in_cols[0], in_cols[-1] + 1
+    top, bottom, wy = _linear_taps(fy[y0:y1], geom.size)
+    left, right, wx = _linear_taps(fx[x0:x1], geom.size)
+    wy, wx = wy[None, :, None, None], wx[None, None, :, None]
+    rows = probabilities[:, top] * (1.0 - wy) + probabilities[:, bottom] * wy
+    out[:, y0:y1, x0:x1] = rows[:, :, left] * (1.0 - wx) + rows[:, :, right] * wx
     return out

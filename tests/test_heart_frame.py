@@ -54,6 +54,30 @@ def test_from_frame_inverts_to_frame_inside_and_is_background_outside():
     np.testing.assert_array_equal(native[:, :8, :, 0], 1.0)
 
 
+@pytest.mark.parametrize("centre, spacing", [((30.2, 17.7), (0.7, 0.8)), ((2.0, 60.0), (1.3, 0.45))])
+def test_from_frame_is_the_bilinear_resample_of_map_coordinates(centre, spacing):
+    """The separable resample equals scipy's bilinear `map_coordinates` (order 1, edge samples
+    beyond the frame's ends) at every scan pixel within half a frame pixel of the frame, at
+    spacings other than the frame's and with the frame partly outside the scan."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    h, w = 50, 70
+    geom = frames.geometry(centre, spacing, (h, w), frame_size=24, frame_spacing_mm=1.0)
+    probs = rng.random((3, 24, 24, 3)).astype(np.float32)
+    native = frames.from_frame(probs, geom)
+    coords = geom.inverse_coordinates()
+    inside = ((coords >= -0.5) & (coords <= 23.5)).all(axis=0)
+    assert 0 < inside.sum() < h * w
+    for k in range(3):
+        for c in range(3):
+            expected = ndimage.map_coordinates(probs[k, ..., c], coords, order=1, mode="nearest",
+                                               prefilter=False)
+            np.testing.assert_allclose(native[k, ..., c][inside], expected[inside], atol=1e-5)
+    np.testing.assert_array_equal(native[:, ~inside, 0], 1.0)
+    np.testing.assert_array_equal(native[:, ~inside, 1:], 0.0)
+
+
 def test_config_checks():
     from data_pipeline.config import data_config
 
