@@ -61,7 +61,7 @@ from cac_jax.steps import (  # noqa: F401  (loss_weight: re-exported for tests a
     model_for_training,
     train_step,
 )
-from cac_jax.validation import _reference_heart_masks, _train_pixel_spacing, evaluate
+from cac_jax.validation import _reference_heart_masks, _train_pixel_spacing, evaluate, metric_names
 from data_pipeline import frames as frames_lib
 from data_pipeline.errors import InputError
 from data_pipeline.records import EVAL_SLICES
@@ -126,6 +126,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         frames_lib.check_frame_config(config.data)
     except ValueError as err:
         raise ConfigError(None, str(err)) from None
+    # A metric validation never reports would rank every checkpoint last (or never stop).
+    known = metric_names(task)
+    for key in ("best_metric", "early_stop_metric"):
+        name = str(config.train.get(key, "") or "")
+        if (name or key == "best_metric") and name not in known:
+            raise ConfigError(None, f"config.train.{key}={name!r} is not a validation metric of "
+                                    f"the {task} task; expected one of {', '.join(known)}")
     eval_slices = str(config.data.get("eval_slices", "all"))
     if eval_slices not in EVAL_SLICES or (eval_slices == "heart" and task != "calcium"):
         raise ConfigError(None, f"config.data.eval_slices={eval_slices!r}: expected 'all', or "

@@ -34,6 +34,18 @@ CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
 HEART_CLASS_NAMES = ("background", "heart")
 
 
+def metric_names(task: str) -> tuple[str, ...]:
+    """Every metric a validation pass of a `task` model can report (`evaluate`'s keys; the
+    per-protocol ones only where that protocol is validated): the names `train.best_metric` and
+    `train.early_stop_metric` may take."""
+    classes = CALCIUM_CLASS_NAMES if task == "calcium" else HEART_CLASS_NAMES
+    names = ["val_loss", *(f"val_dice_{c}" for c in classes[1:]), "val_dice_mean",
+             "val_kappa", "val_kappa_naive", "val_exact", "val_scans"]
+    for protocol in (*PROTOCOLS, CTAC_VS_GATED):
+        names += [f"val_kappa_{protocol}", f"val_kappa_naive_{protocol}", f"val_exact_{protocol}"]
+    return (*names, "val_kappa_paired")
+
+
 def _reference_heart_masks(data, split: str, scan_ids: set[str]) -> dict[str, np.ndarray]:
     """The reference heart masks of the given scans, read from the TFDS dataset."""
     import tensorflow_datasets as tfds

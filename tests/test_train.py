@@ -439,6 +439,11 @@ def test_validating_the_heart_slab_gives_the_same_categories(tmp_path):
         metrics[mode] = [r for r in rows(tmp_path / mode) if "val_kappa" in r][-1]
     same = [k for k in metrics["all"] if k.startswith(("val_kappa", "val_exact", "val_scans"))]
     assert {"val_kappa_cac", "val_kappa_paired"} <= set(same) and metrics["all"]["val_scans"] > 0
+    # Every metric reported is one the config check accepts for ranking and stopping.
+    from cac_jax.validation import metric_names
+
+    reported = {k for k in metrics["all"] if k.startswith("val_")}
+    assert reported <= set(metric_names("calcium")), reported - set(metric_names("calcium"))
     assert {k: metrics["heart"][k] for k in same} == {k: metrics["all"][k] for k in same}
     # The loss is another set of pixels' (fewer slices): it differs.
     assert metrics["heart"]["val_loss"] != metrics["all"]["val_loss"]

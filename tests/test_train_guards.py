@@ -49,6 +49,31 @@ def test_non_finite_or_non_positive_learning_rate_refused(rate):
         train_lib.check_config(config)
 
 
+@pytest.mark.parametrize("key, name", [("best_metric", "val_kappa_pairs"),
+                                       ("best_metric", ""),
+                                       ("early_stop_metric", "val_los"),
+                                       ("best_metric", "val_dice_heart")])
+def test_a_metric_validation_never_reports_is_refused(key, name):
+    """A misspelt ranking or stopping metric would rank every checkpoint last: refused, naming
+    the key (val_dice_heart is a heart model's, not a calcium model's)."""
+    config = load_config("convlstm_calcium")
+    config.train[key] = name
+    with pytest.raises(train_lib.ConfigError, match=f"config.train.{key}="):
+        train_lib.check_config(config)
+
+
+@pytest.mark.parametrize("config_name, key, name", [
+    ("convlstm_calcium", "best_metric", "val_kappa_paired"),
+    ("convlstm_calcium", "early_stop_metric", "val_loss"),
+    ("convlstm_calcium", "best_metric", "val_kappa_ctac_vs_gated"),
+    ("unet_heart", "best_metric", "val_dice_heart"),
+    ("unet_heart", "early_stop_metric", "")])
+def test_every_metric_validation_reports_is_accepted(config_name, key, name):
+    config = load_config(config_name)
+    config.train[key] = name
+    train_lib.check_config(config)
+
+
 def test_unknown_config_key_is_one_line_with_its_path_and_a_suggestion():
     cfg = str(ROOT / "configs" / "unet_heart.py") + ":local"
     cases = {"--config.train.stepz=3": "unknown config key train.stepz; did you mean train.steps?",
