@@ -492,6 +492,9 @@ class _Run:
         self.val_iter = make_dataset(config, "validation", train=False, **shard)
         self.heart_masks = _reference_heart_masks(config.data, "validation",
                                                   {s.scan_id for s in self.val_iter.scans})
+        # Each scan's model-free scoring (reference and naive categories, heart silhouette),
+        # computed at the first validation and kept for the run.
+        self.scoring_cache: dict = {}
         support.check_validation(
             config, self.val_iter.scans, self.heart_masks,
             int(_sum_processes(np.asarray(len(self.val_iter.scans), np.int64))),
@@ -654,7 +657,8 @@ class _Run:
         # No evaluation of a diverged state.
         self.window.check_finite(step, self.base_rate, self.workdir)
         eval_metrics = evaluate(self.config, self.p_eval, self.state, self.val_iter,
-                                self.heart_masks, stop=self.stop_requested)
+                                self.heart_masks, stop=self.stop_requested,
+                                cache=self.scoring_cache)
         if eval_metrics is None:
             return None
         self._step_plateau(eval_metrics.get("val_loss", math.nan))

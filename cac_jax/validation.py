@@ -127,52 +127,64 @@ class _ScanCollector:
         for s in np.unique(scan_index[valid]):
             s = int(s)
             rows = np.flatnonzero(valid & (scan_index == s))
-            hu, target = store.volumes(s, s)
             geom = store.frame_geometry(s, int(data.frame_size), float(data.frame_spacing_mm))
             native = frames_lib.from_frame(probs[rows], geom)
             zs = slice_index[rows].astype(np.int64)
             self.pred[s][zs] = np.argmax(native, axis=-1).astype(np.uint8)
-            self.hu[s][zs] = hu[zs]
-            self.true[s][zs] = target[zs]
+            # The stored scan whole (no copy): slices not validated have no predicted calcium,
+            # and the heart silhouette, where everything is scored, lies within the validated
+            # ones (data_pipeline.records.eval_slice_mask).
+            self.hu[s], self.true[s] = store.volumes(s, s)
 
 
 # The paper's CTAC design: CTAC predictions against the same patient's gated reference category.
 CTAC_VS_GATED = "ctac_vs_gated"
 
 
-def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dict:
+def scan_categories(config, collector: _ScanCollector, heart_masks: dict,
+                    cache: dict | None = None) -> dict:
     """{protocol: (model confusion 4x4, naive-threshold confusion 4x4)} of reference vs predicted
     category, for every protocol of the manifest contract (zeros where none was validated, so
     every host sums the same arrays), and under CTAC_VS_GATED the CTAC scans' predicted category
-    against the same patient's gated reference (the pairs whose two scans this host holds)."""
+    against the same patient's gated reference (the pairs whose two scans this host holds).
+
+    `cache` (a dict kept by the caller for one validation set) holds, per scan, what does not
+    depend on the model: a calcium model's heart silhouette, and every model's reference and
+    naive-threshold categories."""
     from cac_jax.baselines import threshold_score
     from cac_jax.postprocess import DEFAULT_HEART_DILATION_MM, heart_silhouette, predicted_score
 
     shape = (NUM_CATEGORIES, NUM_CATEGORIES)
     matrices = {protocol: (np.zeros(shape, np.int64), np.zeros(shape, np.int64))
                 for protocol in (*PROTOCOLS, CTAC_VS_GATED)}
+    cache = {} if cache is None else cache
     scored = []   # (patient, protocol, reference, predicted, naive)
     for info, pred, hu, true in zip(collector.scans, collector.pred, collector.hu, collector.true):
         heart = heart_masks.get(info.scan_id)
-        if heart is None or heart.shape != hu.shape:
-            continue  # no reference heart mask: no category for this scan
+        if heart is None or heart.shape != hu.shape or info.protocol not in PROTOCOLS:
+            # No reference heart mask: no category for this scan; a protocol outside the
+            # manifest contract (ingest refuses those): not scored.
+            continue
+        if info.scan_id not in cache:
+            reference = info.category
+            if reference is None and config.task == "calcium":
+                # No reference score stored: the true coronary class scored the same way.
+                reference = predicted_score(hu, true, heart, info.spacing_zyx_mm).category
+            # Inference's rule for a calcium model: coronary calcium counts inside the heart
+            # dilated by the Scorer's default margin, so the best checkpoint is picked on the
+            # number users get.
+            silhouette = (heart_silhouette(heart, info.spacing_zyx_mm, DEFAULT_HEART_DILATION_MM)
+                          if config.task == "calcium" else None)
+            naive = threshold_score(hu, heart, info.spacing_zyx_mm).category
+            cache[info.scan_id] = (reference, silhouette, naive)
+        reference, silhouette, naive = cache[info.scan_id]
+        if reference is None:
+            continue
         if config.task == "calcium":
-            # Inference's rule: coronary calcium counts inside the heart dilated by the Scorer's
-            # default margin, so the best checkpoint is picked on the number users get.
-            silhouette = heart_silhouette(heart, info.spacing_zyx_mm, DEFAULT_HEART_DILATION_MM)
             predicted = predicted_score(hu, pred, silhouette, info.spacing_zyx_mm).category
         else:
-            silhouette = heart_silhouette(pred, info.spacing_zyx_mm)
-            predicted = threshold_score(hu, silhouette, info.spacing_zyx_mm).category
-        reference = info.category
-        if reference is None:
-            if config.task != "calcium":
-                continue
-            # No reference score stored: the true coronary class scored the same way.
-            reference = predicted_score(hu, true, heart, info.spacing_zyx_mm).category
-        naive = threshold_score(hu, heart, info.spacing_zyx_mm).category
-        if info.protocol not in PROTOCOLS:
-            continue  # not a protocol of the manifest contract (ingest refuses those)
+            predicted = threshold_score(hu, heart_silhouette(pred, info.spacing_zyx_mm),
+                                        info.spacing_zyx_mm).category
         scored.append((info.patient_id, info.protocol, reference, predicted, naive))
     gated = {patient: reference for patient, protocol, reference, _, _ in scored
              if protocol == "cac"}
@@ -187,11 +199,14 @@ def scan_categories(config, collector: _ScanCollector, heart_masks: dict) -> dic
     return matrices
 
 
-def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None) -> dict | None:
+def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None,
+             cache: dict | None = None) -> dict | None:
     """Validation metrics of the replicated `state` on `val_iter` (every host, same steps).
 
     `stop(batch_index)`, polled before each batch (every host at the same batches), ends the
-    evaluation early: None is returned (a SIGTERM during validation)."""
+    evaluation early: None is returned (a SIGTERM during validation). `cache`, a dict the caller
+    keeps across the passes over one validation set, spares each pass the scans' model-free
+    scoring (`scan_categories`)."""
     num_classes = int(config.model.num_classes)
     names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
     totals = None
@@ -217,7 +232,7 @@ def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None) -> dict | 
     finite = [d for d in dice if math.isfinite(d)]
     metrics["val_dice_mean"] = float(np.mean(finite)) if finite else math.nan
     matrices = {protocol: (dist.sum_processes(m), dist.sum_processes(n))
-                for protocol, (m, n) in scan_categories(config, collector, heart_masks).items()}
+                for protocol, (m, n) in scan_categories(config, collector, heart_masks, cache).items()}
     model_cm = sum(matrices[p][0] for p in PROTOCOLS)
     naive_cm = sum(matrices[p][1] for p in PROTOCOLS)
     metrics["val_kappa"] = linear_kappa(model_cm)

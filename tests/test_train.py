@@ -516,3 +516,18 @@ def test_scan_categories_per_protocol():
     model_paired, naive_paired = matrices[validation.CTAC_VS_GATED]
     np.testing.assert_array_equal(model_paired, matrix((1, 0)))
     np.testing.assert_array_equal(naive_paired, matrix((1, 1)))
+    # A cache kept across passes (training keeps one per run) holds each scan's model-free
+    # scoring; later passes with other predictions score exactly as without it.
+    masks = {"a_cac": heart, "b_ctac": heart, "c_cac": heart, "a_ctac": heart}
+    cache = {}
+    first = validation.scan_categories(config, collector, masks, cache)
+    assert set(cache) == set(masks)
+    for key in matrices:
+        np.testing.assert_array_equal(first[key][0], matrices[key][0])
+    collector.pred = [nothing, coronary, coronary, coronary]
+    cached = validation.scan_categories(config, collector, masks, cache)
+    fresh = validation.scan_categories(config, collector, masks)
+    for key in fresh:
+        for got, want in zip(cached[key], fresh[key], strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(cached["cac"][0], matrices["cac"][0])  # the new calls count
