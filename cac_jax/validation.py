@@ -17,6 +17,7 @@ linearly weighted kappa the paper reports (docs/training.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
@@ -141,12 +142,34 @@ class _ScanCollector:
 CTAC_VS_GATED = "ctac_vs_gated"
 
 
+def _patient_key(patient: str) -> int:
+    """A 63-bit integer naming a patient ID, the same on every host."""
+    digest = hashlib.blake2b(str(patient).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _gated_references(scored) -> dict:
+    """{patient: gated reference category} of the gated scans scored on every host (all-gathered,
+    so a CTAC scan pairs with its patient's gated scan wherever validation sharded that one)."""
+    local = {_patient_key(patient): reference for patient, protocol, reference, _, _ in scored
+             if protocol == "cac"}
+    rows = np.asarray(sorted(local.items()), np.int64).reshape(-1, 2)
+    longest = int(dist.allgather(np.asarray(len(rows), np.int64)).max())
+    padded = np.full((longest, 2), -1, np.int64)
+    padded[:len(rows)] = rows
+    gathered = dist.allgather(padded).reshape(-1, 2)
+    keys = {int(key): int(category) for key, category in gathered if key >= 0}
+    return {patient: keys[_patient_key(patient)] for patient, protocol, _, _, _ in scored
+            if protocol == "ctac" and _patient_key(patient) in keys}
+
+
 def scan_categories(config, collector: _ScanCollector, heart_masks: dict,
                     cache: dict | None = None) -> dict:
     """{protocol: (model confusion 4x4, naive-threshold confusion 4x4)} of reference vs predicted
     category, for every protocol of the manifest contract (zeros where none was validated, so
     every host sums the same arrays), and under CTAC_VS_GATED the CTAC scans' predicted category
-    against the same patient's gated reference (the pairs whose two scans this host holds).
+    against the same patient's gated reference (wherever that patient's gated scan was
+    validated: every host must call this at the same point, as `evaluate` does).
 
     `cache` (a dict kept by the caller for one validation set) holds, per scan, what does not
     depend on the model: a calcium model's heart silhouette, and every model's reference and
@@ -186,8 +209,7 @@ def scan_categories(config, collector: _ScanCollector, heart_masks: dict,
             predicted = threshold_score(hu, heart_silhouette(pred, info.spacing_zyx_mm),
                                         info.spacing_zyx_mm).category
         scored.append((info.patient_id, info.protocol, reference, predicted, naive))
-    gated = {patient: reference for patient, protocol, reference, _, _ in scored
-             if protocol == "cac"}
+    gated = _gated_references(scored)
     for patient, protocol, reference, predicted, naive in scored:
         cells = [(protocol, reference)]
         if protocol == "ctac" and patient in gated:

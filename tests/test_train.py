@@ -531,3 +531,33 @@ def test_scan_categories_per_protocol():
         for got, want in zip(cached[key], fresh[key], strict=True):
             np.testing.assert_array_equal(got, want)
     assert not np.array_equal(cached["cac"][0], matrices["cac"][0])  # the new calls count
+
+
+def test_a_ctac_scan_pairs_with_its_gated_scan_validated_on_another_host(monkeypatch):
+    """The paper's CTAC design pairs across hosts: with validation sharded so that patient a's
+    gated scan is on another host, a's CTAC scan is still scored against a's gated reference (the
+    all-gather answers for the other host)."""
+    from cac_jax import distributed as dist
+    from data_pipeline.input_pipeline import ScanInfo
+
+    config = load_config("convlstm_calcium")
+    shape, spacing = (2, 16, 16), (3.0, 1.0, 1.0)
+    hu = np.zeros(shape, np.int16)
+    nothing = np.zeros(shape, np.uint8)
+    collector = validation._ScanCollector([
+        ScanInfo("a_ctac", "a", "ctac", "s", shape, spacing, 0.0, 0, 0),
+        ScanInfo("b_ctac", "b", "ctac", "s", shape, spacing, 0.0, 0, 0)])
+    collector.pred, collector.hu, collector.true = [nothing] * 2, [hu] * 2, [nothing] * 2
+    masks = {"a_ctac": np.ones(shape, bool), "b_ctac": np.ones(shape, bool)}
+    # The other host holds a's gated scan, category 3; nobody holds b's.
+    other = np.asarray([[validation._patient_key("a"), 3]], np.int64)
+
+    def allgather(value):  # this host's value, then the other host's
+        value = np.asarray(value)
+        return np.stack([value, np.asarray(len(other)) if value.ndim == 0 else other])
+
+    monkeypatch.setattr(dist, "allgather", allgather)
+    paired = validation.scan_categories(config, collector, masks)[validation.CTAC_VS_GATED][0]
+    expected = np.zeros((4, 4), np.int64)
+    expected[3, 0] = 1  # a's CTAC, nothing called, against a's gated category 3; b unpaired
+    np.testing.assert_array_equal(paired, expected)
