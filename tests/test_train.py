@@ -351,6 +351,10 @@ d.mode, d.coordinator_address = "explicit", "127.0.0.1:{port}"
 d.num_processes, d.process_id = 2, {pid}
 train._setup_distributed(config)
 assert jax.device_count() == 8 and jax.local_device_count() == 4
+# 64-bit values (the hashed patient IDs validation pairs scans by) cross hosts whole.
+from cac_jax import distributed as dist
+keys = dist.allgather(np.asarray([[2**62 + 7 + {pid}, 3]], np.int64))
+assert keys.dtype == np.int64 and [int(v) for v in keys[:, 0, 0]] == [2**62 + 7, 2**62 + 8], keys
 # One step on a fixed global batch of 8: this process feeds its 4 rows.
 cfg, model, tx, state, batch = fixed_step_inputs()
 rows = slice(4 * {pid}, 4 * {pid} + 4)

@@ -552,3 +552,26 @@ def test_a_run_stopped_early_continues_under_a_laxer_stop_rule(data_dir, tmp_pat
     assert not summary["stopped_early"]
     assert [r["step"] for r in rows(workdir) if "val_loss" in r] == [2, 4, 6, 8]
     assert json.loads((workdir / "config.json").read_text())["train"]["early_stop_patience"] == 0
+
+
+def test_allgather_keeps_64_bit_values(monkeypatch):
+    """Between hosts the gather runs on JAX arrays, 32-bit without x64 mode: 8-byte values (the
+    hashed patient IDs that pair CTAC with gated scans, int64 counts, float64) come back whole."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    def two_hosts(x):  # what process_allgather does with x64 off: through a JAX array
+        here = np.asarray(jnp.asarray(x))
+        return np.stack([here, here + 1 if here.dtype.kind in "iu" else here])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", two_hosts)
+    key = np.asarray([[2**62 + 2**33 + 7, 3]], np.int64)
+    got = dist.allgather(key)
+    assert got.dtype == np.int64 and got.shape == (2, 1, 2)
+    np.testing.assert_array_equal(got[0], key)
+    assert int(dist.allgather(np.asarray(2**40, np.int64))[0]) == 2**40
+    np.testing.assert_array_equal(dist.allgather(np.asarray([0.1, 1e300]))[0], [0.1, 1e300])
+    assert dist.allgather(np.zeros((0, 2), np.int64)).shape == (2, 0, 2)
+    assert dist.allgather(np.asarray([5], np.int32)).tolist() == [[5], [6]]
