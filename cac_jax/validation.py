@@ -132,10 +132,15 @@ class _ScanCollector:
             native = frames_lib.from_frame(probs[rows], geom)
             zs = slice_index[rows].astype(np.int64)
             self.pred[s][zs] = np.argmax(native, axis=-1).astype(np.uint8)
-            # The stored scan whole (no copy): slices not validated have no predicted calcium,
-            # and the heart silhouette, where everything is scored, lies within the validated
-            # ones (data_pipeline.records.eval_slice_mask).
-            self.hu[s], self.true[s] = store.volumes(s, s)
+            hu, target = store.volumes(s, s)
+            if store.resident:
+                # The stored scan whole (no copy): slices not validated have no predicted
+                # calcium, and the heart silhouette, where everything is scored, lies within the
+                # validated ones (data_pipeline.records.eval_slice_mask).
+                self.hu[s], self.true[s] = hu, target
+            else:  # decoded for this call (streamed): keep only the validated slices
+                self.hu[s][zs] = hu[zs]
+                self.true[s][zs] = target[zs]
 
 
 # The paper's CTAC design: CTAC predictions against the same patient's gated reference category.

@@ -33,6 +33,10 @@ class _Source:
     while it is created. Subclasses hold the voxels in memory or stream them from the records.
     """
 
+    # Whether `volumes` returns views of voxels held anyway (a caller may keep them), not arrays
+    # decoded for the call.
+    resident = False
+
     def __init__(self, scans: list[ScanInfo], records: _Records | None, record_index, task: str,
                  heart_frame: bool = False, frame_spacing_mm: float = 1.0):
         tf = _tf()
@@ -147,7 +151,10 @@ class _MemoryStore(_Source):
 
     The buffers are sized from the stored shapes before any volume is decoded and filled one scan
     at a time, so loading needs the decoded bytes plus one scan in flight, never twice the shard.
+    `volumes` returns views of them: holding one costs no memory.
     """
+
+    resident = True
 
     def __init__(self, scans, records, record_index, task, *, progress: bool = False,
                  heart_frame: bool = False, frame_spacing_mm: float = 1.0):

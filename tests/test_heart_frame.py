@@ -252,6 +252,26 @@ def test_validation_maps_predictions_back_exactly_as_inference():
     assert predicted[8, 29:32, 25:28].all()
     np.testing.assert_array_equal(collector.hu[0], hu)
 
+    # A streamed store decodes each scan for the call: the collector keeps only the slices
+    # validated (here 3-9), not the whole decoded scan, and predicts the same there.
+    class Streamed:
+        resident = False
+
+        def volumes(self, scan, key):
+            volume, truth = store.volumes(scan, key)
+            return volume.copy(), truth.copy()
+
+        def frame_geometry(self, *args):
+            return store.frame_geometry(*args)
+
+    some = zs[3:10]
+    streamed = _ScanCollector([info], (Streamed(), data))
+    streamed.add(np.asarray(forward(images[some])),
+                 {k: v[some] for k, v in batch.items()})
+    np.testing.assert_array_equal(streamed.pred[0][some], predicted[some])
+    np.testing.assert_array_equal(streamed.hu[0][some], hu[some])
+    assert not streamed.hu[0][:3].any() and not streamed.hu[0][10:].any()
+
 
 def test_a_heart_frame_calcium_model_trains_validates_and_loads(tmp_path):
     """A short heart-frame run: training and validation batches in the frame, a validation kappa
