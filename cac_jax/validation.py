@@ -164,8 +164,9 @@ def _gated_references(scored) -> dict:
     padded[:len(rows)] = rows
     gathered = dist.allgather(padded).reshape(-1, 2)
     keys = {int(key): int(category) for key, category in gathered if key >= 0}
-    return {patient: keys[_patient_key(patient)] for patient, protocol, _, _, _ in scored
-            if protocol == "ctac" and _patient_key(patient) in keys}
+    ctac = {patient: _patient_key(patient) for patient, protocol, _, _, _ in scored
+            if protocol == "ctac"}
+    return {patient: keys[key] for patient, key in ctac.items() if key in keys}
 
 
 def scan_categories(config, collector: _ScanCollector, heart_masks: dict,

@@ -48,13 +48,18 @@ class FrameGeometry:
         yy, xx = np.meshgrid(ys, xs, indexing="ij")
         return np.stack([yy, xx])
 
-    def inverse_coordinates(self) -> np.ndarray:
-        """Frame coordinates (2, h, w) of every scan pixel."""
+    def inverse_axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Frame row coordinate (h,) of every scan row and frame column coordinate (w,) of every
+        scan column: the frame's axes are the scan's, scaled and shifted."""
         c = (self.size - 1) / 2.0
         h, w = self.scan_hw
         fy = (np.arange(h, dtype=np.float64) - self.centre_yx[0]) / self.ratio_yx[0] + c
         fx = (np.arange(w, dtype=np.float64) - self.centre_yx[1]) / self.ratio_yx[1] + c
-        yy, xx = np.meshgrid(fy, fx, indexing="ij")
+        return fy, fx
+
+    def inverse_coordinates(self) -> np.ndarray:
+        """Frame coordinates (2, h, w) of every scan pixel."""
+        yy, xx = np.meshgrid(*self.inverse_axes(), indexing="ij")
         return np.stack([yy, xx])
 
 
@@ -161,14 +166,13 @@ def from_frame(probabilities: np.ndarray, geom: FrameGeometry) -> np.ndarray:
 
     Bilinear; scan pixels outside the frame are background (class 0) with certainty. The class
     map is the argmax of the result (a linear resample of class indices would not be one). The
-    frame's axes are the scan's, scaled and shifted, so the resample is separable: one linear
-    pass along the rows, then one along the columns.
+    resample is separable (`inverse_axes`): one linear pass along the rows, then one along the
+    columns.
     """
     probabilities = np.asarray(probabilities, np.float32)
     n, _, _, classes = probabilities.shape
     h, w = geom.scan_hw
-    coords = geom.inverse_coordinates()
-    fy, fx = coords[0][:, 0], coords[1][0, :]
+    fy, fx = geom.inverse_axes()
     last = geom.size - 1
     in_rows = np.flatnonzero((fy >= -0.5) & (fy <= last + 0.5))
     in_cols = np.flatnonzero((fx >= -0.5) & (fx <= last + 0.5))
