@@ -453,3 +453,46 @@ def export_parameters(source: str | pathlib.Path, out: str | pathlib.Path, *,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out / CHECKPOINT_DIR / step_dir.name
+
+
+def warm_start_variables(path: str | pathlib.Path, variables: dict, config) -> tuple[dict, dict]:
+    """The variables of the trained model at `path` (a training workdir, its best else latest
+    step; an exported model; or a step folder) in place of a fresh model's `variables`, and a
+    record of where they came from (`train.init_from`: fine-tuning, docs/training.md).
+
+    The source must be a model of the same task, architecture and widths: every parameter and
+    BatchNorm statistic of `variables` must be in it with the same shape and nothing else, or
+    an `InputError` names the first difference. The optimizer state, step, plateau and
+    early-stopping state are not taken: the run starts at step 0 with its own schedule.
+    """
+    import jax
+    import numpy as np
+
+    source = load_trained(path)
+    if source.task != str(config.task):
+        raise InputError(source.path, f"train.init_from: a {source.task} model cannot start a "
+                                      f"{config.task} training")
+    arch = str(source.config.model.get("arch", ""))
+    if arch != str(config.model.arch):
+        raise InputError(source.path, f"train.init_from: a {arch} model cannot start a "
+                                      f"{config.model.arch} training")
+    want = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+    have = dict(jax.tree_util.tree_flatten_with_path(source.variables)[0])
+    for key, leaf in want.items():
+        name = jax.tree_util.keystr(key)
+        if key not in have:
+            raise InputError(source.path, f"train.init_from: {name} of this training's model is "
+                                          f"not in the checkpoint (another model config)")
+        if tuple(np.shape(have[key])) != tuple(np.shape(leaf)):
+            raise InputError(source.path, f"train.init_from: {name} is {tuple(np.shape(have[key]))}"
+                                          f" in the checkpoint, this training's model needs "
+                                          f"{tuple(np.shape(leaf))} (another model config)")
+    extra = sorted(jax.tree_util.keystr(k) for k in have if k not in want)
+    if extra:
+        raise InputError(source.path, f"train.init_from: the checkpoint has {extra[0]}, which this "
+                                      f"training's model lacks (another model config)")
+    restored = jax.tree.map(lambda fresh, old: np.asarray(old, dtype=np.asarray(fresh).dtype),
+                            variables, {k: source.variables[k] for k in variables})
+    record = {"path": str(source.workdir), "step": source.step,
+              "metrics": {k: v for k, v in source.metrics.items() if isinstance(v, int | float)}}
+    return restored, record

@@ -107,7 +107,8 @@ ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0,
               "train.early_stop_metric": "",
               "data.augment.noise_std_max": 0.0, "data.augment.blur_sigma": 0.0,
               "data.augment.sharpen": 0.0, "data.augment.sharpen_sigma": 1.0,
-              "data.augment.kvp_contrast": 0.0, "data.eval_slices": "all"}
+              "data.augment.kvp_contrast": 0.0, "data.eval_slices": "all",
+              "train.init_from": ""}
 
 
 def train_config(task: str, arch: str, local: bool = False) -> ml_collections.ConfigDict:
@@ -130,6 +131,11 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
 
     # Paper: Adam, learning rate 1e-3, reduced when the validation loss plateaus.
     t.learning_rate = 1e-3
+    # Fine-tuning: "" starts from the seeded initialisation; a trained model of the same task and
+    # model config (a training workdir, an exported model such as models/synthetic/..., or a step
+    # folder) starts from its parameters, with a fresh optimizer, step 0 and this config's
+    # schedule. Ignored when the run resumes from its own checkpoint.
+    t.init_from = ""
     t.weight_decay = 0.0  # > 0: decoupled weight decay (AdamW)
     t.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
     # optax.contrib.reduce_on_plateau, stepped once per evaluation on the validation loss.

@@ -171,9 +171,20 @@ def training_stamp(out: Path, config, name: str) -> tuple[str, list[str], dict]:
     overrides = [f"data.data_dir={out / 'tfds'}", "data.name=cac_ct",
                  f"seed={config.seed}", *spec.overrides]
     config_path, relative = _config_file(spec.config)
-    wanted = {"config": relative, "overrides": overrides,
+    wanted = {"config": relative, "overrides": list(overrides),
               "defaults": stage_stamps._config_defaults(relative.partition(":")[0]),
               "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
+    # A training that starts from another model (`train.init_from`, relative to the checkout
+    # like configs/): the model's path is resolved, and its checkpoint steps join the stamp, so
+    # a finished run is reused only while its starting model is the same.
+    for i, item in enumerate(overrides):
+        key, _, value = item.partition("=")
+        if key == "train.init_from" and value:
+            path = Path(value) if Path(value).is_absolute() else Path(
+                stage_stamps._config_path(value))
+            overrides[i] = f"{key}={path}"
+            wanted["init_from"] = {"path": value, "checkpoints": sorted(
+                p.name for p in (path / "checkpoints").glob("*"))}
     return config_path, overrides, wanted
 
 
@@ -563,7 +574,8 @@ def model_card(name: str, config, summary: dict, systems, step_dir: Path,
         f"{train.get('early_stop_patience')} evaluations every {train.get('eval_every')} steps).",
         f"- Trained {training['steps']} steps ({training['wall_time_s'] / 60:.0f} min in its "
         f"last run; {_how_it_ended(training)}); this checkpoint is step {step_dir.name}, "
-        f"validation {training['best_metric']} = {training['best_value']:.3f}.", "",
+        f"validation {training['best_metric']} = {training['best_value']:.3f}.",
+        *_init_line(training), "",
         "## The study's results", "",
         "Linearly weighted kappa of the four CAC categories (95% CI) against the reference "
         "categories of the same patients (docs/study.md): each scan against its own truth, and "
@@ -626,6 +638,17 @@ def _generator_version(config=None):
     if len(names) == 1:
         return generator_identity(names[0])
     return " and ".join(str(generator_identity(a)) for a in names)
+
+
+def _init_line(training: dict) -> list[str]:
+    """The card's line on the model a fine-tuned training started from (`train.init_from`)."""
+    start = training.get("initialised_from")
+    if not start:
+        return []
+    given = [o.partition("=")[2] for o in training["overrides"]
+             if o.startswith("train.init_from=")]
+    return [f"- Fine-tuned: it started from the parameters of `{given[0] if given else start['path']}`"
+            f" (that model's step {start['step']}), not from a random initialisation."]
 
 
 def export_models(out: Path, config, summary: dict, systems) -> dict[str, Path]:

@@ -442,6 +442,8 @@ class _Run:
         self.stop_name, self.stop_mode = stop_options(config)
         self.manager = ckpt_lib.make_manager(workdir, config)
         fresh = self._resume(fresh)
+        if self.restored is None and config.train.get("init_from", ""):
+            fresh = self._warm_start(fresh)
         self._recount_patience()
         self.total_steps = int(config.train.steps)
         self.state = _replicate(fresh, self.devices)
@@ -455,6 +457,7 @@ class _Run:
         """The state to start from: `fresh`, or the latest intact checkpoint's with the host
         state, the step and whether its evaluation is pending (a SIGTERM during validation)."""
         self.start_step, self.eval_pending = 0, False
+        self.init_record: dict | None = None  # where train.init_from's parameters came from
         # A run under way has no summary: an earlier run's would call this one finished to
         # whoever looks while it trains or after it is killed (the study reuses finished runs).
         if self.is_main:
@@ -469,7 +472,20 @@ class _Run:
         self.host = _HostState.from_json(items["meta"]["host"], self.host.plateau)
         self.start_step = int(items["meta"]["step"])
         self.eval_pending = bool(items["meta"].get("eval_pending", False))
+        self.init_record = items["meta"].get("init_from")
         return jax.device_get(state)
+
+    def _warm_start(self, fresh: TrainState) -> TrainState:
+        """`fresh` with the parameters of the trained model `train.init_from` (fine-tuning)."""
+        variables = {"params": fresh.params}
+        if fresh.batch_stats:
+            variables["batch_stats"] = fresh.batch_stats
+        variables, self.init_record = ckpt_lib.warm_start_variables(
+            str(self.config.train.init_from), variables, self.config)
+        params = variables["params"]
+        return TrainState(step=fresh.step, params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=self.tx.init(params))
 
     def _compile_steps(self) -> None:
         # Multi-process: pmap over all devices of all processes (devices=None); the collectives
@@ -750,7 +766,8 @@ class _Run:
         meta = {"step": step, "metrics": {k: _json_safe(v) for k, v in (metrics or {}).items()},
                 "host": self.host.to_json(),
                 "pixel_spacing_mm": self.spacing, "task": config.task,
-                "num_classes": int(config.model.num_classes), "eval_pending": pending}
+                "num_classes": int(config.model.num_classes), "eval_pending": pending,
+                "init_from": self.init_record}
         ckpt_lib.save_training(self.manager, step, host_state, meta, metrics, config)
 
     def finish(self) -> dict:
@@ -764,6 +781,7 @@ class _Run:
         summary = {
             "workdir": os.fspath(self.workdir), "task": config.task, "arch": config.model.arch,
             "steps": self.step, "steps_this_run": steps_run, "resumed_from": self.restored,
+            "initialised_from": self.init_record,
             "best_step": best_step, "best_metric": self.best_name,
             "best_value": self.host.best_value, "stopped_early": self.host.stopped_early,
             "preempted": self.preempted, "timed_out": self.timed_out,

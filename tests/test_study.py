@@ -271,6 +271,13 @@ def test_grooved_modifier_changes_only_the_anatomy():
         plain.anatomies = ("grooved",)
         assert plain.to_dict() == grooved.to_dict()
         plain.anatomies = ("classic", "grooved")
+        # The CPU mixed study fine-tunes the reference calcium ConvLSTM (the same widths); the
+        # full-width GPU and tiny local models train from scratch.
+        tuned = mixed.trainings.calcium_convlstm.overrides
+        start = ["train.init_from=models/synthetic/calcium_convlstm", "train.learning_rate=5e-4"]
+        assert (tuned[-2:] == start) == (base == "")
+        if base == "":
+            del tuned[-2:]
         assert plain.to_dict() == mixed.to_dict()
     for bad in ("grooves", "gpu,local", "grooved,x", "grooved,mixed"):
         with pytest.raises(ValueError, match="optionally with ',grooved' or ',mixed'"):
@@ -332,3 +339,31 @@ def test_mixed_study_makes_and_trains_on_every_sites_cohorts_in_both_anatomies(t
                 for name, path in cohorts.items()}
     assert held_out == {"test": {f"test_{s}{a}" for s in sites for a in ("", "_grooved")},
                         "unseen": {"unseen", "unseen_grooved"}}
+
+
+def test_a_fine_tuned_training_resolves_its_start_and_stamps_it(tmp_path):
+    """`train.init_from` in a study training is relative to the checkout (like configs/): the
+    command gets the resolved path, the stamp keeps the relative one and the starting model's
+    checkpoint steps, so a changed starting model trains again."""
+    from cac_jax import study
+
+    config = load_config_file(str(STUDY), "mixed")
+    out = tmp_path / "study"
+    (out / ".stamps").mkdir(parents=True)
+    (out / ".stamps" / "ingest.json").write_text(json.dumps({"scans": 3}))
+    _, overrides, wanted = study.training_stamp(out, config, "calcium_convlstm")
+    given = [o for o in overrides if o.startswith("train.init_from=")]
+    path = pathlib.Path(given[0].partition("=")[2])
+    assert path == ROOT / "models" / "synthetic" / "calcium_convlstm" and path.is_dir()
+    assert "train.init_from=models/synthetic/calcium_convlstm" in wanted["overrides"]
+    assert wanted["init_from"]["checkpoints"] == sorted(
+        p.name for p in (path / "checkpoints").iterdir())
+    _, _, plain = study.training_stamp(out, config, "heart_convlstm")
+    assert "init_from" not in plain
+    # Its card says it was fine-tuned, and from which model.
+    line = study._init_line({"initialised_from": {"path": str(path), "step": 3000},
+                             "overrides": wanted["overrides"]})
+    assert line == ["- Fine-tuned: it started from the parameters of "
+                    "`models/synthetic/calcium_convlstm` (that model's step 3000), not from a "
+                    "random initialisation."]
+    assert study._init_line({"initialised_from": None, "overrides": []}) == []
