@@ -455,6 +455,15 @@ def export_parameters(source: str | pathlib.Path, out: str | pathlib.Path, *,
     return out / CHECKPOINT_DIR / step_dir.name
 
 
+def check_init_source(path: str | pathlib.Path) -> pathlib.Path:
+    """`train.init_from` as a step folder to load, or an `InputError` naming it: a folder on this
+    machine that holds a trained model."""
+    if "://" in str(path):
+        raise InputError(path, "train.init_from must be a folder on this machine (copy the model "
+                               "out of the bucket first)")
+    return resolve_checkpoint(path)[0]
+
+
 def warm_start_variables(path: str | pathlib.Path, variables: dict, config) -> tuple[dict, dict]:
     """The variables of the trained model at `path` (a training workdir, its best else latest
     step; an exported model; or a step folder) in place of a fresh model's `variables`, and a
@@ -468,7 +477,7 @@ def warm_start_variables(path: str | pathlib.Path, variables: dict, config) -> t
     import jax
     import numpy as np
 
-    source = load_trained(path)
+    source = load_trained(check_init_source(path))
     if source.task != str(config.task):
         raise InputError(source.path, f"train.init_from: a {source.task} model cannot start a "
                                       f"{config.task} training")

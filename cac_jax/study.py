@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -183,9 +184,21 @@ def training_stamp(out: Path, config, name: str) -> tuple[str, list[str], dict]:
             path = Path(value) if Path(value).is_absolute() else Path(
                 stage_stamps._config_path(value))
             overrides[i] = f"{key}={path}"
-            wanted["init_from"] = {"path": value, "checkpoints": sorted(
-                p.name for p in (path / "checkpoints").glob("*"))}
+            wanted["init_from"] = {"path": value, "sha256": _model_fingerprint(path, name)}
     return config_path, overrides, wanted
+
+
+def _model_fingerprint(path: Path, name: str) -> str:
+    """SHA-256 over every file of the model folder `path` (names and bytes): a finished training
+    that started from it is reused only while the model is the same."""
+    if "://" in str(path) or not path.is_dir():
+        raise InputError(path, f"training {name} starts from this model (train.init_from), which "
+                               f"is not a folder here; the reference models lie in a checkout of "
+                               f"cac-jax, under models/synthetic/")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def continue_keys() -> tuple[str, ...]:

@@ -71,8 +71,10 @@ AXIS = dist.AXIS  # the named data-parallel axis of pmap (and of synchronised Ba
 # counted again over the evaluations made) and how it is shown.
 # model.conv_impl picks the library that runs the same convolutions (docs/onednn.md), so a run may
 # resume under another.
+# `train.init_from` only chooses a fresh run's start: a run with a checkpoint of its own resumes
+# from it whatever the key says (docs/training.md, "Fine-tuning").
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl",
-                  *config_defaults.STOP_KEYS)
+                  "train.init_from", *config_defaults.STOP_KEYS)
 # Keys added to the configs after runs were made: a saved config without one had this value.
 ADDED_KEYS = config_defaults.ADDED_KEYS
 
@@ -480,8 +482,20 @@ class _Run:
         variables = {"params": fresh.params}
         if fresh.batch_stats:
             variables["batch_stats"] = fresh.batch_stats
-        variables, self.init_record = ckpt_lib.warm_start_variables(
-            str(self.config.train.init_from), variables, self.config)
+        source = str(self.config.train.init_from)
+        # Every host must read the same model: one that cannot would leave the others waiting in
+        # the restore's barrier.
+        try:
+            ckpt_lib.check_init_source(source)
+            problem = None
+        except InputError as err:
+            problem = err
+        if _any_process(problem is not None):
+            raise problem or InputError(source, "train.init_from: another host cannot read this "
+                                                "model; every host must see it")
+        variables, self.init_record = ckpt_lib.warm_start_variables(source, variables,
+                                                                    self.config)
+        dist.agree_on_step(self.init_record["step"], source)
         params = variables["params"]
         return TrainState(step=fresh.step, params=params,
                           batch_stats=variables.get("batch_stats", {}),

@@ -356,8 +356,17 @@ def test_a_fine_tuned_training_resolves_its_start_and_stamps_it(tmp_path):
     path = pathlib.Path(given[0].partition("=")[2])
     assert path == ROOT / "models" / "synthetic" / "calcium_convlstm" and path.is_dir()
     assert "train.init_from=models/synthetic/calcium_convlstm" in wanted["overrides"]
-    assert wanted["init_from"]["checkpoints"] == sorted(
-        p.name for p in (path / "checkpoints").iterdir())
+    assert wanted["init_from"]["path"] == "models/synthetic/calcium_convlstm"
+    assert wanted["init_from"]["sha256"] == study._model_fingerprint(path, "x")
+    # Another starting model (here: a copy with one byte changed) changes the stamp.
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    meta = next(copy.glob("checkpoints/*/meta/*"))
+    meta.write_bytes(meta.read_bytes() + b" ")
+    assert study._model_fingerprint(copy, "x") != wanted["init_from"]["sha256"]
+    with pytest.raises(study.InputError, match="not a folder here"):
+        study._model_fingerprint(tmp_path / "absent", "calcium_convlstm")
     _, _, plain = study.training_stamp(out, config, "heart_convlstm")
     assert "init_from" not in plain
     # Its card says it was fine-tuned, and from which model.

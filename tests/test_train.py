@@ -605,9 +605,14 @@ def test_init_from_starts_from_a_trained_models_parameters(data_dir, tmp_path, c
           *base[2:], "--workdir", str(tmp_path / "w2")], "a heart model cannot start a calcium"),
         ([*base[:-1], f"--config.train.init_from={tmp_path / 'nowhere'}",
           "--workdir", str(tmp_path / "w3")], "no such checkpoint"),
+        ([*base[:-1], "--config.train.init_from=gs://bucket/model",
+          "--workdir", str(tmp_path / "w4")], "must be a folder on this machine"),
     ]
     for argv, message in cases:
         code, err = _cli(argv, capsys)
         assert code == 2, (argv, err)
         assert message in err, (argv, err)
         assert err.startswith("cac-jax train: error:") and err.count("\n") == 1, err
+    # A refused start leaves the workdir usable: the same workdir with the right model trains.
+    code, err = _cli([*base, "--workdir", str(tmp_path / "w3"), "--config.train.steps=1"], capsys)
+    assert code == 0, err
