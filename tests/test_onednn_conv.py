@@ -240,6 +240,15 @@ def test_a_bfloat16_model_runs_its_convolutions_through_onednn():
     # Against the float32 model, oneDNN's bfloat16 is as close as XLA's bfloat16 (both round the
     # activations to bfloat16 between layers; oneDNN accumulates each convolution in float32).
     assert error(logits_dnn, logits_ref) <= max(2 * error(logits_xla, logits_ref), 0.02)
+    # The gradients: bfloat16 rounding leaves 10-40% relative error on the deep layers' leaves
+    # with either library (another order of accumulation, e.g. AMX on a Xeon, moves each leaf's
+    # by a few per cent), so the whole gradient is compared closely and each leaf loosely; a
+    # wrong kernel is off by ~100%.
+    def flat(tree):
+        return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
+
+    assert error(flat(grads_dnn), flat(grads_ref)) <= 1.25 * error(flat(grads_xla),
+                                                                   flat(grads_ref)) + 0.01
     for a, b, ref in zip(jax.tree.leaves(grads_dnn), jax.tree.leaves(grads_xla),
                          jax.tree.leaves(grads_ref), strict=True):
-        assert error(a, ref) <= max(2 * error(b, ref), 0.05), (error(a, ref), error(b, ref))
+        assert error(a, ref) <= 2 * error(b, ref) + 0.05, (error(a, ref), error(b, ref))
