@@ -20,7 +20,8 @@ Arguments (`--config configs/study.py:ARG`):
   `train.init_from`) at half the rate: trained from scratch on twice the classic study's data it
   had not converged after 6450 steps, about 5 h on 2 cores (docs/study.md). The committed model
   is that fine-tune, so a rerun now starts from it; to repeat the recorded run, first put the
-  classic model back: `git checkout 0c9aa67 -- models/synthetic/calcium_convlstm`.
+  classic model back: `rm -r models/synthetic/calcium_convlstm && git checkout 0c9aa67 --
+  models/synthetic/calcium_convlstm`.
 
 Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
 would run `cac-jax train`; `trainings` names each workdir under OUT/models/, `systems` pairs a heart
