@@ -615,8 +615,8 @@ def write_report(out: Path, s: DemoSettings, metrics: dict, summary: dict, secon
                              f"{_fmt(m['exact_agreement'], '{:.0%}')} |")
         if "reference" in summary[cohort]:
             lines += ["", "`reference`: the study's ConvLSTM models (`models/synthetic/`, trained "
-                      "to convergence on the study's multi-site cohort at 256 px, "
-                      "docs/study.md) on the same patients, beside the demo's models trained "
+                      "for hours on the study's multi-site cohort at 256 px, the calcium model "
+                      "on both of its anatomies; docs/study.md) on the same patients, beside the demo's models trained "
                       "for minutes: "
                       + "; ".join(f"{p.upper()} kappa "
                                   f"{_fmt(summary[cohort]['reference'][p]['kappa_linear'])} "
