@@ -465,9 +465,9 @@ def check_init_source(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def warm_start_variables(path: str | pathlib.Path, variables: dict, config) -> tuple[dict, dict]:
-    """The variables of the trained model at `path` (a training workdir, its best else latest
-    step; an exported model; or a step folder) in place of a fresh model's `variables`, and a
-    record of where they came from (`train.init_from`: fine-tuning, docs/training.md).
+    """The variables of the trained model at `path` (`check_init_source`'s step folder) in place
+    of a fresh model's `variables`, and a record of where they came from (`train.init_from`:
+    fine-tuning, docs/training.md).
 
     The source must be a model of the same task, architecture and widths: every parameter and
     BatchNorm statistic of `variables` must be in it with the same shape and nothing else, or
@@ -477,7 +477,7 @@ def warm_start_variables(path: str | pathlib.Path, variables: dict, config) -> t
     import jax
     import numpy as np
 
-    source = load_trained(check_init_source(path))
+    source = load_trained(path)
     if source.task != str(config.task):
         raise InputError(source.path, f"train.init_from: a {source.task} model cannot start a "
                                       f"{config.task} training")

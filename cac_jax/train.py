@@ -48,6 +48,8 @@ from cac_jax import checkpoints as ckpt_lib
 from cac_jax import config_defaults
 from cac_jax import distributed as dist
 from cac_jax import train_support as support
+from cac_jax.metrics_writer import MetricsWriter as _Writer
+from cac_jax.metrics_writer import json_safe as _json_safe
 from cac_jax.models.config import NUM_CLASSES
 from cac_jax.steps import (  # noqa: F401  (loss_weight: re-exported for tests and benchmarks)
     TrainState,
@@ -225,64 +227,6 @@ class _HostState:
                    evals_since_best=int(data.get("evals_since_best", 0)),
                    stopped_early=bool(data.get("stopped_early", False)),
                    patience_value=data.get("patience_value", data.get("best_value")))
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-class _Writer:
-    """metrics.jsonl + TensorBoard (tf.summary) on process 0."""
-
-    def __init__(self, workdir, resume_step: int, enabled: bool):
-        self.enabled = enabled
-        workdir = support.as_path(workdir)
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        # Cloud storage cannot append: the rows are kept and the file rewritten at each row.
-        self._lines: list[str] | None = [] if support.is_remote(workdir) else None
-        if not enabled:
-            return
-        # Rows logged after the checkpoint we resume from would be repeated: drop them.
-        if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            support.write_text(self.path, "".join(f"{line}\n" for line in keep))
-            if self._lines is not None:
-                self._lines = keep
-        support.prune_tensorboard(workdir / "tensorboard", resume_step)
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        self._tf = tf
-        # tf.summary.scalar needs the tensorboard package (not a dependency): write the same
-        # scalar events with the core op and the scalars plugin's metadata.
-        self._metadata = summary_pb2.SummaryMetadata()
-        self._metadata.plugin_data.plugin_name = "scalars"
-        self.tb = tf.summary.create_file_writer(os.fspath(workdir / "tensorboard"))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        row = {k: _json_safe(v) for k, v in row.items()}
-        if self._lines is not None:
-            self._lines.append(json.dumps(row))
-            support.write_text(self.path, "".join(f"{line}\n" for line in self._lines))
-        else:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        with self.tb.as_default(step=int(row["step"])):
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float) and value is not None:
-                    self._tf.summary.write(key, self._tf.constant(float(value), self._tf.float32),
-                                           metadata=self._metadata)
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _device_scale(scale: float, devices) -> jax.Array:
@@ -485,15 +429,15 @@ class _Run:
         source = str(self.config.train.init_from)
         # Every host must read the same model: one that cannot would leave the others waiting in
         # the restore's barrier.
+        step_dir, problem = None, None
         try:
-            ckpt_lib.check_init_source(source)
-            problem = None
+            step_dir = ckpt_lib.check_init_source(source)
         except InputError as err:
             problem = err
         if _any_process(problem is not None):
             raise problem or InputError(source, "train.init_from: another host cannot read this "
                                                 "model; every host must see it")
-        variables, self.init_record = ckpt_lib.warm_start_variables(source, variables,
+        variables, self.init_record = ckpt_lib.warm_start_variables(step_dir, variables,
                                                                     self.config)
         dist.agree_on_step(self.init_record["step"], source)
         params = variables["params"]
