@@ -176,8 +176,8 @@ def training_stamp(out: Path, config, name: str) -> tuple[str, list[str], dict]:
               "defaults": stage_stamps._config_defaults(relative.partition(":")[0]),
               "dataset": json.loads((out / ".stamps/ingest.json").read_text())}
     # A training that starts from another model (`train.init_from`, relative to the checkout
-    # like configs/): the model's path is resolved, and its checkpoint steps join the stamp, so
-    # a finished run is reused only while its starting model is the same.
+    # like configs/): the command gets the resolved path; the stamp keeps the path as written and
+    # a hash of the model's files, so a finished run is reused only while its start is the same.
     for i, item in enumerate(overrides):
         key, _, value = item.partition("=")
         if key == "train.init_from" and value:
