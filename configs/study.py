@@ -15,12 +15,13 @@ Arguments (`--config configs/study.py:ARG`):
   floors, metal devices; docs/synthetic_cohort.md) instead of the classic one.
 - "mixed", alone or after one of the others: every site's cohorts in both anatomies (the classic
   ones under their usual names, the grooved ones with a "_grooved" suffix), trained on together
-  and held out together, so the models see two heart anatomies. On the CPU its calcium ConvLSTM
-  is fine-tuned from the reference one (models/synthetic/calcium_convlstm, the classic study's;
-  `train.init_from`) at half the rate: trained from scratch on twice the classic study's data it
-  had not converged after 6450 steps, about 5 h on 2 cores (docs/study.md). The committed model
-  is that fine-tune, so a rerun now starts from it; to repeat the recorded run, first put the
-  classic model back: `rm -r models/synthetic/calcium_convlstm && git checkout 0c9aa67 --
+  and held out together, so the models see two heart anatomies. On the CPU its calcium models
+  (the ConvLSTM and the width-matched UNet) are fine-tuned from the reference ones
+  (models/synthetic/calcium_*, the classic study's; `train.init_from`) at half the rate: trained
+  from scratch on twice the classic study's data the ConvLSTM had not converged after 6450 steps,
+  about 5 h on 2 cores (docs/study.md). The committed calcium ConvLSTM is its fine-tune, so a
+  rerun now starts from it; to repeat the recorded run, first put the classic model back:
+  `rm -r models/synthetic/calcium_convlstm && git checkout 0c9aa67 --
   models/synthetic/calcium_convlstm`.
 
 Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
@@ -170,8 +171,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "convlstm_fixedkernel": ("heart_convlstm", "calcium_convlstm_fixedkernel"),
     })
     if modifiers == ["mixed"] and not (local or gpu):
-        c.trainings.calcium_convlstm.overrides.extend(
-            ["train.init_from=models/synthetic/calcium_convlstm", "train.learning_rate=5e-4"])
+        for name in ("calcium_convlstm", "calcium_unet"):
+            c.trainings[name].overrides.extend(
+                [f"train.init_from=models/synthetic/{name}", "train.learning_rate=5e-4"])
     c.compare = ("convlstm", "unet")
     # Ablation name -> (system, the variant z-tested against it): the heart frame against whole
     # slices; the scanner augmentation against the scans' own kernels only.

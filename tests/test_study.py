@@ -271,13 +271,14 @@ def test_grooved_modifier_changes_only_the_anatomy():
         plain.anatomies = ("grooved",)
         assert plain.to_dict() == grooved.to_dict()
         plain.anatomies = ("classic", "grooved")
-        # The CPU mixed study fine-tunes the reference calcium ConvLSTM (the same widths); the
+        # The CPU mixed study fine-tunes the reference calcium models (the same widths); the
         # full-width GPU and tiny local models train from scratch.
-        tuned = mixed.trainings.calcium_convlstm.overrides
-        start = ["train.init_from=models/synthetic/calcium_convlstm", "train.learning_rate=5e-4"]
-        assert (tuned[-2:] == start) == (base == "")
-        if base == "":
-            del tuned[-2:]
+        for name in ("calcium_convlstm", "calcium_unet"):
+            tuned = mixed.trainings[name].overrides
+            start = [f"train.init_from=models/synthetic/{name}", "train.learning_rate=5e-4"]
+            assert (tuned[-2:] == start) == (base == "")
+            if base == "":
+                del tuned[-2:]
         assert plain.to_dict() == mixed.to_dict()
     for bad in ("grooves", "gpu,local", "grooved,x", "grooved,mixed"):
         with pytest.raises(ValueError, match="optionally with ',grooved' or ',mixed'"):
