@@ -8,8 +8,8 @@ For every variant, renders the same patients (the study's held-out seeds and cat
 `patient_seed(SEED, k)`, equal category blocks) with both protocols and scores the CTAC truth
 (the calcium the generator labels as visible in the CTAC scan) against the gated truth, with
 scikit-learn's linearly weighted kappa over the four categories: the paper's CTAC design applied
-to a reader who reads every CTAC scan perfectly. A CTAC model scored against the gated reference
-cannot, on average, beat this number (docs/study.md, "The paper's CTAC design").
+to a reader who reads every CTAC scan's labels perfectly. A model can beat this number only by
+calling plaques the CTAC labels leave out (`benchmarks/ctac_lesions.py`; docs/study.md).
 
 A variant changes one thing in how the CTAC is imaged ('+' joins several); the gated scan and
 the patients are unchanged:
