@@ -19,10 +19,10 @@ Arguments (`--config configs/study.py:ARG`):
   (the ConvLSTM and the width-matched UNet) are fine-tuned from the reference ones
   (models/synthetic/calcium_*, the classic study's; `train.init_from`) at half the rate: trained
   from scratch on twice the classic study's data the ConvLSTM had not converged after 6450 steps,
-  about 5 h on 2 cores (docs/study.md). The committed calcium ConvLSTM is its fine-tune, so a
-  rerun now starts from it; to repeat the recorded run, first put the classic model back:
-  `rm -r models/synthetic/calcium_convlstm && git checkout 0c9aa67 --
-  models/synthetic/calcium_convlstm`.
+  about 5 h on 2 cores (docs/study.md). The committed calcium models are these fine-tunes, so a
+  rerun now starts from them; to repeat the recorded runs, first put the classic models back:
+  `git checkout 0c9aa67 -- models/synthetic/calcium_convlstm` and `git checkout db87d00 --
+  models/synthetic/calcium_unet` (after removing each folder).
 
 Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
 would run `cac-jax train`; `trainings` names each workdir under OUT/models/, `systems` pairs a heart
