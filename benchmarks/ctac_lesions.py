@@ -106,7 +106,7 @@ def patient_rows(infer_dir: Path, manifest: Path, radius_mm: float) -> tuple[lis
             agatston[classify(point, truth["ctac"], truth["cac"], radius_mm)] += lesion["agatston"]
         total = sum(agatston.values())
         if cac_category(total) != int(called["category"]):
-            raise SystemExit(f"{result}: its lesions sum to category {cac_category(total)}, "
+            raise ValueError(f"{result}: its lesions sum to category {cac_category(total)}, "
                              f"its category is {called['category']}")
         rows.append({"patient": patient, "gated": int(both["cac"]["category"]),
                      "ctac_truth": int(both["ctac"]["category"]), "model": cac_category(total),
@@ -176,7 +176,10 @@ def main(argv=None) -> int:
         for p in (Path(infer_dir), Path(manifest)):
             if not p.exists():
                 parser.error(f"--cohort {name}: {p} does not exist")
-        per[name] = patient_rows(Path(infer_dir), Path(manifest), args.radius)
+        try:
+            per[name] = patient_rows(Path(infer_dir), Path(manifest), args.radius)
+        except (ValueError, KeyError, OSError) as error:   # InputError is a ValueError
+            parser.exit(2, f"ctac_lesions: cohort {name}: {error}\n")
         cohorts[name] = summarise(*per[name])
         print(name, json.dumps(cohorts[name]["kappa_vs_gated"]), flush=True)
     for spec in args.pool:

@@ -95,7 +95,7 @@ def test_calls_are_classed_by_world_position_and_scored(script, tmp_path):
     assert "| c | 2 |" in (out / "ctac_lesions.md").read_text()
 
 
-def test_a_category_that_its_lesions_do_not_add_up_to_is_refused(script, tmp_path):
+def test_a_category_that_its_lesions_do_not_add_up_to_is_refused(script, tmp_path, capsys):
     cohort, infer = tmp_path / "cohort", tmp_path / "infer"
     rows = _patient(cohort, "p1", True)
     with open(cohort / "manifest.csv", "w", newline="") as f:
@@ -105,6 +105,11 @@ def test_a_category_that_its_lesions_do_not_add_up_to_is_refused(script, tmp_pat
     infer.mkdir()
     (infer / "p1_ctac.json").write_text(json.dumps({"category": 3,
                                                     "lesions": [_lesion(4, 5, 5, 50.0)]}))
-    with pytest.raises(SystemExit, match="p1_ctac.json: its lesions sum to category 1"):
+    with pytest.raises(SystemExit) as stop:
         script.main(["--cohort", f"c={infer},{cohort / 'manifest.csv'}", "--out",
                      str(tmp_path / "out")])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith("ctac_lesions: cohort c: ")
+    assert message.endswith("p1_ctac.json: its lesions sum to category 1, its category is 3")
+    assert not (tmp_path / "out").exists()
