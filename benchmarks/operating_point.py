@@ -202,12 +202,18 @@ def main(argv=None) -> int:
     except OSError as exc:
         return _fail(f"{args.out}: cannot create the output folder: {exc}")
     store = args.out / "scans.jsonl"
-    done = {}
+    done, failed = {}, 0
     if store.exists():
-        for line in store.read_text().splitlines():
-            if line.strip():
+        lines = store.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
                 record = json.loads(line)
-                done[(record["cohort"], record["scan_id"])] = record
+            except json.JSONDecodeError:
+                if number == len(lines):  # cut off by a killed run: that scan runs again
+                    atomic_write_text(store, "".join(f"{kept}\n" for kept in lines[:-1]))
+                    break
+                return _fail(f"{store}: line {number} is not JSON")
+            done[(record["cohort"], record["scan_id"])] = record
     if not args.summarise_only:
         from cac_jax.inference import Scorer
 
@@ -216,7 +222,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with store.open("a") as handle:
             for i, (name, row) in enumerate(todo, 1):
-                record = {"cohort": name, **score_scan(scorer, row, thresholds)}
+                try:
+                    record = {"cohort": name, **score_scan(scorer, row, thresholds)}
+                except (InputError, OSError, ValueError) as exc:
+                    failed += 1  # not recorded: a rerun tries it again
+                    print(f"operating_point: {name} {row.scan_id}: {exc}", file=sys.stderr)
+                    continue
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
                 done[(name, row.scan_id)] = record
@@ -224,7 +235,11 @@ def main(argv=None) -> int:
                       f"{(time.perf_counter() - t0) / i:.1f} s/scan", flush=True)
     by_cohort = {n: [done[(n, r.scan_id)] for r in rows if (n, r.scan_id) in done]
                  for n, rows in cohorts.items()}
+    if failed:
+        print(f"operating_point: {failed} scans failed (above); run again to retry them",
+              file=sys.stderr)
     result = {"heart": args.heart, "calcium": args.calcium, "thresholds": thresholds,
+              "scans_failed": failed,
               "machine": machine_info(()),
               "argmax_mismatches": sum(r["scores"]["argmax"][1] != r["argmax_check"]
                                        for rows in by_cohort.values() for r in rows),

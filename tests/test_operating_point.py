@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -105,3 +106,25 @@ def test_bad_thresholds_refused(script, tmp_path, capsys):
     assert code == 2
     assert "strictly between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_drops_a_cut_off_line(script, tmp_path):
+    """A killed run can leave half a line at the end of scans.jsonl: it is dropped (that scan runs
+    again) and the rest is summarised."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("patient_id,scan_id,protocol,image,calcium_labels\n"
+                        "p0,p0_cac,cac,p0.nii.gz,\np0,p0_ctac,ctac,p0c.nii.gz,\n")
+    for name in ("p0.nii.gz", "p0c.nii.gz"):
+        (tmp_path / name).write_bytes(b"")  # never read with --summarise-only
+    out = tmp_path / "out"
+    out.mkdir()
+    good = {"cohort": "a", **_record("p0", "cac", 0, (0, 0)), "scan_id": "p0_cac",
+            "argmax_check": 0}
+    (out / "scans.jsonl").write_text(json.dumps(good) + "\n" + '{"cohort": "a", "scan_')
+    code = script.main(["--heart", "h", "--calcium", "c", "--cohort", f"a={manifest}",
+                        "--pool", "all=a", "--out", str(out), "--summarise-only"])
+    assert code == 0
+    assert (out / "scans.jsonl").read_text() == json.dumps(good) + "\n"
+    result = json.loads((out / "operating_point.json").read_text())
+    assert result["cohorts"]["a"]["argmax"]["gated_scans"] == 1
+    assert result["argmax_mismatches"] == 0
