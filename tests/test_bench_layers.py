@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_loader import load_benchmark
 
 from cac_jax.models import build_model
 from cac_jax.models.config import model_config
@@ -21,10 +22,7 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 def _script(name: str = "bench_layers"):
     """Import benchmarks/<name>.py (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 def _convolutions(arch: str, batch: int = 2, size: int = 64):

@@ -3,7 +3,6 @@ and never imports TensorFlow."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_loader import load_config
 
 from cac_jax import checkpoints as ckpt
 from cac_jax.models import build_model
@@ -24,10 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(name="unet_heart"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("local")
+    return load_config(name, "local")
 
 
 def _write_run(workdir: pathlib.Path, config, steps_metrics):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_loader import load_file
 
 from cac_jax.models import build_model, count_params
 
@@ -22,9 +22,7 @@ REQUIRED = {"convlstm_calcium", "convlstm_heart", "unet_calcium", "unet_heart",
 
 def load_config(path: pathlib.Path, arg: str | None):
     """Import a config file by path (as ml_collections config_flags does) and call get_config."""
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file(path, f"config_{path.stem}")
     return module, module.get_config(arg)
 
 

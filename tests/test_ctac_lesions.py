@@ -4,24 +4,20 @@ to the same patient's gated truth, else it is false; the categories follow from 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pathlib
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from script_loader import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("ctac_lesions",
-                                                  ROOT / "benchmarks" / "ctac_lesions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ctac_lesions")
 
 
 def _write(path: pathlib.Path, array: np.ndarray, spacing_zyx, origin_xyz) -> None:

@@ -3,9 +3,10 @@ resolves, and docs/index.md lists every page."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
+
+from script_loader import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -13,9 +14,7 @@ LINK = re.compile(r"\]\(([^)#\s]+)\)")
 
 
 def test_make_figures_writes_both_diagrams(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_figures", DOCS / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file(DOCS / "make_figures.py")
     assert module.main(["--out", str(tmp_path)]) == 0
     for name in ("pipeline.png", "convlstm_attention.png"):
         data = (tmp_path / name).read_bytes()

@@ -4,14 +4,13 @@ truth score is the project's Agatston score of the written scan."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from script_loader import load_benchmark
 
 from cac_jax.scoring import agatston_score
 from data_pipeline.io import read_labels, read_study
@@ -23,14 +22,7 @@ HEADER = ("patient_id,scan_id,protocol,image,calcium_labels,heart_mask,site,spli
 
 
 def _module():
-    name = "foreign_cohort"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "foreign_cohort.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("foreign_cohort")
 
 
 def _read_series(folder: pathlib.Path) -> sitk.Image:
@@ -101,10 +93,7 @@ def test_probe_counts_every_truth_voxel(tmp_path):
     cohort = tmp_path / "cohort"
     assert fc.main(["--out", str(cohort), "--patients", "1", "--size", "64", "--seed", "5",
                     "--categories", "2"]) == 0
-    spec = importlib.util.spec_from_file_location("foreign_probe",
-                                                  ROOT / "benchmarks" / "foreign_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_benchmark("foreign_probe")
     out = tmp_path / "probe"
     assert probe.main(["--cohort", str(cohort), "--out", str(out)]) == 0
     for scorer in ("infer_naive", "infer_trueheart"):

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import numpy as np
+from script_loader import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("lesion_contrast",
-                                                  ROOT / "benchmarks" / "lesion_contrast.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lesion_contrast")
 
 
 def test_components_are_classed_by_the_labels_they_touch():

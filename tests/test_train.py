@@ -3,7 +3,6 @@ SIGTERM saves, bad input exits 2, and two processes joined by jax.distributed (s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,6 +21,7 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import script_loader
 from test_tfds_builder import write_tiny_cohort  # noqa: E402
 
 from cac_jax import checkpoints as ckpt  # noqa: E402
@@ -35,10 +35,7 @@ CONFIGS = ("convlstm_calcium", "convlstm_heart", "unet_calcium", "unet_heart")
 
 
 def load_config(name: str, arg: str | None = "local"):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return script_loader.load_config(name, arg)
 
 
 @pytest.fixture(scope="module")
@@ -452,10 +449,7 @@ def test_validating_the_heart_slab_gives_the_same_categories(tmp_path):
     # The loss is another set of pixels' (fewer slices): it differs.
     assert metrics["heart"]["val_loss"] != metrics["all"]["val_loss"]
     # benchmarks/bench_validation.py times the two passes on a trained model and checks the same.
-    spec = importlib.util.spec_from_file_location("bench_validation",
-                                                  ROOT / "benchmarks" / "bench_validation.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = script_loader.load_benchmark("bench_validation")
     out = tmp_path / "bench"
     assert bench.main(["--checkpoint", str(tmp_path / "heart"), "--data-dir",
                        str(tmp_path / "tfds"), "--rounds", "1", "--out", str(out)]) == 0
