@@ -17,6 +17,8 @@ the models'
 achieved FLOP/s (XLA `cost_analysis` of the compiled batch function, padded samples included)
 against a float32 matmul peak (`jnp.dot` at 2048) measured in the same run, before and after each
 pipeline; and how many times each model compiles for a cohort of mixed sizes (ConvLSTM).
+`convlstm_windows` is the ConvLSTM pipeline run on its 3-slice windows (`Scorer(share_slices=
+False)`) instead of each batch's distinct slices: the time shared slices save.
 
 Writes benchmarks/results/bench_inference.json and .md (atomically).
 """
@@ -39,7 +41,11 @@ from cac_jax.benchmark import MATMUL_N, matmul_peak_gflops
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PIPELINES = {"convlstm": ("convlstm_heart", "convlstm_calcium"),
+             "convlstm_windows": ("convlstm_heart", "convlstm_calcium"),
              "unet64": ("unet_heart", "unet_calcium")}
+# Pipelines run with `Scorer(share_slices=False)`: the ConvLSTM on its 3-slice windows (each
+# slice encoded three times), as before shared slices (docs/benchmarks.md).
+WINDOWS = ("convlstm_windows",)
 PAPER_PREPROCESSING_S = 2.24  # the paper's preprocessing time per study (Results)
 STAGES = ("read", "preprocess", "heart_model", "calcium_model", "postprocess", "scoring")
 # Cohort of mixed sizes for the compilation count: (slices, rows, columns).
@@ -105,14 +111,23 @@ def make_study(folder: pathlib.Path, slices: int, seed: int):
     return volume
 
 
-def batch_flops(scorer, role: str, bucket_hw: tuple[int, int]) -> float:
-    """FLOPs of one compiled batch call of `role`'s model (XLA cost analysis)."""
+def batch_flops(scorer, role: str, bucket_hw: tuple[int, int], offset: int) -> float:
+    """FLOPs of one batch call of `role`'s model (XLA cost analysis): a batch of windows, or of
+    distinct slices at neighbour `offset` where the model shares them. Counted on the model
+    with XLA's convolutions: the oneDNN ones are custom calls, which the cost analysis omits."""
     import jax
     import jax.numpy as jnp
 
     runner = scorer._runners[role]
-    spec = jax.ShapeDtypeStruct((runner.batch_size, 3, *bucket_hw, 1), jnp.float32)
-    compiled = runner._forward.lower(runner._variables, spec, probabilities=False).compile()
+    model = runner.trained.model.clone(conv_impl="xla")
+    if runner.share_slices:
+        specs = (jax.ShapeDtypeStruct((runner._capacity(offset), *bucket_hw, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((runner.batch_size, 3), jnp.int32))
+        fn = lambda v, x, w: model.apply(v, x, windows=w)[0]  # noqa: E731
+    else:
+        specs = (jax.ShapeDtypeStruct((runner.batch_size, 3, *bucket_hw, 1), jnp.float32),)
+        fn = lambda v, x: model.apply(v, x)[0]  # noqa: E731
+    compiled = jax.jit(fn).lower(runner._variables, *specs).compile()
     cost = compiled.cost_analysis()
     if isinstance(cost, list):  # older JAX returns one dict per computation
         cost = cost[0]
@@ -151,7 +166,7 @@ def run(args) -> dict:
             # pipeline skips the slices outside the heart (about half on synthetic scans).
             scorer = Scorer(untrained(heart_name, spacing_yx, 1),
                             untrained(calcium_name, spacing_yx, 2), batch_size=args.batch_size,
-                            calcium_slices="all")
+                            calcium_slices="all", share_slices=name not in WINDOWS)
             start = time.perf_counter()
             scorer.score(warm)
             compile_s = time.perf_counter() - start
@@ -169,7 +184,8 @@ def run(args) -> dict:
             model_s = stages["heart_model"] + stages["calcium_model"]
             bucket = scorer._runners["heart"].bucket(*volume.shape[1:])
             batches = len(list(iter_batches(volume.shape[0], args.batch_size)))
-            flops = {role: batch_flops(scorer, role, bucket) * batches
+            flops = {role: batch_flops(scorer, role, bucket,
+                                       result.neighbour_offsets[role]) * batches
                      for role in ("heart", "calcium")}
             results["pipelines"][name] = {
                 "models": [heart_name, calcium_name],
@@ -199,7 +215,7 @@ def run(args) -> dict:
             results["cohort"] = {
                 "shapes_zyx": [list(s) for s in COHORT_SHAPES],
                 "compilations": scorer.compilations,
-                "buckets": sorted({tuple(s[2:4]) for s in scorer._runners["heart"].shapes}),
+                "buckets": sorted({tuple(s[-3:-1]) for s in scorer._runners["heart"].shapes}),
             }
     peak = float(np.median(matmul_gflops))
     for r in results["pipelines"].values():
@@ -262,6 +278,14 @@ def markdown(res: dict) -> str:
     if "convlstm" in res["pipelines"] and "unet64" in res["pipelines"]:
         c, u = res["pipelines"]["convlstm"], res["pipelines"]["unet64"]
         lines += ["", f"UNet-64 / ConvLSTM time per study: {u['total_s'] / c['total_s']:.2f}x."]
+    if "convlstm" in res["pipelines"] and "convlstm_windows" in res["pipelines"]:
+        c, w = res["pipelines"]["convlstm"], res["pipelines"]["convlstm_windows"]
+        model = sum(c["stages_s"][f"{r}_model"] for r in ("heart", "calcium"))
+        model_w = sum(w["stages_s"][f"{r}_model"] for r in ("heart", "calcium"))
+        lines += ["", f"ConvLSTM on 3-slice windows / on shared slices: time per study "
+                      f"{w['total_s'] / c['total_s']:.2f}x, model time {model_w / model:.2f}x, "
+                      f"GFLOP per study {sum(w['gflop_per_study'].values()):.0f} / "
+                      f"{sum(c['gflop_per_study'].values()):.0f}."]
     lines += ["", f"The paper's preprocessing alone: {res['paper_preprocessing_s']} s per study."]
     if "cohort" in res:
         co = res["cohort"]

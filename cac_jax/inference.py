@@ -28,6 +28,11 @@ The inference rules are in docs/contracts.md ("Model inputs and targets"). For e
    calcium model runs only on the slices the dilated silhouette reaches, the only ones where its
    coronary class can count; the score and coronary labels are exactly those of running it on
    every slice (`calcium_slices="all"`). `timings` records how many slices each model ran on.
+6. Shared slices: a model whose encoder sees each slice on its own (the ConvLSTM's) gets a batch
+   as its distinct slices and each window's indices into them (`ConvLSTMAttentionNet(...,
+   windows=)`), so a slice that is the centre of one window and the neighbour of two others is
+   encoded once, not three times; the outputs are those of the gathered windows (`Scorer(...,
+   share_slices=False)` runs the windows themselves; tests/test_inference.py compares both).
 
 Reading and writing of studies and masks goes through `read_study_for_inference` and
 `write_mask` below, the one place that knows the `data_pipeline.io` API.
@@ -190,8 +195,11 @@ def _neighbour_mm(trained) -> float:
 class _ModelRunner:
     """One trained model: jit-compiled per padded input shape, streamed over a study's slices."""
 
-    def __init__(self, trained, role: str, batch_size: int, bucket_px: int):
+    def __init__(self, trained, role: str, batch_size: int, bucket_px: int,
+                 share_slices: bool = True):
         import jax
+
+        from cac_jax.models import shares_slices
 
         self.trained = trained
         self.role = role
@@ -216,14 +224,22 @@ class _ModelRunner:
         self.shapes: set[tuple[int, ...]] = set()
         model = trained.model
 
-        def forward(variables, images, probabilities: bool):
-            self.traces += 1
-            logits, _ = model.apply(variables, images)
+        def output(logits, probabilities: bool):
             if probabilities:
                 return jax.nn.softmax(logits.astype(np.float32), axis=-1)
             return jax.numpy.argmax(logits, axis=-1).astype(np.uint8)
 
+        def forward(variables, images, probabilities: bool):
+            self.traces += 1
+            return output(model.apply(variables, images)[0], probabilities)
+
+        def forward_shared(variables, slices, windows, probabilities: bool):
+            self.traces += 1
+            return output(model.apply(variables, slices, windows=windows)[0], probabilities)
+
         self._forward = jax.jit(forward, static_argnames="probabilities")
+        self._forward_shared = jax.jit(forward_shared, static_argnames="probabilities")
+        self.share_slices = bool(share_slices) and shares_slices(model)
         self._variables = jax.device_put(trained.variables)
 
     def bucket(self, height: int, width: int) -> tuple[int, int]:
@@ -290,12 +306,16 @@ class _ModelRunner:
         for first in range(0, selected.size, self.batch_size):
             t0 = time.perf_counter()
             centres = selected[first:first + self.batch_size]
-            images = self._batch(hu, centres, offset, model_hw, bucket)
+            shared = self._shared(num_slices, centres, offset)
+            if shared is None:
+                images = self._batch(hu, centres, offset, model_hw, bucket)
+            else:
+                images = padded_slices(hu, shared[0], bucket, self._capacity(offset),
+                                       model_hw)
             host += time.perf_counter() - t0
             # Dispatch is asynchronous: the device works on this batch while the host fetches
             # the previous one and builds the next.
-            result = self._forward(self._variables, images, probabilities=want_probs)
-            self.shapes.add(images.shape)
+            result = self._run(images, shared, want_probs)
             if pending is not None:
                 back += self._store(out, pending, model_hw, resample)
             pending = (centres, result)
@@ -342,12 +362,18 @@ class _ModelRunner:
         for first in range(0, selected.size, self.batch_size):
             t0 = time.perf_counter()
             centres = selected[first:first + self.batch_size]
-            windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]
-            images = np.zeros((self.batch_size, 3, size, size, 1), np.float32)
-            images[:len(centres), ..., 0] = frames_lib.to_frame(windows, geom, order=1, cval=0.0)
+            shared = self._shared(num_slices, centres, offset)
+            if shared is None:
+                windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]
+                images = np.zeros((self.batch_size, 3, size, size, 1), np.float32)
+                images[:len(centres), ..., 0] = frames_lib.to_frame(windows, geom, order=1,
+                                                                    cval=0.0)
+            else:
+                images = np.zeros((self._capacity(offset), size, size, 1), np.float32)
+                images[:len(shared[0]), ..., 0] = frames_lib.to_frame(
+                    labels_lib.window_hu(hu[shared[0]]), geom, order=1, cval=0.0)
             host += time.perf_counter() - t0
-            result = self._forward(self._variables, images, probabilities=True)
-            self.shapes.add(images.shape)
+            result = self._run(images, shared, True)
             if pending is not None:
                 back += store(pending)
             pending = (centres, result)
@@ -359,6 +385,27 @@ class _ModelRunner:
 
     def _batch(self, hu, centres, offset, model_hw, bucket) -> np.ndarray:
         return padded_inputs(hu, centres, offset, bucket, self.batch_size, model_hw)
+
+    def _capacity(self, offset: int) -> int:
+        """Distinct slices a shared batch holds: enough for `batch_size` consecutive centres."""
+        return min(3 * self.batch_size, self.batch_size + 2 * int(offset))
+
+    def _shared(self, num_slices: int, centres: np.ndarray, offset: int):
+        """(distinct slice indices, windows (batch_size, 3) into them) for a shared batch, or
+        None: the model does not share slices, or the centres are so far apart that their
+        windows need more distinct slices than `_capacity` (then the windows run as they are)."""
+        if not self.share_slices:
+            return None
+        return shared_windows(num_slices, centres, offset, self.batch_size,
+                              self._capacity(offset))
+
+    def _run(self, images: np.ndarray, shared, probabilities: bool):
+        """Dispatches one batch (windows, or distinct slices with `shared`'s indices)."""
+        self.shapes.add(images.shape)
+        if shared is None:
+            return self._forward(self._variables, images, probabilities=probabilities)
+        return self._forward_shared(self._variables, images, shared[1],
+                                    probabilities=probabilities)
 
     def _store(self, out, pending, model_hw, resample) -> float:
         """Copies a finished batch into `out`; returns the seconds spent resampling back."""
@@ -377,6 +424,36 @@ class _ModelRunner:
                               mode="nearest", grid_mode=True)
         out[rows] = values if out.ndim == 4 else np.argmax(values, axis=-1)
         return time.perf_counter() - t0
+
+
+def shared_windows(num_slices: int, centres: np.ndarray, offset: int, batch_size: int,
+                   capacity: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The distinct slices of the centres' 3-slice windows (sorted indices into the study) and
+    each window as indices into them, (batch_size, 3) int32, the rows past the centres 0; None
+    where the windows need more than `capacity` distinct slices."""
+    idx = labels_lib.window_indices(num_slices, centres, offset)
+    distinct, inverse = np.unique(idx.reshape(-1), return_inverse=True)
+    if distinct.size > capacity:
+        return None
+    windows = np.zeros((batch_size, 3), np.int32)
+    windows[:len(idx)] = inverse.reshape(-1, 3)
+    return distinct, windows
+
+
+def padded_slices(hu: np.ndarray, indices: np.ndarray, bucket_hw: tuple[int, int], count: int,
+                  model_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The slices `indices` of `hu` as model input (count, H_b, W_b, 1) float32: windowed as
+    `padded_inputs` windows them, resampled to `model_hw` the same way, placed top-left and
+    padded with 0 (-800 HU) to `bucket_hw`, and with all-zero slices to `count`."""
+    images = labels_lib.window_hu(hu[np.asarray(indices)])  # (n, h, w)
+    height, width = hu.shape[1:]
+    model_hw = (height, width) if model_hw is None else tuple(model_hw)
+    if model_hw != (height, width):
+        images = ndimage.zoom(images, (1, model_hw[0] / height, model_hw[1] / width),
+                              order=1, mode="nearest", grid_mode=True)
+    out = np.zeros((count, *bucket_hw, 1), np.float32)
+    out[:len(images), :model_hw[0], :model_hw[1], 0] = images
+    return out
 
 
 def padded_inputs(hu: np.ndarray, centres: np.ndarray, offset: int, bucket_hw: tuple[int, int],
@@ -450,6 +527,9 @@ class Scorer:
     `StudyResult.problems` says why a score must not be used: the image does not look like HU
     (`cac_jax.scoring.hu_problem`, the check `cac-jax score` warns with), or the predicted heart
     is empty or smaller than `min_heart_ml` (None: `min_heart_bound`).
+
+    `share_slices` (default True): a ConvLSTM encodes each distinct slice of a batch once
+    instead of once per window it appears in (module docstring, point 6); the same outputs.
     """
 
     CALCIUM_SLICES = ("heart", "all")
@@ -459,7 +539,8 @@ class Scorer:
                  heart_dilation_mm: float = postprocess.DEFAULT_HEART_DILATION_MM,
                  min_area_mm2: float = DEFAULT_MIN_AREA_MM2,
                  calibration_mg_per_hu_mm3: float | None = None, five_class: bool = False,
-                 calcium_slices: str = "heart", min_heart_ml: float | None = None):
+                 calcium_slices: str = "heart", min_heart_ml: float | None = None,
+                 share_slices: bool = True):
         check_role(heart, "heart")
         check_role(calcium, "calcium")
         if batch_size < 1:
@@ -479,8 +560,8 @@ class Scorer:
         self.score_kwargs = dict(min_area_mm2=min_area_mm2,
                                  calibration_mg_per_hu_mm3=calibration_mg_per_hu_mm3,
                                  five_class=five_class)
-        self._runners = {"heart": _ModelRunner(heart, "heart", batch_size, bucket_px),
-                         "calcium": _ModelRunner(calcium, "calcium", batch_size, bucket_px)}
+        self._runners = {role: _ModelRunner(trained, role, batch_size, bucket_px, share_slices)
+                         for role, trained in (("heart", heart), ("calcium", calcium))}
 
     @classmethod
     def from_checkpoints(cls, heart_path: str | os.PathLike, calcium_path: str | os.PathLike,

@@ -10,13 +10,13 @@ prediction is known exactly (HU above a threshold) for geometry tests.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import script_loader
 from flax import linen as nn
 
 from cac_jax import inference
@@ -46,11 +46,7 @@ class Trained:
 
 def load_config(name: str, arg: str = "local"):
     """`configs/<name>.py` get_config(arg)."""
-    path = ROOT / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return script_loader.load_config(name, arg)
 
 
 def random_variables(model: nn.Module, seed: int = 0, size: int = 64) -> dict:
@@ -613,3 +609,62 @@ def test_a_three_column_manifest_is_enough_and_its_series_column_is_used(tmp_pat
         ("a", "a_dicom", "cac", "3"), ("b", "b.nii.gz", "ctac", None)]
     # --series on the command line wins over the column.
     assert [s.series for s in studies_from_args(None, str(manifest), series="7")] == ["7", "7"]
+
+
+def _convlstm_pair(frame: bool):
+    """ConvLSTM :local heart and calcium models (random weights); the calcium one recorded as a
+    heart-frame model (32 px at 1.4 mm) when `frame`."""
+    heart, calcium = trained("convlstm_heart", seed=2), trained("convlstm_calcium", seed=3)
+    if frame:
+        config = calcium.config.copy_and_resolve_references()
+        config.data.calcium_frame = "heart"
+        config.data.frame_size = 32
+        config.data.frame_spacing_mm = 1.4
+        calcium = dataclasses.replace(calcium, config=config)
+    return heart, calcium
+
+
+@pytest.mark.parametrize("frame", [False, True])
+def test_shared_slices_score_as_the_windows(frame):
+    """A ConvLSTM run on each batch's distinct slices (every slice encoded once) gives the
+    probabilities, masks and scores of running its 3-slice windows: at neighbour offsets 1 and
+    2, on a resampled study, and in the heart frame."""
+    heart, calcium = _convlstm_pair(frame)
+    kwargs = dict(batch_size=4, min_heart_ml=0.0, calcium_slices="all")
+    shared = inference.Scorer(heart, calcium, **kwargs)
+    windows = inference.Scorer(heart, calcium, share_slices=False, **kwargs)
+    assert shared._runners["calcium"].share_slices
+    assert not windows._runners["calcium"].share_slices
+    hu = tiny_study(5, size=48, slices=9)[0]
+    for spacing in ((3.0, 0.7, 0.7), (1.5, 0.7, 0.7), (3.0, 1.4, 1.4)):
+        a = shared.score(volume_of(hu, spacing=spacing), probabilities=True)
+        b = windows.score(volume_of(hu, spacing=spacing), probabilities=True)
+        for role in ("heart", "calcium"):
+            np.testing.assert_allclose(a.probabilities[role], b.probabilities[role], atol=1e-5)
+        np.testing.assert_array_equal(a.heart_mask, b.heart_mask)
+        np.testing.assert_array_equal(a.calcium_labels, b.calcium_labels)
+        assert a.score.to_json_dict() == b.score.to_json_dict()
+    # A batch of 4 centres holds 4 + 2 * offset distinct slices instead of 4 windows of 3.
+    shapes = shared._runners["heart"].shapes
+    assert {s[0] for s in shapes} == {6, 8} and all(len(s) == 4 for s in shapes)
+    assert all(s[:2] == (4, 3) for s in windows._runners["heart"].shapes)
+
+
+def test_centres_too_far_apart_to_share_run_as_windows():
+    """Centres whose windows need more distinct slices than a shared batch holds run as
+    windows, with the same result."""
+    heart, _ = _convlstm_pair(False)
+    hu = tiny_study(6, size=48, slices=9)[0]
+    outputs = []
+    for share in (True, False):
+        runner = inference._ModelRunner(heart, "heart", batch_size=4, bucket_px=16,
+                                        share_slices=share)
+        # 0, 4, 8 at offset 1: slices 0, 1, 3, 4, 5, 7, 8, seven > 4 + 2 * 1.
+        outputs.append(runner.predict(hu, (3.0, 0.7, 0.7), probabilities=True, timings={},
+                                      slices=np.array([0, 4, 8])))
+        assert len(runner.shapes) == 1 and next(iter(runner.shapes))[:2] == (4, 3)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+    assert inference.shared_windows(9, np.array([0, 4, 8]), 1, 4, 6) is None
+    distinct, windows = inference.shared_windows(9, np.array([0, 1, 2]), 1, 4, 6)
+    np.testing.assert_array_equal(distinct, [0, 1, 2, 3])
+    np.testing.assert_array_equal(windows, [[0, 0, 1], [0, 1, 2], [1, 2, 3], [0, 0, 0]])

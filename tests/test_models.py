@@ -219,6 +219,34 @@ def test_bidirectional_variant(convlstm):
     assert count_params(variables["params"]) > count_params(convlstm.variables["params"])
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_windows_of_distinct_slices_equal_the_gathered_stacks(bidirectional):
+    """`windows=`: each distinct slice encoded once, the stacks gathered by index, gives the
+    outputs of the stacks themselves (edge repeats, overlaps, a stack out of order)."""
+    model = tiny_model("convlstm", bidirectional=bidirectional)
+    variables = cached_variables("convlstm", bidirectional=bidirectional)
+    distinct = np.asarray(jax.random.uniform(jax.random.key(3), (7, SIZE, SIZE, 1)))
+    windows = np.array([[0, 0, 1], [0, 1, 2], [3, 4, 5], [5, 6, 6], [6, 4, 2]], np.int32)
+    stacked, stacked_aux = model.apply(variables, distinct[windows])
+    shared, shared_aux = jax.jit(lambda v, x, w: model.apply(v, x, windows=w))(
+        variables, distinct, windows)
+    assert shared.shape == stacked.shape == (5, SIZE, SIZE, 3)
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(stacked), atol=1e-5)
+    for key in ("temporal", "spatial", "attention"):
+        np.testing.assert_allclose(np.asarray(shared_aux[key]), np.asarray(stacked_aux[key]),
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="windows"):
+        model.apply(variables, distinct[windows], windows=windows)  # stacks, not slices
+
+
+def test_windows_refused_for_batchnorm_training():
+    model = tiny_model("convlstm", norm="batch")
+    variables = init(model, slices())
+    with pytest.raises(ValueError, match="inference"):
+        model.apply(variables, slices()[:, 0], train=True, windows=np.zeros((2, 3), np.int32),
+                    mutable=["batch_stats"])
+
+
 def _cross_entropy(logits, labels):
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(labels, logits.shape[-1]),
                              axis=-1))

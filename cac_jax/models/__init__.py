@@ -27,7 +27,7 @@ from cac_jax.models.layers import resolve_dtype
 from cac_jax.models.unet import UNet
 from cac_jax.ops.onednn_conv import resolve_impl
 
-__all__ = ["ConvLSTMAttentionNet", "UNet", "build_model", "count_params"]
+__all__ = ["ConvLSTMAttentionNet", "UNet", "build_model", "count_params", "shares_slices"]
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -64,3 +64,10 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
 def count_params(params: Any) -> int:
     """Total number of scalar parameters in a parameter pytree."""
     return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def shares_slices(model: nn.Module) -> bool:
+    """Whether `model` encodes each slice on its own and so takes a batch as distinct slices
+    plus windows into them (`ConvLSTMAttentionNet(..., windows=)`); the UNet mixes the three
+    slices in its first convolution and does not."""
+    return isinstance(model, ConvLSTMAttentionNet)

@@ -132,10 +132,26 @@ class ConvLSTMAttentionNet(nn.Module):
             raise ValueError(f"decoder widths need {levels - 1} entries (one per level below the deepest)")
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False):
-        """Segment the centre slice of each (below, centre, above) stack; see the class docstring."""
+    def __call__(self, x: jax.Array, train: bool = False, windows: jax.Array | None = None):
+        """Segment the centre slice of each (below, centre, above) stack; see the class docstring.
+
+        `windows` (inference only): x is then a stack of distinct slices (slices, H, W, 1) and
+        `windows` (batch, 3) int the indices into it of each sample's (below, centre, above).
+        Every slice goes through the encoder (and the ConvLSTMs' input convolutions) once,
+        however many windows share it; the result equals running the gathered windows
+        `x[windows]` (tests/test_models.py). Adjacent centre slices share two of their three
+        slices, so a study's windows need about a third of the encoder's work.
+        """
         self._check_config()
-        if x.ndim != 5 or x.shape[1] != NUM_SLICES or x.shape[-1] != 1:
+        if windows is not None:
+            if train and self.norm == "batch":
+                raise ValueError("windows= is for inference: BatchNorm in training would "
+                                 "weigh a shared slice once instead of once per window")
+            if x.ndim != 4 or x.shape[-1] != 1 or windows.ndim != 2 or windows.shape[1] != NUM_SLICES:
+                raise ValueError(f"with windows=, expected slices (n, H, W, 1) and windows "
+                                 f"(batch, {NUM_SLICES}), got {x.shape} and {windows.shape}")
+            x = x[:, None]  # (slices, 1, H, W, 1): each slice encoded once
+        elif x.ndim != 5 or x.shape[1] != NUM_SLICES or x.shape[-1] != 1:
             raise ValueError(f"expected input (batch, {NUM_SLICES}, H, W, 1), got {x.shape}")
         check_spatial(x.shape, 2 ** len(self.encoder_widths), "ConvLSTMAttentionNet")
         batch, steps, height, width, _ = x.shape
@@ -145,18 +161,24 @@ class ConvLSTMAttentionNet(nn.Module):
         # Shared encoder: the slice axis folded into the batch (one big convolution per layer).
         feats = SliceEncoder(self.encoder_widths, name="encoder", **kw)(
             x.reshape(batch * steps, height, width, 1), train)
-        feats = [f.reshape(batch, steps, *f.shape[1:]) for f in feats]
-        centre = [f[:, CENTRE] for f in feats]
+        if windows is None:
+            feats = [f.reshape(batch, steps, *f.shape[1:]) for f in feats]
+            centre = [f[:, CENTRE] for f in feats]
+            lstm_inputs = {level: (feats[level], None) for level in self.lstm_levels}
+        else:
+            centre = [jnp.take(f, windows[:, CENTRE], axis=0) for f in feats]
+            lstm_inputs = {level: (feats[level], windows) for level in self.lstm_levels}
 
         # Temporal features: ConvLSTM scanned over the slices at each chosen level.
         temporal = {}
         for level, hidden in zip(self.lstm_levels, self.lstm_features):
             fwd = ConvLSTM(hidden, conv_impl=self.conv_impl, dtype=self.dtype,
                            param_dtype=self.param_dtype,
-                           name=f"lstm{level}")(feats[level])
+                           name=f"lstm{level}")(*lstm_inputs[level])
             if self.bidirectional:
                 bwd = ConvLSTM(hidden, reverse=True, conv_impl=self.conv_impl, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name=f"lstm{level}_reverse")(feats[level])
+                               param_dtype=self.param_dtype,
+                               name=f"lstm{level}_reverse")(*lstm_inputs[level])
                 # Centre step of both directions: below+centre and above+centre, symmetric.
                 temporal[level] = jnp.concatenate([fwd[:, CENTRE], bwd[:, CENTRE]], axis=-1)
             else:

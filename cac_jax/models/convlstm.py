@@ -81,15 +81,25 @@ class ConvLSTM(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Scan the cell over the slice axis of x."""
-        batch, steps, height, width, channels = x.shape
+    def __call__(self, x: jax.Array, windows: jax.Array | None = None) -> jax.Array:
+        """Scan the cell over the slice axis of x.
+
+        With `windows` (batch, slices) int, x holds distinct slices' features (n, h, w, C) and
+        the sequences are `x[windows]`: the input projection runs once per distinct slice.
+        """
+        if windows is not None:
+            (batch, steps), (height, width, channels) = windows.shape, x.shape[1:]
+            x = x[:, None]
+        else:
+            batch, steps, height, width, channels = x.shape
         # Input projection for all slices at once: one convolution on batch * slices images.
         x_gates = nn.Conv(
             4 * self.hidden, self.kernel_size, padding="SAME", use_bias=True,
             kernel_init=kaiming_normal, dtype=self.dtype, param_dtype=self.param_dtype,
             conv_general_dilated=conv_impl_fn(self.conv_impl), name="input_conv",
-        )(x.reshape(batch * steps, height, width, channels))
+        )(x.reshape(-1, height, width, channels))
+        if windows is not None:
+            x_gates = jnp.take(x_gates, windows, axis=0)  # (batch, steps, h, w, 4 * hidden)
         x_gates = x_gates.reshape(batch, steps, height, width, 4 * self.hidden)
         scan_cell = nn.scan(
             ConvLSTMCell,
