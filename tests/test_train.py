@@ -262,6 +262,26 @@ def test_each_config_trains_and_the_loss_decreases(name, data_dir, tmp_path):
     assert trained.task == config.task and trained.step == summary["best_step"]
 
 
+def test_the_host_runs_at_most_two_steps_ahead(data_dir, tmp_path, monkeypatch):
+    """Dispatch is asynchronous; after dispatching step n the loop waits for step n - 2, so a
+    SIGTERM's checkpoint waits for at most two steps, not for a log row's worth."""
+    waited = []
+    real = jax.block_until_ready
+
+    def spy(x):
+        if isinstance(x, dict) and "loss" in x:  # the step's metrics
+            waited.append(x)
+        return real(x)
+
+    monkeypatch.setattr(train_lib.jax, "block_until_ready", spy)
+    config = tiny_config("unet_heart", data_dir, steps=6, log_every=100, eval_every=100,
+                         checkpoint_every=100)
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+    assert train_lib.MAX_STEPS_IN_FLIGHT == 2
+    assert len(waited) == 6 - train_lib.MAX_STEPS_IN_FLIGHT
+    assert [r["step"] for r in rows(tmp_path / "run") if "loss" in r] == [6]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     workdir = tmp_path / "term"
