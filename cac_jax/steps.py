@@ -219,14 +219,22 @@ def eval_step(state: TrainState, batch: dict, *, model, config):
 
     The predictions are the class map (int8), or, for a heart-frame calcium model, the class
     probabilities (float32), which validation maps back onto each scan's grid as inference does.
+    A batch may hold, instead of the windows ("image"), their distinct "slices" and the
+    "windows" as indices into them (`cac_jax.validation.shared_slices_batch`; ConvLSTM only).
     """
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-    logits, aux = model.apply(variables, batch["image"], train=False)
+    if "slices" in batch:
+        logits, aux = model.apply(variables, batch["slices"], train=False,
+                                  windows=batch["windows"])
+        centres = jnp.take(batch["slices"], batch["windows"][:, 1:2], axis=0)  # (B, 1, H, W, 1)
+    else:
+        logits, aux = model.apply(variables, batch["image"], train=False)
+        centres = batch["image"]
     labels, weight = batch["label"], batch["weight"]
     main, _ = _losses(config, logits, {}, labels, weight)
-    loss_w = loss_weight(config, batch["image"], weight, batch.get("candidate"))
+    loss_w = loss_weight(config, centres, weight, batch.get("candidate"))
     pred = jnp.argmax(logits, axis=-1)
     classes = jnp.arange(int(config.model.num_classes))
     on = weight[..., None] > 0

@@ -51,6 +51,7 @@ from cac_jax import distributed as dist
 from cac_jax import train_support as support
 from cac_jax.metrics_writer import MetricsWriter as _Writer
 from cac_jax.metrics_writer import json_safe as _json_safe
+from cac_jax.models import shares_slices
 from cac_jax.models.config import NUM_CLASSES
 from cac_jax.steps import (  # noqa: F401  (loss_weight: re-exported for tests and benchmarks)
     TrainState,
@@ -643,7 +644,7 @@ class _Run:
         self.window.check_finite(step, self.base_rate, self.workdir)
         eval_metrics = evaluate(self.config, self.p_eval, self.state, self.val_iter,
                                 self.heart_masks, stop=self.stop_requested,
-                                cache=self.scoring_cache)
+                                cache=self.scoring_cache, share_slices=shares_slices(self.model))
         if eval_metrics is None:
             return None
         self._step_plateau(eval_metrics.get("val_loss", math.nan))

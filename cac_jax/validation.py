@@ -3,7 +3,9 @@ linearly weighted kappa the paper reports (docs/training.md).
 
 - `evaluate(config, p_eval, state, val_iter, heart_masks)`: the metrics of a replicated state on
   the validation iterator (every host walks the same number of batches; the category tables are
-  summed over hosts);
+  summed over hosts); with `share_slices` (a ConvLSTM, one process) each batch goes to the
+  devices as its distinct slices and the windows' indices (`shared_slices_batch`), as inference
+  runs it, so a slice is encoded once, not once per window that holds it;
 - `_ScanCollector`: reassembles the per-slice predictions, HU and true classes into whole scans
   (a heart-frame calcium model's probabilities are mapped back onto each scan's grid, as
   inference does);
@@ -32,6 +34,10 @@ from data_pipeline.labels import unwindow_hu
 from data_pipeline.manifest import PROTOCOLS
 
 CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
+# Distinct slices a shared batch holds beyond one per window, smallest first (each one compiles
+# once): consecutive centres at neighbour offset k add 2k, a batch that crosses into another
+# scan 2k more (k is 1-2 at 1.5-5 mm slices). A device needing more runs its windows.
+SHARED_EXTRA_SLICES = (2, 4, 8)
 HEART_CLASS_NAMES = ("background", "heart")
 
 
@@ -227,14 +233,42 @@ def scan_categories(config, collector: _ScanCollector, heart_masks: dict,
     return matrices
 
 
+def shared_slices_batch(images: np.ndarray, extra=SHARED_EXTRA_SLICES):
+    """(slices (n, S, H, W, 1), windows (n, B, 3) int32) of the windows `images`
+    (n, B, 3, H, W, 1) of n devices: per device its distinct slices, found by content (a slice
+    that is one window's centre and another's neighbour, an edge slice repeated, is the same
+    array), zero-padded to S = B + the smallest of `extra` that holds every device's, and each
+    window as indices into them; None when a device's windows hold more (or S would reach 3B)."""
+    n, batch, depth = images.shape[:3]
+    windows = np.empty((n, batch, depth), np.int32)
+    for d in range(n):
+        seen: dict[bytes, int] = {}
+        for i in range(batch):
+            for j in range(depth):
+                windows[d, i, j] = seen.setdefault(images[d, i, j].tobytes(), len(seen))
+    needed = int(windows.max()) + 1
+    sizes = [batch + e for e in extra if needed <= batch + e < depth * batch]
+    if not sizes:
+        return None
+    slices = np.zeros((n, sizes[0], *images.shape[3:]), images.dtype)
+    for d in range(n):
+        # Each distinct slice from the first window slot that holds it (indices count up).
+        _, first = np.unique(windows[d].reshape(-1), return_index=True)
+        slices[d, :len(first)] = images[d].reshape(batch * depth, *images.shape[3:])[first]
+    return slices, windows
+
+
 def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None,
-             cache: dict | None = None) -> dict | None:
+             cache: dict | None = None, share_slices: bool = False) -> dict | None:
     """Validation metrics of the replicated `state` on `val_iter` (every host, same steps).
 
     `stop(batch_index)`, polled before each batch (every host at the same batches), ends the
     evaluation early: None is returned (a SIGTERM during validation). `cache`, a dict the caller
     keeps across the passes over one validation set, spares each pass the scans' model-free
-    scoring (`scan_categories`)."""
+    scoring (`scan_categories`). `share_slices`: the model encodes slices on their own (the
+    ConvLSTM: `cac_jax.models.shares_slices`); with one process, each batch then runs as its
+    distinct slices (the same outputs). Several processes keep the windows: every host must
+    call the devices with the same structure, and one host's batch may not fit."""
     num_classes = int(config.model.num_classes)
     names = CALCIUM_CLASS_NAMES if config.task == "calcium" else HEART_CLASS_NAMES
     totals = None
@@ -243,7 +277,13 @@ def evaluate(config, p_eval, state, val_iter, heart_masks, stop=None,
     for index, batch in enumerate(val_iter):
         if stop is not None and stop(index):
             return None
-        pred, sums = p_eval(state, dist.shard_batch(batch))
+        arrays = dist.shard_batch(batch)
+        if share_slices and jax.process_count() == 1:
+            packed = shared_slices_batch(np.asarray(batch["image"]))
+            if packed is not None:
+                arrays = {k: v for k, v in arrays.items() if k != "image"}
+                arrays["slices"], arrays["windows"] = packed
+        pred, sums = p_eval(state, arrays)
         sums = dist.unreplicate(sums)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
         collector.add(dist.local_array(pred), batch)

@@ -630,3 +630,55 @@ def test_init_from_starts_from_a_trained_models_parameters(data_dir, tmp_path, c
     # A refused start leaves the workdir usable: the same workdir with the right model trains.
     code, err = _cli([*base, "--workdir", str(tmp_path / "w3"), "--config.train.steps=1"], capsys)
     assert code == 0, err
+
+
+def test_shared_slices_batch_holds_each_distinct_slice_once():
+    """A batch of windows goes to the devices as its distinct slices (found by content) and
+    the windows as indices into them; too many distinct slices keep the windows."""
+    from cac_jax.validation import shared_slices_batch
+
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(size=(9, 4, 4, 1)).astype(np.float32)
+    centres = np.array([[0, 1, 2, 3], [5, 6, 7, 8]])  # two devices, edges repeated at 0 and 8
+    windows_z = np.clip(centres[..., None] + np.array([-1, 0, 1]), 0, 8)
+    images = volume[windows_z]  # (2, 4, 3, 4, 4, 1)
+    slices, windows = shared_slices_batch(images)
+    assert slices.shape == (2, 6, 4, 4, 1) and windows.shape == (2, 4, 3)  # 5 distinct -> 4 + 2
+    for d in range(2):
+        np.testing.assert_array_equal(slices[d][windows[d]], images[d])
+    assert not slices[0, 5].any()  # the padding slot
+    distinct = rng.uniform(size=(1, 4, 3, 4, 4, 1)).astype(np.float32)  # 12 distinct slices
+    assert shared_slices_batch(distinct) is None
+
+
+def test_validation_on_shared_slices_equals_the_windows(tmp_path, monkeypatch):
+    """A ConvLSTM's validation batches run as their distinct slices: every metric equals the
+    pass on the windows (benchmarks/bench_validation.py's heart_windows mode)."""
+    from cac_jax import validation as validation_lib
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = write_tiny_cohort(tmp_path, patients=9, split_column=True,
+                                 heart_slices=slice(2, 5))
+    build_dataset(manifest, tmp_path / "tfds", name="tiny", progress=False)
+    config = tiny_config("convlstm_calcium", tmp_path / "tfds", steps=2, log_every=1,
+                         eval_every=2, checkpoint_every=2)
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+    packed = []
+    real = validation_lib.shared_slices_batch
+
+    def spy(images, *args):
+        result = real(images, *args)
+        packed.append(result is not None)
+        return result
+
+    monkeypatch.setattr(validation_lib, "shared_slices_batch", spy)
+    bench = script_loader.load_benchmark("bench_validation")
+    out = tmp_path / "bench"
+    assert bench.main(["--checkpoint", str(tmp_path / "run"), "--data-dir", str(tmp_path / "tfds"),
+                       "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "bench_validation.json").read_text())
+    assert result["shared_slices"] is True and any(packed)
+    shared, windows = result["metrics"]["heart"], result["metrics"]["heart_windows"]
+    assert set(shared) == set(windows)
+    for key, value in windows.items():
+        np.testing.assert_allclose(shared[key], value, rtol=1e-5, err_msg=key)
