@@ -442,9 +442,10 @@ def shared_windows(num_slices: int, centres: np.ndarray, offset: int, batch_size
 
 def padded_slices(hu: np.ndarray, indices: np.ndarray, bucket_hw: tuple[int, int], count: int,
                   model_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """The slices `indices` of `hu` as model input (count, H_b, W_b, 1) float32: windowed as
-    `padded_inputs` windows them, resampled to `model_hw` the same way, placed top-left and
-    padded with 0 (-800 HU) to `bucket_hw`, and with all-zero slices to `count`."""
+    """The slices `indices` of `hu` as model input (count, H_b, W_b, 1) float32: HU windowed and
+    scaled as training does (`data_pipeline.labels.window_hu`), resampled in-plane to `model_hw`
+    when it differs from the study's (linear, pixel areas aligned), placed top-left and padded
+    with 0 (-800 HU) to `bucket_hw`, and with all-zero slices to `count`."""
     images = labels_lib.window_hu(hu[np.asarray(indices)])  # (n, h, w)
     height, width = hu.shape[1:]
     model_hw = (height, width) if model_hw is None else tuple(model_hw)
@@ -458,21 +459,12 @@ def padded_slices(hu: np.ndarray, indices: np.ndarray, bucket_hw: tuple[int, int
 
 def padded_inputs(hu: np.ndarray, centres: np.ndarray, offset: int, bucket_hw: tuple[int, int],
                   batch_size: int, model_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Model inputs (batch_size, 3, H_b, W_b, 1) float32 of the centre slices `centres` of `hu`.
-
-    `data_pipeline.labels.model_inputs` (the windows training uses), resampled in-plane to
-    `model_hw` when it differs from the study's (linear, pixel areas aligned), placed top-left
-    and padded with 0 (-800 HU) to `bucket_hw`, and with all-zero samples to `batch_size`.
-    """
-    windows = labels_lib.model_inputs(hu, centres, offset)[..., 0]  # (n, 3, h, w)
-    height, width = hu.shape[1:]
-    model_hw = (height, width) if model_hw is None else tuple(model_hw)
-    if model_hw != (height, width):
-        windows = ndimage.zoom(windows, (1, 1, model_hw[0] / height, model_hw[1] / width),
-                               order=1, mode="nearest", grid_mode=True)
-    images = np.zeros((batch_size, 3, *bucket_hw, 1), np.float32)
-    images[:len(centres), :, :model_hw[0], :model_hw[1], 0] = windows
-    return images
+    """Model inputs (batch_size, 3, H_b, W_b, 1) float32 of the centre slices `centres` of `hu`:
+    the 3-slice windows training uses (`data_pipeline.labels.window_indices`), each slice
+    prepared by `padded_slices`, and all-zero samples up to `batch_size`."""
+    indices = labels_lib.window_indices(hu.shape[0], centres, offset).reshape(-1)
+    images = padded_slices(hu, indices, bucket_hw, 3 * batch_size, model_hw)
+    return images.reshape(batch_size, 3, *bucket_hw, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ from data_pipeline.labels import unwindow_hu
 from data_pipeline.manifest import PROTOCOLS
 
 CALCIUM_CLASS_NAMES = ("background", "coronary", "noncoronary")
+HEART_CLASS_NAMES = ("background", "heart")
 # Distinct slices a shared batch holds beyond one per window, smallest first (each one compiles
 # once): consecutive centres at neighbour offset k add 2k, a batch that crosses into another
 # scan 2k more (k is 1-2 at 1.5-5 mm slices). A device needing more runs its windows.
 SHARED_EXTRA_SLICES = (2, 4, 8)
-HEART_CLASS_NAMES = ("background", "heart")
 
 
 def metric_names(task: str) -> tuple[str, ...]:
