@@ -191,6 +191,12 @@ def _is_step_folder(path: pathlib.Path) -> bool:
     return path.is_dir() and path.name.isdigit() and path.parent.name == CHECKPOINT_DIR
 
 
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+    """Whether `workdir` holds a step folder (finalised or not) of a training run."""
+    folder = pathlib.Path(workdir) / CHECKPOINT_DIR
+    return folder.is_dir() and any(_is_step_folder(p) for p in folder.iterdir())
+
+
 def _check_complete(step_dir: pathlib.Path) -> None:
     if not (step_dir / _FINALIZED_MARKER).exists():
         raise InputError(step_dir, "incomplete checkpoint (not finalised: the run was probably "

@@ -350,7 +350,8 @@ def _start(config, workdir) -> tuple[ml_collections.ConfigDict, Any, _Hosts]:
 
 def _check_data_and_workdir(config, workdir, is_main: bool):
     """The dataset's path, after refusing a missing dataset, an unusable workdir or a workdir
-    holding a run of another config (which keys differ); writes `config.json`."""
+    holding a run of another config (which keys differ); writes `config.json`. A `config.json`
+    without a checkpoint beside it (a start refused before its first step) is replaced."""
     from data_pipeline.input_pipeline import dataset_path
 
     data_path = dataset_path(config.data)
@@ -360,7 +361,7 @@ def _check_data_and_workdir(config, workdir, is_main: bool):
                                     f"{config.data.name}`")
     support.check_workdir(workdir, is_main)
     config_file = workdir / ckpt_lib.CONFIG_FILE
-    if config_file.exists():
+    if config_file.exists() and ckpt_lib.has_checkpoint(workdir):
         saved = json.loads(config_file.read_text())
         diffs = config_differences(saved, config)
         if diffs:

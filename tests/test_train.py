@@ -581,19 +581,27 @@ def test_a_ctac_scan_pairs_with_its_gated_scan_validated_on_another_host(monkeyp
     np.testing.assert_array_equal(paired, expected)
 
 
-def test_init_from_starts_from_a_trained_models_parameters(data_dir, tmp_path, capsys):
-    """`train.init_from` (docs/training.md, "Fine-tuning"): a run started from an exported model
-    begins at step 0 with that model's parameters (a near-zero rate leaves them there), records
-    where they came from, and a model of another config or task is one line, exit 2."""
+@pytest.fixture(scope="module")
+def exported_heart(data_dir, tmp_path_factory):
+    """A tiny heart UNet trained 2 steps and exported (parameters and config only)."""
+    tmp = tmp_path_factory.mktemp("init_from")
     common = dict(log_every=1, eval_every=2, checkpoint_every=2)
-    source = tmp_path / "source"
-    train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=2, **common), source)
-    exported = tmp_path / "exported"
-    ckpt.export_parameters(source, exported)
+    train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=2, **common),
+                                 tmp / "source")
+    ckpt.export_parameters(tmp / "source", tmp / "exported")
+    return tmp / "exported"
+
+
+def test_init_from_starts_from_a_trained_models_parameters(data_dir, exported_heart, tmp_path,
+                                                           capsys):
+    """`train.init_from` (docs/training.md, "Fine-tuning"): a run started from an exported model
+    begins at step 0 with that model's parameters (a near-zero rate leaves them there) and records
+    where they came from; a model of another config or task is one line, exit 2."""
+    exported = exported_heart
     tuned = tmp_path / "tuned"
     summary = train_lib.train_and_evaluate(
-        tiny_config("unet_heart", data_dir, steps=2, learning_rate=1e-12,
-                    init_from=str(exported), **common), tuned)
+        tiny_config("unet_heart", data_dir, steps=2, learning_rate=1e-12, init_from=str(exported),
+                    log_every=1, eval_every=2, checkpoint_every=2), tuned)
     assert summary["resumed_from"] is None and summary["steps_this_run"] == 2
     assert summary["initialised_from"]["step"] == 2
     assert summary["initialised_from"]["path"] == str(exported)
@@ -603,11 +611,6 @@ def test_init_from_starts_from_a_trained_models_parameters(data_dir, tmp_path, c
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-8)
     # (The source moved its parameters ~1e-3 from the seeded initialisation in two steps, so
     # the tolerance above tells the two apart.)
-    # The record survives a resume (the run's own checkpoint wins over init_from).
-    resumed = train_lib.train_and_evaluate(
-        tiny_config("unet_heart", data_dir, steps=4, learning_rate=1e-12,
-                    init_from=str(exported), **common), tuned)
-    assert resumed["resumed_from"] == 2 and resumed["initialised_from"]["step"] == 2
 
     cfg = str(ROOT / "configs" / "unet_heart.py") + ":local"
     base = ["--config", cfg, f"--config.data.data_dir={data_dir}", "--config.data.name=tiny",
@@ -621,14 +624,37 @@ def test_init_from_starts_from_a_trained_models_parameters(data_dir, tmp_path, c
           "--workdir", str(tmp_path / "w3")], "no such checkpoint"),
         ([*base[:-1], "--config.train.init_from=gs://bucket/model",
           "--workdir", str(tmp_path / "w4")], "must be a folder on this machine"),
+        # A workdir holding checkpoints of another config refuses, naming the differing keys.
+        ([*base, "--workdir", str(tuned), "--config.model.unet.base_width=4"],
+         "workdir holds a run of a different config; differing keys: model.unet.base_width"),
     ]
     for argv, message in cases:
         code, err = _cli(argv, capsys)
         assert code == 2, (argv, err)
         assert message in err, (argv, err)
         assert err.startswith("cac-jax train: error:") and err.count("\n") == 1, err
-    # A refused start leaves the workdir usable: the same workdir with the right model trains.
-    code, err = _cli([*base, "--workdir", str(tmp_path / "w3"), "--config.train.steps=1"], capsys)
+
+
+@pytest.mark.slow
+def test_init_from_record_survives_a_resume_and_a_refused_start(data_dir, exported_heart,
+                                                                 tmp_path, capsys):
+    """The run's own checkpoint wins over init_from on a resume, which keeps the record; a
+    start refused before its first checkpoint leaves its workdir usable by another config."""
+    common = dict(learning_rate=1e-12, init_from=str(exported_heart), log_every=1, eval_every=2,
+                  checkpoint_every=2)
+    tuned = tmp_path / "tuned"
+    train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=2, **common), tuned)
+    resumed = train_lib.train_and_evaluate(
+        tiny_config("unet_heart", data_dir, steps=4, **common), tuned)
+    assert resumed["resumed_from"] == 2 and resumed["initialised_from"]["step"] == 2
+
+    cfg = str(ROOT / "configs" / "unet_heart.py") + ":local"
+    base = ["--config", cfg, f"--config.data.data_dir={data_dir}", "--config.data.name=tiny",
+            "--config.train.progress=False", f"--config.train.init_from={exported_heart}",
+            "--workdir", str(tmp_path / "w")]
+    code, err = _cli([*base, "--config.model.unet.base_width=4"], capsys)
+    assert code == 2 and "this training's model needs" in err, err
+    code, err = _cli([*base, "--config.train.steps=1"], capsys)
     assert code == 0, err
 
 
