@@ -17,11 +17,14 @@ the patients are unchanged:
 - `nomotion`: no cardiac motion; `motionK`: the motion amplitude times K;
 - `windowW`: each slice averages the coronary's positions over a reconstruction window of W of
   the cardiac cycle from that slice's phase (`Protocol.motion_window`), instead of the whole
-  cycle;
+  cycle; `windowA-B`: W drawn per patient, uniform in [A, B], from the patient's own random
+  stream after its CTAC protocol (as the generator would draw it);
 - `noiseK`: the CTAC noise sigma times K;
 - `visS`: a calcification is labelled when its peak excess reaches S noise sigmas (the generator:
   `render.VISIBLE_SIGMAS`, 3);
-- `thick3`: 3 mm contiguous slices instead of the drawn 3/4/5 mm.
+- `thick3`: 3 mm contiguous slices instead of the drawn 3/4/5 mm;
+- `calibrated`: the generator's calibrated CTAC imaging (`cac-jax synth --ctac-imaging
+  calibrated`, `acquisition.CTAC_IMAGING`), which is `window0.3-1.0+noise0.5` drawn the same way.
 
 Writes OUT/ctac_visibility.json (per variant: kappa, exact agreement, the gated x CTAC category
 table, every patient's two scores) and OUT/ctac_visibility.md, atomically. Each finished variant is
@@ -52,25 +55,29 @@ SEED = 10000   # the classic study's held-out default-site patients (configs/stu
 
 
 def _ctac_change(part: str):
-    """The Protocol -> Protocol change of one variant part (None for `base` and `visS`)."""
-    if part in ("base",) or part.startswith("vis"):
+    """The (Protocol, rng) -> Protocol change of one variant part (None for `base` and `visS`);
+    `rng` is the patient's random stream, just after its CTAC protocol was drawn."""
+    if part in ("base", "calibrated") or part.startswith("vis"):
         return None
     if part == "nomotion":
-        return lambda p: dataclasses.replace(p, motion={})
+        return lambda p, rng: dataclasses.replace(p, motion={})
     if part.startswith("motion"):
         k = float(part[len("motion"):])
-        return lambda p: dataclasses.replace(
+        return lambda p, rng: dataclasses.replace(
             p, motion={a: (d, amp * k) for a, (d, amp) in p.motion.items()})
     if part.startswith("window"):
-        w = float(part[len("window"):])
-        if not 0 < w <= 1:
+        lo, _, hi = part[len("window"):].partition("-")
+        lo, hi = float(lo), float(hi or lo)
+        if not 0 < lo <= hi <= 1:
             raise ValueError(f"{part}: the window is a fraction of the cycle in (0, 1]")
-        return lambda p: dataclasses.replace(p, motion_window=w)
+        if lo == hi:
+            return lambda p, rng: dataclasses.replace(p, motion_window=lo)
+        return lambda p, rng: dataclasses.replace(p, motion_window=float(rng.uniform(lo, hi)))
     if part.startswith("noise"):
         k = float(part[len("noise"):])
-        return lambda p: dataclasses.replace(p, noise_sigma_hu=p.noise_sigma_hu * k)
+        return lambda p, rng: dataclasses.replace(p, noise_sigma_hu=p.noise_sigma_hu * k)
     if part == "thick3":
-        def thin(p):
+        def thin(p, rng):
             n = int(round(p.n_slices * p.spacing_z_mm / 3.0))
             phase = np.random.default_rng(n).uniform(-1, 1, size=n)
             return dataclasses.replace(p, thickness_mm=3.0, spacing_z_mm=3.0, n_slices=n,
@@ -85,13 +92,16 @@ def imaged_as(variant: str):
     parts = variant.split("+")
     changes = [c for c in map(_ctac_change, parts) if c is not None]
     sigmas = [float(p[3:]) for p in parts if p.startswith("vis")]
+    imaging = "calibrated" if "calibrated" in parts else None
     original_protocol, original_sigmas = render.sample_protocol, render.VISIBLE_SIGMAS
 
     def sample_protocol(name, anatomy, rng, **kwargs):
+        if imaging is not None:
+            kwargs["ctac_imaging"] = imaging
         protocol = original_protocol(name, anatomy, rng, **kwargs)
         if name == "ctac":
             for change in changes:
-                protocol = change(protocol)
+                protocol = change(protocol, rng)
         return protocol
 
     render.sample_protocol = sample_protocol

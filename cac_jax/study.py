@@ -71,7 +71,13 @@ def cohort_names(config, stem: str) -> list[str]:
 
 def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
     """Synthesises every cohort; returns name -> manifest."""
-    from data_pipeline.phantom.cohort import DEFAULT_ANATOMY, generator_identity
+    from data_pipeline.phantom.cohort import (
+        DEFAULT_ANATOMY,
+        DEFAULT_CTAC_IMAGING,
+        generator_identity,
+    )
+
+    ctac = config.get("ctac_imaging", DEFAULT_CTAC_IMAGING)  # configs before the key: classic
 
     # Each anatomy variant's cohorts (data_pipeline.phantom); the stamp's generator is
     # GENERATOR_VERSION for the classic anatomy, as it always was, and the variant's own identity
@@ -93,7 +99,7 @@ def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
     for name, (site, patients, seed, anatomy) in jobs.items():
         folder = out / "cohorts" / name
         wanted = {"site": site, "patients": patients, "seed": seed, "size": config.size,
-                  "generator": generator_identity(anatomy)}
+                  "generator": generator_identity(anatomy, ctac)}
 
         def synth(folder=folder, site=site, patients=patients, seed=seed, name=name,
                   anatomy=anatomy):
@@ -103,6 +109,7 @@ def make_cohorts(out: Path, config, stamps) -> dict[str, Path]:
                       str(config.size), "--seed", str(seed), "--site", site, "--workers",
                       str(config.synth_workers),
                       *(() if anatomy == DEFAULT_ANATOMY else ("--anatomy", anatomy)),
+                      *(() if ctac == DEFAULT_CTAC_IMAGING else ("--ctac-imaging", ctac)),
                       stage=f"synth {name}")
 
         stage_stamps._stage(stamps, f"cohort_{name}", wanted, [folder / "manifest.csv"], synth)
@@ -645,12 +652,17 @@ def _per_anatomy(config) -> str:
 def _generator_version(config=None):
     """The generator's identity for the model card: GENERATOR_VERSION, or the anatomy variant's
     identity (e.g. "2+grooved1") when the study's config names one; several joined by " and "."""
-    from data_pipeline.phantom.cohort import DEFAULT_ANATOMY, generator_identity
+    from data_pipeline.phantom.cohort import (
+        DEFAULT_ANATOMY,
+        DEFAULT_CTAC_IMAGING,
+        generator_identity,
+    )
 
     names = anatomies(config) if config is not None else (DEFAULT_ANATOMY,)
+    ctac = config.get("ctac_imaging", DEFAULT_CTAC_IMAGING) if config is not None else None
     if len(names) == 1:
-        return generator_identity(names[0])
-    return " and ".join(str(generator_identity(a)) for a in names)
+        return generator_identity(names[0], ctac)
+    return " and ".join(str(generator_identity(a, ctac)) for a in names)
 
 
 def _init_line(training: dict) -> list[str]:

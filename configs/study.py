@@ -23,6 +23,13 @@ Arguments (`--config configs/study.py:ARG`):
   rerun now starts from them; to repeat the recorded runs, first put the classic models back:
   `git checkout 0c9aa67 -- models/synthetic/calcium_convlstm` and `git checkout db87d00 --
   models/synthetic/calcium_unet` (after removing each folder).
+- "calibrated", after any of the above or alone ("calibrated", "gpu,calibrated",
+  "mixed,calibrated"): every CTAC scan with the generator's calibrated CTAC imaging
+  (`cac-jax synth --ctac-imaging calibrated`: a reconstruction window of 0.3-1.0 of the cardiac
+  cycle and half the classic CTAC noise; docs/synthetic_cohort.md). The same patients and gated
+  scans; the cohorts get their own stamps, so a study folder is never half one, half the other.
+  On the CPU its calcium models are fine-tuned from the reference ones at half the rate, as
+  `:mixed` does: the patients are the same, only their CTAC scans show more.
 
 Models are trained from the files in configs/ with `--config.KEY=VALUE` overrides, exactly as a user
 would run `cac-jax train`; `trainings` names each workdir under OUT/models/, `systems` pairs a heart
@@ -37,6 +44,7 @@ import ml_collections
 
 ARGS = (None, "", "gpu", "local")
 MODIFIERS = ("grooved", "mixed")
+CTAC_MODIFIERS = ("calibrated",)
 
 HALF_WIDTH_CONVLSTM = (
     "model.convlstm.encoder_widths=(16, 32, 64, 128)",
@@ -67,10 +75,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The study settings; see the module docstring for `arg`."""
     parts = [p for p in (arg or "").split(",") if p]
     modifiers = [p for p in parts if p in MODIFIERS]
-    base = [p for p in parts if p not in MODIFIERS]
-    if len(base) > 1 or (base and base[0] not in ARGS) or len(modifiers) > 1:
+    ctac = [p for p in parts if p in CTAC_MODIFIERS]
+    base = [p for p in parts if p not in MODIFIERS + CTAC_MODIFIERS]
+    if (len(base) > 1 or (base and base[0] not in ARGS) or len(modifiers) > 1
+            or len(ctac) > 1):
         raise ValueError(f"unknown study config argument {arg!r}: expected none, 'gpu' or 'local', "
-                         f"optionally with ',grooved' or ',mixed'")
+                         f"optionally with ',grooved' or ',mixed', and ',calibrated'")
     gpu, local = base == ["gpu"], base == ["local"]
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -92,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # cohorts are made in every one, the first under the plain names.
     c.anatomies = {"grooved": ("grooved",), "mixed": ("classic", "grooved")}.get(
         modifiers[0] if modifiers else "", ("classic",))
+    # The CTAC imaging model of every cohort (data_pipeline.phantom.acquisition.CTAC_IMAGING).
+    c.ctac_imaging = ctac[0] if ctac else "classic"
 
     heart_common = ["train.log_every=25", "train.progress=True"]
     heart_steps = 8 if local else (6000 if gpu else 4000)
@@ -170,7 +182,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "convlstm_slice": ("heart_convlstm", "calcium_convlstm_slice"),
         "convlstm_fixedkernel": ("heart_convlstm", "calcium_convlstm_fixedkernel"),
     })
-    if modifiers == ["mixed"] and not (local or gpu):
+    if (modifiers == ["mixed"] or ctac) and not (local or gpu):
         for name in ("calcium_convlstm", "calcium_unet"):
             c.trainings[name].overrides.extend(
                 [f"train.init_from=models/synthetic/{name}", "train.learning_rate=5e-4"])

@@ -248,6 +248,60 @@ def test_naive_threshold_is_badly_wrong_more_so_on_ctac(small_cohort):
     assert kappa["ctac"] < kappa["cac"]
 
 
+def test_calibrated_ctac_images_the_same_patient_with_a_window_and_less_noise(tmp_path, capsys):
+    """`--ctac-imaging calibrated` (acquisition.CTAC_IMAGING): the same patient and gated scan;
+    the CTAC protocol differs only by a reconstruction window drawn in 0.3-1.0 of the cycle and
+    half the noise sigma; cohorts record it, and an unknown model is one line, exit 2."""
+    from data_pipeline.phantom import acquisition
+    from data_pipeline.phantom.anatomy import sample_anatomy
+
+    anatomy = sample_anatomy(np.random.default_rng(3))
+    windows = []
+    for seed in range(20):
+        classic = acquisition.sample_protocol("ctac", anatomy, np.random.default_rng(seed))
+        calibrated = acquisition.sample_protocol("ctac", anatomy, np.random.default_rng(seed),
+                                                 ctac_imaging="calibrated")
+        assert classic.motion_window is None
+        assert calibrated.noise_sigma_hu == pytest.approx(0.5 * classic.noise_sigma_hu)
+        windows.append(calibrated.motion_window)
+        rest = dataclasses.replace(calibrated, motion_window=None,
+                                   noise_sigma_hu=classic.noise_sigma_hu)
+        for field in dataclasses.fields(acquisition.Protocol):
+            a, b = getattr(rest, field.name), getattr(classic, field.name)
+            if field.name == "motion":   # artery -> (direction array, amplitude)
+                assert a.keys() == b.keys()
+                assert all(np.array_equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] for k in a)
+            else:
+                assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, field.name
+    assert 0.3 <= min(windows) and max(windows) <= 1.0 and np.ptp(windows) > 0.3
+    with pytest.raises(ValueError, match="unknown CTAC imaging 'sharp'; expected one of classic"):
+        acquisition.sample_protocol("ctac", anatomy, np.random.default_rng(0), ctac_imaging="sharp")
+
+    seed = patient_seed(SEED, 2)
+    classic = render_patient(seed, size=48, category=2)
+    calibrated = render_patient(seed, size=48, category=2, ctac_imaging="calibrated")
+    assert np.array_equal(classic["cac"].volume.hu, calibrated["cac"].volume.hu)
+    pairs = list(zip(calibrated["ctac"].calcifications, classic["ctac"].calcifications,
+                     strict=True))
+    assert pairs and all(np.array_equal(getattr(a, f.name), getattr(b, f.name))
+                         for a, b in pairs for f in dataclasses.fields(a))
+    assert calibrated["ctac"].volume.hu.shape == classic["ctac"].volume.hu.shape
+    assert not np.array_equal(calibrated["ctac"].volume.hu, classic["ctac"].volume.hu)
+
+    generate_cohort(tmp_path / "c", patients=1, size=48, seed=SEED, ctac_imaging="calibrated")
+    provenance = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert provenance["ctac_imaging"] == "calibrated"
+    assert provenance["generator_identity"] == f"{cohort_lib.GENERATOR_VERSION}+calibrated1"
+    assert cohort_lib.generator_identity("grooved", "calibrated") == (
+        f"{cohort_lib.GENERATOR_VERSION}+grooved1+calibrated1")
+    assert cohort_lib.generator_identity("classic", "classic") == cohort_lib.GENERATOR_VERSION
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["synth", "--out", str(tmp_path / "d"), "--patients", "1",
+                  "--ctac-imaging", "sharp"])
+    assert exit_info.value.code == 2
+    assert "--ctac-imaging: invalid choice: 'sharp'" in capsys.readouterr().err
+
+
 def test_ctac_motion_window_smears_by_where_the_slice_falls_in_the_cycle():
     """A coronary plaque in an ungated slice: the whole-cycle model (generator version 2) smears
     it over the artery's path; a short reconstruction window in diastasis leaves it nearly

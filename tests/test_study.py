@@ -285,6 +285,56 @@ def test_grooved_modifier_changes_only_the_anatomy():
             load_config_file(str(STUDY), bad)
 
 
+def test_calibrated_modifier_images_every_ctac_with_the_calibrated_model(tmp_path, monkeypatch):
+    """`:calibrated` (alone or after the others) changes only `ctac_imaging`; its cohorts are
+    synthesised with --ctac-imaging calibrated and stamped with that generator identity, so a
+    classic study folder's cohorts are made again, never reused."""
+    from cac_jax import stages, study
+    from data_pipeline.manifest import ManifestRow, write_manifest
+    from data_pipeline.phantom.cohort import generator_identity
+
+    for base in ("", "gpu", "local", "mixed", "local,grooved"):
+        plain = load_config_file(str(STUDY), base or None)
+        calibrated = load_config_file(str(STUDY), ",".join(p for p in (base, "calibrated") if p))
+        assert (plain.ctac_imaging, calibrated.ctac_imaging) == ("classic", "calibrated")
+        plain.ctac_imaging = "calibrated"
+        # On the CPU the calcium models are fine-tuned from the reference ones, as :mixed does.
+        for name in ("calcium_convlstm", "calcium_unet"):
+            tuned = calibrated.trainings[name].overrides
+            start = [f"train.init_from=models/synthetic/{name}", "train.learning_rate=5e-4"]
+            assert (tuned[-2:] == start) == (base in ("", "mixed")), (base, tuned)
+            if base == "":
+                del tuned[-2:]
+        assert plain.to_dict() == calibrated.to_dict()
+    with pytest.raises(ValueError, match="and ',calibrated'"):
+        load_config_file(str(STUDY), "calibrated,calibrated")
+
+    calls = {}
+
+    def fake_cli(*args, stage):
+        folder = pathlib.Path(args[args.index("--out") + 1])
+        calls[folder.name] = args[args.index("--ctac-imaging") + 1] if (
+            "--ctac-imaging" in args) else "classic"
+        folder.mkdir(parents=True)
+        (folder / "x").write_text("")
+        write_manifest(folder / "manifest.csv", [
+            ManifestRow(f"{folder.name}-0", f"{folder.name}-0_{p}", p, folder / "x", None, None,
+                        "synthetic", None) for p in ("cac", "ctac")])
+
+    monkeypatch.setattr(study.demo, "_cli", fake_cli)
+    out = tmp_path / "study"
+    study.make_cohorts(out, load_config_file(str(STUDY), "local"), stages._Stamps(out))
+    assert set(calls.values()) == {"classic"}
+    calls.clear()
+    config = load_config_file(str(STUDY), "local,calibrated")
+    study.make_cohorts(out, config, stages._Stamps(out))
+    assert set(calls) == {"train_default", "test_default", "train_lowdose", "test_lowdose",
+                          "unseen"} and set(calls.values()) == {"calibrated"}
+    stamp = json.loads((out / ".stamps" / "cohort_unseen.json").read_text())
+    assert stamp["generator"] == generator_identity("classic", "calibrated") == "2+calibrated1"
+    assert study._generator_version(config) == "2+calibrated1"
+
+
 def test_mixed_study_makes_and_trains_on_every_sites_cohorts_in_both_anatomies(tmp_path,
                                                                                monkeypatch):
     """`:local,mixed`: every site's cohorts in the classic anatomy (plain names, as the classic

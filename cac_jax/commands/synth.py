@@ -10,6 +10,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
+from data_pipeline.phantom.acquisition import CTAC_IMAGING, DEFAULT_CTAC_IMAGING
 from data_pipeline.phantom.cohort import ANATOMIES, DEFAULT_ANATOMY, MIN_SIZE
 from data_pipeline.phantom.sites import SITES
 
@@ -35,10 +36,18 @@ atrioventricular and interventricular grooves, with the coronaries on the groove
 wires in about 18% (label 7). A grooved cohort has its own patients (ids like syn0-grooved-0000)
 and records the anatomy in cohort.json.
 
+CTAC imaging (--ctac-imaging): classic (default) is the CTAC the generator has always made: each
+slice averages the coronaries over the whole cardiac cycle, noise sigma 40-90 HU at 512 px.
+calibrated reconstructs each slice from a window of 0.3-1.0 of the cycle (half a rotation to a
+whole one of 0.5-0.8 s, at 55-90 beats a minute) with noise sigma 20-45 HU. The patients and their
+gated scans are the same; the CTAC shows more of the gated calcium (docs/synthetic_cohort.md). The
+model is recorded in cohort.json.
+
 examples:
   cac-jax synth --out demo_cohort --patients 40 --size 256 --seed 0 --preview --workers 2
   cac-jax synth --out site2_cohort --patients 12 --size 256 --seed 0 --site site2
   cac-jax synth --out grooved_cohort --patients 12 --size 256 --seed 0 --anatomy grooved
+  cac-jax synth --out calibrated_cohort --patients 12 --size 256 --seed 0 --ctac-imaging calibrated
 """
 
 
@@ -137,6 +146,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="anatomy variant: classic (uniform epicardial fat, no devices) or "
                              "grooved (groove-dependent fat with the coronaries in the grooves, "
                              "pacemaker leads and sternal wires; see below; default: classic)")
+    parser.add_argument("--ctac-imaging", choices=tuple(CTAC_IMAGING), default=DEFAULT_CTAC_IMAGING,
+                        help="CTAC imaging model: classic (each slice averages the whole cardiac "
+                             "cycle, noise sigma 40-90 HU) or calibrated (a reconstruction window "
+                             "of 0.3-1.0 of the cycle, noise sigma 20-45 HU); the same patients "
+                             "and gated scans either way (see below; default: classic)")
     parser.set_defaults(func=handler)
 
 
@@ -157,7 +171,8 @@ def handler(args: argparse.Namespace) -> int:
                                    size=args.size, seed=args.seed, preview=args.preview,
                                    category_proportions=args.proportions, workers=args.workers,
                                    ctac_overlap=args.ctac_overlap, progress=bar.update,
-                                   site=args.site, anatomy=args.anatomy)
+                                   site=args.site, anatomy=args.anatomy,
+                                   ctac_imaging=args.ctac_imaging)
     except BaseException:
         if created:  # leave no empty folder behind a failed run
             with contextlib.suppress(OSError):

@@ -30,7 +30,10 @@ Anatomy variants (`cohort.ANATOMIES`, `--anatomy`): `classic` (default, the anat
 always been drawn: uniform epicardial fat, no devices) and `grooved` (groove-dependent epicardial
 fat with the coronaries on the groove floors, `anatomy.grooved_anatomy`, and metal devices:
 pacemaker/ICD leads and sternal wires, `devices`); each of the first five functions below takes
-`anatomy=`.
+`anatomy=`. CTAC imaging models (`acquisition.CTAC_IMAGING`, `--ctac-imaging`): `classic`
+(default, each CTAC slice averages the coronaries over the whole cardiac cycle) and `calibrated`
+(a reconstruction window of 0.3-1.0 of the cycle, half the CTAC noise; the same patients and
+gated scans); `render_scan`, `render_patient` and `generate_cohort` take `ctac_imaging=`.
 
 Public API: `render_scan` / `render_patient` (in memory), `generate_cohort` (files + manifest),
 `patient_seed`, `patient_id_for`, `assign_categories`, `SyntheticScan`, `save_preview`, and the

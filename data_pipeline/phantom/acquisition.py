@@ -53,6 +53,41 @@ class Protocol:
     motion_window: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class CtacImaging:
+    """How an ungated CTAC scan images the beating coronaries and its noise (`CTAC_IMAGING`).
+
+    `window`: None averages each slice over the whole cycle (`Protocol.motion_window` None);
+    (lo, hi) draws one reconstruction window per patient, uniform in [lo, hi] of the cycle.
+    `noise_scale` multiplies the drawn CTAC noise sigma."""
+
+    window: tuple[float, float] | None = None
+    noise_scale: float = 1.0
+
+
+# CTAC imaging models (`cac-jax synth --ctac-imaging`; docs/synthetic_cohort.md, "CTAC imaging").
+# "classic" is the generator's CTAC as it has always been. "calibrated" is bound to what scanners
+# do: a slice is reconstructed from half a rotation or a whole one (0.5-0.8 s rotation) at heart
+# rates of 55-90 beats a minute, so its window is 0.3-1.0 of the cardiac cycle, not the whole
+# cycle's average; and a CTAC of about half a gated CAC scan's dose at 3-5 mm has about the gated
+# scan's noise, not two to four times it (sigma 20-45 HU at the 512 px reconstruction, against
+# 10-25 HU for the gated scans). Its window draw comes from the patient's CTAC stream after every
+# other CTAC draw, so the patients, their gated scans and their CTAC geometry stay the same.
+CTAC_IMAGING = {"classic": CtacImaging(),
+                "calibrated": CtacImaging(window=(0.3, 1.0), noise_scale=0.5)}
+DEFAULT_CTAC_IMAGING = "classic"
+
+
+def check_ctac_imaging(name: str | None) -> str:
+    """The CTAC imaging model's name (None is the default, "classic"); unknown names are refused."""
+    if name is None:
+        return DEFAULT_CTAC_IMAGING
+    if name not in CTAC_IMAGING:
+        raise ValueError(f"unknown CTAC imaging {name!r}; expected one of "
+                         f"{', '.join(CTAC_IMAGING)}")
+    return name
+
+
 # Coronary displacement over one cardiac cycle (fraction of the R-R interval -> position along the
 # artery's motion direction, in units of its peak-to-peak amplitude, -0.5..0.5): the systolic
 # excursion, the return in rapid filling, diastasis, the atrial kick.
@@ -104,12 +139,15 @@ def make_grid(protocol: Protocol, size: int) -> Grid:
 
 
 def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
-                    ctac_overlap: bool = False, site: SitePreset | None = None) -> Protocol:
+                    ctac_overlap: bool = False, site: SitePreset | None = None,
+                    ctac_imaging: str | None = None) -> Protocol:
     """Draws the scan parameters of protocol `name` for a patient (independent of image size).
 
     `site` (data_pipeline.phantom.sites) scales the draws after they are made, so a site's patient
     sees the same random stream as the default's; `ctac_overlap` wins over a site's CTAC thickness.
+    `ctac_imaging` names a CTAC imaging model of `CTAC_IMAGING` (the gated scan ignores it).
     """
+    imaging = CTAC_IMAGING[check_ctac_imaging(ctac_imaging)]
     u = rng.uniform
     heart = anatomy.heart.center
     z_lo, z_hi = anatomy.z_range
@@ -161,14 +199,19 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
     n = int(np.clip(round((hi - lo) / spacing) + 1, 60 if spacing <= 3 else 36, 100))
     mid = 0.5 * (lo + hi)
     z_first = mid - 0.5 * (n - 1) * spacing
+    window = None
     if phase is None:
         phase = rng.uniform(-1, 1, size=n)
+        sigma *= imaging.noise_scale
+        if imaging.window is not None:   # the last CTAC draw: the others stay as they were
+            window = float(u(*imaging.window))
     return Protocol(name=name, fov_mm=fov, center_xy_mm=center, z_first_mm=round(z_first, 3),
                     n_slices=n, spacing_z_mm=spacing, thickness_mm=thickness, noise_sigma_hu=sigma,
                     psf_mm=psf, heart_blur_mm=heart_blur, motion=motion, slice_phase=phase,
                     kvp=kvp, ecg_gated=gated, series_description=desc,
                     contrast=sites.kvp_contrast(kvp), sharpen=float(acq.sharpen),
-                    sharpen_sigma_mm=float(acq.sharpen_sigma_mm), kernel=acq.kernel)
+                    sharpen_sigma_mm=float(acq.sharpen_sigma_mm), kernel=acq.kernel,
+                    motion_window=window)
 
 
 def apply_contrast(hu: np.ndarray, contrast: float) -> np.ndarray:

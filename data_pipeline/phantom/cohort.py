@@ -35,6 +35,7 @@ from data_pipeline.errors import InputError
 from data_pipeline.manifest import ManifestRow, write_manifest
 from data_pipeline.phantom import plaques as plaque_lib
 from data_pipeline.phantom import render
+from data_pipeline.phantom.acquisition import DEFAULT_CTAC_IMAGING, check_ctac_imaging
 from data_pipeline.phantom.anatomy import Anatomy, grooved_anatomy, sample_anatomy
 from data_pipeline.phantom.devices import device_wires
 from data_pipeline.phantom.sites import SitePreset, get_site
@@ -51,6 +52,9 @@ GENERATOR_VERSION = 2
 # is bumped whenever its cohorts change; it is part of `generator_identity`.
 ANATOMIES = {"classic": 0, "grooved": 1}
 DEFAULT_ANATOMY = "classic"
+# CTAC imaging models (`acquisition.CTAC_IMAGING`, `--ctac-imaging`) and their versions, bumped
+# like the anatomies'; a model other than "classic" is part of `generator_identity`.
+CTAC_IMAGING_VERSIONS = {"classic": 0, "calibrated": 1}
 DEFAULT_PROPORTIONS = (0.25, 0.25, 0.25, 0.25)
 SITE = "synthetic"                                # the default preset's manifest `site`
 MANUFACTURER = "cac-jax synthetic phantom"        # the default preset's DICOM Manufacturer
@@ -93,13 +97,17 @@ def check_anatomy(anatomy: str | None) -> str:
     return anatomy
 
 
-def generator_identity(anatomy: str | None = None):
+def generator_identity(anatomy: str | None = None, ctac_imaging: str | None = None):
     """What made a cohort, for provenance stamps: GENERATOR_VERSION (an int) for the classic
-    anatomy, as it has always been stamped, and e.g. "2+grooved1" for a variant."""
-    anatomy = check_anatomy(anatomy)
-    if anatomy == DEFAULT_ANATOMY:
-        return GENERATOR_VERSION
-    return f"{GENERATOR_VERSION}+{anatomy}{ANATOMIES[anatomy]}"
+    anatomy and CTAC, as it has always been stamped, and e.g. "2+grooved1" or
+    "2+grooved1+calibrated1" for variants."""
+    anatomy, ctac_imaging = check_anatomy(anatomy), check_ctac_imaging(ctac_imaging)
+    parts = [str(GENERATOR_VERSION)]
+    if anatomy != DEFAULT_ANATOMY:
+        parts.append(f"{anatomy}{ANATOMIES[anatomy]}")
+    if ctac_imaging != DEFAULT_CTAC_IMAGING:
+        parts.append(f"{ctac_imaging}{CTAC_IMAGING_VERSIONS[ctac_imaging]}")
+    return GENERATOR_VERSION if len(parts) == 1 else "+".join(parts)
 
 
 def _anatomy_salt(anatomy: str) -> int:
@@ -308,7 +316,8 @@ def _finish(scene: _Scene, calcs: Sequence, patient_id: str, category: int,
 def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size: int = 128, *,
                    category: int | None = None, patient_id: str | None = None,
                    ctac_overlap: bool = False, site: str | SitePreset | None = None,
-                   anatomy: str | None = None) -> dict[str, SyntheticScan]:
+                   anatomy: str | None = None,
+                   ctac_imaging: str | None = None) -> dict[str, SyntheticScan]:
     """Renders one patient's scans in memory: {protocol: SyntheticScan}.
 
     `category` is the target CAC category (0-3) met by the gated scan; None draws it from the
@@ -318,9 +327,12 @@ def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size
     (use `patient_seed(seed, k, site)` for a site's own patients). `anatomy` is the anatomy
     variant (`ANATOMIES`, default "classic"); "grooved" draws its fat layout and devices from
     streams of their own, so the rest of the patient (body, scanner, noise) stays as drawn.
+    `ctac_imaging` names the CTAC imaging model (`acquisition.CTAC_IMAGING`, default "classic");
+    it changes the CTAC scan only, not the patient or the gated scan.
     """
     preset = get_site(site)
     anatomy = check_anatomy(anatomy)
+    ctac_imaging = check_ctac_imaging(ctac_imaging)
     for name in protocols:
         if name not in PROTOCOLS:
             raise ValueError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -340,7 +352,7 @@ def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size
         others = others + device_wires(anat, category, streams["devices"])
     cac_protocol = render.sample_protocol("cac", anat, streams["cac"], site=preset)
     ctac_protocol = render.sample_protocol("ctac", anat, streams["ctac"], ctac_overlap=ctac_overlap,
-                                           site=preset)
+                                           site=preset, ctac_imaging=ctac_imaging)
     cac = _scene(anat, cac_protocol, size, streams["cac-noise"])
     coronary = _design_coronary(anat, cac, category, streams["coronary"], others)
     calcs = list(others) + list(coronary)
@@ -359,12 +371,13 @@ def render_patient(patient_seed: int, protocols: Sequence[str] = PROTOCOLS, size
 
 def render_scan(patient_seed: int, protocol: str, size: int = 128, *, category: int | None = None,
                 patient_id: str | None = None, ctac_overlap: bool = False,
-                site: str | SitePreset | None = None, anatomy: str | None = None) -> SyntheticScan:
+                site: str | SitePreset | None = None, anatomy: str | None = None,
+                ctac_imaging: str | None = None) -> SyntheticScan:
     """One synthetic scan in memory, no files (the same scan `generate_cohort` writes for
     `patient_seed(seed, k, site, anatomy)` with `category=assign_categories(seed, N, ...)[k]`)."""
     return render_patient(patient_seed, (protocol,), size, category=category,
                           patient_id=patient_id, ctac_overlap=ctac_overlap, site=site,
-                          anatomy=anatomy)[protocol]
+                          anatomy=anatomy, ctac_imaging=ctac_imaging)[protocol]
 
 
 # --------------------------------------------------------------------------- writing
@@ -401,6 +414,7 @@ class _Job:
     ctac_overlap: bool
     site: SitePreset | None = None
     anatomy: str = DEFAULT_ANATOMY
+    ctac_imaging: str = DEFAULT_CTAC_IMAGING
 
 
 def _run_job(job: _Job) -> list[ManifestRow]:
@@ -410,7 +424,8 @@ def _run_job(job: _Job) -> list[ManifestRow]:
     pid = patient_id_for(job.seed, job.index, job.site, job.anatomy)
     scans = render_patient(patient_seed(job.seed, job.index, job.site, job.anatomy), job.protocols,
                            job.size, category=job.category, patient_id=pid,
-                           ctac_overlap=job.ctac_overlap, site=job.site, anatomy=job.anatomy)
+                           ctac_overlap=job.ctac_overlap, site=job.site, anatomy=job.anatomy,
+                           ctac_imaging=job.ctac_imaging)
     rows = []
     for number, (name, scan) in enumerate(scans.items(), start=1):
         folder = out / pid / name
@@ -436,7 +451,8 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
                     workers: int = 1, ctac_overlap: bool = False,
                     progress: Callable[[int], None] | None = None,
                     site: str | SitePreset | None = None,
-                    anatomy: str | None = None) -> list[ManifestRow]:
+                    anatomy: str | None = None,
+                    ctac_imaging: str | None = None) -> list[ManifestRow]:
     """Generates `patients` synthetic patients into `out_dir` and writes `out_dir/manifest.csv`.
 
     Layout: OUT/<patient_id>/<protocol>/dicom/*.dcm, .../calcium_labels.nii.gz,
@@ -447,12 +463,15 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     the site's name in the patient ids). `anatomy` names an anatomy variant (`ANATOMIES`); a
     non-classic one also has its own patients (salted seeds, its name in the ids) and is recorded
     in cohort.json ("anatomy" and "generator_identity"; the classic cohort's cohort.json is as it
-    always was). `workers` > 1 renders patients in parallel processes; `progress(n)` is called as
+    always was). `ctac_imaging` names the CTAC imaging model (`acquisition.CTAC_IMAGING`): the
+    same patients, their CTAC imaged otherwise; recorded in cohort.json ("ctac_imaging" and
+    "generator_identity") when not "classic". `workers` > 1 renders patients in parallel processes; `progress(n)` is called as
     each patient finishes.
     Returns the manifest rows.
     """
     preset = get_site(site)
     anatomy = check_anatomy(anatomy)
+    ctac_imaging = check_ctac_imaging(ctac_imaging)
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
     if seed < 0:
@@ -469,7 +488,7 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
     except OSError as exc:
         raise InputError(out, f"cannot create the output folder: {exc.strerror or exc}") from None
     jobs = [_Job(str(out), k, int(seed), categories[k], protocols, int(size), bool(preview),
-                 bool(ctac_overlap), preset, anatomy) for k in range(patients)]
+                 bool(ctac_overlap), preset, anatomy, ctac_imaging) for k in range(patients)]
     results: dict[int, list[ManifestRow]] = {}
     if workers <= 1:
         for job in jobs:
@@ -502,6 +521,10 @@ def generate_cohort(out_dir, *, patients: int, protocols=PROTOCOLS, size: int = 
         "category_proportions": [float(p) for p in category_proportions],
         "ctac_overlap": bool(ctac_overlap)}
     if anatomy != DEFAULT_ANATOMY:   # absent: the classic anatomy (cohorts made before variants)
-        provenance.update(anatomy=anatomy, generator_identity=generator_identity(anatomy))
+        provenance["anatomy"] = anatomy
+    if ctac_imaging != DEFAULT_CTAC_IMAGING:   # absent: the classic CTAC
+        provenance["ctac_imaging"] = ctac_imaging
+    if (anatomy, ctac_imaging) != (DEFAULT_ANATOMY, DEFAULT_CTAC_IMAGING):
+        provenance["generator_identity"] = generator_identity(anatomy, ctac_imaging)
     atomic_write_text(out / "cohort.json", json.dumps(provenance, indent=2) + "\n")
     return rows
