@@ -38,7 +38,7 @@ format: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-slow: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -m "slow"
