@@ -116,6 +116,7 @@ def test_bench_layers_backward_times_both_gradients(tmp_path):
     assert md.count("| (") == 2 * len(rows)  # each convolution: a forward and a gradient row
 
 
+@pytest.mark.slow  # the layers themselves are checked against flax's in test_models.py
 def test_bench_layer_rewrites_quick_end_to_end(tmp_path):
     # flax's layers against ours, alone and in a whole model; the script itself refuses a model
     # program where flax's layers were not swapped in (fewer convolutions than ours).
@@ -183,6 +184,7 @@ def test_train_ops_census_matches_the_unet():
     assert head["classes"] == int(config.model.num_classes)
 
 
+@pytest.mark.slow  # a benchmark script end to end; its op census is checked above
 @pytest.mark.skipif(not HAS_TORCH, reason="needs the torch extra")
 def test_bench_train_ops_quick_end_to_end(tmp_path):
     script = _script("bench_train_ops")
