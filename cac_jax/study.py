@@ -650,8 +650,9 @@ def _per_anatomy(config) -> str:
 
 
 def _generator_version(config=None):
-    """The generator's identity for the model card: GENERATOR_VERSION, or the anatomy variant's
-    identity (e.g. "2+grooved1") when the study's config names one; several joined by " and "."""
+    """The generator's identity for the model card: GENERATOR_VERSION, or the variant's identity
+    (e.g. "2+grooved1", "2+calibrated1") when the study's config names an anatomy variant or a
+    CTAC imaging model; several anatomies joined by " and "."""
     from data_pipeline.phantom.cohort import (
         DEFAULT_ANATOMY,
         DEFAULT_CTAC_IMAGING,
