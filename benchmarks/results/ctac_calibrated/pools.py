@@ -1,14 +1,15 @@
 """The calibrated-CTAC probe's pools: merged manifests, the naive threshold, the model's argmax
 scores as results.csv, and the perfect reader's kappa (RUN.md).
 
-    PYTHONPATH=. python benchmarks/results/ctac_calibrated/pools.py COHORTS PROBE OUT
+    PYTHONPATH=. python benchmarks/results/ctac_calibrated/pools.py COHORTS PROBE OUT [SYSTEM]
 
 COHORTS holds the cohorts test_default, test_lowdose, test_sharp and unseen (`cac-jax synth`),
 PROBE the `benchmarks/operating_point.py` output on them (scans.jsonl). Writes, per pool
 (held-out, unseen): OUT/POOL/manifest.csv, OUT/POOL/naive.csv (the 130 HU threshold in the true
-heart, `cac_jax.demo.naive_results`), OUT/POOL/convlstm.csv (each scan's argmax Agatston score and
-category from scans.jsonl, which the probe checked against `Scorer.score`), and prints the kappa of
-the CTAC truth against the gated truth (scikit-learn, linear weights, four categories).
+heart, `cac_jax.demo.naive_results`; kept when it is there), OUT/POOL/SYSTEM.csv (each scan's argmax
+Agatston score and category from scans.jsonl, which the probe checked against `Scorer.score`;
+SYSTEM `convlstm`, the default, or `unet`: the reference pair the probe ran), and prints the kappa
+of the CTAC truth against the gated truth (scikit-learn, linear weights, four categories).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from data_pipeline.manifest import read_manifest, write_manifest
 POOLS = {"held-out": ("test_default", "test_lowdose", "test_sharp"), "unseen": ("unseen",)}
 
 
-def main(cohorts: Path, probe: Path, out: Path) -> None:
+def main(cohorts: Path, probe: Path, out: Path, system: str = "convlstm") -> None:
     scans = {}
     for line in (probe / "scans.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -37,16 +38,17 @@ def main(cohorts: Path, probe: Path, out: Path) -> None:
         folder = out / pool
         folder.mkdir(parents=True, exist_ok=True)
         write_manifest(folder / "manifest.csv", rows)
-        naive_results(folder / "manifest.csv", folder / "naive.csv")
+        if not (folder / "naive.csv").exists():
+            naive_results(folder / "manifest.csv", folder / "naive.csv")
         results = []
         for row in rows:
             agatston, category = scans[row.scan_id]["scores"]["argmax"]
             results.append(dict(scan_id=row.scan_id, image=str(row.image), protocol=row.protocol,
                                 status="ok", agatston=agatston, category=category,
                                 category_name=CATEGORY_NAMES[category],
-                                heart_model="models/synthetic/heart_convlstm",
-                                calcium_model="models/synthetic/calcium_convlstm"))
-        write_results(folder / "convlstm.csv", results)
+                                heart_model=f"models/synthetic/heart_{system}",
+                                calcium_model=f"models/synthetic/calcium_{system}"))
+        write_results(folder / f"{system}.csv", results)
         gated = {r.patient_id: r.category for r in rows if r.protocol == "cac"}
         ctac = {r.patient_id: r.category for r in rows if r.protocol == "ctac"}
         ids = sorted(gated)
@@ -56,4 +58,4 @@ def main(cohorts: Path, probe: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(*map(Path, sys.argv[1:4]))
+    main(*map(Path, sys.argv[1:4]), *sys.argv[4:5])
