@@ -182,7 +182,6 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
             direction = rng.normal(size=3)
             direction[2] *= 0.4   # cardiac motion is mostly in-plane
             motion[artery] = (direction / np.linalg.norm(direction), u(a_lo, a_hi))
-        phase = None
     else:
         raise ValueError(f"unknown protocol {name!r}; expected 'cac' or 'ctac'")
     acq = (site or sites.SITES[sites.DEFAULT_SITE]).acquisition(name)
@@ -200,10 +199,10 @@ def sample_protocol(name: str, anatomy: Anatomy, rng: np.random.Generator, *,
     mid = 0.5 * (lo + hi)
     z_first = mid - 0.5 * (n - 1) * spacing
     window = None
-    if phase is None:
+    if not gated:   # the CTAC's per-slice phases, then its imaging model (the last draws)
         phase = rng.uniform(-1, 1, size=n)
         sigma *= imaging.noise_scale
-        if imaging.window is not None:   # the last CTAC draw: the others stay as they were
+        if imaging.window is not None:
             window = float(u(*imaging.window))
     return Protocol(name=name, fov_mm=fov, center_xy_mm=center, z_first_mm=round(z_first, 3),
                     n_slices=n, spacing_z_mm=spacing, thickness_mm=thickness, noise_sigma_hu=sigma,
