@@ -138,13 +138,19 @@ def save_args(variables, train_state, meta: dict, config):
 
 def training_items(state) -> tuple[dict, dict]:
     """(`variables`, `train_state`) items of a training state (params, batch_stats, opt_state,
-    step), as one step folder holds them."""
+    step), as one step folder holds them. With a moving average of the parameters
+    (`train.ema_decay`), `variables` holds the average (what validation scored and what
+    inference, export and `init_from` read) and `train_state` the optimizer's own parameters."""
     import numpy as np
 
-    variables = {"params": state.params}
+    ema = getattr(state, "ema_params", None)
+    variables = {"params": state.params if ema is None else ema}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-    return variables, {"opt_state": state.opt_state, "step": np.asarray(state.step)}
+    items = {"opt_state": state.opt_state, "step": np.asarray(state.step)}
+    if ema is not None:
+        items["params"] = state.params
+    return variables, items
 
 
 def restore_training(manager, template, step: int) -> dict:

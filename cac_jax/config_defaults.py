@@ -108,7 +108,7 @@ ADDED_KEYS = {"train.anneal_fraction": 0.0, "train.early_stop_min_delta": 0.0,
               "data.augment.noise_std_max": 0.0, "data.augment.blur_sigma": 0.0,
               "data.augment.sharpen": 0.0, "data.augment.sharpen_sigma": 1.0,
               "data.augment.kvp_contrast": 0.0, "data.eval_slices": "all",
-              "train.init_from": ""}
+              "train.init_from": "", "train.ema_decay": 0.0}
 
 
 def train_config(task: str, arch: str, local: bool = False) -> ml_collections.ConfigDict:
@@ -136,6 +136,11 @@ def train_config(task: str, arch: str, local: bool = False) -> ml_collections.Co
     # folder) starts from its parameters, with a fresh optimizer, step 0 and this config's
     # schedule. Ignored when the run resumes from its own checkpoint.
     t.init_from = ""
+    # > 0: keep an exponential moving average of the parameters (Polyak averaging; 0.999 averages
+    # over about the last 1000 steps). Validation scores the average, so the best checkpoint is
+    # picked on a model that does not swing with each step's batch, and checkpoints hand it to
+    # inference, export and init_from (docs/training.md, "Parameter averaging").
+    t.ema_decay = 0.0
     t.weight_decay = 0.0  # > 0: decoupled weight decay (AdamW)
     t.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
     # optax.contrib.reduce_on_plateau, stepped once per evaluation on the validation loss.

@@ -6,6 +6,8 @@
   `jax.pmap` by `cac_jax.train`;
 - `eval_step`: one device's validation predictions and summed loss / Dice counts;
 - `loss_weight`: the per-pixel loss weight (non-candidate pixels down-weighted, calcium task);
+- `ema_decay`, `eval_params`: the optional exponential moving average of the parameters
+  (Polyak averaging), which validation scores and checkpoints hand to inference;
 - `make_optimizer` (Adam, or AdamW, after optional clipping), `make_plateau`
   (`optax.contrib.reduce_on_plateau` counted in evaluations), `anneal_factor` (the end-of-budget
   annealing of the rate), `model_for_training`, `init_state`.
@@ -32,12 +34,35 @@ from data_pipeline.labels import HU_WINDOW
 
 
 class TrainState(struct.PyTreeNode):
-    """What the step changes: parameters, BatchNorm statistics, optimizer state, step."""
+    """What the step changes: parameters, BatchNorm statistics, optimizer state, step, and the
+    parameters' moving average (None unless `train.ema_decay` > 0)."""
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    ema_params: Any = None
+
+
+def ema_decay(config) -> float:
+    """`train.ema_decay` (0: no moving average of the parameters)."""
+    return float(config.train.get("ema_decay", 0.0) or 0.0)
+
+
+def eval_params(state: TrainState) -> Any:
+    """The parameters validation scores and a checkpoint hands to inference: the moving average
+    when the run keeps one, else the parameters themselves."""
+    return state.params if state.ema_params is None else state.ema_params
+
+
+def _ema_update(config, step: jax.Array, params: Any, ema: Any) -> Any:
+    """The moving average after optimizer step `step` (counted from 1): decay
+    min(ema_decay, (1 + n) / (10 + n)) at the run's n-th step, the warm-up of TensorFlow's
+    ExponentialMovingAverage (num_updates), so an average started at the initialisation does not
+    drag it along for a horizon of 1 / (1 - decay) steps."""
+    n = step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay(config), (1.0 + n) / (10.0 + n))
+    return optax.incremental_update(params, ema, 1.0 - decay)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -107,7 +132,8 @@ def init_state(config, model, tx, sample_shape) -> TrainState:
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params))
+                       opt_state=tx.init(params),
+                       ema_params=params if ema_decay(config) > 0 else None)
     return jax.device_get(state)
 
 
@@ -209,20 +235,24 @@ def train_step(state: TrainState, batch: dict, lr_scale: jax.Array, *, model, tx
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
     }
+    ema = state.ema_params
+    if ema is not None:
+        ema = _ema_update(config, state.step + 1, params, ema)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state, ema_params=ema)
     return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict, *, model, config):
-    """Validation on one device: predictions and summed loss / Dice counts over `AXIS`.
+    """Validation on one device: predictions and summed loss / Dice counts over `AXIS`, by the
+    parameters a checkpoint hands to inference (`eval_params`).
 
     The predictions are the class map (int8), or, for a heart-frame calcium model, the class
     probabilities (float32), which validation maps back onto each scan's grid as inference does.
     A batch may hold, instead of the windows ("image"), their distinct "slices" and the
     "windows" as indices into them (`cac_jax.validation.shared_slices_batch`; ConvLSTM only).
     """
-    variables = {"params": state.params}
+    variables = {"params": eval_params(state)}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     if "slices" in batch:

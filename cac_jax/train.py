@@ -155,6 +155,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if crop < 0 or crop >= size:
         raise ConfigError(None, f"config.data.crop_size={crop} must be 0 (whole frames) or less "
                                 f"than config.data.{frame_key}={size}")
+    decay = config.train.get("ema_decay", 0.0) or 0.0
+    if not isinstance(decay, int | float) or not 0.0 <= decay < 1.0:
+        raise ConfigError(None, f"config.train.ema_decay={decay} must be in [0, 1)")
     anneal = config.train.get("anneal_fraction", 0.0) or 0.0
     if not isinstance(anneal, int | float) or not 0.0 <= anneal <= 1.0:
         raise ConfigError(None, f"config.train.anneal_fraction={anneal} must be in [0, 1]")
@@ -422,8 +425,11 @@ class _Run:
         if self.restored is None:
             return fresh
         v, ts = items["variables"], items["train_state"]
-        state = TrainState(step=jnp.asarray(ts["step"], jnp.int32), params=v["params"],
-                           batch_stats=v.get("batch_stats", {}), opt_state=ts["opt_state"])
+        ema = v["params"] if "params" in ts else None  # train.ema_decay: variables is the average
+        state = TrainState(step=jnp.asarray(ts["step"], jnp.int32),
+                           params=v["params"] if ema is None else ts["params"],
+                           batch_stats=v.get("batch_stats", {}), opt_state=ts["opt_state"],
+                           ema_params=ema)
         self.host = _HostState.from_json(items["meta"]["host"], self.host.plateau)
         self.start_step = int(items["meta"]["step"])
         self.eval_pending = bool(items["meta"].get("eval_pending", False))
@@ -452,7 +458,8 @@ class _Run:
         params = variables["params"]
         return TrainState(step=fresh.step, params=params,
                           batch_stats=variables.get("batch_stats", {}),
-                          opt_state=self.tx.init(params))
+                          opt_state=self.tx.init(params),
+                          ema_params=None if fresh.ema_params is None else params)
 
     def _compile_steps(self) -> None:
         # Multi-process: pmap over all devices of all processes (devices=None); the collectives
