@@ -455,6 +455,7 @@ class _Run:
         variables, self.init_record = ckpt_lib.warm_start_variables(step_dir, variables,
                                                                     self.config)
         dist.agree_on_step(self.init_record["step"], source)
+        self.eval_pending = True  # validate the starting model first (step 0)
         params = variables["params"]
         return TrainState(step=fresh.step, params=params,
                           batch_stats=variables.get("batch_stats", {}),
@@ -543,11 +544,13 @@ class _Run:
             self.writer.close()
 
     def _evaluate_pending(self) -> None:
-        """The evaluation of the step the run was stopped in (by a SIGTERM)."""
+        """The evaluation of the step the run was stopped in (by a SIGTERM), or of a fine-tune's
+        starting model (step 0), which then competes for the best checkpoint."""
         eval_metrics = self.run_evaluation(self.step, None)
         if eval_metrics is not None:
             # The same state again, now with its metrics (so it can rank as the best).
-            self.manager.delete(self.step)
+            if self.step in self.manager.all_steps():
+                self.manager.delete(self.step)
             self.save(self.step, eval_metrics)
             self.last_saved = self.step
 

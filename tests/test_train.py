@@ -611,6 +611,12 @@ def test_init_from_starts_from_a_trained_models_parameters(data_dir, exported_he
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-8)
     # (The source moved its parameters ~1e-3 from the seeded initialisation in two steps, so
     # the tolerance above tells the two apart.)
+    # The starting model was validated first and saved as step 0, a candidate for the best.
+    evals = [r["step"] for r in rows(tuned) if "val_loss" in r]
+    assert evals == [0, 2]
+    for a, b in zip(jax.tree.leaves(start.variables["params"]), jax.tree.leaves(
+            ckpt.load_trained(tuned / "checkpoints" / "0").variables["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     cfg = str(ROOT / "configs" / "unet_heart.py") + ":local"
     base = ["--config", cfg, f"--config.data.data_dir={data_dir}", "--config.data.name=tiny",
