@@ -137,13 +137,38 @@ def test_scan_runs_over_the_slice_axis(convlstm):
     model, variables = convlstm.model, convlstm.variables
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, slices())
     scans = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
-    # One scan per ConvLSTM level, each of length 3 (below, centre, above).
+    # One scan per ConvLSTM level over the 2 slices after the first (below, centre, above: the
+    # first step, from the zero state, runs outside the scan without its hidden convolution).
     assert len(scans) == len(model.lstm_levels)
-    assert all(e.params["length"] == 3 for e in scans)
+    assert all(e.params["length"] == 2 for e in scans)
     # ... and fully unrolled (unroll=3, cf. cac_jax/models/convlstm.py): a rolled loop made the
     # backward pass several times slower on CPU.
     for e in scans:
         assert _fully_unrolled(e), f"scan not fully unrolled: unroll={e.params.get('unroll')!r}"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_the_peeled_first_step_equals_the_cell_from_the_zero_state(reverse):
+    """The ConvLSTM layer against the cell stepped 3 times from h = c = 0 with every hidden
+    convolution (the layer skips the first one, whose input is 0): equal outputs."""
+    from cac_jax.models.convlstm import ConvLSTM, ConvLSTMCell
+
+    x = jax.random.normal(jax.random.key(3), (2, 3, 8, 8, 5))
+    layer = ConvLSTM(6, reverse=reverse)
+    params = layer.init(jax.random.key(4), x)["params"]
+    got = layer.apply({"params": params}, x)
+
+    conv = nn.Conv(24, (3, 3), padding="SAME")
+    x_gates = conv.apply({"params": params["input_conv"]}, x.reshape(-1, 8, 8, 5)).reshape(
+        2, 3, 8, 8, 24)
+    cell = ConvLSTMCell(6)
+    carry = (jnp.zeros((2, 8, 8, 6)), jnp.zeros((2, 8, 8, 6)))
+    hs = {}
+    for t in ([2, 1, 0] if reverse else [0, 1, 2]):
+        carry, hs[t] = cell.apply({"params": params["cell"]}, carry, x_gates[:, t])
+    want = jnp.stack([hs[t] for t in range(3)], axis=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert set(params) == {"input_conv", "cell"} and set(params["cell"]) == {"hidden_conv"}
 
 
 def _fully_unrolled(scan_eqn) -> bool:

@@ -11,6 +11,9 @@ depend on the recurrence, so it runs once for all 3 slices as one large convolut
 images: one big convolution is faster on CPU than three small ones, cf. cuDNN's LSTM input
 projection), and only the conv_h part runs inside the `lax.scan` (via `nn.scan`, `unroll=3`: with
 3 steps a rolled loop only adds overhead, and its backward pass is several times slower on CPU).
+The first step starts from h = c = 0, where conv_h(h) is exactly 0 (the convolution has no
+bias): it runs outside the scan without that convolution, so a window of 3 slices costs 2 hidden
+convolutions per layer, not 3, with the same outputs and parameters.
 """
 
 from __future__ import annotations
@@ -59,11 +62,16 @@ class ConvLSTMCell(nn.Module):
             kernel_init=kaiming_normal, dtype=self.dtype, param_dtype=self.param_dtype,
             conv_general_dilated=conv_impl_fn(self.conv_impl), name="hidden_conv",
         )(h)
-        gates = gates.astype(jnp.float32)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
-        h_new = (nn.sigmoid(o) * jnp.tanh(c)).astype(self.dtype)
-        return (c, h_new), h_new
+        return lstm_update(gates, c, self.dtype)
+
+
+def lstm_update(gates: jax.Array, c: jax.Array | None, dtype: Dtype):
+    """The LSTM update from the summed gate pre-activations; `c` None is the zero state (the
+    forget gate then has nothing to keep). Returns ((c, h), h)."""
+    i, f, g, o = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
+    c = nn.sigmoid(i) * jnp.tanh(g) if c is None else nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
+    h_new = (nn.sigmoid(o) * jnp.tanh(c)).astype(dtype)
+    return (c, h_new), h_new
 
 
 class ConvLSTM(nn.Module):
@@ -110,13 +118,18 @@ class ConvLSTM(nn.Module):
             reverse=self.reverse,
             unroll=NUM_SLICES,
         )
-        carry = (
-            jnp.zeros((batch, height, width, self.hidden), jnp.float32),
-            jnp.zeros((batch, height, width, self.hidden), self.dtype),
-        )
-        _, hs = scan_cell(self.hidden, self.kernel_size, self.conv_impl, self.dtype,
-                          self.param_dtype, name="cell")(carry, x_gates)
-        return hs
+        cell = scan_cell(self.hidden, self.kernel_size, self.conv_impl, self.dtype,
+                         self.param_dtype, name="cell")
+        if steps == 1:  # nothing to peel: the scan alone (it also creates the cell's parameters)
+            zeros = jnp.zeros((batch, height, width, self.hidden), jnp.float32)
+            return cell((zeros, zeros.astype(self.dtype)), x_gates)[1]
+        # The first step from the zero state, without its hidden convolution (module docstring);
+        # the rest scanned from its state. In slice order, the reverse direction starts last.
+        first, rest = (-1, slice(0, -1)) if self.reverse else (0, slice(1, None))
+        carry, h_first = lstm_update(x_gates[:, first], None, self.dtype)
+        _, hs = cell(carry, x_gates[:, rest])
+        parts = [hs, h_first[:, None]] if self.reverse else [h_first[:, None], hs]
+        return jnp.concatenate(parts, axis=1)
 
 
 class SliceEncoder(nn.Module):

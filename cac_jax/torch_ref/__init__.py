@@ -136,8 +136,10 @@ class ConvLSTM(nn.Module):
         hid = x.new_zeros((b, self.hidden, h, w))
         outs: list[Any] = [None] * steps
         order = range(steps - 1, -1, -1) if self.reverse else range(steps)
-        for t in order:
-            gates = x_gates[:, t] + self.cell.hidden_conv(hid)
+        for n, t in enumerate(order):
+            # The first step's hidden state is 0, and so is its convolution (no bias): skipped,
+            # as cac_jax.models.convlstm does.
+            gates = x_gates[:, t] + self.cell.hidden_conv(hid) if n else x_gates[:, t]
             i, f, g, o = torch.chunk(gates, 4, dim=1)
             cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
             hid = torch.sigmoid(o) * torch.tanh(cell)
