@@ -48,10 +48,11 @@ def test_unet_convolutions_are_all_found():
 def test_convlstm_hidden_convolutions_count_once_per_slice():
     model, convs = _convolutions("convlstm", batch=2)
     for hidden in model.lstm_features:
-        # conv_h(h_{t-1}) inside the scan over the 3 slices, on the batch (not batch x slices).
+        # conv_h(h_{t-1}) on the batch (not batch x slices), for the 2 slices after the first:
+        # the first step's h is 0, so it has none (cac_jax/models/convlstm.py).
         hidden_convs = [count for key, count in convs.items()
                         if key[1] == (3, 3, hidden, 4 * hidden) and key[0][0] == 2]
-        assert hidden_convs == [3]
+        assert hidden_convs == [2]
     # The encoder runs on batch x 3 slices; its later stages start with a stride-2 convolution.
     assert any(key[0][0] == 6 and key[2] == (2, 2) for key in convs)
 
