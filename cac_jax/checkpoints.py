@@ -143,7 +143,7 @@ def training_items(state) -> tuple[dict, dict]:
     inference, export and `init_from` read) and `train_state` the optimizer's own parameters."""
     import numpy as np
 
-    ema = getattr(state, "ema_params", None)
+    ema = state.ema_params
     variables = {"params": state.params if ema is None else ema}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
