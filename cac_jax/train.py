@@ -25,7 +25,8 @@ line: docs/cluster.md (`cac_jax.distributed`, `cac_jax.train_support`).
 Modules: this one holds the config checks, the set-up (`_start`, `_check_data_and_workdir`) and
 the loop (`_Run`: its set-up, the body of a step, the decisions after each step and evaluation);
 `cac_jax.steps` the model, optimizer and per-device steps; `cac_jax.validation` the validation
-metrics; `cac_jax.checkpoints` restoring and saving the training state.
+metrics; `cac_jax.checkpoints` restoring and saving the training state; `cac_jax.train_start`
+the state a run starts from (its own checkpoint, or `train.init_from`'s model).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import numpy as np
 from cac_jax import checkpoints as ckpt_lib
 from cac_jax import config_defaults
 from cac_jax import distributed as dist
+from cac_jax import train_start as start_lib
 from cac_jax import train_support as support
 from cac_jax.metrics_writer import MetricsWriter as _Writer
 from cac_jax.metrics_writer import json_safe as _json_safe
@@ -424,43 +426,18 @@ class _Run:
             self.manager, fresh, self.workdir / ckpt_lib.CHECKPOINT_DIR, self.is_main)
         if self.restored is None:
             return fresh
-        v, ts = items["variables"], items["train_state"]
-        ema = v["params"] if "params" in ts else None  # train.ema_decay: variables is the average
-        state = TrainState(step=jnp.asarray(ts["step"], jnp.int32),
-                           params=v["params"] if ema is None else ts["params"],
-                           batch_stats=v.get("batch_stats", {}), opt_state=ts["opt_state"],
-                           ema_params=ema)
         self.host = _HostState.from_json(items["meta"]["host"], self.host.plateau)
         self.start_step = int(items["meta"]["step"])
         self.eval_pending = bool(items["meta"].get("eval_pending", False))
         self.init_record = items["meta"].get("init_from")
-        return jax.device_get(state)
+        return jax.device_get(start_lib.resumed_state(items))
 
     def _warm_start(self, fresh: TrainState) -> TrainState:
-        """`fresh` with the parameters of the trained model `train.init_from` (fine-tuning)."""
-        variables = {"params": fresh.params}
-        if fresh.batch_stats:
-            variables["batch_stats"] = fresh.batch_stats
-        source = str(self.config.train.init_from)
-        # Every host must read the same model: one that cannot would leave the others waiting in
-        # the restore's barrier.
-        step_dir, problem = None, None
-        try:
-            step_dir = ckpt_lib.check_init_source(source)
-        except InputError as err:
-            problem = err
-        if _any_process(problem is not None):
-            raise problem or InputError(source, "train.init_from: another host cannot read this "
-                                                "model; every host must see it")
-        variables, self.init_record = ckpt_lib.warm_start_variables(step_dir, variables,
-                                                                    self.config)
-        dist.agree_on_step(self.init_record["step"], source)
-        self.eval_pending = True  # validate the starting model first (step 0)
-        params = variables["params"]
-        return TrainState(step=fresh.step, params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=self.tx.init(params),
-                          ema_params=None if fresh.ema_params is None else params)
+        """`fresh` with the parameters of the trained model `train.init_from` (fine-tuning),
+        validated before the first step (saved as step 0) so that it competes for the best."""
+        state, self.init_record = start_lib.warm_start_state(self.config, fresh, self.tx)
+        self.eval_pending = True
+        return state
 
     def _compile_steps(self) -> None:
         # Multi-process: pmap over all devices of all processes (devices=None); the collectives
