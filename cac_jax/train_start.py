@@ -1,4 +1,4 @@
-"""Where a training run starts (docs/training.md, "Resuming" and "Fine-tuning").
+"""Where a training run starts (docs/training.md, its "Faults" and "Fine-tuning" items).
 
 - `resumed_state(items)`: the training state saved in a checkpoint's items (what
   `cac_jax.checkpoints.load_state_if_possible` restores), with parameter averaging undone: when
