@@ -3,6 +3,7 @@
 `slice_dataset` makes one CT Image Storage slice from explicit geometry; `write_series` writes a
 stack of them with chosen positions, orientation, file names and header overrides, so each bad
 input the reader must catch (gaps, oblique stacks, MR, localizers...) can be made in a few lines.
+`write_image_file` writes a `(z, y, x)` array as an image file SimpleITK reads (NIfTI, MetaImage).
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def write_series(folder: Path, positions_z: Sequence[float], *, shape=(12, 10), 
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return stored, paths
+
+
+def write_image_file(path: Path, array: np.ndarray, spacing_zyx: Sequence[float],
+                     origin_xyz: Sequence[float]) -> None:
+    """`array` (z, y, x) as an axial image file at `path` with the given geometry."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
+    image.SetOrigin(tuple(float(o) for o in origin_xyz))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
 
 
 def hu_of(stored: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> np.ndarray:

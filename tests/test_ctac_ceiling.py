@@ -9,21 +9,13 @@ import pathlib
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
+from io_fixtures import write_image_file as _write
 from script_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
     return load_benchmark("ctac_ceiling")
-
-
-def _write(path: pathlib.Path, array: np.ndarray, spacing_zyx, origin_xyz) -> None:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
-    image.SetOrigin(tuple(float(o) for o in origin_xyz))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path))
 
 
 def _cohort(root: pathlib.Path) -> pathlib.Path:
