@@ -41,6 +41,7 @@ from cac_jax.stages import (  # noqa: F401  (re-exported: the study and the test
     _comparable,
     _config_defaults,
     _config_path,
+    _evaluation,
     _say,
     _stage,
     _Stamps,
@@ -206,14 +207,19 @@ def make_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
          f"and {s.site2_patients} patients from a second site ({s.site2!r})")
     from data_pipeline.phantom.cohort import GENERATOR_VERSION
 
-    _stage(stamps, "cohort", {"patients": s.patients, "size": s.size, "seed": s.seed,
-                              "generator": GENERATOR_VERSION},
-           [cohort / "manifest.csv"], lambda: synth(cohort, s.patients, s.seed, None))
-    # Another seed: other patients than the training cohort's, imaged by the other site's preset.
-    _stage(stamps, "site2", {"patients": s.site2_patients, "size": s.size, "seed": s.seed + 1000,
-                             "site": s.site2, "generator": GENERATOR_VERSION},
-           [site2 / "manifest.csv"],
-           lambda: synth(site2, s.site2_patients, s.seed + 1000, s.site2))
+    # The two cohorts are independent: made at once where processes may overlap (`train_jobs`).
+    _run_all([
+        lambda: _stage(stamps, "cohort", {"patients": s.patients, "size": s.size, "seed": s.seed,
+                                          "generator": GENERATOR_VERSION},
+                       [cohort / "manifest.csv"], lambda: synth(cohort, s.patients, s.seed, None)),
+        # Another seed: other patients than the training cohort's, imaged by the other site's
+        # preset.
+        lambda: _stage(stamps, "site2", {"patients": s.site2_patients, "size": s.size,
+                                         "seed": s.seed + 1000, "site": s.site2,
+                                         "generator": GENERATOR_VERSION},
+                       [site2 / "manifest.csv"],
+                       lambda: synth(site2, s.site2_patients, s.seed + 1000, s.site2)),
+    ], s.train_jobs)
 
 
 def build_dataset(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
@@ -432,7 +438,9 @@ def score_reference(out: Path, s: DemoSettings, stamps: _Stamps,
 
 
 def evaluate(out: Path, manifests: dict[str, Path], jobs: int = 1,
-             reference: bool = False) -> dict:
+             reference: bool = False, stamps: _Stamps | None = None) -> dict:
+    """Runs `cac-jax evaluate` per cohort and model; with `stamps`, an evaluation whose input
+    files (predictions and truth, by content) and arguments are unchanged is reused."""
     _say("[5/7] agreement with the truth (cac-jax evaluate): kappa, concordance, z-test")
     runs = {}  # metrics key -> (output folder, evaluate arguments)
     for cohort, manifest in manifests.items():
@@ -450,9 +458,11 @@ def evaluate(out: Path, manifests: dict[str, Path], jobs: int = 1,
 
     def one(key):
         folder, args = runs[key]
-        _cli("evaluate", *args, "--out", str(out / "eval" / folder), "--report",
-             stage=f"evaluate {folder}")
-        return json.loads((out / "eval" / folder / "metrics.json").read_text())
+        target = out / "eval" / folder
+        return _evaluation(
+            stamps, f"evaluate_{folder}", args, target,
+            lambda: _cli("evaluate", *args, "--out", str(target), "--report",
+                         stage=f"evaluate {folder}"), report=True)
 
     keys = list(runs)
     values = _run_all([lambda key=key: one(key) for key in keys], jobs)
@@ -698,7 +708,7 @@ def run(out: Path, s: DemoSettings) -> dict:
     reference = reference_available(s)
     if reference:
         timed("infer_reference", score_reference, out, s, stamps, manifests)
-    metrics = timed("evaluate", evaluate, out, manifests, s.eval_jobs, reference)
+    metrics = timed("evaluate", evaluate, out, manifests, s.eval_jobs, reference, stamps)
     bench_dir = timed("bench", bench, out, s, stamps)
     _say("[7/7] report")
     summary = summarise(metrics)

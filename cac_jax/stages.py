@@ -7,6 +7,7 @@ choose how the same computation runs, count as absent) is reused instead of run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,23 @@ def _stage(stamps: _Stamps, name: str, wanted: dict, outputs: Sequence[Path], fn
     fn()
     stamps.mark(name, wanted)
     return True
+
+
+def _evaluation(stamps: _Stamps | None, name: str, args: Sequence[str], target: Path, fn,
+                report: bool = False) -> dict:
+    """A `cac-jax evaluate ARGS --out TARGET [--report]` stage (`fn()` runs it): with `stamps`,
+    reused when its arguments and its input files (`--pred`, `--pred2`, `--ref`, by content) are
+    unchanged and its outputs exist. Returns TARGET/metrics.json's content."""
+    if stamps is None:
+        fn()
+    else:
+        inputs = [args[i + 1] for i, arg in enumerate(args[:-1])
+                  if arg in ("--pred", "--pred2", "--ref")]
+        wanted = {"args": list(args), "inputs": {
+            path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in inputs}}
+        outputs = [target / "metrics.json", *([target / "report.html"] if report else [])]
+        _stage(stamps, name, wanted, outputs, fn)
+    return json.loads((target / "metrics.json").read_text())
 
 
 def _config_path(relative: str) -> str:

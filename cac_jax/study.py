@@ -305,7 +305,7 @@ def score_cohorts(out: Path, config, manifests, stamps, systems) -> dict[str, Pa
     return cohorts
 
 
-def evaluate(out: Path, config, cohorts: dict[str, Path], systems) -> dict:
+def evaluate(out: Path, config, cohorts: dict[str, Path], systems, stamps=None) -> dict:
     _say("[5/8] agreement with the truth (cac-jax evaluate): kappa with CI, concordance, z-tests")
     runs = {}
     for cohort, manifest in cohorts.items():
@@ -327,9 +327,11 @@ def evaluate(out: Path, config, cohorts: dict[str, Path], systems) -> dict:
                                                 *ref, "--ref-protocol", "cac"])
     metrics = {}
     for key, (folder, args) in runs.items():
-        demo._cli("evaluate", *args, "--out", str(out / "eval" / folder),
-                  stage=f"evaluate {folder}")
-        metrics[key] = json.loads((out / "eval" / folder / "metrics.json").read_text())
+        target = out / "eval" / folder
+        metrics[key] = stage_stamps._evaluation(
+            stamps, f"evaluate_{folder}", args, target,
+            lambda args=args, target=target, folder=folder: demo._cli(
+                "evaluate", *args, "--out", str(target), stage=f"evaluate {folder}"))
     return metrics
 
 
@@ -513,7 +515,7 @@ def run(out: Path, config, *, only: set[str] | None = None,
     metrics = {}
     if "evaluate" in stages or "report" in stages:
         t0 = time.perf_counter()
-        metrics = evaluate(out, config, cohorts, systems)
+        metrics = evaluate(out, config, cohorts, systems, stamps)
         seconds["evaluate"] = time.perf_counter() - t0
     if "bench" in stages:
         t0 = time.perf_counter()

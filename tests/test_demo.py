@@ -61,7 +61,7 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
     demo.run(tmp_path, settings)
     out = capfd.readouterr().out
     for stage in ("cohort", "site2", "ingest", "train_calcium_convlstm", "infer_unet",
-                  "naive_site2", "bench"):
+                  "naive_site2", "evaluate_test_convlstm", "evaluate_site2_ctac_vs_gated", "bench"):
         assert f"reusing {stage} " in out, stage
     assert "train convlstm" not in out
     assert "reference" not in json.loads((tmp_path / "summary.json").read_text())["test"]
@@ -77,6 +77,8 @@ def test_demo_whole_path_at_a_tiny_size(tmp_path, capfd, monkeypatch):
     summary = demo.run(tmp_path, dataclasses.replace(settings, reference_models=True))
     out = capfd.readouterr().out
     assert "train convlstm" not in out and "reusing infer_convlstm" in out
+    # Only the reference's evaluations are new.
+    assert "reusing evaluate_test_naive" in out and "reusing evaluate_test_reference" not in out
     for cohort in ("test", "site2"):
         assert summary[cohort]["reference"]["cac"]["n"] >= 1, cohort
     # The stand-ins are the demo's own ConvLSTM models: the same scores.
@@ -202,3 +204,30 @@ def test_the_demo_calcium_frame_setting_reaches_only_the_calcium_training(tmp_pa
     same = {k: v for k, v in framed.items() if not k.startswith(("data.calcium_frame",
                                                                   "data.frame_", "data.crop"))}
     assert same == demo.train_overrides(tmp_path, slice_, "calcium")
+
+
+def test_an_evaluation_is_reused_until_its_inputs_change(tmp_path):
+    stamps = demo._Stamps(tmp_path)
+    pred, ref, target = tmp_path / "pred.csv", tmp_path / "ref.csv", tmp_path / "eval"
+    pred.write_text("scan_id,category\na,1\n")
+    ref.write_text("scan_id,category\na,1\n")
+    args = ["--pred", str(pred), "--ref", str(ref), "--by", "protocol"]
+    runs = []
+
+    def evaluate():
+        runs.append(pred.read_text())
+        target.mkdir(exist_ok=True)
+        (target / "metrics.json").write_text(json.dumps({"run": len(runs)}))
+        (target / "report.html").write_text("<html></html>")
+
+    def stage(args=args):
+        return demo._evaluation(stamps, "evaluate_x", args, target, evaluate, report=True)
+
+    assert stage() == {"run": 1}
+    assert stage() == {"run": 1} and len(runs) == 1  # nothing changed: reused
+    pred.write_text("scan_id,category\na,2\n")  # new predictions, same file name
+    assert stage() == {"run": 2}
+    assert stage([*args, "--ref-protocol", "cac"]) == {"run": 3}  # other arguments
+    (target / "report.html").unlink()  # an output gone
+    assert stage([*args, "--ref-protocol", "cac"]) == {"run": 4}
+    assert demo._evaluation(None, "evaluate_x", args, target, evaluate) == {"run": 5}
