@@ -35,12 +35,11 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from data_pipeline.errors import InputError
+from data_pipeline.io.enhanced import ENHANCED_CT, frame_of, frame_pixels, frames, is_enhanced_ct
 from data_pipeline.io.orientation import AXIAL_TOLERANCE_DEG
 from data_pipeline.io.volume import StudyMetadata, _Grid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-_ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage (multi-frame)",
-                "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT (multi-frame)"}
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 # Transfer syntaxes too new for pydicom's UID dictionary, so error messages can still name them.
 _EXTRA_SYNTAX_NAMES = {"1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
@@ -90,8 +89,10 @@ class _Series:
         desc = str(self.first.get("SeriesDescription", "") or "").strip()
         modality = str(self.first.get("Modality", "") or "?")
         number = f"SeriesNumber {self.number}, " if self.number is not None else ""
-        return (f"{self.uid} ({number}{modality}{', ' + desc if desc else ''}, "
-                f"{len(self.datasets)} files)")
+        files = len({path for path, _ in self.datasets})
+        count = (f"{files} files" if files == len(self.datasets) else
+                 f"{len(self.datasets)} frames in {files} file{'s' if files > 1 else ''}")
+        return f"{self.uid} ({number}{modality}{', ' + desc if desc else ''}, {count})"
 
 
 def _list_files(folder: Path, error: type[InputError]) -> list[Path]:
@@ -220,6 +221,10 @@ def _read_dicom(source: Path, files: Sequence[Path], *, error: type[InputError],
             # Type 1 in every storage SOP class: without it the file is cut short or broken,
             # and dropping it silently could lose an end slice.
             raise error(path, "incomplete DICOM file: no SeriesInstanceUID (truncated?)")
+        if is_enhanced_ct(ds):  # a whole series in one file: one header per frame
+            for key, frame in frames(path, ds, error):
+                by_uid.setdefault(key, _Series(key)).datasets.append((path, frame))
+            continue
         by_uid.setdefault(uid, _Series(uid)).datasets.append((path, ds))
     if not by_uid:
         raise error(source, f"no DICOM image files found ({len(files)} files looked at)")
@@ -243,22 +248,21 @@ def _series_problem(s: _Series, require_ct: bool, error: type[InputError]) -> st
     modality = str(ds.get("Modality", "") or "")
     if sop_class.startswith("1.2.840.10008.5.1.4.1.1.7"):
         return f"secondary capture (modality {modality or 'not given'}), not a CT acquisition"
-    if sop_class in _ENHANCED_CT:
-        return f"{_ENHANCED_CT[sop_class]} is not supported; export as classic CT Image Storage"
     if require_ct and modality != "CT":
         return f"modality {modality or 'not given'}, not CT"
-    if require_ct and sop_class and sop_class != CT_IMAGE_STORAGE:
+    if require_ct and sop_class and sop_class != CT_IMAGE_STORAGE and sop_class not in ENHANCED_CT:
         return f"SOP class {sop_class} ({UID(sop_class).name}), not CT Image Storage"
     image_types = {str(v).upper() for v in _as_list(ds.get("ImageType"))}
     if image_types & {"LOCALIZER", "SCOUT", "TOPOGRAM"}:
         return "localizer/scout image"
-    missing = {path: [k for k in _SLICE_ELEMENTS if k not in d] for path, d in s.datasets}
-    complete = [path for path, m in missing.items() if not m]
-    if not complete:
-        return f"no slice image ({', '.join(missing[s.datasets[0][0]])} missing)"
-    if len(complete) < len(s.datasets):
-        path = next(p for p, m in missing.items() if m)
-        raise error(path, f"incomplete DICOM slice ({', '.join(missing[path])} missing) in "
+    # An Enhanced CT frame's pixels are in its file's PixelData (`enhanced.frames` checked it).
+    missing = [(path, [k for k in _SLICE_ELEMENTS if k not in d and not (
+        k == "PixelData" and frame_of(d) is not None)]) for path, d in s.datasets]
+    if all(m for _, m in missing):
+        return f"no slice image ({', '.join(missing[0][1])} missing)"
+    if any(m for _, m in missing):
+        path, m = next((p, m) for p, m in missing if m)
+        raise error(path, f"incomplete DICOM slice ({', '.join(m)} missing) in "
                           f"series {s.uid}: truncated file?")
     frames = _int_or_none(ds.get("NumberOfFrames", 1))
     if frames is None:
@@ -570,11 +574,11 @@ def _pixels(path: Path, ds: pydicom.Dataset, error: type[InputError]) -> np.ndar
                               f"it; convert the series to an uncompressed or JPEG/JPEG 2000/RLE "
                               f"transfer syntax")
     else:
-        _check_pixel_data_length(path, ds, error)
+        _check_pixel_data_length(path, (frame_of(ds) or (ds,))[0], error)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = ds.pixel_array
+            pixels = ds.pixel_array if frame_of(ds) is None else frame_pixels(ds)
     except Exception as exc:  # decoders raise many types; the message is what matters
         problem = f"{type(exc).__name__}: {exc}"
         if compressed:
@@ -596,17 +600,19 @@ def _check_pixel_data_length(path: Path, ds: pydicom.Dataset, error: type[InputE
         rows, columns = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise error(path, f"malformed image header ({exc})") from None
     element = ds["PixelData"]
     length = element.length if isinstance(element, RawDataElement) else len(element.value or b"")
     if length == 0xFFFFFFFF or bits % 8:
         return  # encapsulated data under a native syntax, or packed bits: left to the decoder
-    expected = rows * columns * samples * bits // 8
+    expected = rows * columns * samples * bits // 8 * frames
     if length not in (expected, expected + 1):
+        of_frames = f" x {frames} frames" if frames > 1 else ""
         raise error(path, f"pixel data has {length} bytes but Rows {rows} x Columns {columns} x "
-                          f"{bits} bits need {expected}: Rows/Columns disagree with the pixel "
-                          "data (or the file is truncated)")
+                          f"{bits} bits{of_frames} need {expected}: Rows/Columns disagree with "
+                          "the pixel data (or the file is truncated)")
 
 
 def _is_compressed(syntax: UID) -> bool:

@@ -38,15 +38,16 @@ def read_study(path: str | os.PathLike, series: int | str | None = None) -> CTVo
     canonical orientation (`data_pipeline.io` package docstring).
 
     DICOM folders are searched recursively (files without a DICOM header, and DICOMDIR
-    indexes, are ignored). Files are grouped by SeriesInstanceUID; series that are not CT Image
-    Storage with modality CT (MR, secondary capture, RT objects, enhanced multi-frame CT),
-    localizers/scouts (ImageType LOCALIZER), series without slice geometry, single slices and
-    non-axial series (slice normal more than AXIAL_TOLERANCE_DEG from z) are skipped. `series`
-    picks one by SeriesNumber (an int or a string of digits) or SeriesInstanceUID; otherwise the
-    series whose slice thickness is closest to 3 mm (calcium scoring is defined on 3 mm axial
-    reconstructions; Agatston 1990, Hecht et al. SCCT 2017) is chosen, then the one with the
-    most slices. `metadata.chosen_series` says which and why, `metadata.skipped_series` lists the
-    others with the reason. Slices are sorted by position along the slice normal, rescaled per
+    indexes, are ignored). Files are grouped by SeriesInstanceUID; an Enhanced CT file (a whole
+    series in one multi-frame file) is read frame by frame as slices (`data_pipeline.io.enhanced`).
+    Series that are not CT Image Storage or Enhanced CT with modality CT (MR, secondary capture,
+    RT objects), localizers/scouts (ImageType LOCALIZER), series without slice geometry, single
+    slices and non-axial series (slice normal more than AXIAL_TOLERANCE_DEG from z) are skipped.
+    `series` picks one by SeriesNumber (an int or a string of digits) or SeriesInstanceUID;
+    otherwise the series whose slice thickness is closest to 3 mm (calcium scoring is defined on
+    3 mm axial reconstructions; Agatston 1990, Hecht et al. SCCT 2017) is chosen, then the one
+    with the most slices. `metadata.chosen_series` says which and why,
+    `metadata.skipped_series` lists the others with the reason. Slices are sorted by position along the slice normal, rescaled per
     slice with RescaleSlope/Intercept (checked: see `_rescale`), and checked for duplicate
     positions, gaps and non-uniform steps. Compressed pixel data is decoded by the installed
     pydicom plugins (pylibjpeg: JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE). Raises `StudyReadError`

@@ -1,0 +1,120 @@
+"""Enhanced CT (multi-frame) files: read frame by frame as the classic series they were made from.
+
+The multi-frame files are made by highdicom's legacy conversion (an implementation apart from
+ours) from classic series written by `io_fixtures`, so each is checked against the same series
+read slice by slice.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import highdicom
+import numpy as np
+import pydicom
+import pytest
+from io_fixtures import hu_of, write_series
+from pydicom.uid import RLELossless
+
+from data_pipeline.errors import InputError
+from data_pipeline.io import read_study
+
+
+def _convert(paths, out, *, shuffle_seed=0, transfer_syntax=None, series_number=7):
+    """The classic slices at `paths` as one Legacy Converted Enhanced CT file `out`."""
+    legacy = [pydicom.dcmread(p) for p in paths]
+    random.Random(shuffle_seed).shuffle(legacy)  # the frames' order is not the slices'
+    image = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        legacy, series_instance_uid=highdicom.UID(), series_number=series_number,
+        sop_instance_uid=highdicom.UID(), instance_number=1,
+        **({"transfer_syntax_uid": transfer_syntax} if transfer_syntax else {}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(out)
+    return out
+
+
+def _gated(k, ds):
+    ds.CardiacSynchronizationTechnique = "PROSPECTIVE"
+    ds.KVP = "120"
+    ds.SliceThickness = "3"
+
+
+@pytest.mark.parametrize("transfer_syntax", [None, RLELossless])
+def test_an_enhanced_file_reads_as_its_classic_series(tmp_path, transfer_syntax):
+    stored, paths = write_series(tmp_path / "classic", [0.0, 3.0, 6.0, 9.0, 12.0],
+                                 shape=(12, 10), edit=_gated)
+    enhanced = _convert(paths, tmp_path / "enhanced" / "ct.dcm", transfer_syntax=transfer_syntax)
+    classic, multi = read_study(tmp_path / "classic"), read_study(enhanced)
+    # The fixture's slices are head-first along +z; the canonical volume runs feet to head.
+    np.testing.assert_array_equal(multi.hu, classic.hu)
+    np.testing.assert_array_equal(np.sort(multi.hu.ravel()), np.sort(hu_of(stored).ravel()))
+    assert multi.spacing_zyx_mm == classic.spacing_zyx_mm == (3.0, 0.7, 0.5)
+    assert multi.origin_xyz_mm == classic.origin_xyz_mm
+    assert multi.direction == classic.direction
+    assert (multi.metadata.ecg_gated, multi.metadata.protocol) == (True, "cac")
+    assert (multi.metadata.kvp, multi.metadata.slice_thickness_mm) == (120.0, 3.0)
+    assert "5 frames in 1 file" in multi.metadata.chosen_series
+    # The folder holding the file reads the same.
+    np.testing.assert_array_equal(read_study(enhanced.parent).hu, classic.hu)
+
+
+def test_an_enhanced_series_beside_classic_ones_is_chosen_like_them(tmp_path):
+    _, thin = write_series(tmp_path / "thin", [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], seed=1,
+                           edit=lambda k, ds: setattr(ds, "SliceThickness", "1"))
+    _, scoring = write_series(tmp_path / "scoring", [0.0, 3.0, 6.0], seed=2, edit=_gated)
+    study = tmp_path / "study"
+    study.mkdir()
+    for path in thin:
+        shutil.copy(path, study / f"thin_{path.name}")
+    _convert(scoring, study / "enhanced.dcm", series_number=7)
+    volume = read_study(study)
+    assert volume.hu.shape == (3, 12, 10)  # the 3 mm series, closest to calcium scoring's
+    assert "3 frames in 1 file" in volume.metadata.chosen_series
+    assert any("6 files" in s for s in volume.metadata.skipped_series)
+    assert read_study(study, series=1).hu.shape == (6, 12, 10)  # asked for: the thin one
+    assert read_study(study, series=7).hu.shape == (3, 12, 10)
+
+
+def test_frames_of_two_stacks_are_two_series(tmp_path):
+    _, paths = write_series(tmp_path / "classic", [0.0, 3.0, 6.0, 9.0], edit=_gated)
+    enhanced = _convert(paths, tmp_path / "ct.dcm")
+    ds = pydicom.dcmread(enhanced)
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        z = float(frame.PlanePositionSequence[0].ImagePositionPatient[2])
+        content = frame.FrameContentSequence[0]
+        content.StackID = "1" if z < 5 else "2"  # two stacks of two slices each
+    ds.save_as(enhanced)
+    volume = read_study(enhanced)
+    assert volume.hu.shape[0] == 2
+    assert "/stack " in volume.metadata.chosen_series
+    assert len(volume.metadata.skipped_series) == 1 and "/stack " in volume.metadata.skipped_series[0]
+
+
+def test_a_frame_without_its_position_is_named(tmp_path):
+    _, paths = write_series(tmp_path / "classic", [0.0, 3.0, 6.0], edit=_gated)
+    enhanced = _convert(paths, tmp_path / "ct.dcm")
+    ds = pydicom.dcmread(enhanced)
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    ds.save_as(enhanced)
+    with pytest.raises(InputError, match=r"ct\.dcm.*frame 2 of 3 has no ImagePositionPatient"):
+        read_study(enhanced)
+
+
+def test_an_enhanced_file_with_a_gap_is_refused_like_a_classic_one(tmp_path):
+    _, paths = write_series(tmp_path / "classic", [0.0, 3.0, 6.0, 12.0, 15.0], edit=_gated)
+    with pytest.raises(InputError, match="missing slices"):
+        read_study(tmp_path / "classic")
+    enhanced = _convert(paths, tmp_path / "ct.dcm")
+    with pytest.raises(InputError, match=r"missing slices"):
+        read_study(enhanced)
+
+
+def test_an_enhanced_file_with_short_pixel_data_is_named(tmp_path):
+    _, paths = write_series(tmp_path / "classic", [0.0, 3.0, 6.0], edit=_gated)
+    enhanced = _convert(paths, tmp_path / "ct.dcm")
+    ds = pydicom.dcmread(enhanced)
+    ds.PixelData = ds.PixelData[: 12 * 10 * 2 * 2]  # two frames' bytes for three frames
+    ds.save_as(enhanced)
+    with pytest.raises(InputError, match=r"ct\.dcm.*x 3 frames need 720"):
+        read_study(enhanced)
