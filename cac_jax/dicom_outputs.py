@@ -15,7 +15,9 @@ For a study read from a DICOM series, `write_dicom_outputs` writes next to the o
 Masks are held by inference in the canonical orientation (`data_pipeline.io` module docstring);
 here they go back to the series' stored order (`CTVolume.stored_geometry.to_stored`), whose
 slices are the series' files sorted along the slice normal, so frame k of the Segmentation lies on
-the k-th source image. `segment_masks` reads a Segmentation back into the canonical orientation.
+the k-th source image. A series stored as one Enhanced CT file (`data_pipeline.io.enhanced`) is
+referenced frame by frame: the Segmentation's frames follow the file's frames, and each lesion
+group names its frame. `segment_masks` reads a Segmentation back into the canonical orientation.
 """
 
 from __future__ import annotations
@@ -69,13 +71,37 @@ def is_dicom_study(volume) -> bool:
     return bool(volume.metadata.series_uid)
 
 
-def source_datasets(volume) -> list:
-    """The headers (no pixels) of the files of `volume`'s source series, in the stored slice
-    order (sorted along the slice normal, as `data_pipeline.io.read_study` sorts them).
+@dataclasses.dataclass(frozen=True)
+class SourceSlice:
+    """One stored slice of a scored series: its file's header (no pixels) and, in a multi-frame
+    (Enhanced CT) file, its 1-based frame number (None for a classic slice file)."""
+
+    dataset: object
+    frame: int | None
+    position: tuple
+    orientation: tuple
+
+
+def _images(slices: Sequence[SourceSlice]) -> list:
+    """The distinct files' headers of `slices`, in order."""
+    seen, out = set(), []
+    for s in slices:
+        if id(s.dataset) not in seen:
+            seen.add(id(s.dataset))
+            out.append(s.dataset)
+    return out
+
+
+def source_datasets(volume) -> list[SourceSlice]:
+    """The slices of `volume`'s source series (file headers, no pixels; frames of an Enhanced CT
+    file), in the stored slice order (sorted along the slice normal, as
+    `data_pipeline.io.read_study` sorts them).
 
     Raises DicomOutputError when the files no longer match the volume (count or size)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from data_pipeline.io.enhanced import frames, is_enhanced_ct
 
     source = Path(volume.metadata.source)
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
@@ -87,21 +113,35 @@ def source_datasets(volume) -> list:
             continue  # not a DICOM file: folders hold other files too (read_study skips them)
         except OSError as err:
             raise DicomOutputError(path, f"cannot read the source image: {err}") from err
-        if str(ds.get("SeriesInstanceUID", "")) == volume.metadata.series_uid and \
-                "ImagePositionPatient" in ds:
-            datasets.append(ds)
+        if str(ds.get("SeriesInstanceUID", "")) != volume.metadata.series_uid:
+            continue
+        if is_enhanced_ct(ds):
+            found = frames(path, ds, DicomOutputError)
+            if len({key for key, _ in found}) > 1:
+                raise DicomOutputError(path, "holds frames of several stacks (StackID); DICOM "
+                                             "outputs are made for single-stack files only")
+            datasets += [SourceSlice(ds, k, tuple(frame.ImagePositionPatient),
+                                     tuple(frame.ImageOrientationPatient))
+                         for k, (_, frame) in enumerate(found, 1)]
+        elif "ImagePositionPatient" in ds:
+            datasets.append(SourceSlice(ds, None, tuple(ds.ImagePositionPatient),
+                                        tuple(ds.ImageOrientationPatient)))
     stored = volume.stored_geometry
     if len(datasets) != stored.shape[0]:
         raise DicomOutputError(source, f"series {volume.metadata.series_uid} now has "
                                        f"{len(datasets)} images, {stored.shape[0]} were scored")
-    orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient])
+    orientation = np.asarray([float(v) for v in datasets[0].orientation])
     normal = np.cross(orientation[:3], orientation[3:])
-    along = [float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
-             for ds in datasets]
+    along = [float(np.dot(normal, [float(v) for v in s.position])) for s in datasets]
     order = np.argsort(along, kind="stable")
     datasets = [datasets[i] for i in order]
-    if (int(datasets[0].Rows), int(datasets[0].Columns)) != tuple(stored.shape[1:]):
+    first = datasets[0].dataset
+    if (int(first.Rows), int(first.Columns)) != tuple(stored.shape[1:]):
         raise DicomOutputError(source, "the source images' size differs from the scored volume")
+    if any(s.frame is not None for s in datasets) and len(_images(datasets)) > 1:
+        raise DicomOutputError(source, f"series {volume.metadata.series_uid} spans "
+                                       f"{len(_images(datasets))} files with multi-frame images; "
+                                       "a Segmentation references one multi-frame source")
     return datasets
 
 
@@ -126,8 +166,10 @@ def _algorithm(model: ModelInfo):
                                          "step": str(model.step)})
 
 
-def build_segmentation(volume, result, sources: Sequence, heart: ModelInfo, calcium: ModelInfo):
-    """The highdicom Segmentation of `result` (a `cac_jax.inference.StudyResult`)."""
+def build_segmentation(volume, result, sources: Sequence[SourceSlice], heart: ModelInfo,
+                       calcium: ModelInfo):
+    """The highdicom Segmentation of `result` (a `cac_jax.inference.StudyResult`) on the source
+    slices `sources` (`source_datasets`)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -137,6 +179,11 @@ def build_segmentation(volume, result, sources: Sequence, heart: ModelInfo, calc
     labels = stored.to_stored(np.asarray(result.calcium_labels))
     masks = np.stack([labels == CORONARY_LABEL, labels == NON_CORONARY_LABEL,
                       stored.to_stored(np.asarray(result.heart_mask).astype(bool))], axis=-1)
+    if sources[0].frame is not None:  # one multi-frame source: its frames in the file's order
+        in_file = np.zeros_like(masks)
+        for k, s in enumerate(sources):
+            in_file[s.frame - 1] = masks[k]
+        masks = in_file
     calcium_alg, heart_alg = _algorithm(calcium), _algorithm(heart)
     calcification = codes.SCT.PathologicCalcification
     descriptions = [
@@ -156,7 +203,7 @@ def build_segmentation(volume, result, sources: Sequence, heart: ModelInfo, calc
     ]
     key = (volume.metadata.series_uid, heart, calcium)
     return hd.seg.Segmentation(
-        source_images=list(sources), pixel_array=masks,
+        source_images=_images(sources), pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=_uid("seg-series", *key),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=_uid("seg", *key), instance_number=1,
@@ -200,7 +247,8 @@ def _stored_slice(volume, z: int) -> int | None:
     return stored.shape[0] - 1 - z if stored.flips[0] else z
 
 
-def build_report(volume, result, sources: Sequence, seg, heart: ModelInfo, calcium: ModelInfo):
+def build_report(volume, result, sources: Sequence[SourceSlice], seg, heart: ModelInfo,
+                 calcium: ModelInfo):
     """The Comprehensive 3D SR (TID 1500) of `result`, referencing `seg` and `sources`."""
     import highdicom as hd
     from pydicom.dataset import Dataset
@@ -246,7 +294,9 @@ def build_report(volume, result, sources: Sequence, seg, heart: ModelInfo, calci
                 if lesion.artery in _ARTERY_CODES else codes.SCT.CoronaryArtery)
         index = _stored_slice(volume, lesion.slice_index)
         images = (None if index is None else
-                  [hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[index])])
+                  [hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                      sources[index].dataset, None if sources[index].frame is None else
+                      [sources[index].frame])])
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(_uid("lesion", seg.SOPInstanceUID, k),
                                                          f"lesion {k}"),
@@ -264,7 +314,7 @@ def build_report(volume, result, sources: Sequence, seg, heart: ModelInfo, calci
         procedure_reported=codes.SCT.CardiacCTForCalciumScoring, imaging_measurements=groups)
     key = (seg.SOPInstanceUID,)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*sources, seg], content=report, series_instance_uid=_uid("sr-series", *key),
+        evidence=[*_images(sources), seg], content=report, series_instance_uid=_uid("sr-series", *key),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=_uid("sr", *key), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, series_description="cac-jax calcium score")
     scheme = Dataset()
@@ -296,14 +346,21 @@ def write_dicom_outputs(out: str | os.PathLike, name: str, volume, result, heart
 
 def segment_masks(seg_path: str | os.PathLike, volume) -> dict[int, np.ndarray]:
     """A Segmentation written by `write_dicom_outputs`, read back: {segment number: bool mask}
-    in `volume`'s canonical orientation (frames located by their source image UIDs)."""
+    in `volume`'s canonical orientation (frames located by their source images, or source
+    frames of an Enhanced CT file)."""
     import highdicom as hd
 
     seg = hd.seg.segread(seg_path)
-    uids = [str(ds.SOPInstanceUID) for ds in source_datasets(volume)]
+    sources = source_datasets(volume)
     stored = volume.stored_geometry
-    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=list(SEGMENTS),
-                                               assert_missing_frames_are_empty=True)
+    if sources[0].frame is None:
+        pixels = seg.get_pixels_by_source_instance(
+            [str(s.dataset.SOPInstanceUID) for s in sources], segment_numbers=list(SEGMENTS),
+            assert_missing_frames_are_empty=True)
+    else:
+        pixels = seg.get_pixels_by_source_frame(
+            str(sources[0].dataset.SOPInstanceUID), [s.frame for s in sources],
+            segment_numbers=list(SEGMENTS), assert_missing_frames_are_empty=True)
     return {number: stored.to_canonical(pixels[..., k] > 0)
             for k, number in enumerate(SEGMENTS)}
 

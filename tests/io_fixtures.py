@@ -113,3 +113,17 @@ def hu_of(stored: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) ->
 def pydicom_test_folder(sub: str = "") -> Path:
     """A folder of pydicom's bundled `dicomdirtests` data."""
     return Path(pydicom.data.get_testdata_file("dicomdirtests/DICOMDIR")).parent / sub
+
+
+def shuffle_frames(path: Path, seed: int = 0) -> list[int]:
+    """Reorders the frames of the native multi-frame file at `path` (pixels and per-frame
+    functional groups together), so that frame order is not slice order; returns the order (the
+    old frame index of each new frame)."""
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(pixels))]
+    items = list(ds.PerFrameFunctionalGroupsSequence)
+    ds.PerFrameFunctionalGroupsSequence = [items[i] for i in order]
+    ds.PixelData = np.ascontiguousarray(pixels[order]).tobytes()
+    ds.save_as(path)
+    return order

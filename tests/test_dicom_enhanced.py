@@ -7,30 +7,31 @@ read slice by slice.
 
 from __future__ import annotations
 
-import random
 import shutil
 
 import highdicom
 import numpy as np
 import pydicom
 import pytest
-from io_fixtures import hu_of, write_series
+from io_fixtures import hu_of, shuffle_frames, write_series
 from pydicom.uid import RLELossless
 
 from data_pipeline.errors import InputError
 from data_pipeline.io import read_study
 
 
-def _convert(paths, out, *, shuffle_seed=0, transfer_syntax=None, series_number=7):
-    """The classic slices at `paths` as one Legacy Converted Enhanced CT file `out`."""
+def _convert(paths, out, *, transfer_syntax=None, series_number=7):
+    """The classic slices at `paths` as one Legacy Converted Enhanced CT file `out`, its frames
+    shuffled (frame order is not slice order) unless compressed."""
     legacy = [pydicom.dcmread(p) for p in paths]
-    random.Random(shuffle_seed).shuffle(legacy)  # the frames' order is not the slices'
     image = highdicom.legacy.LegacyConvertedEnhancedCTImage(
         legacy, series_instance_uid=highdicom.UID(), series_number=series_number,
         sop_instance_uid=highdicom.UID(), instance_number=1,
         **({"transfer_syntax_uid": transfer_syntax} if transfer_syntax else {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save_as(out)
+    if transfer_syntax is None:
+        assert shuffle_frames(out) != sorted(range(len(paths)))
     return out
 
 

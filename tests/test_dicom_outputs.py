@@ -220,3 +220,106 @@ def test_per_artery_groups_where_the_artery_is_known(tmp_path):
         assert float(value) == pytest.approx(result.score.per_artery[artery.split()[0]])
     assert totals["LAD total"].finding_sites[0].value.value == "59438005"
     assert len(groups) == 2 + len(result.score.lesions)
+
+
+def test_an_enhanced_ct_source_is_referenced_frame_by_frame(tmp_path):
+    """A series stored as one multi-frame file (highdicom's legacy conversion of a classic series,
+    its frames then shuffled): the Segmentation's frames follow the file's frames, the
+    lesion groups name their frame, and both read back onto the scored volume."""
+    import highdicom as hd
+    from io_fixtures import shuffle_frames
+
+    classic = write_dicom_study(tmp_path / "classic", seed=0)
+    legacy = [pydicom.dcmread(p) for p in sorted(classic.glob("*.dcm"))]
+    enhanced = tmp_path / "enhanced" / "ct.dcm"
+    enhanced.parent.mkdir()
+    hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy, series_instance_uid=hd.UID(), series_number=3, sop_instance_uid=hd.UID(),
+        instance_number=1).save_as(enhanced)
+    shuffle_frames(enhanced, seed=1)  # frame order is not slice order
+    import dataclasses
+
+    from cac_jax.scoring import agatston_score
+
+    scorer = threshold_scorer()
+    volume, result = scorer.score_path(enhanced.parent)
+    # Masks that differ from slice to slice (the tiny study's are the same on every slice), so a
+    # frame put on the wrong source frame shows.
+    labels = np.array(result.calcium_labels)
+    labels[:3] = 0
+    labels[5, : labels.shape[1] // 2] = 0
+    heart_mask = np.array(result.heart_mask)
+    heart_mask[-2:] = 0
+    result = dataclasses.replace(result, calcium_labels=labels, heart_mask=heart_mask,
+                                 score=agatston_score(volume.hu, labels, volume.spacing_zyx_mm))
+    assert volume.metadata.series_uid == pydicom.dcmread(enhanced).SeriesInstanceUID
+    np.testing.assert_array_equal(volume.hu, read_study(classic).hu)
+    heart = dicom_outputs.ModelInfo.of(scorer.heart, "heart")
+    calcium = dicom_outputs.ModelInfo.of(scorer.calcium, "calcium")
+    seg_path, sr_path = dicom_outputs.write_dicom_outputs(tmp_path / "out", "s", volume, result,
+                                                          heart, calcium)
+    masks = dicom_outputs.segment_masks(seg_path, volume)
+    assert masks[1].sum() > 0 and np.array_equal(masks[1], labels == 4)
+    assert np.array_equal(masks[3], heart_mask.astype(bool))
+
+    source = pydicom.dcmread(enhanced, stop_before_pixels=True)
+    seg = hd.seg.segread(seg_path)
+    (series,) = seg.ReferencedSeriesSequence
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence] == \
+        [source.SOPInstanceUID]
+    # Each Segmentation frame derives from the source frame at the same position.
+    positions = {k: tuple(float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient)
+                 for k, f in enumerate(source.PerFrameFunctionalGroupsSequence, 1)}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        image = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        position = tuple(float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient)
+        assert positions[int(image.ReferencedFrameNumber)] == pytest.approx(position)
+    lesions = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    assert len(lesions) == len(result.score.lesions) > 0
+    # The referenced frame is the lesion's slice: stored slice k is the k-th frame along the
+    # slice normal.
+    orientation = [float(v) for v in source.SharedFunctionalGroupsSequence[0]
+                   .PlaneOrientationSequence[0].ImageOrientationPatient]
+    normal = np.cross(orientation[:3], orientation[3:])
+    along_normal = sorted(positions, key=lambda k: float(np.dot(normal, positions[k])))
+    stored = volume.stored_geometry
+    assert stored.flips[0]  # the canonical slice order is not the stored one here
+    for group, lesion in zip(lesions, result.score.lesions, strict=True):
+        (image,) = group.source_images
+        assert image.referenced_sop_instance_uid == source.SOPInstanceUID
+        assert image.referenced_frame_numbers == \
+            [along_normal[stored.shape[0] - 1 - lesion.slice_index]]
+    if shutil.which("dciodvfy"):
+        for path in (seg_path, sr_path):
+            run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                                 timeout=60)
+            errors = [line for line in (run.stdout + run.stderr).splitlines()
+                      if line.startswith("Error")]
+            assert errors == [], "\n".join(errors)
+
+
+def test_an_enhanced_file_of_two_stacks_gets_a_one_line_error(tmp_path):
+    import highdicom as hd
+
+    classic = write_dicom_study(tmp_path / "classic", seed=0)
+    enhanced = tmp_path / "enhanced" / "ct.dcm"
+    enhanced.parent.mkdir()
+    hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in sorted(classic.glob("*.dcm"))],
+        series_instance_uid=hd.UID(), series_number=3, sop_instance_uid=hd.UID(),
+        instance_number=1).save_as(enhanced)
+    ds = pydicom.dcmread(enhanced)
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        frame.FrameContentSequence[0].StackID = "1" if k < 4 else "2"
+    ds.save_as(enhanced)
+    scorer = threshold_scorer()
+    volume, result = scorer.score_path(enhanced)
+    assert volume.hu.shape[0] == 4  # one stack scored
+    heart = dicom_outputs.ModelInfo.of(scorer.heart, "heart")
+    calcium = dicom_outputs.ModelInfo.of(scorer.calcium, "calcium")
+    with pytest.raises(dicom_outputs.DicomOutputError,
+                       match=r"ct\.dcm.*several stacks \(StackID\)") as caught:
+        dicom_outputs.write_dicom_outputs(tmp_path / "out", "s", volume, result, heart, calcium)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / "s.seg.dcm").exists()

@@ -222,6 +222,8 @@ def _read_dicom(source: Path, files: Sequence[Path], *, error: type[InputError],
             # and dropping it silently could lose an end slice.
             raise error(path, "incomplete DICOM file: no SeriesInstanceUID (truncated?)")
         if is_enhanced_ct(ds):  # a whole series in one file: one header per frame
+            if "PixelData" not in ds:
+                raise error(path, "Enhanced CT file without PixelData (truncated file?)")
             for key, frame in frames(path, ds, error):
                 by_uid.setdefault(key, _Series(key)).datasets.append((path, frame))
             continue
@@ -255,7 +257,7 @@ def _series_problem(s: _Series, require_ct: bool, error: type[InputError]) -> st
     image_types = {str(v).upper() for v in _as_list(ds.get("ImageType"))}
     if image_types & {"LOCALIZER", "SCOUT", "TOPOGRAM"}:
         return "localizer/scout image"
-    # An Enhanced CT frame's pixels are in its file's PixelData (`enhanced.frames` checked it).
+    # An Enhanced CT frame's pixels are in its file's PixelData (`_read_dicom` checked it).
     missing = [(path, [k for k in _SLICE_ELEMENTS if k not in d and not (
         k == "PixelData" and frame_of(d) is not None)]) for path, d in s.datasets]
     if all(m for _, m in missing):

@@ -53,8 +53,8 @@ def is_enhanced_ct(ds: pydicom.Dataset) -> bool:
 def frames(path: Path, ds: pydicom.Dataset, error: type[InputError],
            ) -> list[tuple[str, pydicom.Dataset]]:
     """(series key, frame header) for every frame of the Enhanced CT file `path` (its dataset
-    `ds`, pixel data not yet read), in the file's order. Raises (naming the file and the frame)
-    when a frame's geometry is missing."""
+    `ds`, pixel data not yet read or not read at all), in the file's order. Raises (naming the
+    file and the frame) when a frame's geometry is missing."""
     count = ds.get("NumberOfFrames")
     try:
         n = int(count)
@@ -62,8 +62,6 @@ def frames(path: Path, ds: pydicom.Dataset, error: type[InputError],
         raise error(path, f"malformed NumberOfFrames {count!r} in an Enhanced CT file") from None
     if n < 1:
         raise error(path, f"NumberOfFrames {n} in an Enhanced CT file: no image")
-    if "PixelData" not in ds:
-        raise error(path, "Enhanced CT file without PixelData (truncated file?)")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n:
         raise error(path, f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for "
