@@ -72,18 +72,31 @@ def _stage(stamps: _Stamps, name: str, wanted: dict, outputs: Sequence[Path], fn
 def _evaluation(stamps: _Stamps | None, name: str, args: Sequence[str], target: Path, fn,
                 report: bool = False) -> dict:
     """A `cac-jax evaluate ARGS --out TARGET [--report]` stage (`fn()` runs it): with `stamps`,
-    reused when its arguments and its input files (`--pred`, `--pred2`, `--ref`, by content) are
-    unchanged and its outputs exist. Returns TARGET/metrics.json's content."""
-    if stamps is None:
-        fn()
+    reused when its arguments, its input files (`--pred`, `--pred2`, `--ref`, by content) and
+    the evaluation code are unchanged and its outputs exist. Returns TARGET/metrics.json's
+    content."""
+    inputs = [Path(args[i + 1]) for i, arg in enumerate(args[:-1])
+              if arg in ("--pred", "--pred2", "--ref")]
+    if stamps is None or not all(path.is_file() for path in inputs):
+        fn()  # (a missing input: the command itself says which, as it always does)
     else:
-        inputs = [args[i + 1] for i, arg in enumerate(args[:-1])
-                  if arg in ("--pred", "--pred2", "--ref")]
-        wanted = {"args": list(args), "inputs": {
-            path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in inputs}}
+        wanted = {"args": list(args), "code": _evaluation_code_digest(), "inputs": {
+            str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs}}
         outputs = [target / "metrics.json", *([target / "report.html"] if report else [])]
         _stage(stamps, name, wanted, outputs, fn)
     return json.loads((target / "metrics.json").read_text())
+
+
+def _evaluation_code_digest() -> str:
+    """A digest of the code `cac-jax evaluate` runs (its command, the evaluation package, the HTML
+    report), so an evaluation made by other code is not reused."""
+    root = Path(__file__).resolve().parent
+    files = [root / "commands" / "evaluate.py", root / "html_report.py",
+             *sorted((root / "evaluation").glob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _config_path(relative: str) -> str:

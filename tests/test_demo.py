@@ -206,7 +206,7 @@ def test_the_demo_calcium_frame_setting_reaches_only_the_calcium_training(tmp_pa
     assert same == demo.train_overrides(tmp_path, slice_, "calcium")
 
 
-def test_an_evaluation_is_reused_until_its_inputs_change(tmp_path):
+def test_an_evaluation_is_reused_until_its_inputs_change(tmp_path, monkeypatch):
     stamps = demo._Stamps(tmp_path)
     pred, ref, target = tmp_path / "pred.csv", tmp_path / "ref.csv", tmp_path / "eval"
     pred.write_text("scan_id,category\na,1\n")
@@ -231,3 +231,11 @@ def test_an_evaluation_is_reused_until_its_inputs_change(tmp_path):
     (target / "report.html").unlink()  # an output gone
     assert stage([*args, "--ref-protocol", "cac"]) == {"run": 4}
     assert demo._evaluation(None, "evaluate_x", args, target, evaluate) == {"run": 5}
+    assert stage() == {"run": 6}  # (the last stamp was for other arguments)
+    assert stage() == {"run": 6}
+    from cac_jax import stages
+
+    monkeypatch.setattr(stages, "_evaluation_code_digest", lambda: "other code")
+    assert stage() == {"run": 7}  # the evaluation code changed
+    ref.unlink()  # a missing input: the command runs (and says so itself); nothing is stamped
+    assert stage() == {"run": 8}

@@ -35,7 +35,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from data_pipeline.errors import InputError
-from data_pipeline.io.enhanced import ENHANCED_CT, frame_of, frame_pixels, frames, is_enhanced_ct
+from data_pipeline.io.enhanced import (
+    ENHANCED_CT,
+    frame_of,
+    frame_path,
+    frame_pixels,
+    frames,
+    is_enhanced_ct,
+)
 from data_pipeline.io.orientation import AXIAL_TOLERANCE_DEG
 from data_pipeline.io.volume import StudyMetadata, _Grid
 
@@ -89,7 +96,7 @@ class _Series:
         desc = str(self.first.get("SeriesDescription", "") or "").strip()
         modality = str(self.first.get("Modality", "") or "?")
         number = f"SeriesNumber {self.number}, " if self.number is not None else ""
-        files = len({path for path, _ in self.datasets})
+        files = len({id(frame_of(d)[0]) if frame_of(d) else path for path, d in self.datasets})
         count = (f"{files} files" if files == len(self.datasets) else
                  f"{len(self.datasets)} frames in {files} file{'s' if files > 1 else ''}")
         return f"{self.uid} ({number}{modality}{', ' + desc if desc else ''}, {count})"
@@ -224,8 +231,10 @@ def _read_dicom(source: Path, files: Sequence[Path], *, error: type[InputError],
         if is_enhanced_ct(ds):  # a whole series in one file: one header per frame
             if "PixelData" not in ds:
                 raise error(path, "Enhanced CT file without PixelData (truncated file?)")
-            for key, frame in frames(path, ds, error):
-                by_uid.setdefault(key, _Series(key)).datasets.append((path, frame))
+            for index, (key, frame) in enumerate(frames(path, ds, error)):
+                # Named `file [frame k]` in messages; the frame header knows its file.
+                by_uid.setdefault(key, _Series(key)).datasets.append(
+                    (frame_path(path, index), frame))
             continue
         by_uid.setdefault(uid, _Series(uid)).datasets.append((path, ds))
     if not by_uid:
@@ -319,7 +328,8 @@ def _series_thickness(s: _Series, error: type[InputError]) -> tuple[float, str]:
 def _matches(s: _Series, wanted: str) -> bool:
     if wanted.isdigit():
         return s.number == int(wanted)
-    return s.uid == wanted
+    # A stack of an Enhanced CT file: `SeriesInstanceUID/stack ID`, or the UID for all stacks.
+    return s.uid == wanted or s.uid.partition("/stack ")[0] == wanted
 
 
 def _choose_series(source: Path, series: list[_Series], error: type[InputError],
@@ -342,7 +352,8 @@ def _choose_series(source: Path, series: list[_Series], error: type[InputError],
         if len(picked) > 1:
             raise error(source, f"series {wanted!r} matches {len(picked)} series ("
                                 f"{'; '.join(s.label for s in picked)}); give the "
-                                "SeriesInstanceUID")
+                                "SeriesInstanceUID (for one stack of an Enhanced CT file, "
+                                "SeriesInstanceUID/stack ID, as listed)")
         chosen = picked[0]
         if problems[chosen.uid] is not None:
             raise error(source, f"series {wanted!r} cannot be read as an axial CT volume: "

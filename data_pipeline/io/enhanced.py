@@ -41,6 +41,9 @@ _FROM_GROUPS = (
     ("PixelValueTransformationSequence", "RescaleIntercept"),
     ("PixelValueTransformationSequence", "RescaleType"),
     ("CTXRayDetailsSequence", "KVP"),
+    # ECG gating (`data_pipeline.io.dicom`'s rule 3) where the file has no top-level marker.
+    ("CardiacSynchronizationSequence", "NominalPercentageOfCardiacPhase"),
+    ("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
 )
 _REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _FRAME = "_cac_enhanced_frame"  # a frame header's (file dataset, frame index), for the decoder
@@ -50,11 +53,18 @@ def is_enhanced_ct(ds: pydicom.Dataset) -> bool:
     return str(ds.get("SOPClassUID", "") or "") in ENHANCED_CT
 
 
+def frame_path(path: Path, index: int) -> Path:
+    """How a frame is named in messages: `ct.dcm [frame 3]` (1-based)."""
+    return path.with_name(f"{path.name} [frame {index + 1}]")
+
+
 def frames(path: Path, ds: pydicom.Dataset, error: type[InputError],
            ) -> list[tuple[str, pydicom.Dataset]]:
     """(series key, frame header) for every frame of the Enhanced CT file `path` (its dataset
     `ds`, pixel data not yet read or not read at all), in the file's order. Raises (naming the
-    file and the frame) when a frame's geometry is missing."""
+    file and the frame) when some frames have their geometry and others do not; a file whose
+    frames all lack it gives headers without it (a series the reader skips, as it skips classic
+    files without slice geometry)."""
     count = ds.get("NumberOfFrames")
     try:
         n = int(count)
@@ -80,7 +90,7 @@ def frames(path: Path, ds: pydicom.Dataset, error: type[InputError],
         return None
 
     stacks = set()
-    out = []
+    out, incomplete = [], []
     for index, frame in enumerate(per_frame):
         header = pydicom.Dataset()
         header.update(top)
@@ -98,13 +108,16 @@ def frames(path: Path, ds: pydicom.Dataset, error: type[InputError],
                 header[keyword] = item[keyword]
         missing = [k for k in _REQUIRED if k not in header]
         if missing:
-            raise error(path, f"frame {index + 1} of {n} has no {', '.join(missing)} in its "
-                              "functional groups (per-frame or shared)")
+            incomplete.append((index, missing))
         content = group_item(frame, "FrameContentSequence")
         stack = str(content.get("StackID", "") or "") if content is not None else ""
         stacks.add(stack)
         object.__setattr__(header, _FRAME, (ds, index))
         out.append((stack, header))
+    if incomplete and len(incomplete) < n:
+        index, missing = incomplete[0]
+        raise error(path, f"frame {index + 1} of {n} has no {', '.join(missing)} in its "
+                          "functional groups (per-frame or shared), while other frames have it")
     if len(stacks) <= 1:
         return [(uid, header) for _, header in out]
     return [(f"{uid}/stack {stack or '?'}", header) for stack, header in out]
