@@ -54,9 +54,11 @@ def test_logits_agree_on_the_same_weights(arch, bidirectional):
     # rbg keys: XLA:CPU compiles a threefry-based init many times more slowly.
     variables = jax.jit(model.init)(jax.random.key(2, impl="rbg"), x)
     # Non-trivial norm parameters and biases, so their mapping is exercised too.
+    # (numpy draws: a jax.random call per leaf shape would compile one function each.)
     leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    leaves = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    rng = np.random.default_rng(3)
+    leaves = [np.asarray(leaf) + np.float32(0.1) * rng.standard_normal(leaf.shape, np.float32)
+              for leaf in leaves]
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     logits, aux = jax.jit(model.apply)({"params": params}, x)
 
