@@ -122,7 +122,8 @@ def source_datasets(volume) -> list[SourceSlice]:
                                              "outputs are made for single-stack files only")
             datasets += [SourceSlice(ds, k, tuple(frame.ImagePositionPatient),
                                      tuple(frame.ImageOrientationPatient))
-                         for k, (_, frame) in enumerate(found, 1)]
+                         for k, (_, frame) in enumerate(found, 1)
+                         if "ImagePositionPatient" in frame]  # (a file read_study skipped)
         elif "ImagePositionPatient" in ds:
             datasets.append(SourceSlice(ds, None, tuple(ds.ImagePositionPatient),
                                         tuple(ds.ImageOrientationPatient)))
@@ -314,7 +315,8 @@ def build_report(volume, result, sources: Sequence[SourceSlice], seg, heart: Mod
         procedure_reported=codes.SCT.CardiacCTForCalciumScoring, imaging_measurements=groups)
     key = (seg.SOPInstanceUID,)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*_images(sources), seg], content=report, series_instance_uid=_uid("sr-series", *key),
+        evidence=[*_images(sources), seg], content=report,
+        series_instance_uid=_uid("sr-series", *key),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=_uid("sr", *key), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, series_description="cac-jax calcium score")
     scheme = Dataset()

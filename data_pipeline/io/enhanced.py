@@ -5,7 +5,8 @@ holds a whole series in one file: the frames' pixels in one PixelData, each fram
 rescale in functional groups (DICOM PS3.3 C.7.6.16), per frame or shared by all. `frames()` turns
 such a file into one header per frame, holding what a classic CT slice holds at its top level
 (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, RescaleSlope,
-RescaleIntercept, RescaleType, KVP; and a legacy conversion's unassigned attributes), so the series is chosen, checked and decoded by the same code
+RescaleIntercept, RescaleType, KVP, the nominal cardiac phase and trigger delay; and a legacy
+conversion's unassigned attributes), so the series is chosen, checked and decoded by the same code
 as a classic series (`data_pipeline.io.dicom`). Pixel data is decoded only for the chosen series,
 one frame at a time (`frame_pixels`).
 

@@ -47,11 +47,11 @@ def read_study(path: str | os.PathLike, series: int | str | None = None) -> CTVo
     otherwise the series whose slice thickness is closest to 3 mm (calcium scoring is defined on
     3 mm axial reconstructions; Agatston 1990, Hecht et al. SCCT 2017) is chosen, then the one
     with the most slices. `metadata.chosen_series` says which and why,
-    `metadata.skipped_series` lists the others with the reason. Slices are sorted by position along the slice normal, rescaled per
-    slice with RescaleSlope/Intercept (checked: see `_rescale`), and checked for duplicate
-    positions, gaps and non-uniform steps. Compressed pixel data is decoded by the installed
-    pydicom plugins (pylibjpeg: JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE). Raises `StudyReadError`
-    naming the file or folder and the problem.
+    `metadata.skipped_series` lists the others with the reason. Slices are sorted by position
+    along the slice normal, rescaled per slice with RescaleSlope/Intercept (checked: see
+    `_rescale`), and checked for duplicate positions, gaps and non-uniform steps. Compressed
+    pixel data is decoded by the installed pydicom plugins (pylibjpeg: JPEG, JPEG-LS, JPEG 2000,
+    HTJ2K, RLE). Raises `StudyReadError` naming the file or folder and the problem.
     """
     path = _existing_path(path, StudyReadError, "image")
     if path.is_dir():
