@@ -226,8 +226,12 @@ def test_an_enhanced_ct_source_is_referenced_frame_by_frame(tmp_path):
     """A series stored as one multi-frame file (highdicom's legacy conversion of a classic series,
     its frames then shuffled): the Segmentation's frames follow the file's frames, the
     lesion groups name their frame, and both read back onto the scored volume."""
+    import dataclasses
+
     import highdicom as hd
     from io_fixtures import shuffle_frames
+
+    from cac_jax.scoring import agatston_score
 
     classic = write_dicom_study(tmp_path / "classic", seed=0)
     legacy = [pydicom.dcmread(p) for p in sorted(classic.glob("*.dcm"))]
@@ -237,10 +241,6 @@ def test_an_enhanced_ct_source_is_referenced_frame_by_frame(tmp_path):
         legacy, series_instance_uid=hd.UID(), series_number=3, sop_instance_uid=hd.UID(),
         instance_number=1).save_as(enhanced)
     shuffle_frames(enhanced, seed=1)  # frame order is not slice order
-    import dataclasses
-
-    from cac_jax.scoring import agatston_score
-
     scorer = threshold_scorer()
     volume, result = scorer.score_path(enhanced.parent)
     # Masks that differ from slice to slice (the tiny study's are the same on every slice), so a
