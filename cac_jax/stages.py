@@ -7,6 +7,7 @@ choose how the same computation runs, count as absent) is reused instead of run 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -87,9 +88,10 @@ def _evaluation(stamps: _Stamps | None, name: str, args: Sequence[str], target: 
     return json.loads((target / "metrics.json").read_text())
 
 
+@functools.cache
 def _evaluation_code_digest() -> str:
     """A digest of the code `cac-jax evaluate` runs (its command, the evaluation package, the HTML
-    report), so an evaluation made by other code is not reused."""
+    report), so an evaluation made by other code is not reused. Read once per process."""
     root = Path(__file__).resolve().parent
     files = [root / "commands" / "evaluate.py", root / "html_report.py",
              *sorted((root / "evaluation").glob("*.py"))]
