@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -364,11 +363,7 @@ def save_preview(path: str | os.PathLike, volume, result: StudyResult, scan_id: 
                  *, count: int = 8) -> None:
     """A PNG of the slices with predicted calcium (coronary red, non-coronary yellow) over the CT,
     the heart outline in cyan, and the score and category in the title (atomically)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-
-    from data_pipeline.atomic import atomic_path
+    from data_pipeline.montage import Tile, write_montage
 
     labels = result.calcium_labels
     per_slice = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
@@ -380,27 +375,12 @@ def save_preview(path: str | os.PathLike, volume, result: StudyResult, scan_id: 
         pool = heart_z if len(heart_z) else np.arange(labels.shape[0])
         slices = np.unique(pool[np.linspace(0, len(pool) - 1, min(4, len(pool))).astype(int)])
     hu = volume.hu
-    cols = min(4, len(slices))
-    rows = int(math.ceil(len(slices) / cols))
-    fig = Figure(figsize=(cols * 3.2, rows * 3.2 + 0.7))
-    FigureCanvasAgg(fig)
-    cmap = ListedColormap([(0, 0, 0, 0), (1.0, 0.1, 0.1, 0.9), (1.0, 0.9, 0.1, 0.9)])
-    for k, z in enumerate(slices):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        ax.axis("off")
-        ax.imshow(hu[z], cmap="gray", vmin=-200, vmax=600, interpolation="nearest")
-        shown = np.select([labels[z] == postprocess.UNDETERMINED_CORONARY_LABEL,
-                           labels[z] == NON_CORONARY_LABEL], [1, 2], 0)
-        if shown.any():
-            ax.imshow(np.ma.masked_equal(shown, 0), cmap=cmap, vmin=0, vmax=2,
-                      interpolation="nearest")
-        if result.heart_mask[z].any():
-            ax.contour(result.heart_mask[z], levels=[0.5], colors="cyan", linewidths=0.6)
-        ax.set_title(f"slice {z}", fontsize=8)
+    tiles = [Tile(hu[z], np.select([labels[z] == postprocess.UNDETERMINED_CORONARY_LABEL,
+                                    labels[z] == NON_CORONARY_LABEL], [1, 2], 0),
+                  result.heart_mask[z], f"slice {z}") for z in slices]
     score = result.score
-    fig.suptitle(f"{scan_id}: Agatston {score.agatston:.1f}, category {score.category_name}\n"
-                 "red: coronary calcium (scored), yellow: non-coronary calcium, cyan: heart",
-                 fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
+    write_montage(path, tiles, window=(-200.0, 600.0),
+                  colours={1: (1.0, 0.1, 0.1, 0.9), 2: (1.0, 0.9, 0.1, 0.9)},
+                  title=f"{scan_id}: Agatston {score.agatston:.1f}, category "
+                        f"{score.category_name}\nred: coronary calcium (scored), yellow: "
+                        "non-coronary calcium, cyan: heart")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_path
+from data_pipeline.montage import Tile, write_montage
 from data_pipeline.phantom.sites import DEFAULT_SITE, SITES
 
 # Overlay colours (RGBA): LAD red, LCX green, RCA blue, aorta/valve/other calcium orange.
@@ -38,12 +38,6 @@ def _slices_to_show(scan, count: int) -> np.ndarray:
 
 def save_preview(scan, path: str | os.PathLike, *, count: int = 12) -> None:
     """Writes a PNG montage of `scan` (a `SyntheticScan`) to `path` (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
     hu = scan.volume.hu
     slices = _slices_to_show(scan, count)
     # Crop to the body (a CTAC field of view is much wider than the patient).
@@ -53,31 +47,12 @@ def save_preview(scan, path: str | os.PathLike, *, count: int = 12) -> None:
     crop = (slice(max(0, rows_any[0] - margin), rows_any[-1] + margin + 1),
             slice(max(0, cols_any[0] - margin), cols_any[-1] + margin + 1)) if len(rows_any) else (
         slice(None), slice(None))
-    cols = 4
-    rows = int(np.ceil(len(slices) / cols))
-    cmap = ListedColormap([(0, 0, 0, 0)] + [_COLOURS[i] for i in range(1, 8)])
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 + 0.6))
-    for ax in np.atleast_1d(axes).ravel():
-        ax.axis("off")
+    tiles = [Tile(hu[z][crop], scan.calcium_labels[z][crop], scan.heart_mask[z][crop],
+                  f"slice {z}") for z in slices]
     spacing = scan.volume.spacing_zyx_mm
-    for ax, z in zip(np.atleast_1d(axes).ravel(), slices):
-        ax.imshow(hu[z][crop], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1],
-                  interpolation="nearest")
-        labels = scan.calcium_labels[z][crop]
-        if labels.any():
-            ax.imshow(np.ma.masked_equal(labels, 0), cmap=cmap, vmin=0, vmax=7,
-                      interpolation="nearest")
-        if scan.heart_mask[z].any():
-            ax.contour(scan.heart_mask[z][crop], levels=[0.5], colors="cyan", linewidths=0.6)
-        ax.set_title(f"slice {z}", fontsize=8)
     site = "" if scan.site == SITES[DEFAULT_SITE].site else f"  site={scan.site}"
-    fig.suptitle(f"{scan.scan_id}  protocol={scan.protocol}{site}  Agatston={scan.agatston:.1f} "
-                 f"(category {scan.category}, designed {scan.target_category})\n"
-                 f"spacing z/y/x {spacing[0]:.2f}/{spacing[1]:.3f}/{spacing[2]:.3f} mm   "
-                 "red LAD, green LCX, blue RCA, orange non-coronary, cyan heart",
-                 fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    title = (f"{scan.scan_id}  protocol={scan.protocol}{site}  Agatston={scan.agatston:.1f} "
+             f"(category {scan.category}, designed {scan.target_category})\n"
+             f"spacing z/y/x {spacing[0]:.2f}/{spacing[1]:.3f}/{spacing[2]:.3f} mm   "
+             "red LAD, green LCX, blue RCA, orange non-coronary, cyan heart")
+    write_montage(Path(path), tiles, title=title, window=WINDOW_HU, colours=_COLOURS)
