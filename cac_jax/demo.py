@@ -101,7 +101,7 @@ class DemoSettings:
     bench_samples: int = 6
     bench_size: int = 128
     site2: str = "site2"
-    workers: int = 2
+    workers: int = 2  # processes of `cac-jax synth` and `cac-jax ingest`
     # Training time boxes (seconds of training per model; 0: none): the demo must fit its budget
     # on a 2-core CPU whatever the machine's speed, so steps are an upper bound.
     heart_seconds: float = 60.0
@@ -230,7 +230,7 @@ def build_dataset(out: Path, s: DemoSettings, stamps: _Stamps) -> None:
            built[-1:] or [data_dir / "cac_ct" / "dataset_info.json"],
            lambda: _cli("ingest", "--manifest", str(out / "cohort" / "manifest.csv"),
                         "--data-dir", str(data_dir), "--seed", str(s.seed), "--overwrite",
-                        stage="ingest"))
+                        "--workers", str(s.workers), stage="ingest"))
 
 
 def train_overrides(data_dir: Path, s: DemoSettings, task: str) -> dict:
@@ -739,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heart-steps", type=int, help="training steps of the heart models")
     parser.add_argument("--calcium-steps", type=int, help="training steps of the calcium models")
     parser.add_argument("--seed", type=int, help="cohort, split and training seed")
-    parser.add_argument("--workers", type=int, help="processes for the cohort generator")
+    parser.add_argument("--workers", type=int, help="processes for the cohort generator and the ingest")
     parser.add_argument("--calcium-frame", choices=("slice", "heart"),
                         help="calcium models on whole slices (default) or on a window around "
                              "the heart (docs/heart_frame.md)")

@@ -152,7 +152,7 @@ def build_dataset(out: Path, config, manifests, stamps) -> Path:
                 built[-1:] or [data_dir / "cac_ct" / "dataset_info.json"],
                 lambda: demo._cli("ingest", "--manifest", str(manifest), "--data-dir",
                                   str(data_dir), "--seed", str(config.seed), "--overwrite",
-                                  stage="ingest"))
+                                  "--workers", str(config.synth_workers), stage="ingest"))
     return data_dir
 
 

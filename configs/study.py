@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.validation_fraction = 0.25 if local else 0.15
     c.test_patients_per_site = 2 if local else (60 if gpu else 30)
     c.unseen_patients = 3 if local else (80 if gpu else 40)
-    c.synth_workers = 2
+    c.synth_workers = 2  # processes of `cac-jax synth` and `cac-jax ingest`
     # Anatomy variants of the cohorts (data_pipeline.phantom: "classic", "grooved" for
     # groove-dependent epicardial fat and metal devices; docs/synthetic_cohort.md): each site's
     # cohorts are made in every one, the first under the plain names.

@@ -22,6 +22,10 @@ class InputError(ValueError):
         self.problem = one_line(problem)
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
+    def __reduce__(self):
+        # Rebuilt from (path, problem), so the error crosses a process boundary (ingest workers).
+        return type(self), (self.path, self.problem)
+
 
 class StudyReadError(InputError):
     """A CT study (DICOM folder or image file) could not be read as an axial CT volume."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import shutil
 import sys
@@ -58,14 +57,14 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import labels as labels_lib
 from data_pipeline import splits as splits_lib
-from data_pipeline.agatston import agatston_score, cac_category
+from data_pipeline.agatston import cac_category
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.config import DATASET_VERSION
 from data_pipeline.errors import InputError, ManifestError
 from data_pipeline.manifest import SPLITS, ManifestRow, parse_manifest
+from data_pipeline.scan_rows import map_rows, read_row, score_row
 
 DEFAULT_NAME = "cac_ct"
-_INT16 = np.iinfo(np.int16)
 
 
 def _volume(dtype) -> tfds.features.Tensor:
@@ -95,87 +94,6 @@ def features() -> tfds.features.FeaturesDict:
         "agatston": tfds.features.Tensor(shape=(), dtype=np.float32),  # NaN when unknown
         "category": tfds.features.Tensor(shape=(), dtype=np.int32),  # -1 when unknown
     })
-
-
-def row_error(row: ManifestRow, manifest_path: os.PathLike | str, err: Exception,
-              column: str | None = None) -> ManifestError:
-    """A read error of one row's file as a `ManifestError` naming the manifest row (and column)."""
-    where = row.where if column is None else f"{row.where} {column}"
-    return ManifestError(manifest_path, f"{where}: {err}")
-
-
-def _read_files(row: ManifestRow, manifest_path: os.PathLike | str = ""):
-    """(volume, calcium labels or None, heart mask or None) of a row; errors name the row."""
-    from data_pipeline import io as io_lib
-
-    column = "image"
-    try:
-        volume = io_lib.read_study(row.image, series=row.series)
-        column = "calcium_labels"
-        calcium = None if row.calcium_labels is None else io_lib.read_labels(
-            row.calcium_labels, like=volume)
-        column = "heart_mask"
-        heart = None if row.heart_mask is None else io_lib.read_labels(row.heart_mask, like=volume)
-    except InputError as err:
-        raise row_error(row, manifest_path, err, column) from err
-    return volume, calcium, heart
-
-
-def score_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> float | None:
-    """Reads a row's files (`ManifestError` naming the row when they fail) and returns the Agatston
-    score of its reference labels, or None when the manifest gives the score or category or the
-    row has no calcium labels (then nothing needs scoring)."""
-    volume, calcium, _ = _read_files(row, manifest_path)
-    if row.category is not None or row.agatston is not None or calcium is None:
-        return None
-    return agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston
-
-
-def check_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> int | None:
-    """Reads a row's files (`ManifestError` naming the row when they fail) and returns its CAC
-    category (manifest `category`/`agatston`, else scored from its labels; None if unknown)."""
-    score = score_row(row, manifest_path)
-    return splits_lib.scan_category(row) if score is None else cac_category(score)
-
-
-def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "", *,
-             scored_agatston: float | None = None) -> dict:
-    """Reads one manifest row into the stored example (numpy); errors name the row.
-
-    `scored_agatston`: the score of the row's labels when the caller already computed it (the
-    builder scores each scan once, while assigning the splits); else it is scored here when the
-    manifest gives none.
-    """
-    volume, calcium, heart = _read_files(row, manifest_path)
-    hu = volume.hu
-    empty = np.zeros((0, 0, 0), np.uint8)
-    num_slices = hu.shape[0]
-    agatston = row.agatston if scored_agatston is None else scored_agatston
-    category = row.category
-    if calcium is not None and agatston is None:
-        agatston = agatston_score(hu, calcium, volume.spacing_zyx_mm).agatston
-    if category is None and agatston is not None:
-        category = cac_category(agatston)
-    return {
-        "scan_id": row.scan_id,
-        "patient_id": row.patient_id,
-        "protocol": row.protocol,
-        "site": row.site,
-        "hu": np.clip(np.rint(hu), _INT16.min, _INT16.max).astype(np.int16),
-        "calcium_class": empty if calcium is None else labels_lib.calcium_classes(calcium, hu),
-        "heart_mask": empty if heart is None else labels_lib.heart_classes(heart),
-        "annotated_calcium_slice": (np.zeros(num_slices, bool) if calcium is None
-                                    else labels_lib.annotated_calcium_slices(calcium)),
-        "heart_slice": (np.zeros(num_slices, bool) if heart is None
-                        else labels_lib.heart_slices(heart)),
-        "has_calcium_labels": calcium is not None,
-        "has_heart_mask": heart is not None,
-        "num_slices": np.int32(num_slices),
-        "shape_zyx": np.asarray(hu.shape, np.int32),
-        "spacing_zyx_mm": np.asarray(volume.spacing_zyx_mm, np.float32),
-        "agatston": np.float32(math.nan if agatston is None else agatston),
-        "category": np.int32(-1 if category is None else category),
-    }
 
 
 def load_manifest(manifest_path: str | os.PathLike,
@@ -213,11 +131,12 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                  on_warning: Callable[[str], None] | None = None,
                  parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
                  neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM,
-                 **kwargs):
+                 workers: int = 1, **kwargs):
         """`parsed_manifest`: the result of `load_manifest` when the caller already checked it;
         `on_warning` gets warnings such as an empty split (default: printed to stderr);
         `neighbour_mm`: the neighbour distance recorded in the metadata with the slice offsets it
-        gives these scans (training uses `config.data.neighbour_mm`; see docs/input_pipeline.md)."""
+        gives these scans (training uses `config.data.neighbour_mm`; see docs/input_pipeline.md);
+        `workers`: processes reading the studies at once (`data_pipeline.scan_rows.map_rows`)."""
         # Set before the base __init__, which may call _info().
         self.manifest_path = None if manifest_path is None else Path(manifest_path)
         self.split_seed = int(split_seed)
@@ -227,6 +146,7 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.on_warning = _print_warning if on_warning is None else on_warning
         self.parsed_manifest = parsed_manifest
         self.neighbour_mm = float(neighbour_mm)
+        self.workers = max(1, int(workers))
         labels_lib.neighbour_offset(3.0, self.neighbour_mm)  # rejects a bad distance up front
         self.neighbour_offsets: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
@@ -275,9 +195,17 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if self.skip_bad:
             rows = self._readable_rows(rows)
 
+        # Rows the manifest gives no score or category are read and scored once, here (or in
+        # _readable_rows), `workers` at a time; the score is reused for their records.
+        unscored = [row for row in rows if row.category is None and row.agatston is None
+                    and row.scan_id not in self.scores]
+        for row, score in map_rows(score_row, unscored, self.workers,
+                                   manifest_path=self.manifest_path):
+            if isinstance(score, ManifestError):
+                raise score
+            self.scores[row.scan_id] = score
+
         def category_of(row: ManifestRow) -> int | None:
-            # Called only for rows the manifest gives no score or category; each is read and
-            # scored once here (or in _readable_rows) and the score is reused for its record.
             if row.scan_id not in self.scores:
                 self.scores[row.scan_id] = score_row(row, self.manifest_path)
             score = self.scores[row.scan_id]
@@ -299,12 +227,13 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         from tqdm import tqdm
 
         good = []
-        for row in tqdm(rows, desc="check", unit="scan", disable=not self.progress):
-            try:
-                self.scores[row.scan_id] = score_row(row, self.manifest_path)
-            except ManifestError as err:
-                self._skip(row.where, str(err), scan_id=row.scan_id)
+        checked = map_rows(score_row, rows, self.workers, manifest_path=self.manifest_path)
+        for row, score in tqdm(checked, total=len(rows), desc="check", unit="scan",
+                               disable=not self.progress):
+            if isinstance(score, ManifestError):
+                self._skip(row.where, str(score), scan_id=row.scan_id)
                 continue
+            self.scores[row.scan_id] = score
             good.append(row)
         if not good:
             raise ManifestError(self.manifest_path, "no row of the manifest could be read "
@@ -314,14 +243,14 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, rows: list[ManifestRow]) -> Iterator[tuple[str, dict]]:
         from tqdm import tqdm
 
-        for row in tqdm(rows, desc=f"ingest {split}", unit="scan", disable=not self.progress):
-            try:
-                example = read_row(row, self.manifest_path,
-                                   scored_agatston=self.scores.get(row.scan_id))
-            except ManifestError as err:
+        examples = map_rows(read_row, rows, self.workers, manifest_path=self.manifest_path,
+                            per_row=lambda row: {"scored_agatston": self.scores.get(row.scan_id)})
+        for row, example in tqdm(examples, total=len(rows), desc=f"ingest {split}",
+                                 unit="scan", disable=not self.progress):
+            if isinstance(example, ManifestError):
                 if not self.skip_bad:
-                    raise
-                self._skip(row.where, str(err), scan_id=row.scan_id)
+                    raise example
+                self._skip(row.where, str(example), scan_id=row.scan_id)
                 continue
             self._record_neighbours(row.protocol, float(example["spacing_zyx_mm"][0]))
             yield row.scan_id, example
@@ -403,13 +332,14 @@ def make_builder(data_dir: str | os.PathLike, *, manifest_path: str | os.PathLik
                  progress: bool = True, on_skip: Callable[[str], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
                  parsed_manifest: tuple[list[ManifestRow], list[ManifestError]] | None = None,
-                 neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM) -> CacCtBuilder:
+                 neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM,
+                 workers: int = 1) -> CacCtBuilder:
     """A builder instance writing to DATA_DIR/NAME/VERSION (`name` gives the dataset its name)."""
     cls = _builder_class(name)
     return cls(data_dir=os.fspath(Path(data_dir).expanduser()), manifest_path=manifest_path,
                split_seed=split_seed, skip_bad=skip_bad, progress=progress, on_skip=on_skip,
                on_warning=on_warning, parsed_manifest=parsed_manifest,
-               neighbour_mm=neighbour_mm)
+               neighbour_mm=neighbour_mm, workers=workers)
 
 
 def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike, *,
@@ -417,11 +347,13 @@ def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike,
                   overwrite: bool = False, progress: bool = True,
                   on_skip: Callable[[str], None] | None = None,
                   on_warning: Callable[[str], None] | None = None,
-                  neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM) -> CacCtBuilder:
+                  neighbour_mm: float = labels_lib.DEFAULT_NEIGHBOUR_MM,
+                  workers: int = 1) -> CacCtBuilder:
     """Builds the dataset from a manifest into DATA_DIR/NAME/VERSION; returns the builder.
 
     The data directory and the manifest are checked before anything is created or removed.
-    `on_warning` receives warnings such as an empty split (default: printed to stderr).
+    `on_warning` receives warnings such as an empty split (default: printed to stderr);
+    `workers`: processes reading the studies at once (the records are the same).
     """
     _builder_class(name)  # a bad name fails here, before anything is touched
     target = check_data_dir(data_dir, name)
@@ -430,7 +362,7 @@ def build_dataset(manifest_path: str | os.PathLike, data_dir: str | os.PathLike,
         _remove_unfinished(target, on_warning)
         return _build(target, manifest_path, data_dir, parsed, name=name, split_seed=split_seed,
                       skip_bad=skip_bad, overwrite=overwrite, progress=progress, on_skip=on_skip,
-                      on_warning=on_warning, neighbour_mm=neighbour_mm)
+                      on_warning=on_warning, neighbour_mm=neighbour_mm, workers=workers)
 
 
 @contextlib.contextmanager
@@ -466,13 +398,13 @@ def _remove_unfinished(target: Path, on_warning: Callable[[str], None] | None) -
 
 
 def _build(target: Path, manifest_path, data_dir, parsed, *, name, split_seed, skip_bad,
-           overwrite, progress, on_skip, on_warning, neighbour_mm) -> CacCtBuilder:
+           overwrite, progress, on_skip, on_warning, neighbour_mm, workers) -> CacCtBuilder:
     previous = _set_aside(target, overwrite)  # only once the inputs are checked
     try:
         builder = make_builder(data_dir, manifest_path=manifest_path, name=name,
                                split_seed=split_seed, skip_bad=skip_bad, progress=progress,
                                on_skip=on_skip, on_warning=on_warning, parsed_manifest=parsed,
-                               neighbour_mm=neighbour_mm)
+                               neighbour_mm=neighbour_mm, workers=workers)
         # One progress bar (ours, per scan) instead of TFDS's several per split.
         tfds.disable_progress_bar()
         builder.download_and_prepare(

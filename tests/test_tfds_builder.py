@@ -370,7 +370,7 @@ def test_builds_from_generated_phantom_cohort(tmp_path):
 def test_scans_are_scored_once_and_neighbours_recorded(tmp_path, monkeypatch):
     """Without reference scores in the manifest each scan's labels are scored once (for the
     splits; the record reuses it), and the metadata records the neighbour distance and offsets."""
-    from data_pipeline import agatston, tfds_builder
+    from data_pipeline import agatston, scan_rows, tfds_builder
 
     manifest = write_tiny_cohort(tmp_path, patients=4, agatston=False, ctac_spacing_z=1.25)
     scored = []
@@ -380,7 +380,7 @@ def test_scans_are_scored_once_and_neighbours_recorded(tmp_path, monkeypatch):
         scored.append(hu.shape)
         return real(hu, labels, spacing, **kwargs)
 
-    monkeypatch.setattr(tfds_builder, "agatston_score", counting)
+    monkeypatch.setattr(scan_rows, "agatston_score", counting)
     builder = tfds_builder.build_dataset(manifest, tmp_path / "tfds", name="once", progress=False)
     assert len(scored) == 6  # 4 cac + 2 ctac scans, each scored exactly once
     loaded = tfds.builder_from_directory(builder.data_dir)
@@ -419,3 +419,39 @@ def test_killed_ingest_leftovers_removed_and_a_concurrent_ingest_refused(tmp_pat
     assert not stale.exists()
     assert (data_dir / "tiny" / DATASET_VERSION / "dataset_info.json").exists()
     assert "unfinished build of an interrupted ingest" in capsys.readouterr().err
+
+
+def test_workers_read_the_studies_into_the_same_dataset(tmp_path):
+    from data_pipeline.tfds_builder import build_dataset
+
+    # No reference scores in the manifest: the split assignment scores every row first (also in
+    # the workers), then the records are written from the workers' reads, in the rows' order.
+    manifest = write_tiny_cohort(tmp_path, patients=6, agatston=False)
+    built = {workers: build_dataset(manifest, tmp_path / "tfds", name=f"w{workers}",
+                                    progress=False, workers=workers) for workers in (1, 2)}
+    splits = {workers: json.loads((Path(b.data_dir) / "splits.json").read_text())["patients"]
+              for workers, b in built.items()}
+    assert splits[1] == splits[2]
+    for split in built[1].info.splits:
+        one, two = (list(tfds.as_numpy(b.as_dataset(split=split, shuffle_files=False)))
+                    for b in built.values())
+        assert [ex["scan_id"] for ex in one] == [ex["scan_id"] for ex in two] and one
+        for a, b in zip(one, two, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_bad_row_read_by_a_worker_is_named_or_skipped(tmp_path):
+    from data_pipeline.tfds_builder import build_dataset
+
+    manifest = _bad_manifest(tmp_path, "geometry")
+    with pytest.raises(ManifestError) as info:  # the worker's error, rebuilt in this process
+        build_dataset(manifest, tmp_path / "tfds", name="bad", progress=False, workers=2)
+    assert "row 2" in str(info.value) and "calcium_labels: " in str(info.value)
+    assert info.value.path == str(manifest)
+    skipped = []
+    builder = build_dataset(manifest, tmp_path / "tfds", name="bad", skip_bad=True,
+                            progress=False, on_skip=skipped.append, workers=2)
+    assert len(skipped) == 1 and "row 2" in skipped[0]
+    assert sum(info.num_examples for info in builder.info.splits.values()) == 3

@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from cac_jax.commands import positive_int
+
 EPILOG = """\
 The manifest is a CSV with columns patient_id, scan_id, protocol (cac|ctac), image, calcium_labels
 and optionally heart_mask, site, split, series, agatston, category (paths relative to the
@@ -69,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild when the dataset already exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                        help="processes reading the studies at once (default 1; the dataset is "
+                             "the same whatever N)")
     parser.set_defaults(func=handler)
 
 
@@ -103,7 +108,8 @@ def handler(args: argparse.Namespace) -> int:
         builder = build_dataset(args.manifest, args.data_dir, name=args.name,
                                 split_seed=args.seed, skip_bad=args.skip_bad,
                                 overwrite=args.overwrite, progress=not args.quiet,
-                                on_skip=on_skip, on_warning=on_warning)
+                                on_skip=on_skip, on_warning=on_warning,
+                                workers=args.workers)
     from cac_jax.commands.score import write_stdout
 
     sizes = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
