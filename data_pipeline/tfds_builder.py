@@ -33,7 +33,8 @@ without examples). The splits need each scan's CAC category before any record is
 without `agatston`/`category` in the manifest is read and scored then (as is every row with
 `skip_bad`), and its record reuses that score, so each scan is scored once; its files are read a
 second time to write the record (holding every decoded scan until then would need the whole
-cohort in RAM). A row that still
+cohort in RAM). Both reads can run in worker processes (`workers`, `cac-jax ingest --workers`;
+`data_pipeline.scan_rows.map_rows`), the records written in the rows' order. A row that still
 fails when its example is written (its files changed in between) is skipped there; the audit files
 always describe the dataset as built: skipped scans are left out of splits.json/splits.csv (a
 patient left with no scan disappears from them) and listed under "skipped" in splits.json (and in
