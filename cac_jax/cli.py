@@ -16,12 +16,16 @@ from collections.abc import Sequence
 from data_pipeline.errors import InputError
 
 # Subcommand modules under cac_jax.commands, in the order `--help` lists them. Each module is
-# imported lazily-cheap: heavy imports (JAX, TensorFlow) happen inside its handler.
+# imported lazily-cheap: heavy imports (JAX, TensorFlow) happen inside its handler, and a run
+# of one command imports only its own module (build_parser).
 COMMANDS = ("score", "synth", "ingest", "train", "infer", "evaluate", "bench", "study",
             "export")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` (a command name) the parser of that command alone: a run
+    of one command then imports no other command's module (the cohort generator's, imported to
+    list its sites and anatomies, takes about a second)."""
     parser = argparse.ArgumentParser(
         prog="cac-jax",
         description="Coronary artery calcium scoring (gated CAC and low-dose CTAC CT) in JAX/Flax.",
@@ -30,14 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cac-jax {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         module = importlib.import_module(f"cac_jax.commands.{name}")
         module.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

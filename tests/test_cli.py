@@ -47,6 +47,22 @@ def test_scoring_imports_no_tensorflow():
     assert result.stdout.strip() == "False"
 
 
+def test_one_command_builds_its_own_parser_only():
+    """`cac-jax evaluate ...` does not import the other commands' modules (the cohort generator's
+    costs about a second per run); the whole parser still lists every command."""
+    code = ("import sys, cac_jax.cli as cli; cli.build_parser('evaluate'); "
+            "print('data_pipeline.phantom' in sys.modules, 'cac_jax.commands.synth' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["False", "False"]
+    from cac_jax import cli
+
+    assert cli.build_parser("evaluate").parse_args(
+        ["evaluate", "--pred", "p.csv", "--ref", "r.csv", "--out", "o"]).command == "evaluate"
+    usage = cli.build_parser().format_help()
+    assert all(name in usage for name in cli.COMMANDS)
+
+
 def test_error_line_is_one_line_naming_the_type_of_unexpected_errors():
     from data_pipeline.errors import InputError, error_line
 
