@@ -19,6 +19,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import TypeVar
 
@@ -139,3 +140,8 @@ def _result(row: ManifestRow, future) -> tuple[ManifestRow, object]:
         return row, future.result()
     except ManifestError as err:
         return row, err
+    except BrokenProcessPool:
+        # A worker killed (the kernel's out-of-memory killer, a signal) takes the pool with it:
+        # one line naming the study it was reading, and the build stops (nothing is replaced).
+        raise InputError(row.image, f"{row.where}: the process reading it died (out of memory? "
+                                    "fewer --workers need less)") from None

@@ -455,3 +455,23 @@ def test_a_bad_row_read_by_a_worker_is_named_or_skipped(tmp_path):
                             progress=False, on_skip=skipped.append, workers=2)
     assert len(skipped) == 1 and "row 2" in skipped[0]
     assert sum(info.num_examples for info in builder.info.splits.values()) == 3
+
+
+def test_a_worker_that_dies_is_one_line_naming_its_study(tmp_path, monkeypatch):
+    import importlib
+
+    from data_pipeline.errors import InputError
+    from data_pipeline.scan_rows import map_rows
+
+    # A reader that kills its own process, as the out-of-memory killer would (spawned workers
+    # import it by name: its folder is on the path they inherit).
+    (tmp_path / "dying_reader.py").write_text("import os\n\ndef read(row, **kwargs):\n"
+                                              "    os._exit(9)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dying = importlib.import_module("dying_reader")
+    rows = [ManifestRow(patient_id="P0", scan_id="P0_cac", protocol="cac",
+                        image=tmp_path / "p0.nii.gz", calcium_labels=None, heart_mask=None,
+                        site="default", split=None, row_number=2)]
+    with pytest.raises(InputError, match="p0.nii.gz: row 2.*died") as info:
+        list(map_rows(dying.read, rows, workers=2))
+    assert "\n" not in str(info.value)
