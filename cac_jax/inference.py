@@ -419,10 +419,10 @@ class _ModelRunner:
             out[rows] = values
             return 0.0
         t0 = time.perf_counter()
-        height, width = out.shape[1:3]
-        values = ndimage.zoom(values, (1, height / model_hw[0], width / model_hw[1], 1), order=1,
-                              mode="nearest", grid_mode=True)
-        out[rows] = values if out.ndim == 4 else np.argmax(values, axis=-1)
+        # Class planes first: each resampled by two matrix products (frames_lib.resize_planes,
+        # `scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")` to float32 rounding).
+        planes = frames_lib.resize_planes(np.moveaxis(values, -1, 1), out.shape[1:3])
+        out[rows] = np.moveaxis(planes, 1, -1) if out.ndim == 4 else np.argmax(planes, axis=1)
         return time.perf_counter() - t0
 
 

@@ -48,12 +48,18 @@ def heart_silhouette(heart_pred: np.ndarray, spacing_zyx_mm: Sequence[float],
         raise ValueError(f"heart_pred must be (z, y, x), got shape {heart_pred.shape}")
     if dilation_mm < 0:
         raise ValueError(f"dilation_mm must be >= 0, got {dilation_mm}")
-    components, count = ndimage.label(heart_pred, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
+    # Components are found inside the predicted voxels' bounding box (the same components: none
+    # lies outside it), a small part of a chest CT's volume.
+    extent = [np.flatnonzero(heart_pred.any(axis=tuple(a for a in range(3) if a != axis)))
+              for axis in range(3)]
+    if not extent[0].size:
         return np.zeros(heart_pred.shape, bool)
+    crop = tuple(slice(int(e[0]), int(e[-1]) + 1) for e in extent)
+    components, _ = ndimage.label(heart_pred[crop], structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    largest = components == int(np.argmax(sizes))
+    largest = np.zeros(heart_pred.shape, bool)
+    largest[crop] = components == int(np.argmax(sizes))
     if dilation_mm == 0:
         return largest
     # Work inside the bounding box grown by the margin: the transform costs O(box), not O(volume).

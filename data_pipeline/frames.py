@@ -187,3 +187,25 @@ def from_frame(probabilities: np.ndarray, geom: FrameGeometry) -> np.ndarray:
     rows = probabilities[:, top] * (1.0 - wy) + probabilities[:, bottom] * wy
     out[:, y0:y1, x0:x1] = rows[:, :, left] * (1.0 - wx) + rows[:, :, right] * wx
     return out
+
+
+def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) float32: linear resampling of `size_in` samples onto `size_out`, the
+    two grids' pixel areas aligned (output pixel k samples input coordinate
+    (k + 0.5) * size_in / size_out - 0.5) and the end samples continued beyond the ends: what
+    `scipy.ndimage.zoom(..., order=1, mode="nearest", grid_mode=True)` does along one axis."""
+    coordinate = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+    low, high, weight = _linear_taps(coordinate, size_in)
+    matrix = np.zeros((size_out, size_in), np.float32)
+    np.add.at(matrix, (np.arange(size_out), low), 1.0 - weight)
+    np.add.at(matrix, (np.arange(size_out), high), weight)
+    return matrix
+
+
+def resize_planes(planes: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
+    """Planes (..., h, w) resampled linearly to (..., H, W) float32, as `resize_matrix` says: two
+    matrix products (BLAS), several times faster than `scipy.ndimage.zoom` on the channel-last
+    class probabilities of a batch of slices, and equal to it to float32 rounding."""
+    planes = np.asarray(planes, np.float32)
+    rows = resize_matrix(planes.shape[-2], int(out_hw[0])) @ planes
+    return rows @ resize_matrix(planes.shape[-1], int(out_hw[1])).T

@@ -78,6 +78,24 @@ def test_from_frame_is_the_bilinear_resample_of_map_coordinates(centre, spacing)
     np.testing.assert_array_equal(native[:, ~inside, 1:], 0.0)
 
 
+@pytest.mark.parametrize("shape,out_hw", [((4, 3, 32, 32), (64, 64)), ((2, 3, 25, 18), (61, 47)),
+                                           ((5, 40, 36), (16, 12)), ((3, 7, 9), (7, 9))])
+def test_resize_planes_is_scipy_zoom_order_1(shape, out_hw):
+    """The inference's resample of class probabilities back onto the study's grid: two matrix
+    products equal to `scipy.ndimage.zoom(order=1, mode="nearest", grid_mode=True)`."""
+    from scipy import ndimage
+
+    planes = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    factors = (1,) * (planes.ndim - 2) + (out_hw[0] / shape[-2], out_hw[1] / shape[-1])
+    expected = ndimage.zoom(planes, factors, order=1, mode="nearest", grid_mode=True)
+    got = frames.resize_planes(planes, out_hw)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=3e-7)
+    matrix = frames.resize_matrix(shape[-1], out_hw[1])
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-6)  # weights sum to one
+    assert (np.count_nonzero(matrix, axis=1) <= 2).all()  # two taps per output pixel
+
+
 def test_config_checks():
     from data_pipeline.config import data_config
 

@@ -48,3 +48,28 @@ def test_perfect_prediction_scores_like_the_threshold_inside_the_heart():
     expected = agatston_score(hu, threshold_labels(hu, heart), (3.0, 0.7, 0.7))
     assert result.agatston == pytest.approx(expected.agatston)
     assert result.agatston > 0
+
+
+def test_heart_silhouette_equals_labelling_the_whole_volume():
+    """Components are labelled inside the predicted voxels' bounding box only: the silhouette is
+    the one a whole-volume labelling (the direct reading of the definition) gives."""
+    from scipy import ndimage
+
+    def whole_volume(pred, spacing, dilation_mm):
+        components, count = ndimage.label(pred, structure=np.ones((3, 3, 3), bool))
+        if count == 0:
+            return np.zeros(pred.shape, bool)
+        largest = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+        return ndimage.distance_transform_edt(~largest, sampling=spacing) <= dilation_mm
+
+    rng = np.random.default_rng(5)
+    zz, yy, xx = np.ogrid[:30, :60, :50]
+    for case in range(8):
+        pred = rng.random((30, 60, 50)) > 0.9995  # islands
+        for _ in range(case % 4):
+            c, r = rng.integers([3, 5, 5], [27, 55, 45]), rng.integers(2, 9)
+            pred |= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r
+        for dilation in (0.0, 4.0):
+            got = postprocess.heart_silhouette(pred, (2.5, 0.7, 0.8), dilation)
+            np.testing.assert_array_equal(got, whole_volume(pred, (2.5, 0.7, 0.8), dilation))
+    assert not postprocess.heart_silhouette(np.zeros((3, 4, 5)), (1, 1, 1), 5.0).any()
