@@ -422,7 +422,7 @@ class _ModelRunner:
         # Class planes first: each resampled by two matrix products (frames_lib.resize_planes,
         # `scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")` to float32 rounding).
         planes = frames_lib.resize_planes(np.moveaxis(values, -1, 1), out.shape[1:3])
-        out[rows] = np.moveaxis(planes, 1, -1) if out.ndim == 4 else np.argmax(planes, axis=1)
+        out[rows] = np.moveaxis(planes, 1, -1) if out.ndim == 4 else frames_lib.class_map(planes)
         return time.perf_counter() - t0
 
 

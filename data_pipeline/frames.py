@@ -209,3 +209,16 @@ def resize_planes(planes: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
     planes = np.asarray(planes, np.float32)
     rows = resize_matrix(planes.shape[-2], int(out_hw[0])) @ planes
     return rows @ resize_matrix(planes.shape[-1], int(out_hw[1])).T
+
+
+def class_map(planes: np.ndarray) -> np.ndarray:
+    """`np.argmax(planes, axis=1)` (the first class on a tie) of class planes (n, C, h, w) as
+    uint8, by one comparison per class over whole planes (several times faster than numpy's
+    argmax along an inner axis)."""
+    best = planes[:, 0].copy()
+    labels = np.zeros(best.shape, np.uint8)
+    for c in range(1, planes.shape[1]):
+        better = planes[:, c] > best
+        labels[better] = c
+        np.maximum(best, planes[:, c], out=best)
+    return labels

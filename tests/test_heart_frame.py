@@ -96,6 +96,15 @@ def test_resize_planes_is_scipy_zoom_order_1(shape, out_hw):
     assert (np.count_nonzero(matrix, axis=1) <= 2).all()  # two taps per output pixel
 
 
+def test_class_map_is_the_argmax_with_ties_to_the_first_class():
+    rng = np.random.default_rng(3)
+    planes = rng.integers(0, 4, (3, 4, 9, 7)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(frames.class_map(planes), np.argmax(planes, axis=1))
+    planes = rng.random((2, 3, 5, 6), dtype=np.float32)
+    assert frames.class_map(planes).dtype == np.uint8
+    np.testing.assert_array_equal(frames.class_map(planes), np.argmax(planes, axis=1))
+
+
 def test_config_checks():
     from data_pipeline.config import data_config
 
