@@ -97,7 +97,9 @@ def write_montage(path: str | os.PathLike, tiles: Sequence[Tile], *, title: str,
         captions.append((left, top - 3, tiles[k].caption))
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.figimage(canvas, xo=0, yo=0, origin="upper")  # pixel for pixel, row 0 at the top
+    # As 8-bit RGB, pixel for pixel, row 0 at the top (matplotlib resamples a float image first).
+    canvas = (canvas * 255.0 + 0.5).astype(np.uint8)
+    fig.figimage(canvas, xo=0, yo=0, origin="upper")
     for left, bottom, caption in captions:
         fig.text(left / width, 1 - bottom / height, caption, fontsize=8, va="bottom")
     fig.text(0.5, 1 - 4 / height, title, fontsize=9, ha="center", va="top")
