@@ -9,7 +9,7 @@ The inference rules are in docs/contracts.md ("Model inputs and targets"). For e
 2. Resolution: a model sees what it was trained on. The checkpoint records the in-plane pixel
    spacing of its training scans (min, median, max); its zoom augmentation (`config.data.augment
    .scale` s) stretched that to [min / (1 + s), max / (1 - s)]. A study outside that range is
-   resampled in-plane (linear, scipy.ndimage) to the training median for the model (or, where
+   resampled in-plane (linear, pixel areas aligned) to the training median for the model (or, where
    the study would then overflow the training frame `config.data.image_size`, to the covered
    spacing that fits it in the frame: `model_spacing_mm`); so is a study at a covered spacing
    that is larger than the training frame (a finer matrix over a large field of view), to the
@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from cac_jax import postprocess
 from cac_jax.scoring import (
@@ -449,9 +448,8 @@ def padded_slices(hu: np.ndarray, indices: np.ndarray, bucket_hw: tuple[int, int
     images = labels_lib.window_hu(hu[np.asarray(indices)])  # (n, h, w)
     height, width = hu.shape[1:]
     model_hw = (height, width) if model_hw is None else tuple(model_hw)
-    if model_hw != (height, width):
-        images = ndimage.zoom(images, (1, model_hw[0] / height, model_hw[1] / width),
-                              order=1, mode="nearest", grid_mode=True)
+    if model_hw != (height, width):  # scipy's zoom(order=1, grid_mode=True), faster
+        images = frames_lib.resize_planes(images, model_hw)
     out = np.zeros((count, *bucket_hw, 1), np.float32)
     out[:len(images), :model_hw[0], :model_hw[1], 0] = images
     return out
