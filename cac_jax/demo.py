@@ -121,10 +121,14 @@ class DemoSettings:
     local_models: bool = False
     # `--quick`: a check of the path, not of the models (the report says so).
     smoke: bool = False
-    # `cac-jax train` (and `infer`) processes run at once. 1 gives each model every core (the
-    # full demo: its models are judged); 2 overlaps one process's start-up (imports, model init,
-    # compilation: ~20 s each on 2 cores) with another's work (--quick: a smoke run).
+    # `cac-jax train` processes run at once. 1 gives each model every core (the full demo: its
+    # models are judged); 2 overlaps one process's start-up (imports, model init, compilation:
+    # ~20 s each on 2 cores) with another's work (--quick: a smoke run).
     train_jobs: int = 1
+    # `cac-jax infer` processes run at once (the ConvLSTM's, the UNet's and the reference models'
+    # runs): what a model outputs does not depend on how the cores are shared, and one process's
+    # reading, post-processing and previews (one core) overlap another's models.
+    infer_jobs: int = 2
     # `cac-jax evaluate` processes run at once (each is mostly start-up; output is per folder).
     eval_jobs: int = 2
     # `cac-jax infer --min-heart-ml` (None: the tool's default). A study whose predicted heart is
@@ -367,9 +371,11 @@ def split_results(results: Path, cohorts: dict[str, tuple[Path, Path]]) -> None:
         write_results(target, mine)
 
 
-def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path]:
+def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps,
+                  reference: bool = False) -> dict[str, Path]:
     _say("[4/7] scoring the held-out test patients and the second site (cac-jax infer), and the "
          "naive threshold for contrast")
+    quiet = ["--no-progress"] if s.infer_jobs > 1 else []  # progress bars would interleave
     manifests = {"test": _test_manifest(out), "site2": out / "site2" / "manifest.csv"}
     trained = {k: json.loads((out / f".stamps/train_{k}.json").read_text())
                for k in ("heart_convlstm", "calcium_convlstm", "heart_unet", "calcium_unet")}
@@ -388,7 +394,7 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
             _cli("infer", "--heart-checkpoint", str(out / "models" / f"heart_{arch}"),
                  "--calcium-checkpoint", str(out / "models" / f"calcium_{arch}"),
                  "--manifest", str(combined), "--out", str(folder), "--save-previews",
-                 "--report", "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+                 "--report", "--overwrite", *quiet,
                  *([] if s.min_heart_ml is None else ["--min-heart-ml", str(s.min_heart_ml)]),
                  stage=f"infer {arch}")
             split_results(folder / "results.csv", {
@@ -397,7 +403,9 @@ def score_cohorts(out: Path, s: DemoSettings, stamps: _Stamps) -> dict[str, Path
 
         tasks.append(lambda arch=arch, wanted=wanted, outputs=outputs, run_infer=run_infer:
                      _stage(stamps, f"infer_{arch}", wanted, outputs, run_infer))
-    _run_all(tasks, s.train_jobs)
+    if reference:
+        tasks.append(lambda: score_reference(out, s, stamps, manifests, quiet))
+    _run_all(tasks, s.infer_jobs)
     for cohort, manifest in manifests.items():
         naive = out / "infer" / f"{cohort}_naive" / "results.csv"
         _stage(stamps, f"naive_{cohort}", {"manifest": str(manifest)}, [naive],
@@ -411,7 +419,7 @@ def reference_available(s: DemoSettings) -> bool:
 
 
 def score_reference(out: Path, s: DemoSettings, stamps: _Stamps,
-                    manifests: dict[str, Path]) -> None:
+                    manifests: dict[str, Path], quiet: Sequence[str] = ()) -> None:
     """The same patients scored with the study's reference ConvLSTM models (`reference`)."""
     _say(f"      the study's reference models ({REFERENCE_DIR}) on the same patients")
     heart, calcium = (REFERENCE_DIR / name for name in REFERENCE_MODELS)
@@ -427,7 +435,7 @@ def score_reference(out: Path, s: DemoSettings, stamps: _Stamps,
     def run_infer():
         _cli("infer", "--heart-checkpoint", str(heart), "--calcium-checkpoint", str(calcium),
              "--manifest", str(_combined_manifest(out, manifests)), "--out", str(folder),
-             "--overwrite", *(["--no-progress"] if s.train_jobs > 1 else []),
+             "--overwrite", *quiet,
              *([] if s.min_heart_ml is None else ["--min-heart-ml", str(s.min_heart_ml)]),
              stage="infer reference")
         split_results(folder / "results.csv", {
@@ -704,10 +712,9 @@ def run(out: Path, s: DemoSettings) -> dict:
     timed("synth", make_cohorts, out, s, stamps)
     timed("ingest", build_dataset, out, s, stamps)
     timed("train", train_models, out, s, stamps)
-    manifests = timed("infer", score_cohorts, out, s, stamps)
+    # The reference models' scoring (where they are present) runs beside the demo's own.
     reference = reference_available(s)
-    if reference:
-        timed("infer_reference", score_reference, out, s, stamps, manifests)
+    manifests = timed("infer", score_cohorts, out, s, stamps, reference)
     metrics = timed("evaluate", evaluate, out, manifests, s.eval_jobs, reference, stamps)
     bench_dir = timed("bench", bench, out, s, stamps)
     _say("[7/7] report")
