@@ -16,6 +16,10 @@ Pixel centres sit at integer coordinates: frame pixel (i, j) samples scan point
 (cy + (i - c) * ry, cx + (j - c) * rx) with c = (frame_size - 1) / 2 and r = frame spacing / scan
 spacing, the mapping the training pipeline's affine resample uses too. Numpy only (inference and
 validation share these functions; training does the same mapping in tf.data).
+
+Also here, on the same linear taps: `resize_planes` (whole slices between the scan's and the
+model's spacing, as `scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")` does) and
+`class_map` (the argmax over class planes), which inference uses in "slice" mode.
 """
 
 from __future__ import annotations
