@@ -65,6 +65,9 @@ DEFAULT_MIN_AREA_MM2 = 1.0
 # Header spacings are decimal strings: a lesion whose exact area equals the minimum must not be
 # dropped because count * dy * dx rounded down in binary floating point.
 _AREA_RTOL = 1e-9
+# Likewise a score whose exact value is a category bound (625 pixels of 0.4 x 0.4 mm at weight 1
+# on 3 mm slices: 100) must not move up a category because the sum came out 100.00000000000001.
+_CATEGORY_RTOL = 1e-9
 # Thickness and spacing closer than this (mm) are treated as equal (header rounding).
 _THICKNESS_ATOL_MM = 0.01
 # Above this fraction of labelled coronary voxels under 130 HU, the labels probably do not belong
@@ -148,6 +151,8 @@ def cac_category(agatston: float, five_class: bool = False) -> int:
 
     Four classes (the paper): 0 -> 0, (0, 100] -> 1, (100, 400] -> 2, > 400 -> 3.
     Five classes: 0 -> 0, (0, 10] -> 1, (10, 100] -> 2, (100, 400] -> 3, > 400 -> 4.
+    A score within a relative 1e-9 above a bound is at the bound (floating-point rounding of a
+    sum whose exact value is the bound).
     """
     score = float(agatston)
     if not math.isfinite(score) or score < 0:
@@ -156,7 +161,7 @@ def cac_category(agatston: float, five_class: bool = False) -> int:
         return 0
     uppers = CATEGORY_UPPER_5 if five_class else CATEGORY_UPPER
     for index, upper in enumerate(uppers):
-        if score <= upper:
+        if score <= upper * (1.0 + _CATEGORY_RTOL):
             return index + 1
     return len(uppers) + 1
 

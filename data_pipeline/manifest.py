@@ -28,10 +28,11 @@ from data_pipeline.errors import ManifestError
 
 REQUIRED_COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels")
 INFERENCE_COLUMNS = ("scan_id", "image", "protocol")
-OPTIONAL_COLUMNS = ("heart_mask", "site", "split", "series", "agatston", "category")
-# The order write_manifest writes them in.
+OPTIONAL_COLUMNS = ("heart_mask", "site", "split", "agatston", "category", "series")
+# The order write_manifest writes them in: the contract's columns in its order (docs/contracts.md),
+# then this project's own `series`, so a reader that goes by position finds them where it expects.
 COLUMNS = ("patient_id", "scan_id", "protocol", "image", "calcium_labels", "heart_mask", "site",
-           "split", "series", "agatston", "category")
+           "split", "agatston", "category", "series")
 PROTOCOLS = ("cac", "ctac")
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
@@ -204,9 +205,10 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[ManifestRow]) -> None
         writer.writerow([
             row.patient_id, row.scan_id, row.protocol, _relative(row.image, base),
             _relative(row.calcium_labels, base), _relative(row.heart_mask, base), row.site,
-            row.split or "", row.series or "",
+            row.split or "",
             "" if row.agatston is None else f"{row.agatston:.4f}",
             "" if row.category is None else str(row.category),
+            row.series or "",
         ])
     atomic_write_text(path, buffer.getvalue())
 

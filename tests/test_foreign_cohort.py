@@ -17,8 +17,8 @@ from data_pipeline.io import read_labels, read_study
 from data_pipeline.manifest import read_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HEADER = ("patient_id,scan_id,protocol,image,calcium_labels,heart_mask,site,split,series,"
-          "agatston,category")
+HEADER = ("patient_id,scan_id,protocol,image,calcium_labels,heart_mask,site,split,"
+          "agatston,category,series")
 
 
 def _module():

@@ -581,6 +581,19 @@ def test_read_labels_rejects_negative_and_fractional_values(tmp_path):
         io.read_labels(tmp_path / "frac.nrrd")
 
 
+def test_label_codes_beyond_int16_are_non_coronary(tmp_path):
+    # Codes 5 and above are non-coronary whatever their value: a uint16 code of 40000 is read,
+    # not refused, and stays non-coronary (never scored).
+    volume = make_volume(shape=(3, 5, 4))
+    labels = np.zeros(volume.shape, np.uint16)
+    labels[1, 2, 3], labels[0, 1, 1] = 40000, 2
+    io.write_volume(tmp_path / "wide.nii.gz", labels, volume)
+    out = io.read_labels(tmp_path / "wide.nii.gz", like=volume)
+    assert out.dtype == np.int16
+    assert out[1, 2, 3] == np.iinfo(np.int16).max and out[0, 1, 1] == 2
+    assert (out[labels < 5] == labels[labels < 5]).all()
+
+
 def test_read_labels_missing_file(tmp_path):
     with pytest.raises(LabelError, match="does not exist"):
         io.read_labels(tmp_path / "none.nii.gz")

@@ -31,7 +31,7 @@ def test_round_trip_relative_paths(tmp_path):
     manifest = tmp_path / "manifest.csv"
     write_manifest(manifest, rows)
     text = manifest.read_text()
-    assert text.splitlines()[0] == ",".join(COLUMNS) == HEADER + ",series,agatston,category"
+    assert text.splitlines()[0] == ",".join(COLUMNS) == HEADER + ",agatston,category,series"
     assert "p1/cac/image.nii.gz" in text and str(tmp_path) not in text
     (back,) = read_manifest(manifest)
     assert back == rows[0]

@@ -283,6 +283,20 @@ def test_category_boundaries(score, four, five):
     assert cac_category(score, five_class=True) == five
 
 
+@pytest.mark.parametrize("pixels, pixel_mm, bound, four", [(625, 0.4, 100.0, 1), (2500, 0.4, 400.0, 2)])
+def test_a_sum_exactly_at_a_bound_stays_in_its_category(pixels, pixel_mm, bound, four):
+    # One weight-1 lesion of 625 (2500) pixels of 0.4 x 0.4 mm on 3 mm slices: exactly 100 (400)
+    # in exact arithmetic; the float64 sum comes out a hair above the bound.
+    side = int(np.sqrt(pixels))
+    hu, labels = _empty((1, side + 2, side + 2))
+    hu[0, 1:-1, 1:-1], labels[0, 1:-1, 1:-1] = 150.0, 1
+    result = agatston_score(hu, labels, (3.0, pixel_mm, pixel_mm))
+    assert result.agatston == pytest.approx(bound, rel=1e-12)
+    assert result.category == four
+    assert cac_category(bound * (1 + 1e-13)) == four
+    assert cac_category(bound * (1 + 1e-6)) == four + 1  # a real score above the bound moves up
+
+
 def test_category_names():
     assert CATEGORY_NAMES == ("0", "1-100", "101-400", ">400")
     assert CATEGORY_NAMES_5 == ("0", "1-10", "11-100", "101-400", ">400")

@@ -117,7 +117,8 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
 
 
 def _to_int16_labels(path: Path, values: np.ndarray) -> np.ndarray:
-    """Checks label values are non-negative integers that fit int16, and converts."""
+    """Checks label values are non-negative integers and converts them to int16 (codes above
+    int16's range are non-coronary like every code from 5: they become 32767)."""
     values = np.asarray(values)
     if values.dtype == np.bool_:
         return values.astype(np.int16)
@@ -141,7 +142,8 @@ def _to_int16_labels(path: Path, values: np.ndarray) -> np.ndarray:
             raise LabelError(path, f"negative label values (minimum {low:g}, e.g. at voxel "
                                    f"(z, y, x) {where}); labels must be >= 0")
         if high > np.iinfo(np.int16).max:
-            raise LabelError(path, f"label value {high:g} does not fit int16")
+            # Codes 5 and above are all non-coronary (never scored): one code stands for them.
+            values = np.minimum(values, np.iinfo(np.int16).max)
     return values.astype(np.int16)
 
 
