@@ -244,8 +244,9 @@ class _HostState:
 
 def _device_scale(scale: float, devices) -> jax.Array:
     """The learning-rate factor (plateau times anneal) the step multiplies its updates by,
-    replicated on the local devices."""
-    return _replicate(jnp.asarray(scale, jnp.float32), devices)
+    replicated on the local devices. Built from the host value: a device scalar would make
+    the host wait for the steps in flight before it could dispatch the next one."""
+    return _replicate(np.float32(scale), devices)
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
