@@ -518,6 +518,30 @@ def test_bad_image_files_fail(tmp_path):
         io.read_study(tmp_path / "scan.png")
 
 
+def test_float64_hu_keeps_its_side_of_every_agatston_threshold(tmp_path):
+    # A float64 image with lesions a hair under 130, 200, 300 and 400 HU: read as float32, each
+    # stays under its threshold (rounded down, not to the nearest float32, which is the threshold).
+    from cac_jax.scoring import agatston_score
+
+    peaks = (129.99999999, 199.9999999, 299.9999999, 399.9999999)
+    hu = np.full((2, 12, 12), -50.0)  # the lesions on slice 0; a volume has 2 slices at least
+    labels = np.zeros(hu.shape, np.int16)
+    for i, peak in enumerate(peaks):
+        hu[0, 1 + 3 * i:3 + 3 * i, 1:3] = peak  # 2 x 2 pixels of 1 mm
+        labels[0, 1 + 3 * i:3 + 3 * i, 1:3] = 1
+    image = sitk.GetImageFromArray(hu)  # float64 voxels (MET_DOUBLE)
+    image.SetSpacing((1.0, 1.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "wide.mhd"))
+    volume = io.read_study(tmp_path / "wide.mhd")
+    assert volume.hu.dtype == np.float32
+    assert [float(volume.hu[0, 1 + 3 * i, 1]) < t for i, t in enumerate((130, 200, 300, 400))] \
+        == [True] * 4
+    result = agatston_score(volume.hu, labels, volume.spacing_zyx_mm)
+    # Not a candidate, then weights 1, 2, 3 on 4 mm^2 each: 24 (round to nearest gave 40).
+    assert result.agatston == pytest.approx(24.0)
+    assert [lesion.weight for lesion in result.lesions] == [1, 2, 3]
+
+
 # --- labels ---------------------------------------------------------------------------------
 
 def test_read_labels_matching_geometry(tmp_path):

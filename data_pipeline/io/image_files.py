@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from data_pipeline.errors import InputError
-from data_pipeline.io.volume import StudyMetadata, _Grid
+from data_pipeline.io.volume import StudyMetadata, _Grid, hu_float32
 
 # Suffixes SimpleITK reads for us (.mha is single-file MetaImage).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr")
@@ -47,7 +47,7 @@ def _read_image_file(path: Path, *, error: type[InputError]) -> tuple[_Grid, Stu
     if image.HasMetaDataKey("descrip"):  # NIfTI's free-text description
         description = image.GetMetaData("descrip").strip() or None
     metadata = StudyMetadata(source=str(path), modality=modality, series_description=description)
-    return dataclasses.replace(grid, values=grid.values.astype(np.float32, copy=False)), metadata
+    return dataclasses.replace(grid, values=hu_float32(grid.values)), metadata
 
 
 def _read_image_grid(path: Path, *, error: type[InputError]) -> tuple[_Grid, sitk.Image]:

@@ -14,6 +14,23 @@ import math
 import numpy as np
 
 
+def hu_float32(values: np.ndarray) -> np.ndarray:
+    """HU as float32, rounded down where float32 cannot hold a wider value exactly.
+
+    Rounding toward minus infinity keeps every comparison `hu >= t` with a threshold float32
+    holds exactly (130, 200, 300, 400: the Agatston candidate threshold and weight bands) as it
+    was in the input's own precision: a float64 129.99999999 stays under 130 (round to nearest
+    would make it 130.0). Integer HU and float32 input are unchanged (no copy for float32).
+    """
+    values = np.asarray(values)
+    out = values.astype(np.float32, copy=False)
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4:
+        up = out.astype(values.dtype) > values
+        if up.any():
+            out[up] = np.nextafter(out[up], np.float32(-np.inf))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyMetadata:
     """What the header says about a study; `None` where it does not say (image files say little)."""
@@ -97,7 +114,7 @@ class CTVolume:
         if hu.ndim != 3:
             raise ValueError(f"CTVolume.hu must be 3-D (z, y, x), got shape {hu.shape}")
         if hu.dtype != np.float32:
-            hu = hu.astype(np.float32)
+            hu = hu_float32(hu)
         spacing = tuple(float(s) for s in self.spacing_zyx_mm)
         origin = tuple(float(o) for o in self.origin_xyz_mm)
         direction = tuple(float(d) for d in self.direction)
