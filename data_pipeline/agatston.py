@@ -67,7 +67,9 @@ DEFAULT_MIN_AREA_MM2 = 1.0
 _AREA_RTOL = 1e-9
 # Likewise a score whose exact value is a category bound (625 pixels of 0.4 x 0.4 mm at weight 1
 # on 3 mm slices: 100) must not move up a category because the sum came out 100.00000000000001.
-_CATEGORY_RTOL = 1e-9
+# The sum's rounding is a few 1e-16 per term, so 1e-12 covers any lesion count while a real
+# score above a bound (100.00000001) still moves up.
+_CATEGORY_RTOL = 1e-12
 # Thickness and spacing closer than this (mm) are treated as equal (header rounding).
 _THICKNESS_ATOL_MM = 0.01
 # Above this fraction of labelled coronary voxels under 130 HU, the labels probably do not belong
@@ -151,7 +153,7 @@ def cac_category(agatston: float, five_class: bool = False) -> int:
 
     Four classes (the paper): 0 -> 0, (0, 100] -> 1, (100, 400] -> 2, > 400 -> 3.
     Five classes: 0 -> 0, (0, 10] -> 1, (10, 100] -> 2, (100, 400] -> 3, > 400 -> 4.
-    A score within a relative 1e-9 above a bound is at the bound (floating-point rounding of a
+    A score within a relative 1e-12 above a bound is at the bound (floating-point rounding of a
     sum whose exact value is the bound).
     """
     score = float(agatston)
