@@ -64,6 +64,7 @@ DUPLICATE_MM = 1e-3
 # Series choice: calcium scoring is defined on 3 mm axial reconstructions (Agatston 1990; 2.5-3 mm
 # in the SCCT guideline, Hecht et al. 2017), so the series whose thickness is closest wins.
 SCORING_THICKNESS_MM = 3.0
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants (.7.1-.7.4)
 # Rescale plausibility for CT (DICOM PS3.3 C.8.2.1): real CT slopes are about 1 (0.5-2 seen) and
 # intercepts -1024, -1000 or 0; anything outside these bounds is a broken header, and values
 # outside HU_RANGE after rescaling are no CT (ITK's extended scale ends near 31743 HU).
@@ -104,15 +105,22 @@ class _Series:
 
 def _list_files(folder: Path, error: type[InputError]) -> list[Path]:
     """All regular files under `folder`, recursively, in a stable order; hidden files skipped.
+    Linked subfolders are followed (each real folder once, so a link loop ends): skipping them
+    would silently drop the slices stored there.
 
     An unreadable subfolder is an error: skipping it could silently drop slices.
     """
-    files = []
+    files, seen = [], set()
 
     def unreadable(exc: OSError) -> None:
         raise error(exc.filename or folder, f"cannot read folder: {exc.strerror or exc}")
 
-    for root, dirs, names in os.walk(folder, onerror=unreadable):
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
     return files
@@ -236,12 +244,28 @@ def _read_dicom(source: Path, files: Sequence[Path], *, error: type[InputError],
                 by_uid.setdefault(key, _Series(key)).datasets.append(
                     (frame_path(path, index), frame))
             continue
-        by_uid.setdefault(uid, _Series(uid)).datasets.append((path, ds))
+        key = uid + _set_apart(ds)
+        by_uid.setdefault(key, _Series(key)).datasets.append((path, ds))
     if not by_uid:
         raise error(source, f"no DICOM image files found ({len(files)} files looked at)")
     chosen, why, skipped = _choose_series(source, list(by_uid.values()), error, require_ct,
                                           series)
     return _load_series(source, chosen, why, skipped, error, require_ct)
+
+
+# What some scanners file under the axial images' SeriesInstanceUID: kept apart as a series of its
+# own (`UID [localizer]`), which is then skipped with its reason, instead of spoiling the series.
+_APART = " ["
+
+
+def _set_apart(ds: pydicom.Dataset) -> str:
+    """"" for an image of its series, or the tag of a localizer or secondary capture sharing it."""
+    if {str(v).upper() for v in _as_list(ds.get("ImageType"))} & {"LOCALIZER", "SCOUT",
+                                                                   "TOPOGRAM"}:
+        return f"{_APART}localizer]"
+    if str(ds.get("SOPClassUID", "") or "").startswith(SECONDARY_CAPTURE):
+        return f"{_APART}secondary capture]"
+    return ""
 
 
 _SLICE_ELEMENTS = ("Rows", "Columns", "PixelData", "ImagePositionPatient",
@@ -257,7 +281,7 @@ def _series_problem(s: _Series, require_ct: bool, error: type[InputError]) -> st
     ds = s.first
     sop_class = str(ds.get("SOPClassUID", "") or "")
     modality = str(ds.get("Modality", "") or "")
-    if sop_class.startswith("1.2.840.10008.5.1.4.1.1.7"):
+    if sop_class.startswith(SECONDARY_CAPTURE):
         return f"secondary capture (modality {modality or 'not given'}), not a CT acquisition"
     if require_ct and modality != "CT":
         return f"modality {modality or 'not given'}, not CT"
@@ -291,6 +315,11 @@ def _series_problem(s: _Series, require_ct: bool, error: type[InputError]) -> st
     normal = _unit_normal(orientations[0])
     angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if angle > AXIAL_TOLERANCE_DEG:
+        tilt = _float_or_none(ds.get("GantryDetectorTilt"))
+        if tilt:
+            return (f"gantry tilt {tilt:g} deg (GantryDetectorTilt; slice normal "
+                    f"{angle:.1f} deg from the z axis): series tilted more than "
+                    f"{AXIAL_TOLERANCE_DEG:g} deg are not supported")
         return (f"not axial: slice normal {np.round(normal, 3).tolist()} is {angle:.1f} deg from "
                 f"the z axis (oblique, coronal or sagittal series are not supported)")
     return None
@@ -326,6 +355,8 @@ def _series_thickness(s: _Series, error: type[InputError]) -> tuple[float, str]:
 
 
 def _matches(s: _Series, wanted: str) -> bool:
+    if _APART in s.uid:  # a localizer set apart from its series: only by its listed name
+        return s.uid == wanted
     if wanted.isdigit():
         return s.number == int(wanted)
     # A stack of an Enhanced CT file: `SeriesInstanceUID/stack ID`, or the UID for all stacks.
@@ -441,29 +472,32 @@ def _load_series(source: Path, s: _Series, why: str, skipped: tuple[str, ...],
                               f"{pixel_spacing.tolist()}")
 
     raw = np.empty((len(datasets), rows, columns), dtype=np.float32)
+    # Each slice's own rescale, as GDCM and SimpleITK apply it: lossy JPEG writers (DCMTK's
+    # dcmcjpeg) store every slice with its own intercept, and the HU are the same.
     rescale = [_rescale(path, ds, error, require_ct) for path, ds in datasets]
-    for key, name in ((0, "RescaleSlope"), (1, "RescaleIntercept")):
-        values = np.array([r[key] for r in rescale])
-        if require_ct and np.any(values != values[0]):
-            k = int(np.flatnonzero(values != values[0])[0])
-            raise error(datasets[k][0], f"{name} {values[k]:g} differs from {values[0]:g} in "
-                                        f"{datasets[0][0].name} of the same series; a CT series "
-                                        "has one rescale (corrupt or mixed series?)")
     for k, (path, ds) in enumerate(datasets):
         raw[k] = _pixels(path, ds, error)
+    without = [k for k, r in enumerate(rescale) if r[2]]  # no intercept: values already HU
+    if require_ct and without:
+        _check_already_hu(datasets[without[0]][0], raw[without], error)
     slope, intercept = rescale[0][0], rescale[0][1]
-    if require_ct and rescale[0][2]:
-        _check_already_hu(datasets[0][0], raw, error)
-    raw *= np.float32(slope)  # in place: no second full-size array
-    raw += np.float32(intercept)
+    one_rescale = all(r[:2] == (slope, intercept) for r in rescale)
+    if one_rescale:
+        raw *= np.float32(slope)  # in place: no second full-size array
+        raw += np.float32(intercept)
+    else:
+        for k, (slope_k, intercept_k, _) in enumerate(rescale):
+            raw[k] *= np.float32(slope_k)
+            raw[k] += np.float32(intercept_k)
     hu = raw
     if require_ct:
         low, high = float(hu.min()), float(hu.max())
         if not (math.isfinite(low) and math.isfinite(high)) or low < HU_RANGE[0] or \
                 high > HU_RANGE[1]:
-            raise error(datasets[0][0], f"RescaleSlope {slope:g} and RescaleIntercept "
-                                        f"{intercept:g} give values {low:g}..{high:g}, outside "
-                                        f"any CT range ({HU_RANGE[0]:g}..{HU_RANGE[1]:g} HU)")
+            given = (f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give"
+                     if one_rescale else "the slices' RescaleSlope and RescaleIntercept give")
+            raise error(datasets[0][0], f"{given} values {low:g}..{high:g}, outside any CT "
+                                        f"range ({HU_RANGE[0]:g}..{HU_RANGE[1]:g} HU)")
 
     # SimpleITK direction: columns are row direction, column direction, slice normal.
     direction = np.stack([row_dir, col_dir, normal], axis=1)
@@ -501,8 +535,8 @@ def _rescale(path: Path, ds: pydicom.Dataset, error: type[InputError],
 
     Both are Type 1 in the CT Image module (DICOM PS3.3 C.8.2.1). A missing intercept would read
     stored values (often offset by 1024) as HU and shift every threshold, so it is refused unless
-    the header says the data already is in HU (RescaleType "HU") and the values confirm it
-    (`_check_already_hu`). Slope 0, a negative slope or one outside MAX_RESCALE_SLOPE is refused:
+    the header lets the data be HU already (RescaleType "HU" or absent: it is Type 1C, present
+    when the values are not HU) and the values confirm it (`_check_already_hu`). Slope 0, a negative slope or one outside MAX_RESCALE_SLOPE is refused:
     no CT stores HU that way, and such a header would silently scale every value.
     """
     def number(keyword: str, default: float | None) -> float | None:
@@ -527,21 +561,24 @@ def _rescale(path: Path, ds: pydicom.Dataset, error: type[InputError],
         raise error(path, f"RescaleIntercept {intercept:g} is not a plausible CT rescale "
                           f"(|intercept| <= {MAX_RESCALE_INTERCEPT:g}, usually -1024 or 0)")
     if missing:
+        # RescaleType is Type 1C in the CT Image module, present when the values are not HU:
+        # absent (or "HU"), the stored values are HU, which `_check_already_hu` then checks.
         rescale_type = str(ds.get("RescaleType", "") or "").strip().upper()
-        if rescale_type != "HU":
-            raise error(path, "RescaleIntercept missing (Type 1 for CT): the stored values "
-                              "cannot be converted to Hounsfield units")
+        if rescale_type not in ("", "HU"):
+            raise error(path, f"RescaleIntercept missing (Type 1 for CT) and RescaleType "
+                              f"{rescale_type!r}: the stored values cannot be converted to "
+                              "Hounsfield units")
         intercept = 0.0
     return slope, intercept, missing
 
 
 def _check_already_hu(path: Path, stored: np.ndarray, error: type[InputError]) -> None:
-    """With no RescaleIntercept but RescaleType HU, the stored values must look like HU: air
-    inside the field of view reads about -1000 HU, so a CT in HU has values below -500."""
+    """With no RescaleIntercept (RescaleType HU or absent), the stored values must look like HU:
+    air inside the field of view reads about -1000 HU, so a CT in HU has values below -500."""
     if float(stored.min()) >= -500.0:
         raise error(path, "RescaleIntercept missing (Type 1 for CT) and the values "
                           f"({float(stored.min()):g}..{float(stored.max()):g}) have no air at "
-                          "about -1000 HU, so they are not Hounsfield units as RescaleType says")
+                          "about -1000 HU, so they are not Hounsfield units")
 
 
 def _check_steps(source: Path, along: np.ndarray, datasets, error: type[InputError]) -> float:
@@ -605,10 +642,11 @@ def _pixels(path: Path, ds: pydicom.Dataset, error: type[InputError]) -> np.ndar
 
 
 def _check_pixel_data_length(path: Path, ds: pydicom.Dataset, error: type[InputError]) -> None:
-    """Native (uncompressed) pixel data must hold exactly Rows x Columns x BitsAllocated / 8
-    bytes (plus one pad byte to an even length): pydicom pads a short slice with zeros and
-    drops an excess with a warning, so a Rows/Columns that disagrees with the data would
-    otherwise give a wrong image."""
+    """Native (uncompressed) pixel data must hold Rows x Columns x BitsAllocated / 8 bytes: pydicom
+    pads a short slice with zeros and drops an excess with a warning, so a Rows/Columns that
+    disagrees with the data would otherwise give a wrong image. A few trailing bytes (a pad byte
+    to an even length, a writer's padding) are fine: fewer than the smaller side's row of pixels,
+    they cannot be a Rows or Columns off by one or more."""
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
@@ -621,7 +659,7 @@ def _check_pixel_data_length(path: Path, ds: pydicom.Dataset, error: type[InputE
     if length == 0xFFFFFFFF or bits % 8:
         return  # encapsulated data under a native syntax, or packed bits: left to the decoder
     expected = rows * columns * samples * bits // 8 * frames
-    if length not in (expected, expected + 1):
+    if not expected <= length < expected + max(2, min(rows, columns) * samples * bits // 8):
         of_frames = f" x {frames} frames" if frames > 1 else ""
         raise error(path, f"pixel data has {length} bytes but Rows {rows} x Columns {columns} x "
                           f"{bits} bits{of_frames} need {expected}: Rows/Columns disagree with "
