@@ -55,6 +55,19 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def _output_problem(err: OSError, out: Path) -> bool:
+    """An OSError of writing into `out` (a full or read-only disk, or a file under `out`), as
+    opposed to one of a study's own (its files, a PACS connection)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    if not err.filename:
+        return False
+    try:
+        return Path(os.fspath(err.filename)).resolve().is_relative_to(Path(out).resolve())
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 @dataclasses.dataclass
 class BatchSummary:
     """Counts of a batch run; `text()` is the summary line printed at the end."""
@@ -255,6 +268,12 @@ def _score_study(scorer: Scorer, study: Study, out: Path, models: dict[str, str]
             after_study(out, name, study, volume, result)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except OSError as err:
+            if _output_problem(err, out):  # every later study would fail the same way
+                raise OutputWriteError(out, f"cannot write the outputs of {study.scan_id}: "
+                                            f"{_reason(err)}") from None
+            row.update(status="error", error=error_line(err))
+            return row
         except Exception as err:  # noqa: BLE001 - one bad study must not stop the batch
             row.update(status="error", error=error_line(err))
             return row

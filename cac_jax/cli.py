@@ -1,7 +1,8 @@
 """`cac-jax <command>`: the console script. Parses arguments and calls library functions.
 
 Bad input (any `data_pipeline.errors.InputError`) is reported as one line on stderr naming the file
-and the problem, with exit code 2; no traceback.
+and the problem, with exit code 2; no traceback. So is what the file system refuses (an OSError:
+a full disk, a read-only folder) where the command did not turn it into an InputError itself.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as err:
+        if err.errno is None:
+            raise
+        # What the file system refused (a full disk, a read-only folder, a file where a folder
+        # is needed) where no command named it already: one line naming the file.
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"cac-jax {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -169,7 +169,8 @@ class OutputLockedError(InputError):
 
 
 class OutputLock:
-    """An exclusive lock on an output folder: `OUT/.cac-jax-infer.lock`, locked with `flock`.
+    """An exclusive lock on an output folder: `OUT/.cac-jax-infer.lock` (`name`), locked with
+    `flock`; `command` and `advice` word the message a second run gets.
 
     The kernel releases an flock when its process dies, so a lock file left by a killed run is
     no lock: the next run takes it over. The file names its holder (pid, host, start time) for the
@@ -177,8 +178,10 @@ class OutputLock:
     run unlocked, with a warning through `log`.
     """
 
-    def __init__(self, folder: str | os.PathLike, log=None):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, folder: str | os.PathLike, log=None, *, name: str = LOCK_NAME,
+                 command: str = "cac-jax infer", advice: str = "choose another --out"):
+        self.path = Path(folder) / name
+        self._command, self._advice = command, advice
         self._log = log
         self._fd: int | None = None
 
@@ -196,9 +199,9 @@ class OutputLock:
                 holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
                 os.close(fd)
                 raise OutputLockedError(
-                    self.path.parent, f"another cac-jax infer is writing into this folder "
+                    self.path.parent, f"another {self._command} is writing into this folder "
                                       f"({holder or 'holder unknown'}; lock {self.path}); wait "
-                                      "for it to finish or choose another --out") from None
+                                      f"for it to finish or {self._advice}") from None
             except OSError as err:
                 os.close(fd)
                 if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):

@@ -31,6 +31,7 @@ the state a run starts from (its own checkpoint, or `train.init_from`'s model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -299,10 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     config, workdir, hosts = _start(config, workdir)
-    data_path = _check_data_and_workdir(config, workdir, hosts.is_main)
-    run = _Run(config, workdir, hosts, data_path)
-    run.train()
-    return run.finish()
+    with contextlib.ExitStack() as held:
+        data_path = _check_data_and_workdir(config, workdir, hosts.is_main, held)
+        run = _Run(config, workdir, hosts, data_path)
+        run.train()
+        return run.finish()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,10 +356,11 @@ def _start(config, workdir) -> tuple[ml_collections.ConfigDict, Any, _Hosts]:
     return config, workdir, hosts
 
 
-def _check_data_and_workdir(config, workdir, is_main: bool):
-    """The dataset's path, after refusing a missing dataset, an unusable workdir or a workdir
-    holding a run of another config (which keys differ); writes `config.json`. A `config.json`
-    without a checkpoint beside it (a start refused before its first step) is replaced."""
+def _check_data_and_workdir(config, workdir, is_main: bool, held: contextlib.ExitStack):
+    """The dataset's path, after refusing a missing dataset, an unusable workdir, a workdir
+    another live run writes into (its lock then stays `held`) or a workdir holding a run of
+    another config (which keys differ); writes `config.json`. A `config.json` without a
+    checkpoint beside it (a start refused before its first step) is replaced."""
     from data_pipeline.input_pipeline import dataset_path
 
     data_path = dataset_path(config.data)
@@ -366,6 +369,7 @@ def _check_data_and_workdir(config, workdir, is_main: bool):
                                     f"M.csv --data-dir {config.data.data_dir} --name "
                                     f"{config.data.name}`")
     support.check_workdir(workdir, is_main)
+    held.enter_context(support.workdir_lock(workdir, is_main))
     config_file = workdir / ckpt_lib.CONFIG_FILE
     if config_file.exists() and ckpt_lib.has_checkpoint(workdir):
         saved = json.loads(config_file.read_text())

@@ -14,6 +14,7 @@ from the last intact checkpoint, the logging window, and TensorBoard events on r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -75,6 +76,28 @@ def os_error(err: OSError, default_path) -> InputError:
     path = err.filename or default_path
     reason = err.strerror or str(err).splitlines()[0]
     return InputError(path, f"cannot write the run: {reason}")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, is_main: bool):
+    """One run per workdir: a second `cac-jax train` into a workdir a live run writes into is
+    refused with one line (two runs would interleave their checkpoints and metrics). Held by
+    process 0; the other processes of a multi-host run are the same run. A killed run's lock is
+    no lock (flock dies with its process)."""
+    if not is_main or is_remote(workdir):  # object stores have no flock
+        yield
+        return
+    from cac_jax.results import OutputLock
+
+    try:
+        lock = OutputLock(workdir, print, name=".cac-jax-train.lock", command="cac-jax train",
+                          advice="choose another --workdir").acquire()
+    except OSError as err:
+        raise os_error(err, workdir) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_workdir(workdir: epath.Path, is_main: bool) -> None:

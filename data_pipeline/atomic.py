@@ -77,9 +77,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         if tmp.exists():
             os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename in (None, str(tmp), tmp):
+            err.filename = str(target)  # a failed write (a full disk) names the output
         raise
 
 

@@ -388,14 +388,23 @@ def _build_lock(folder: Path):
 
 
 def _remove_unfinished(target: Path, on_warning: Callable[[str], None] | None) -> None:
-    """Removes what a killed build left beside `target`: TFDS builds into
-    `NAME/incomplete.XXXXXX_VERSION/` and renames it when done, so under the build lock such a
-    folder belongs to no running build."""
+    """Tidies what a killed build left beside `target` (under the build lock, nothing there
+    belongs to a running build): TFDS builds into `NAME/incomplete.XXXXXX_VERSION/`, removed; a
+    killed `--overwrite` rebuild had set the old dataset aside (`_set_aside`): put back when no
+    dataset took its place, else removed (the rebuild finished)."""
+    warn = on_warning or _print_warning
     for stale in sorted(target.parent.glob(f"incomplete.*_{target.name}")):
         if stale.is_dir():
             shutil.rmtree(stale)
-            message = f"removed {stale}: the unfinished build of an interrupted ingest"
-            (on_warning or _print_warning)(message)
+            warn(f"removed {stale}: the unfinished build of an interrupted ingest")
+    aside = sorted((p for p in target.parent.glob(f".{target.name}.replaced-*") if p.is_dir()),
+                   key=lambda p: p.stat().st_mtime)
+    if aside and not target.exists():
+        os.replace(aside.pop(), target)
+        warn(f"restored {target}: the dataset an interrupted --overwrite rebuild had set aside")
+    for stale in aside:
+        shutil.rmtree(stale)
+        warn(f"removed {stale}: the dataset a finished --overwrite rebuild replaced")
 
 
 def _build(target: Path, manifest_path, data_dir, parsed, *, name, split_seed, skip_bad,
@@ -411,11 +420,19 @@ def _build(target: Path, manifest_path, data_dir, parsed, *, name, split_seed, s
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-    except BaseException:
+    except BaseException as err:
         if previous is not None:  # a failed rebuild leaves the old dataset as it was
             if target.exists():
                 shutil.rmtree(target)
             os.replace(previous, target)
+        # A full or read-only disk, also as TensorFlow reports it (ResourceExhaustedError in a
+        # RuntimeError): one line, not TFDS's traceback.
+        reason = next((r for r in ("No space left on device", "Disk quota exceeded",
+                                   "Read-only file system") if r in str(err)), None)
+        if reason is not None and not isinstance(err, InputError):
+            raise InputError(target.parent, f"cannot write the dataset: {reason}"
+                             + ("; the dataset built before is kept" if previous else "")) \
+                from None
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)

@@ -33,3 +33,20 @@ def test_written_file_has_umask_mode_not_private(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_failed_write_names_the_output_not_its_temporary(tmp_path, monkeypatch):
+    # A full disk while writing (an OSError without a file name, or naming the temporary file)
+    # is reported for the file the caller asked for.
+    import errno
+    import os
+    from pathlib import Path
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "report.html", "x")
+    assert info.value.filename == str(tmp_path / "report.html")
+    assert list(tmp_path.iterdir()) == []

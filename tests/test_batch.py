@@ -200,6 +200,31 @@ def test_a_failed_append_is_cut_back_to_whole_rows(tmp_path, monkeypatch):
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("code, stops", [(errno.ENOSPC, True), (errno.ECONNREFUSED, False)])
+def test_a_full_disk_in_the_after_study_outputs_stops_the_batch(scorer, tmp_path, code, stops):
+    # The DICOM outputs (after_study) hit a full disk: every later study would too, so the batch
+    # stops with one line; a study's own failure there (a PACS refusing it) is that study's row.
+    paths = _write_cohort(tmp_path, count=2)
+    calls = []
+
+    def after_study(out, name, study, volume, result):
+        calls.append(name)
+        raise OSError(code, os.strerror(code))
+
+    studies = inference.studies_from_args([str(p) for p in paths], None)
+    if stops:
+        with pytest.raises(batch.OutputWriteError, match=r"cannot write the outputs of s0: "
+                                                         r"No space left on device"):
+            batch.run_batch(scorer, studies, tmp_path / "out", progress=False,
+                            after_study=after_study)
+        assert calls == ["s0"]
+    else:
+        batch.run_batch(scorer, studies, tmp_path / "out", progress=False,
+                        after_study=after_study)
+        assert calls == ["s0", "s1"]
+        assert [r["status"] for r in _rows(tmp_path / "out")] == ["error", "error"]
+
+
 def test_resuming_with_other_models_is_refused(scorer, tmp_path, monkeypatch, capsys):
     """Rows carry the models (checkpoint step folder and step): an --out scored by other models
     is refused with one line unless --overwrite, which rescores every study."""

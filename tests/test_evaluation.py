@@ -446,6 +446,48 @@ def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
     assert ctac["null_reasons"]["icc_agatston"]
 
 
+def test_a_full_disk_under_the_report_is_one_line(tmp_path, capsys, monkeypatch):
+    # What the file system refuses where no command named it (here the HTML report's write) is
+    # one line naming the file, exit 2, no traceback.
+    import errno
+    import os
+
+    from data_pipeline import atomic
+
+    real = atomic.atomic_write_text
+
+    def full(path, text):
+        if str(path).endswith(".html"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, text)
+
+    monkeypatch.setattr(atomic, "atomic_write_text", full)
+    ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston"], [["a", "0"], ["b", "50"]])
+    pred = _write_csv(tmp_path / "results.csv", ["scan_id", "status", "agatston"],
+                      [["a", "ok", "0"], ["b", "ok", "60"]])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out),
+                 "--report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cac-jax evaluate: error: {out / 'report.html'}: No space left on device"]
+
+
+def test_a_left_out_prediction_is_listed_once(tmp_path, capsys):
+    # An error row and an unusable score are each left out once, for what they are, not a second
+    # time as a reference row "with no prediction"; a reference row truly without one still is.
+    ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston"],
+                     [["a", "0"], ["b", "50"], ["c", "500"], ["d", "20"], ["e", "5"]])
+    pred = _write_csv(tmp_path / "results.csv", ["scan_id", "status", "agatston", "error"],
+                      [["a", "ok", "0", ""], ["b", "ok", "60", ""], ["c", "error", "", "bad"],
+                       ["d", "ok", "nan", ""]])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out)]) == 0
+    excluded = _strict_json(out / "metrics.json")["excluded"]
+    assert sorted((e["scan_id"], e["source"]) for e in excluded) == [
+        ("c", "pred"), ("d", "pred"), ("e", "ref")]
+    assert "3 row(s) left out" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "nothing_matches",
                                   "ref_protocol_without_manifest"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):

@@ -148,6 +148,47 @@ def test_existing_dataset_needs_overwrite(built):
         build_dataset(manifest, data_dir, name="tiny", progress=False)
 
 
+def test_a_killed_overwrite_gets_its_old_dataset_back(built):
+    # A rebuild killed after it set the old dataset aside (renamed beside it) and before the new
+    # one was in place: the next ingest puts the old one back, and says so.
+    from data_pipeline.errors import InputError
+    from data_pipeline.tfds_builder import build_dataset
+
+    root, manifest, data_dir, builder = built
+    target = data_dir / "tiny" / DATASET_VERSION
+    files = sorted(p.relative_to(target) for p in target.rglob("*"))
+    aside = target.with_name(f".{target.name}.replaced-99999")
+    target.rename(aside)
+    warnings = []
+    with pytest.raises(InputError, match="already built"):
+        build_dataset(manifest, data_dir, name="tiny", progress=False, on_warning=warnings.append)
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == files
+    assert not aside.exists()
+    assert warnings == [f"restored {target}: the dataset an interrupted --overwrite rebuild had "
+                        "set aside"]
+
+
+def test_a_full_disk_while_building_is_one_line_and_keeps_the_dataset(built, monkeypatch):
+    # TFDS reports a full disk as a RuntimeError around TensorFlow's ResourceExhaustedError.
+    from data_pipeline import tfds_builder
+    from data_pipeline.errors import InputError
+
+    root, manifest, data_dir, builder = built
+    target = data_dir / "tiny" / DATASET_VERSION
+    files = sorted(p.relative_to(target) for p in target.rglob("*"))
+
+    def full(self, **kwargs):
+        raise RuntimeError('ResourceExhaustedError: Failed to finalize writing of split "train": '
+                           "/x/tiny-train.tfrecord; No space left on device")
+
+    monkeypatch.setattr(tfds_builder.CacCtBuilder, "download_and_prepare", full)
+    with pytest.raises(InputError, match=r"cannot write the dataset: No space left on device; "
+                                         r"the dataset built before is kept"):
+        tfds_builder.build_dataset(manifest, data_dir, name="tiny", overwrite=True,
+                                   progress=False)
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == files
+
+
 def test_overwrite_with_bad_manifest_keeps_the_dataset(built, tmp_path):
     from data_pipeline.tfds_builder import build_dataset
 

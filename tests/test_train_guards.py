@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -231,6 +232,24 @@ def test_workdir_faults_are_one_line(data_dir, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="Read-only file system") as info:
         train_lib.train_and_evaluate(config, tmp_path / "ro")
     assert str(tmp_path / "ro") in str(info.value)
+
+
+def test_a_second_run_into_a_live_runs_workdir_is_refused(data_dir, tmp_path):
+    # Two runs in one workdir would interleave their checkpoints and metrics: the second is
+    # refused in one line naming the first (its lock), before it writes anything.
+    from cac_jax.results import OutputLock
+
+    config = tiny_config("unet_heart", data_dir, steps=2)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    held = OutputLock(workdir, name=".cac-jax-train.lock").acquire()
+    try:
+        with pytest.raises(InputError, match=r"another cac-jax train is writing into this folder "
+                                             rf"\(pid {os.getpid()} .*choose another --workdir"):
+            train_lib.train_and_evaluate(config, workdir)
+    finally:
+        held.release()
+    assert sorted(p.name for p in workdir.iterdir()) == []
 
 
 def test_disk_full_while_saving_is_one_line(data_dir, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data_pipeline.constants import NUM_CATEGORIES
@@ -185,14 +185,16 @@ class Case:
 
 def match_cases(pred: dict[str, PredRow], ref: dict[str, RefRow], *,
                 ref_protocol: str | None = None, pred2: dict[str, PredRow] | None = None,
-                ref_path: str = "reference") -> tuple[list[Case], list[Excluded]]:
+                ref_path: str = "reference", left_out: Iterable[str] = (),
+                ) -> tuple[list[Case], list[Excluded]]:
     """Pairs each prediction with its reference row; lists everything left out, with reasons.
 
     Same scan: a prediction's reference is the row with its scan_id. With `ref_protocol` (the
     paper's CTAC design) it is the row of the same patient with that protocol: the prediction's
     scan_id is looked up in the reference (a manifest with `patient_id` and `protocol`) for its
     patient. With `pred2`, only cases both models scored are kept, so both kappas are on the same
-    cases.
+    cases. `left_out`: scan_ids whose prediction row was already left out (an error row, no
+    score): their reference rows are not listed again as having no prediction.
     """
     by_patient: dict[str, list[RefRow]] = {}
     if ref_protocol is not None:
@@ -250,8 +252,12 @@ def match_cases(pred: dict[str, PredRow], ref: dict[str, RefRow], *,
             if scan_id not in pred:
                 excluded.append(Excluded(scan_id, "pred2", "scored by the second model but not "
                                                            "(or not successfully) by the first"))
+    listed = set(left_out)
+    if ref_protocol is not None:  # a left-out prediction's reference is its patient's row
+        listed |= {r.scan_id for s in list(listed) if s in ref and ref[s].patient_id
+                   for r in by_patient.get(ref[s].patient_id, [])}
     for scan_id, row in ref.items():
-        if scan_id in used_refs or scan_id in pred:
+        if scan_id in used_refs or scan_id in pred or scan_id in listed:
             continue
         if ref_protocol is not None and row.protocol != ref_protocol:
             continue  # a scan of another protocol is a lookup row, not a reference

@@ -264,7 +264,8 @@ def evaluate(inputs: EvaluationInputs) -> tuple[dict[str, Any], list[Case]]:
             raise EvaluationInputError(inputs.ref, f"--ref-protocol needs a manifest with "
                                                    f"{' and '.join(missing)} column(s)")
     cases, unmatched = match_cases(pred, ref, ref_protocol=inputs.ref_protocol, pred2=pred2,
-                                   ref_path=inputs.ref)
+                                   ref_path=inputs.ref,
+                                   left_out={e.scan_id for e in excluded if e.source == "pred"})
     excluded += unmatched
     if not cases:
         # One example per kind (reference problem, prediction problem) says most in one line.
