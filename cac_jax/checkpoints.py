@@ -153,16 +153,54 @@ def training_items(state) -> tuple[dict, dict]:
     return variables, items
 
 
+# The key of a step's `meta` that holds `variables_digest` of its `variables` item.
+DIGEST_KEY = "variables_sha256"
+
+
+def variables_digest(variables) -> str:
+    """SHA-256 over every array of `variables` (its tree path, dtype, shape and bytes), in path
+    order: saved with each checkpoint and checked when it is loaded, since a storage fault that
+    flips bytes inside an array file leaves a checkpoint that restores without any error."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    def name(path) -> str:  # "params/Conv_0/kernel", independent of JAX's keystr format
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                        for k in path)
+
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    for path, leaf in sorted(leaves, key=lambda item: name(item[0])):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{name(path)}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def check_digest(variables, meta: dict, where) -> None:
+    """Raise InputError when `meta` holds a digest and `variables` do not match it (checkpoints
+    saved before digests existed have none, and are not checked)."""
+    saved = meta.get(DIGEST_KEY)
+    if saved and variables_digest(variables) != saved:
+        raise InputError(where, "the parameters do not match the checksum saved with them "
+                                f"({DIGEST_KEY}): the checkpoint is corrupt")
+
+
 def restore_training(manager, template, step: int) -> dict:
     """The items of checkpoint `step` restored into the structure of the training state
-    `template` (host arrays)."""
+    `template` (host arrays); a step whose parameters fail their checksum raises."""
     import orbax.checkpoint as ocp
 
     variables, train_items = training_items(template)
-    return manager.restore(step, args=ocp.args.Composite(
+    items = manager.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(variables),
         train_state=ocp.args.StandardRestore(train_items),
         meta=ocp.args.JsonRestore()))
+    check_digest(items["variables"], dict(items["meta"] or {}),
+                 pathlib.Path(os.fspath(manager.directory)) / str(step) / "variables")
+    return items
 
 
 def load_state_if_possible(manager, template, where, is_main: bool = True):
@@ -185,6 +223,7 @@ def save_training(manager, step: int, state, meta: dict, metrics: dict | None, c
     """Save the host training `state` as checkpoint `step` with its `meta` and, when evaluated,
     its finite validation `metrics` (what the manager ranks the best on)."""
     variables, train_items = training_items(state)
+    meta = {**meta, DIGEST_KEY: variables_digest(variables)}
     clean = None
     if metrics:
         clean = {k: float(v) for k, v in metrics.items()
@@ -399,6 +438,7 @@ def load_trained(path: str | pathlib.Path) -> TrainedModel:
                                    f"match its config's model): {_first_clause(err)}") from None
     finally:
         checkpointer.close()
+    check_digest(variables, meta, step_dir / "variables")
     spacing = meta.get("pixel_spacing_mm") or {}
     neighbour = config.data.get("neighbour_mm", None)
     return TrainedModel(

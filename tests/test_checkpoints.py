@@ -184,6 +184,46 @@ def test_corrupt_checkpoint_is_one_line_at_infer(run, tmp_path, kind):
     assert "corrupt checkpoint" in lines[0] and str(damaged / "checkpoints" / "2") in lines[0]
 
 
+def _write_with_digest(workdir: pathlib.Path, config, variables, digest_of) -> None:
+    workdir.mkdir()
+    (workdir / ckpt.CONFIG_FILE).write_text(json.dumps(ckpt.config_to_dict(config)))
+    manager = ckpt.make_manager(workdir, config, keep=1)
+    meta = {"step": 1, "metrics": {}, ckpt.DIGEST_KEY: ckpt.variables_digest(digest_of)}
+    manager.save(1, args=ckpt.save_args(variables, {"step": np.asarray(1)}, meta, config),
+                 force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_parameters_that_changed_on_disk_are_caught_by_their_checksum(tmp_path):
+    # A storage fault can change bytes inside an array file so that the checkpoint still
+    # restores, with other values: only the digest saved with it (save_training writes it) can
+    # tell. Stored values that differ from those the digest was taken of stand for that here;
+    # bytes flipped in a data file, as a fault flips them, are refused either way.
+    config = _config()
+    model = build_model(config)
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, 3, 32, 32, 1), jnp.float32))
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), abstract)
+    _write_with_digest(tmp_path / "good", config, variables, variables)
+    _leaves_equal(ckpt.load_trained(tmp_path / "good").variables, variables)
+    changed = jax.tree.map(lambda x: x * 1.0001, variables)
+    _write_with_digest(tmp_path / "changed", config, changed, variables)
+    with pytest.raises(InputError, match=r"variables: the parameters do not match the checksum "
+                                         r"saved with them \(variables_sha256\): the "
+                                         r"checkpoint is corrupt"):
+        ckpt.load_trained(tmp_path / "changed")
+    data = max((p for p in (tmp_path / "good" / "checkpoints" / "1" / "variables").rglob("*")
+                if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 400] = bytes(b ^ 0x5A for b in raw[middle:middle + 400])
+    data.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="corrupt"):
+        ckpt.load_trained(tmp_path / "good")
+
+
 def test_loading_logs_no_orbax_warnings(run, caplog):
     """A checkpoint the tool wrote loads without Orbax's warning about a missing
     `_CHECKPOINT_METADATA` (it is read at the step level, not in the item folder)."""
