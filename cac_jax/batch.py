@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -187,12 +188,27 @@ def _start_results(path: Path, studies: list[Study], models: dict[str, str], ove
     return skip
 
 
+# `atomic_path`'s temporary names: "." + the target's name + "." + mkstemp's 8 characters + ".tmp"
+# + the target's suffix.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^/]*)?$")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Removes the temporary files of atomic writes (`.NAME.XXXX.tmpSUFFIX`,
+    `data_pipeline.atomic`) a killed run left in `out`: under the folder's lock no live writer
+    owns one."""
+    for path in out.glob(".*.tmp*"):
+        if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
 def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: bool,
                 save_previews: bool, overwrite: bool, progress: bool, log,
                 after_study=None) -> BatchSummary:
     from tqdm import tqdm
 
     results_path = out / RESULTS_NAME
+    _remove_stale_temporaries(out)
     models = model_identity(scorer.heart, scorer.calcium)
     skip = _start_results(results_path, studies, models, overwrite, log)
     summary = BatchSummary(out)

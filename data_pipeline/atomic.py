@@ -64,6 +64,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     target = resolve_output(path)
     if target.is_dir():
         raise OutputPathError(target, "is a folder, not a file")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputPathError(target, f"cannot write it: {folder} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(target.suffixes)

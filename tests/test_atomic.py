@@ -50,3 +50,13 @@ def test_a_failed_write_names_the_output_not_its_temporary(tmp_path, monkeypatch
         atomic_write_text(tmp_path / "report.html", "x")
     assert info.value.filename == str(tmp_path / "report.html")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
+    from data_pipeline.atomic import OutputPathError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputPathError, match=r"s\.json: cannot write it: .*afile is a file, "
+                                              r"not a folder"):
+        atomic_write_text(tmp_path / "afile" / "sub" / "s.json", "{}")
+    assert (tmp_path / "afile").read_text() == "x"

@@ -225,6 +225,23 @@ def test_a_full_disk_in_the_after_study_outputs_stops_the_batch(scorer, tmp_path
         assert [r["status"] for r in _rows(tmp_path / "out")] == ["error", "error"]
 
 
+def test_a_killed_writes_temporary_is_removed_by_the_next_run(scorer, tmp_path):
+    # SIGKILL during an atomic write leaves its temporary (never the output itself); the next run,
+    # holding the folder's lock, removes such files and nothing else.
+    import tempfile
+
+    paths = _write_cohort(tmp_path, count=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd, stale = tempfile.mkstemp(prefix=".s0.png.", suffix=".tmp.png", dir=out)
+    os.close(fd)
+    (out / ".keep.me").write_text("a user's file")
+    batch.run_batch(scorer, inference.studies_from_args([str(paths[0])], None), out,
+                    progress=False)
+    assert not Path(stale).exists() and (out / ".keep.me").exists()
+    assert [r["status"] for r in _rows(out)] == ["ok"]
+
+
 def test_resuming_with_other_models_is_refused(scorer, tmp_path, monkeypatch, capsys):
     """Rows carry the models (checkpoint step folder and step): an --out scored by other models
     is refused with one line unless --overwrite, which rescores every study."""
