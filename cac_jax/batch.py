@@ -142,11 +142,14 @@ def run_batch(scorer: Scorer, studies: list[Study], out: str | os.PathLike, *,
     redo, and then gets one appended row per study, after that study's other files: a killed
     batch leaves only complete rows. `after_study(out, name, study, volume, result)` (e.g. the
     DICOM outputs, docs/clinical.md) runs after a study's own files; what it raises makes that
-    study an error row.
+    study an error row, except a failure to write into `out` (a full disk), which stops the
+    batch like the study's own files would.
     """
     out = Path(out)
     _prepare_out(out, studies)
     lock = _lock(out, log)
+    if lock.held:  # without a lock another run's temporaries may be live
+        _remove_stale_temporaries(out)
     try:
         return _run_locked(scorer, studies, out, save_masks=save_masks,
                            save_previews=save_previews, overwrite=overwrite, progress=progress,
@@ -199,7 +202,8 @@ def _remove_stale_temporaries(out: Path) -> None:
     owns one."""
     for path in out.glob(".*.tmp*"):
         if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # tidying only: a file we may not remove stays
+                path.unlink()
 
 
 def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: bool,
@@ -208,7 +212,6 @@ def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: 
     from tqdm import tqdm
 
     results_path = out / RESULTS_NAME
-    _remove_stale_temporaries(out)
     models = model_identity(scorer.heart, scorer.calcium)
     skip = _start_results(results_path, studies, models, overwrite, log)
     summary = BatchSummary(out)

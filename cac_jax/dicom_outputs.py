@@ -101,10 +101,12 @@ def source_datasets(volume) -> list[SourceSlice]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from data_pipeline.io.dicom import list_files, set_apart
     from data_pipeline.io.enhanced import frames, is_enhanced_ct
 
     source = Path(volume.metadata.source)
-    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    # The files the reader looked at (linked subfolders included, hidden files not).
+    files = list_files(source, DicomOutputError) if source.is_dir() else [source]
     datasets = []
     for path in files:
         try:
@@ -113,8 +115,8 @@ def source_datasets(volume) -> list[SourceSlice]:
             continue  # not a DICOM file: folders hold other files too (read_study skips them)
         except OSError as err:
             raise DicomOutputError(path, f"cannot read the source image: {err}") from err
-        if str(ds.get("SeriesInstanceUID", "")) != volume.metadata.series_uid:
-            continue
+        if str(ds.get("SeriesInstanceUID", "")) != volume.metadata.series_uid or set_apart(ds):
+            continue  # another series, or a localizer the reader set apart from this one
         if is_enhanced_ct(ds):
             found = frames(path, ds, DicomOutputError)
             if len({key for key, _ in found}) > 1:

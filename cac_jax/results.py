@@ -229,6 +229,11 @@ class OutputLock:
         raise OutputLockedError(self.path.parent, f"could not lock {self.path} (it keeps being "
                                                   "replaced); is another run starting?")
 
+    @property
+    def held(self) -> bool:
+        """False where the filesystem has no locks (the run goes on unlocked)."""
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is None:
             return

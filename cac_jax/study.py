@@ -204,8 +204,27 @@ def _model_fingerprint(path: Path, name: str) -> str:
                                f"cac-jax, under models/synthetic/")
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0" + file.read_bytes())
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + _fingerprint_bytes(file))
     return digest.hexdigest()
+
+
+def _fingerprint_bytes(file: Path) -> bytes:
+    """A model file's bytes for the fingerprint; a step's `meta` without its parameter digest
+    (`variables_sha256`, a checksum of the parameters the fingerprint covers anyway), so adding
+    the digest to a model does not make a finished training that started from it train again.
+    Only that entry's own bytes are left out (as `json.dumps` writes it); every other byte
+    counts."""
+    data = file.read_bytes()
+    if file.name != "metadata" or file.parent.name != "meta":
+        return data
+    try:
+        digest = json.loads(data).get("variables_sha256")
+    except (ValueError, AttributeError):
+        return data
+    if not isinstance(digest, str):
+        return data
+    entry = ", " + json.dumps({"variables_sha256": digest})[1:-1]  # ', "variables_sha256": "…"'
+    return data.replace(entry.encode(), b"", 1)
 
 
 def continue_keys() -> tuple[str, ...]:

@@ -85,7 +85,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if isinstance(err, OSError) and err.filename in (None, str(tmp), tmp):
+        if isinstance(err, OSError) and err.errno is not None and \
+                err.filename in (None, str(tmp), tmp):
             err.filename = str(target)  # a failed write (a full disk) names the output
         raise
 

@@ -399,12 +399,21 @@ def _remove_unfinished(target: Path, on_warning: Callable[[str], None] | None) -
             warn(f"removed {stale}: the unfinished build of an interrupted ingest")
     aside = sorted((p for p in target.parent.glob(f".{target.name}.replaced-*") if p.is_dir()),
                    key=lambda p: p.stat().st_mtime)
-    if aside and not target.exists():
-        os.replace(aside.pop(), target)
-        warn(f"restored {target}: the dataset an interrupted --overwrite rebuild had set aside")
-    for stale in aside:
-        shutil.rmtree(stale)
-        warn(f"removed {stale}: the dataset a finished --overwrite rebuild replaced")
+    if not aside:
+        return
+    if (target / "dataset_info.json").exists():  # the rebuild finished: the old one is spare
+        for stale in aside:
+            shutil.rmtree(stale)
+            warn(f"removed {stale}: the dataset a finished --overwrite rebuild replaced")
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # what an interrupted run leaves: no dataset
+    if target.exists():
+        warn(f"kept {aside[-1]}: the dataset an interrupted --overwrite rebuild had set aside; "
+             f"{target} holds files but no finished dataset")
+        return
+    os.replace(aside[-1], target)
+    warn(f"restored {target}: the dataset an interrupted --overwrite rebuild had set aside")
 
 
 def _build(target: Path, manifest_path, data_dir, parsed, *, name, split_seed, skip_bad,

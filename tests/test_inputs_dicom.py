@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from io_fixtures import hu_of, slice_dataset, write_series
 
 from cac_jax.cli import main
+from cac_jax.dicom_outputs import source_datasets
 from data_pipeline import io
 from data_pipeline.errors import StudyReadError
 
@@ -192,6 +193,19 @@ def test_missing_intercept_is_accepted_when_the_data_is_in_hu_and_says_so(tmp_pa
     stored, _ = write_series(tmp_path / "untyped", [0.0, 2.5], edit=no_type)
     np.testing.assert_array_equal(io.read_study(tmp_path / "untyped").hu, hu_of(stored))
 
+    # Stored as HU + 1024 with padding at -2000 and the intercept stripped: the padding is not
+    # air, so these values (air at about 0) are refused, not read 1024 HU too high.
+    def stripped_padded(k, ds):
+        values = np.frombuffer(ds.PixelData, "<u2").astype(np.int16)
+        values[:10] = -2000  # the first row (10 pixels)
+        ds.PixelData = values.astype("<i2").tobytes()
+        ds.PixelRepresentation = 1
+        del ds.RescaleIntercept
+
+    write_series(tmp_path / "padded", [0.0, 2.5], edit=stripped_padded)
+    with pytest.raises(StudyReadError, match="no air at about -1000 HU"):
+        io.read_study(tmp_path / "padded")
+
 
 # --- malformed values -----------------------------------------------------------------------
 
@@ -291,8 +305,14 @@ def test_slices_in_a_linked_subfolder_are_read(tmp_path):
         path.rename(tmp_path / "elsewhere" / path.name)
     (study / "part2").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere" / "loop").symlink_to(study, target_is_directory=True)
+    # A link up the tree is not followed: it would read everything around the study (here a
+    # longer series beside it, which would then be chosen).
+    (study / "up").symlink_to(tmp_path, target_is_directory=True)
+    write_series(tmp_path / "beside", [0.0, 2.5, 5.0, 7.5, 10.0], seed=5)
     volume = io.read_study(study)
     np.testing.assert_array_equal(volume.hu, hu_of(stored))
+    # The DICOM outputs find the same slices (`cac-jax infer --dicom`).
+    assert len(source_datasets(volume)) == 4
 
 
 def test_a_localizer_filed_under_the_series_uid_is_set_apart(tmp_path):
@@ -315,6 +335,7 @@ def test_a_localizer_filed_under_the_series_uid_is_set_apart(tmp_path):
     skipped = " | ".join(volume.metadata.skipped_series)
     assert f"{series_uid} [localizer]" in skipped and "localizer/scout image" in skipped
     assert f"{series_uid} [secondary capture]" in skipped
+    assert len(source_datasets(volume)) == 3  # the DICOM outputs leave them out too
     # Picked by its SeriesNumber, the series is still the axial images.
     np.testing.assert_array_equal(io.read_study(tmp_path / "study", series=1).hu, hu_of(stored))
 

@@ -63,7 +63,7 @@ def test_bad_input_fails_before_tensorflow_loads_with_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"cac-jax ingest: error: {tmp_path / 'm.csv'}: manifest lacks required column(s) "
         "patient_id, protocol, calcium_labels; expected at least patient_id, scan_id, protocol, "
-        "image, calcium_labels (optional: heart_mask, site, split, series, agatston, category)"]
+        "image, calcium_labels (optional: heart_mask, site, split, agatston, category, series)"]
     assert not (tmp_path / "d").exists()
 
 

@@ -166,6 +166,13 @@ def test_a_killed_overwrite_gets_its_old_dataset_back(built):
     assert not aside.exists()
     assert warnings == [f"restored {target}: the dataset an interrupted --overwrite rebuild had "
                         "set aside"]
+    # Killed again, leaving an empty dataset folder in its place: still the old one comes back.
+    target.rename(aside)
+    target.mkdir()
+    with pytest.raises(InputError, match="already built"):
+        build_dataset(manifest, data_dir, name="tiny", progress=False, on_warning=warnings.append)
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == files
+    assert not aside.exists()
 
 
 def test_a_full_disk_while_building_is_one_line_and_keeps_the_dataset(built, monkeypatch):

@@ -103,14 +103,23 @@ class _Series:
         return f"{self.uid} ({number}{modality}{', ' + desc if desc else ''}, {count})"
 
 
-def _list_files(folder: Path, error: type[InputError]) -> list[Path]:
+def list_files(folder: Path, error: type[InputError]) -> list[Path]:
     """All regular files under `folder`, recursively, in a stable order; hidden files skipped.
     Linked subfolders are followed (each real folder once, so a link loop ends): skipping them
-    would silently drop the slices stored there.
+    would silently drop the slices stored there. A link to the folder itself or to a folder
+    above it is not: it would read the whole tree around the study.
 
     An unreadable subfolder is an error: skipping it could silently drop slices.
     """
     files, seen = [], set()
+    top = os.path.realpath(folder)
+
+    def around(root: str, name: str) -> bool:  # a linked folder that holds the study's folder
+        path = os.path.join(root, name)
+        if not os.path.islink(path):
+            return False
+        real = os.path.realpath(path)
+        return os.path.commonpath([real, top]) == real
 
     def unreadable(exc: OSError) -> None:
         raise error(exc.filename or folder, f"cannot read folder: {exc.strerror or exc}")
@@ -121,7 +130,7 @@ def _list_files(folder: Path, error: type[InputError]) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not around(root, d))
         files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
     return files
 
@@ -244,7 +253,7 @@ def _read_dicom(source: Path, files: Sequence[Path], *, error: type[InputError],
                 by_uid.setdefault(key, _Series(key)).datasets.append(
                     (frame_path(path, index), frame))
             continue
-        key = uid + _set_apart(ds)
+        key = uid + set_apart(ds)
         by_uid.setdefault(key, _Series(key)).datasets.append((path, ds))
     if not by_uid:
         raise error(source, f"no DICOM image files found ({len(files)} files looked at)")
@@ -258,7 +267,7 @@ def _read_dicom(source: Path, files: Sequence[Path], *, error: type[InputError],
 _APART = " ["
 
 
-def _set_apart(ds: pydicom.Dataset) -> str:
+def set_apart(ds: pydicom.Dataset) -> str:
     """"" for an image of its series, or the tag of a localizer or secondary capture sharing it."""
     if {str(v).upper() for v in _as_list(ds.get("ImageType"))} & {"LOCALIZER", "SCOUT",
                                                                    "TOPOGRAM"}:
@@ -316,7 +325,7 @@ def _series_problem(s: _Series, require_ct: bool, error: type[InputError]) -> st
     angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if angle > AXIAL_TOLERANCE_DEG:
         tilt = _float_or_none(ds.get("GantryDetectorTilt"))
-        if tilt:
+        if tilt and abs(tilt) > AXIAL_TOLERANCE_DEG:  # else an oblique reformat, not the tilt
             return (f"gantry tilt {tilt:g} deg (GantryDetectorTilt; slice normal "
                     f"{angle:.1f} deg from the z axis): series tilted more than "
                     f"{AXIAL_TOLERANCE_DEG:g} deg are not supported")
@@ -574,11 +583,16 @@ def _rescale(path: Path, ds: pydicom.Dataset, error: type[InputError],
 
 def _check_already_hu(path: Path, stored: np.ndarray, error: type[InputError]) -> None:
     """With no RescaleIntercept (RescaleType HU or absent), the stored values must look like HU:
-    air inside the field of view reads about -1000 HU, so a CT in HU has values below -500."""
-    if float(stored.min()) >= -500.0:
+    air inside the field of view reads about -1000 HU, so a CT in HU has values below -500.
+    Padding outside the field of view (-2000, -3024: below -1500) is not air: data stored as
+    HU + 1024 with padding at -2000, its intercept stripped, would otherwise pass."""
+    inside = stored[stored > -1500.0]
+    low = float(inside.min()) if inside.size else math.nan
+    if not low < -500.0:
         raise error(path, "RescaleIntercept missing (Type 1 for CT) and the values "
-                          f"({float(stored.min()):g}..{float(stored.max()):g}) have no air at "
-                          "about -1000 HU, so they are not Hounsfield units")
+                          f"({float(stored.min()):g}..{float(stored.max()):g}, lowest above the "
+                          f"padding {low:g}) have no air at about -1000 HU, so they are not "
+                          "Hounsfield units")
 
 
 def _check_steps(source: Path, along: np.ndarray, datasets, error: type[InputError]) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import InputError, LabelError, StudyReadError
-from data_pipeline.io.dicom import _has_dicom_magic, _list_files, _read_dicom
+from data_pipeline.io.dicom import _has_dicom_magic, _read_dicom, list_files
 from data_pipeline.io.image_files import (
     IMAGE_SUFFIXES,
     _is_image_file,
@@ -55,7 +55,7 @@ def read_study(path: str | os.PathLike, series: int | str | None = None) -> CTVo
     """
     path = _existing_path(path, StudyReadError, "image")
     if path.is_dir():
-        grid, metadata, step = _read_dicom(path, _list_files(path, StudyReadError),
+        grid, metadata, step = _read_dicom(path, list_files(path, StudyReadError),
                                            error=StudyReadError, require_ct=True, series=series)
     elif _is_image_file(path):
         _no_series(path, series)
@@ -87,7 +87,7 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
     """
     path = _existing_path(path, LabelError, "labels")
     if path.is_dir() or (not _is_image_file(path) and _has_dicom_magic(path, LabelError)):
-        files = _list_files(path, LabelError) if path.is_dir() else [path]
+        files = list_files(path, LabelError) if path.is_dir() else [path]
         grid, _, _ = _read_dicom(path, files, error=LabelError, require_ct=False)
     elif _is_image_file(path):
         grid = _read_image_grid(path, error=LabelError)[0]
