@@ -545,8 +545,9 @@ def _rescale(path: Path, ds: pydicom.Dataset, error: type[InputError],
     Both are Type 1 in the CT Image module (DICOM PS3.3 C.8.2.1). A missing intercept would read
     stored values (often offset by 1024) as HU and shift every threshold, so it is refused unless
     the header lets the data be HU already (RescaleType "HU" or absent: it is Type 1C, present
-    when the values are not HU) and the values confirm it (`_check_already_hu`). Slope 0, a negative slope or one outside MAX_RESCALE_SLOPE is refused:
-    no CT stores HU that way, and such a header would silently scale every value.
+    when the values are not HU) and the values confirm it (`_check_already_hu`). Slope 0, a
+    negative slope or one outside MAX_RESCALE_SLOPE is refused: no CT stores HU that way, and
+    such a header would silently scale every value.
     """
     def number(keyword: str, default: float | None) -> float | None:
         value = ds.get(keyword)
