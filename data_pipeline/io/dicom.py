@@ -491,13 +491,9 @@ def _load_series(source: Path, s: _Series, why: str, skipped: tuple[str, ...],
         _check_already_hu(datasets[without[0]][0], raw[without], error)
     slope, intercept = rescale[0][0], rescale[0][1]
     one_rescale = all(r[:2] == (slope, intercept) for r in rescale)
-    if one_rescale:
-        raw *= np.float32(slope)  # in place: no second full-size array
-        raw += np.float32(intercept)
-    else:
-        for k, (slope_k, intercept_k, _) in enumerate(rescale):
-            raw[k] *= np.float32(slope_k)
-            raw[k] += np.float32(intercept_k)
+    for k, (slope_k, intercept_k, _) in enumerate(rescale):
+        raw[k] *= np.float32(slope_k)  # in place: no second full-size array
+        raw[k] += np.float32(intercept_k)
     hu = raw
     if require_ct:
         low, high = float(hu.min()), float(hu.max())
