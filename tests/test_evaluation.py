@@ -196,6 +196,78 @@ def test_icc_degenerate_cases():
     assert ev.icc_absolute_agreement(np.ones((1, 2))).null_reason.startswith("needs")
 
 
+def test_icc_ci_keeps_its_width_when_raters_differ_by_a_constant():
+    # No residual (prediction = reference + 30) but the raters' means differ: the ICC is below
+    # 1 and its CI is the formula's limit (Satterthwaite's v = k - 1), which a prediction off by
+    # 0.001 more reaches too; only full agreement gives the zero-width (1, 1).
+    reference = np.array([0.0, 10.0, 50.0, 120.0, 500.0])
+    offset = ev.icc_absolute_agreement(np.stack([reference, reference + 30.0], axis=1))
+    nudged = reference + 30.0
+    nudged[-1] += 0.001
+    near = ev.icc_absolute_agreement(np.stack([reference, nudged], axis=1))
+    assert offset.icc < 1.0
+    assert offset.ci95 == pytest.approx(near.ci95, abs=1e-4)
+    assert offset.ci95[0] < 0.2 and offset.ci95[1] > offset.icc
+
+
+def test_categories_outside_the_table_are_refused():
+    # sklearn's confusion_matrix(labels=...) would drop the case, np.add.at would wrap -1 into the
+    # last cell: either way a disagreement would be counted as agreement.
+    with pytest.raises(ValueError, match=r"reference categories must be 0\.\.3; got \[7\]"):
+        ev.weighted_kappa([0, 1, 2, 3, 7], [0, 1, 2, 3, 0])
+    with pytest.raises(ValueError, match=r"reference categories must be 0\.\.3; got \[-1\]"):
+        ev.bootstrap_kappa([0, 1, 2, -1], [0, 1, 2, 3], n_resamples=20)
+    with pytest.raises(ValueError, match="predicted categories"):
+        ev.concordance([0, 1], [0, 4])
+
+
+def test_kappa_stays_defined_on_a_large_nearly_single_category_table():
+    table = np.zeros((4, 4))
+    table[0, 0], table[1, 1], table[1, 0] = 99998, 1, 1
+    assert ev.kappa_from_tables(table) == pytest.approx(ev.linear_kappa(table), rel=1e-9)
+
+
+def test_protocol_figures_never_overwrite_each_other_or_all_cases(tmp_path):
+    from cac_jax.evaluation.report import protocol_suffixes
+
+    assert protocol_suffixes(["all", "ct ac", "ct_ac", "cac"]) == {
+        "all": "_all", "ct ac": "_ct_ac", "ct_ac": "_ct_ac_2", "cac": "_cac"}
+    ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "protocol", "agatston"],
+                     [[f"s{i}", "all" if i % 2 else "cac", str(50 * i)] for i in range(8)])
+    pred = _write_csv(tmp_path / "results.csv", ["scan_id", "protocol", "status", "agatston"],
+                      [[f"s{i}", "all" if i % 2 else "cac", "ok", str(40 * i)]
+                       for i in range(8)])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--by", "protocol",
+                 "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    all_cases, by_protocol = report.split("## Protocol", 1)
+    assert "(concordance.png)" in all_cases and "concordance_all.png" not in all_cases
+    assert "(concordance_all.png)" in by_protocol and "(concordance_cac.png)" in by_protocol
+    assert {p.name for p in out.glob("concordance*.png")} == {
+        "concordance.png", "concordance_all.png", "concordance_cac.png"}
+
+
+def test_two_models_null_reasons_sit_in_the_blocks_null_reasons(tmp_path):
+    # Everyone in category 0, both models too: both kappas and the z-test are undefined, and
+    # each null is explained under the block's null_reasons, as every other null.
+    ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston"],
+                     [[f"s{i}", "0"] for i in range(4)])
+    pred = _write_csv(tmp_path / "one.csv", ["scan_id", "status", "agatston"],
+                      [[f"s{i}", "ok", "0"] for i in range(4)])
+    pred2 = _write_csv(tmp_path / "two.csv", ["scan_id", "status", "agatston"],
+                       [[f"s{i}", "ok", "0"] for i in range(4)])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--pred2", str(pred2), "--ref", str(ref),
+                 "--bootstrap", "1", "--out", str(out)]) == 0
+    metrics = _strict_json(out / "metrics.json")
+    assert metrics["kappa_linear_2"] is None and metrics["z_test_p"] is None
+    reasons = metrics["null_reasons"]
+    assert reasons["kappa_linear_2"] == metrics["model_2"]["null_reasons"]["kappa_linear"]
+    assert reasons["z_test_p"] == metrics["z_test"]["null_reason"]
+    assert reasons["kappa_linear_bootstrap_ci95"].startswith("kappa defined on 0 of 1 resamples")
+
+
 def test_bland_altman_on_log_scale():
     reference = np.array([0.0, 10.0, 100.0, 400.0, 1000.0])
     predicted = np.expm1(np.log1p(reference) + np.array([0.1, 0.3, 0.2, 0.0, 0.4]))
@@ -422,13 +494,14 @@ def test_evaluate_bootstrap_resamples_patients(tmp_path):
 
 def test_cli_small_group_gives_nulls_with_reasons(tmp_path, capsys):
     # b's given category (2: 101-400) contradicts its score (50: 1-100): used, with a warning.
+    # a is listed twice with the same score: the repeat is left out and listed.
     ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston", "volume_mm3", "category"],
                      [["a", "0", "0", "0"], ["b", "50", "60", "2"], ["c", "500", "550", "3"],
                       ["d", "20", "25", ""]])
     pred = _write_csv(tmp_path / "results.csv", ["scan_id", "status", "agatston", "protocol",
                                                  "volume_mm3"],
                       [["a", "ok", "0", "cac", "0"], ["b", "ok", "60", "cac", "70"],
-                       ["c", "ok", "450", "ctac", "500"], ["a", "ok", "999", "cac", "1"]])
+                       ["c", "ok", "450", "ctac", "500"], ["a", "ok", "0", "cac", "1"]])
     out = tmp_path / "eval"
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--by", "protocol",
                  "--out", str(out)]) == 0, capsys.readouterr().err
@@ -489,7 +562,8 @@ def test_a_left_out_prediction_is_listed_once(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "nothing_matches",
-                                  "ref_protocol_without_manifest"])
+                                  "ref_protocol_without_manifest", "extra_fields",
+                                  "conflicting_duplicate", "negative_seed"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     ref = _write_csv(tmp_path / "ref.csv", ["scan_id", "agatston"], [["a", "10"], ["b", "0"]])
     pred = _write_csv(tmp_path / "results.csv", ["scan_id", "status", "agatston"],
@@ -505,9 +579,27 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         named = _write_csv(tmp_path / "other.csv", ["scan_id", "status", "agatston"],
                            [["x", "ok", "1"]])
         args[2] = str(named)
-    else:
+    elif case == "extra_fields":  # an unquoted thousands separator: "1,234" read as 1
+        named = tmp_path / "ragged.csv"
+        named.write_text("scan_id,agatston\na,1,234\nb,0\n")
+        args[4] = str(named)
+    elif case == "conflicting_duplicate":
+        named = _write_csv(tmp_path / "twice.csv", ["scan_id", "status", "agatston"],
+                           [["a", "ok", "12"], ["b", "ok", "0"], ["a", "ok", "999"]])
+        args[2] = str(named)
+    elif case == "ref_protocol_without_manifest":
         named = ref
         args += ["--ref-protocol", "cac"]
+    else:
+        named = "--seed"
+        args += ["--bootstrap", "10", "--seed", "-1"]
+    if case == "negative_seed":  # argparse's refusal: its usage line, then one error line
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "--seed: must be >= 0" in err[-1] and "Traceback" not in "".join(err), err
+        return
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(named) in err[0], err

@@ -64,9 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "protocol (e.g. cac: CTAC predictions against the gated reference); "
                              "needs a manifest (patient_id, protocol) as --ref")
     parser.add_argument("--bootstrap", type=_non_negative_int, default=0, metavar="N",
-                        help="N case resamples for a bootstrap kappa CI and, with --pred2, the "
+                        help="N patient resamples (cases where there is no patient_id) for a "
+                             "bootstrap kappa CI and, with --pred2, the "
                              "paired bootstrap test (default 0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="bootstrap seed, a non-negative integer (default 0)")
     parser.add_argument("--five-class", action="store_true",
                         help="also the 5-category variant (0, 1-10, 11-100, 101-400, >400)")
     parser.add_argument("--out", required=True, metavar="DIR",

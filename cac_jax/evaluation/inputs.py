@@ -77,8 +77,14 @@ def _read_csv(path: str | os.PathLike, required: Sequence[str],
     if missing:
         raise EvaluationInputError(path, f"{what} CSV lacks column(s) {', '.join(missing)} "
                                          f"(has: {', '.join(fields)})")
-    rows = [{(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            for raw in reader]
+    rows = []
+    for raw in reader:
+        if raw.get(None):  # DictReader puts the fields beyond the header under None
+            raise EvaluationInputError(
+                path, f"line {reader.line_num}: {len(fields) + len(raw[None])} fields where the "
+                      f"header has {len(fields)} (an unquoted comma in a value, such as a "
+                      f"thousands separator?): {','.join(raw[None])!r} left over")
+        rows.append({(k or "").strip(): (v or "").strip() for k, v in raw.items()})
     if not rows:
         raise EvaluationInputError(path, f"{what} CSV has a header but no rows")
     return fields, rows
@@ -102,7 +108,8 @@ def read_predictions(path: str | os.PathLike, source: str = "pred"
     """Reads a `results.csv`: the usable rows by scan_id, and every row left out with its reason.
 
     Rows with `status` other than ok (the inference's error rows), scores that are not numbers, and
-    repeated scan_ids (the first is kept) are left out and listed.
+    repeated scan_ids (the first is kept) are left out and listed; a repeated scan_id scored
+    differently is bad input (which score is the prediction is ambiguous).
     """
     _, records = _read_csv(path, PRED_COLUMNS, "prediction")
     rows: dict[str, PredRow] = {}
@@ -113,9 +120,16 @@ def read_predictions(path: str | os.PathLike, source: str = "pred"
             excluded.append(Excluded(f"<row {number}>", source, "empty scan_id"))
             continue
         if scan_id in rows:
+            first = rows[scan_id]
+            agatston, problem = _score(record.get("agatston", ""), "agatston")
+            if (record.get("status", "").lower() == "ok" and problem is None
+                    and agatston != first.agatston):
+                raise EvaluationInputError(
+                    path, f"row {number}: scan_id {scan_id!r} again, scored {agatston:g} where "
+                          f"row {first.row_number} scored it {first.agatston:g} (which one is "
+                          "the prediction is ambiguous)")
             excluded.append(Excluded(scan_id, source, f"duplicate scan_id (row {number}; the "
-                                                      f"first row {rows[scan_id].row_number} "
-                                                      "is used)"))
+                                                      f"first row {first.row_number} is used)"))
             continue
         status = record.get("status", "").lower()
         if status != "ok":

@@ -104,7 +104,9 @@ def model_metrics(reference_agatston: np.ndarray, predicted_agatston: np.ndarray
                               "seed": seed, "method": f"percentile, {_resampling(patients)}",
                               "n_resampled_units": boot.n_clusters}
         if boot.ci95 is None:
-            null_reasons["kappa_linear_bootstrap_ci95"] = "kappa undefined on the resamples"
+            null_reasons["kappa_linear_bootstrap_ci95"] = (
+                f"kappa defined on {boot.n_defined} of {boot.n_resamples} resamples; a "
+                "percentile CI needs at least 2")
     icc = icc_absolute_agreement(np.stack([reference_agatston, predicted_agatston], axis=1))
     block["icc_agatston"] = _num(icc.icc)
     block["icc_agatston_ci95"] = _pair(icc.ci95)
@@ -233,6 +235,12 @@ def group_metrics(cases: Sequence[Case], *, two_models: bool, five_class: bool,
                            predicted_volume=pred2_volume, **common)
     first.update(_comparison(cases, second, ref_cat, patients, n_bootstrap, seed))
     first["model_2"] = second
+    # The comparison's nulls explained where every other null is: the block's null_reasons.
+    if first["kappa_linear_2"] is None:
+        first["null_reasons"]["kappa_linear_2"] = second["null_reasons"].get(
+            "kappa_linear", "undefined for the second model")
+    if first["z_test_p"] is None:
+        first["null_reasons"]["z_test_p"] = first["z_test"]["null_reason"]
     return first
 
 

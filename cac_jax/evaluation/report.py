@@ -208,7 +208,8 @@ def render_report(metrics: dict[str, Any], figures: dict[str, dict[str, str]]) -
                "prediction minus reference, limits bias +- 1.96 SD.", ""]
     lines += _group_section("All cases", metrics, figures["all"], labels)
     for name, block in metrics.get("by_protocol", {}).items():
-        lines += _group_section(f"Protocol {name}", block, figures.get(name, {}), labels)
+        lines += _group_section(f"Protocol {name}", block,
+                                figures.get("by_protocol", {}).get(name, {}), labels)
     if metrics["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
     lines += ["## Rows left out", ""]
@@ -223,11 +224,24 @@ def render_report(metrics: dict[str, Any], figures: dict[str, dict[str, str]]) -
     return "\n".join(lines) + "\n"
 
 
-def _figures_for(cases: Sequence[Case], block: dict[str, Any], out_dir: Path, tag: str,
+def protocol_suffixes(names: Sequence[str]) -> dict[str, str]:
+    """A distinct file-name suffix per protocol: the name in a safe alphabet (protocol names come
+    from the CSVs), numbered where two names come out the same ("ct ac", "ct_ac"). The figures
+    of all cases have none, so no protocol (not even one named "all") can overwrite them."""
+    suffixes: dict[str, str] = {}
+    for name in names:
+        base = "_" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        suffix, n = base, 1
+        while suffix in suffixes.values():
+            n += 1
+            suffix = f"{base}_{n}"
+        suffixes[name] = suffix
+    return suffixes
+
+
+def _figures_for(cases: Sequence[Case], block: dict[str, Any], out_dir: Path, suffix: str,
                  labels: tuple[str, str], five_class: bool) -> dict[str, str]:
     two = "model_2" in block
-    # Protocol names come from the CSVs: keep file names to a safe alphabet.
-    suffix = "" if tag == "all" else "_" + re.sub(r"[^A-Za-z0-9_-]", "_", tag)
     figures: dict[str, str] = {}
     panels = [(f"{labels[0]}: kappa {_fmt(block['kappa_linear'], 2)}", block["concordance"])]
     if two:
@@ -262,10 +276,14 @@ def write_outputs(metrics: dict[str, Any], cases: Sequence[Case], out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = metrics["inputs"]
     labels = _model_labels(inputs)
-    figures = {"all": _figures_for(cases, metrics, out_dir, "all", labels, inputs["five_class"])}
-    for name, block in metrics.get("by_protocol", {}).items():
+    figures: dict[str, Any] = {
+        "all": _figures_for(cases, metrics, out_dir, "", labels, inputs["five_class"]),
+        "by_protocol": {}}
+    by_protocol = metrics.get("by_protocol", {})
+    for name, suffix in protocol_suffixes(list(by_protocol)).items():
         group = [c for c in cases if c.protocol == name]
-        figures[name] = _figures_for(group, block, out_dir, name, labels, inputs["five_class"])
+        figures["by_protocol"][name] = _figures_for(group, by_protocol[name], out_dir, suffix,
+                                                    labels, inputs["five_class"])
     # allow_nan=False: a NaN anywhere is a bug here, never a silent non-standard token.
     text = json.dumps(metrics, indent=2, allow_nan=False)
     atomic_write_text(out_dir / "report.md", render_report(metrics, figures))

@@ -36,13 +36,24 @@ def agreement_weights(n_categories: int) -> np.ndarray:
     return 1.0 - np.abs(index[:, None] - index[None, :]) / max(n_categories - 1, 1)
 
 
+def _categories(values: Sequence[int], n_categories: int, name: str) -> np.ndarray:
+    """`values` as int64 after checking every one is a category 0..n_categories - 1 (a case
+    outside them would be left out of a table, or counted in the wrong cell)."""
+    values = np.asarray(values, dtype=np.int64)
+    bad = values[(values < 0) | (values >= n_categories)]
+    if bad.size:
+        raise ValueError(f"{name} categories must be 0..{n_categories - 1}; got "
+                         f"{sorted(set(bad.tolist()))[:5]}")
+    return values
+
+
 def confusion_table(reference: Sequence[int], predicted: Sequence[int],
                     n_categories: int) -> np.ndarray:
     """Counts (k, k): rows reference category, columns predicted category."""
     from sklearn.metrics import confusion_matrix
 
-    reference = np.asarray(reference, dtype=np.int64)
-    predicted = np.asarray(predicted, dtype=np.int64)
+    reference = _categories(reference, n_categories, "reference")
+    predicted = _categories(predicted, n_categories, "predicted")
     if reference.shape != predicted.shape or reference.ndim != 1:
         raise ValueError("reference and predicted must be 1-D and of equal length")
     if reference.size == 0:
@@ -67,8 +78,9 @@ def kappa_from_tables(tables: np.ndarray, weights: np.ndarray | None = None) -> 
         observed = (weights * p).sum(axis=(-2, -1))
         expected = np.einsum("...i,ij,...j->...", row, weights, col)
         kappa = (observed - expected) / (1.0 - expected)
-    # p_e(w) = 1 happens when both raters use a single category: kappa is 0/0.
-    return np.where(np.isclose(expected, 1.0) | (n == 0), np.nan, kappa)
+    # p_e(w) = 1 happens when both raters use a single category: kappa is 0/0. (Tested to
+    # rounding only: a table of 100000 cases with two off the diagonal is still defined.)
+    return np.where((np.abs(1.0 - expected) <= 1e-12) | (n == 0), np.nan, kappa)
 
 
 def kappa_std_errors(table: np.ndarray, kappa: float,
@@ -218,8 +230,10 @@ def bootstrap_kappa(reference: Sequence[int], predicted: Sequence[int], n_catego
     same drawn cases, giving the paired z-test of their difference and its percentile CI.
     Resamples where a kappa is undefined are left out and counted (`n_defined`).
     """
-    reference = np.asarray(reference, dtype=np.int64)
-    predicted = np.asarray(predicted, dtype=np.int64)
+    reference = _categories(reference, n_categories, "reference")
+    predicted = _categories(predicted, n_categories, "predicted")
+    if reference.shape != predicted.shape or reference.ndim != 1:
+        raise ValueError("reference and predicted must be 1-D and of equal length")
     n = reference.size
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
@@ -236,7 +250,9 @@ def bootstrap_kappa(reference: Sequence[int], predicted: Sequence[int], n_catego
     cells = _cluster_cells(reference, predicted, cluster, n_clusters, k)
     cells_2 = None
     if predicted_2 is not None:
-        second = np.asarray(predicted_2, dtype=np.int64)
+        second = _categories(predicted_2, n_categories, "predicted_2")
+        if second.shape != reference.shape:
+            raise ValueError("predicted_2 must have one category per case")
         cells_2 = _cluster_cells(reference, second, cluster, n_clusters, k)
     rng = np.random.default_rng(seed)
     kappas, kappas_2 = [], []
@@ -368,7 +384,13 @@ def icc_absolute_agreement(ratings: np.ndarray) -> IccResult:
                          "variance)")
     icc = (msr - mse) / denominator
     ci = None
-    if mse > 1e-15 * scale and icc < 1.0:
+    if mse <= 1e-15 * scale and msc <= 1e-15 * scale:
+        # No disagreement at all (no residual, and the raters' means agree): exactly 1.
+        ci = (float(icc), float(icc))
+    elif icc < 1.0:
+        # With no residual but a constant offset between raters (mse = 0, msc > 0) the
+        # formula's limit holds (Satterthwaite's v = k - 1), so the CI keeps its width.
+        mse = max(mse, 0.0)
         a = k * icc / (n * (1.0 - icc))
         b = 1.0 + k * icc * (n - 1) / (n * (1.0 - icc))
         v = (a * msc + b * mse) ** 2 / ((a * msc) ** 2 / (k - 1)
@@ -379,9 +401,6 @@ def icc_absolute_agreement(ratings: np.ndarray) -> IccResult:
         high = n * (f_high * msr - mse) / (k * msc + (k * n - k - n) * mse + n * f_high * msr)
         if math.isfinite(low) and math.isfinite(high):
             ci = (float(low), float(high))
-    elif mse <= 1e-15 * scale:
-        # No residual disagreement at all: the ICC is exactly 1 when raters' means agree too.
-        ci = (float(icc), float(icc))
     return IccResult(n, k, float(icc), ci, float(msr), float(msc), float(mse))
 
 
