@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from io_fixtures import slice_dataset
+from io_fixtures import slice_dataset, write_series
 from pydicom.uid import generate_uid
 
 from data_pipeline import io
@@ -189,8 +189,10 @@ def test_labels_exported_by_simpleitk_from_a_feet_first_series_are_accepted(dico
 
 @pytest.mark.parametrize("tilt_deg", [1.5, 4.0])
 def test_labels_exported_with_simpleitk_from_a_gantry_tilted_series(tmp_path, tilt_deg):
-    """Gantry tilt: slices tilted, table moving along z. SimpleITK's z spacing is the distance
-    between positions (3.0 mm); ours is the distance along the normal (3 cos t): both accepted."""
+    """Gantry tilt: slices tilted, table moving along z. The z spacing is the distance between
+    positions (3.0 mm), as SimpleITK's; a label file with the distance along the normal
+    (3 cos t, as some converters write) is accepted too, and a mask written back lands on
+    SimpleITK's grid of the series."""
     c, s = np.cos(np.radians(tilt_deg)), np.sin(np.radians(tilt_deg))
     series_uid, study_uid = generate_uid(), generate_uid()
     (tmp_path / "dcm").mkdir()
@@ -203,7 +205,19 @@ def test_labels_exported_with_simpleitk_from_a_gantry_tilted_series(tmp_path, ti
     series = sitk_series(tmp_path / "dcm")
     assert series.GetSpacing()[2] == pytest.approx(3.0)
     volume = io.read_study(tmp_path / "dcm")
-    assert volume.spacing_zyx_mm[0] == pytest.approx(3.0 * c)
+    assert volume.spacing_zyx_mm[0] == pytest.approx(3.0)
+    assert volume.stored_geometry.normal_spacing_mm == pytest.approx(3.0 * c)
+    io.write_labels(tmp_path / "mask.nii.gz", (volume.hu > 0).astype(np.uint8), like=volume)
+    mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    np.testing.assert_allclose(mask.GetSpacing(), series.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(mask.GetOrigin(), series.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mask.GetDirection(), series.GetDirection(), atol=1e-6)
+    sitk.Mask(series, sitk.Cast(mask, series.GetPixelID()))  # same physical space, or it raises
+    normal = sitk.Image(mask)
+    normal.SetSpacing((*series.GetSpacing()[:2], 3.0 * c))
+    sitk.WriteImage(normal, str(tmp_path / "normal.nii.gz"))
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "normal.nii.gz", like=volume),
+                                  (volume.hu > 0).astype(np.int16))
     exported = sitk.GetImageFromArray((sitk.GetArrayFromImage(series) > 0).astype(np.uint8))
     exported.CopyInformation(series)
     sitk.WriteImage(exported, str(tmp_path / "labels.nii.gz"))
@@ -231,3 +245,53 @@ def test_mask_written_back_for_a_feet_first_nifti_has_its_grid(tmp_path):
     (k, j, i), = np.argwhere(stored_mask == 3)
     assert stored_hu[k, j, i] == volume.hu[-1, 1, 2]
     np.testing.assert_array_equal(io.read_labels(tmp_path / "mask.nii.gz", like=volume), mask)
+
+
+@pytest.mark.parametrize("orientation, warned", [
+    ((1.0000004, 0, 0, 0, 0.9999996, 0), False),   # rounded in the header: made exact quietly
+    ((1.002, 0, 0, 0, 0.998, 0), True),            # beyond GDCM's 1e-3: named in a warning
+    ((1, 0.02, 0, 0, 1, 0), True),                 # rows and columns not orthogonal
+])
+def test_orientation_vectors_are_made_orthonormal_and_the_mask_round_trips(tmp_path, orientation,
+                                                                           warned):
+    write_series(tmp_path / "dcm", [0.0, 2.0, 4.0, 6.0], orientation=orientation)
+    volume = io.read_study(tmp_path / "dcm")
+    rotation = np.array(volume.direction).reshape(3, 3)
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(3), atol=1e-12)
+    assert any("ImageOrientationPatient" in w for w in volume.metadata.warnings) == warned
+    mask = (volume.hu > 0).astype(np.uint8)
+    io.write_labels(tmp_path / "mask.nii.gz", mask, like=volume)
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "mask.nii.gz", like=volume), mask)
+    if orientation[1] == 0:  # a scaled, not skewed, pair: SimpleITK's identity
+        series = sitk.ImageSeriesReader()
+        series.SetFileNames(series.GetGDCMSeriesFileNames(str(tmp_path / "dcm")))
+        np.testing.assert_allclose(volume.direction, series.Execute().GetDirection(), atol=1e-6)
+
+
+def test_an_in_plane_rotation_beyond_5_degrees_is_read_with_a_warning(tmp_path):
+    for degrees, warned in ((4.0, False), (20.0, True)):
+        t = np.radians(degrees)
+        folder = tmp_path / f"rot{degrees:g}"
+
+        write_series(folder, [0.0, 2.0, 4.0],
+                     orientation=(np.cos(t), np.sin(t), 0, -np.sin(t), np.cos(t), 0))
+        volume = io.read_study(folder)
+        messages = [w for w in volume.metadata.warnings if "in-plane" in w]
+        assert bool(messages) == warned, volume.metadata.warnings
+        if warned:
+            assert messages[0].startswith(f"{folder}: rotated 20.0 deg in-plane")
+
+
+def test_a_flipped_label_direction_is_named_in_the_message(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16))
+    image.SetOrigin((-10.0, 20.0, 30.0))
+    sitk.WriteImage(image, str(tmp_path / "img.nii.gz"))
+    flipped = sitk.Image(image)
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))  # same origin and voxels: other anatomy
+    sitk.WriteImage(flipped, str(tmp_path / "lab.nii.gz"))
+    volume = io.read_study(tmp_path / "img.nii.gz")
+    with pytest.raises(LabelError) as caught:
+        io.read_labels(tmp_path / "lab.nii.gz", like=volume)
+    message = str(caught.value)
+    assert "\n" not in message and "once both are reoriented to LPS" in message
+    assert "stored with direction (-1, 0, 0, 0, 1, 0, 0, 0, 1), the image with (1, 0, 0" in message

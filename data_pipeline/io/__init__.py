@@ -7,12 +7,15 @@ Conventions (docs/contracts.md, "Orientation and slice order"; docs/io.md; docs/
   scan, a series stored head-to-feet or with mirrored rows, and a NIfTI in RAS storage all come
   out as the same array for the same anatomy, so "below, centre, above" and left/right mean the
   same for the models and the scorer. Voxels are only permuted and flipped (never resampled);
-  small rotations (gantry tilt, in-plane rotation up to AXIAL_TOLERANCE_DEG) stay in `direction`.
+  rotations stay in `direction`: gantry tilt up to AXIAL_TOLERANCE_DEG (beyond it a series is
+  refused), in-plane rotation of any angle (each axis goes to the world axis nearest it, as
+  DICOMOrient does; beyond AXIAL_TOLERANCE_DEG the volume carries a warning).
 - `CTVolume.stored` keeps the input's own grid (what SimpleITK reports for the file or DICOM
   series); `write_labels` writes masks back in it, so they overlay the input exactly, and
   `read_labels` accepts label files in it (as SimpleITK exports them) or in the canonical one.
 - `hu` is float32 `(z, y, x)`; `spacing_zyx_mm` is (z, y, x) with z the distance between slice
-  centres along the slice normal (not the nominal slice thickness); `origin_xyz_mm` and
+  centres (not the nominal slice thickness; under gantry tilt the distance between consecutive
+  positions, as SimpleITK reads the series); `origin_xyz_mm` and
   `direction` are in SimpleITK conventions (world LPS) for the canonical array.
 - SimpleITK orders spacing (x, y, z); it is converted once, in `image_files`, nowhere else.
 - DICOM slices are sorted by position along the slice normal `cross(row, col) . ImagePositionPatient`,

@@ -43,7 +43,7 @@ from data_pipeline.io.enhanced import (
     frames,
     is_enhanced_ct,
 )
-from data_pipeline.io.orientation import AXIAL_TOLERANCE_DEG
+from data_pipeline.io.orientation import AXIAL_TOLERANCE_DEG, orientation_error, orthonormal
 from data_pipeline.io.volume import StudyMetadata, _Grid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -343,9 +343,11 @@ def _geometry(path: Path, ds: pydicom.Dataset, keyword: str, n: int,
         raise error(path, f"malformed {keyword}: {exc}") from None
     if not np.all(np.isfinite(values)):
         raise error(path, f"malformed {keyword}: {values.tolist()}")
-    if keyword == "ImageOrientationPatient" and np.linalg.norm(np.cross(values[:3], values[3:])) < 0.5:
-        raise error(path, f"malformed {keyword}: row and column directions {values.tolist()} "
-                          "are not orthogonal unit vectors")
+    if keyword == "ImageOrientationPatient":
+        if np.linalg.norm(np.cross(values[:3], values[3:])) < 0.5:
+            raise error(path, f"malformed {keyword}: row and column directions {values.tolist()} "
+                              "are not orthogonal unit vectors")
+        values = orthonormal(values)
     if keyword == "PixelSpacing" and np.any(values <= 0):
         raise error(path, f"malformed {keyword}: {values.tolist()} mm; spacings must be > 0")
     return values
@@ -464,10 +466,12 @@ def _load_series(source: Path, s: _Series, why: str, skipped: tuple[str, ...],
     positions = positions[order]
     dz = _check_steps(source, along, datasets, error)
     # Gantry tilt: the table moves along z while the slices are tilted, so consecutive positions
-    # are further apart than the slices are along their normal. The normal distance is the grid
-    # spacing (it is what the voxel volume needs); SimpleITK reports the position distance.
+    # are further apart than the slices are along their normal. The z spacing is the distance
+    # between slice centres, as SimpleITK reads the series (docs/contracts.md), so scores and
+    # masks written back agree with it; the normal distance is kept as the other z spacing a
+    # label file may carry.
     step = float(np.linalg.norm(positions[-1] - positions[0]) / (len(positions) - 1))
-    slice_step = step if abs(step - dz) > 1e-6 * dz else None
+    normal_spacing = dz if abs(step - dz) > 1e-6 * dz else None
 
     first = datasets[0][1]
     rows, columns = int(first.Rows), int(first.Columns)
@@ -512,6 +516,11 @@ def _load_series(source: Path, s: _Series, why: str, skipped: tuple[str, ...],
     kvp = _header_float(first, "KVP", notes)
     if s.number is None and first.get("SeriesNumber") not in (None, ""):
         notes.append(f"malformed SeriesNumber {first.get('SeriesNumber')!r} ignored")
+    stated = _floats(first.ImageOrientationPatient, 6)
+    if orientation_error(stated) >= 1e-3:  # GDCM's tolerance for a valid orientation
+        notes.append(f"ImageOrientationPatient {np.round(stated, 6).tolist()} is not a pair of "
+                     "orthogonal unit vectors; read with the nearest pair "
+                     f"{np.round(orientation, 6).tolist()}")
     metadata = StudyMetadata(
         source=str(source),
         modality=_text(first.get("Modality")),
@@ -528,10 +537,12 @@ def _load_series(source: Path, s: _Series, why: str, skipped: tuple[str, ...],
         chosen_series=f"{s.label}: {why}",
         warnings=tuple(f"{datasets[0][0]}: {note}" for note in notes),
     )
-    grid = _Grid(values=hu, spacing_zyx_mm=(dz, float(pixel_spacing[0]), float(pixel_spacing[1])),
+    z_spacing = step if normal_spacing is not None else dz
+    grid = _Grid(values=hu, spacing_zyx_mm=(z_spacing, float(pixel_spacing[0]),
+                                            float(pixel_spacing[1])),
                  origin_xyz_mm=tuple(positions[0].tolist()),
                  direction=tuple(direction.ravel().tolist()))
-    return grid, metadata, slice_step
+    return grid, metadata, normal_spacing
 
 
 def _rescale(path: Path, ds: pydicom.Dataset, error: type[InputError],

@@ -20,7 +20,7 @@ from data_pipeline.io.volume import StoredGeometry, _Grid
 AXIAL_TOLERANCE_DEG = 5.0
 
 
-def _orient(grid: _Grid, slice_step_mm: float | None = None) -> tuple[StoredGeometry, _Grid]:
+def _orient(grid: _Grid, normal_spacing_mm: float | None = None) -> tuple[StoredGeometry, _Grid]:
     """(the stored grid and its mapping, the grid in the canonical orientation).
 
     Each world axis (x: right -> left, y: anterior -> posterior, z: feet -> head; DICOM LPS) is
@@ -53,13 +53,29 @@ def _orient(grid: _Grid, slice_step_mm: float | None = None) -> tuple[StoredGeom
                             spacing_zyx_mm=tuple(grid.spacing_zyx_mm),
                             origin_xyz_mm=tuple(grid.origin_xyz_mm),
                             direction=tuple(grid.direction), axes=axes, flips=flips,
-                            slice_step_mm=slice_step_mm)
+                            normal_spacing_mm=normal_spacing_mm)
     canonical = _Grid(values=stored.to_canonical(grid.values) if not stored.is_canonical
                       else grid.values,
                       spacing_zyx_mm=tuple(float(spacing_xyz[perm[2 - k]]) for k in range(3)),
                       origin_xyz_mm=tuple(float(v) for v in origin),
                       direction=tuple(float(v) for v in new_direction.ravel()))
     return stored, canonical
+
+
+def orientation_error(values: np.ndarray) -> float:
+    """How far a row/column pair is from orthonormal: the largest |norm^2 - 1| or |row . col|."""
+    row, col = values[:3], values[3:]
+    return float(max(abs(row @ row - 1.0), abs(col @ col - 1.0), abs(row @ col)))
+
+
+def orthonormal(values: np.ndarray) -> np.ndarray:
+    """The orthonormal row/column pair nearest to ImageOrientationPatient's (values rounded in a
+    header are a little off); an already orthonormal pair is returned unchanged."""
+    if orientation_error(values) <= 1e-9:
+        return values
+    u, _, vt = np.linalg.svd(np.stack([values[:3], values[3:]], axis=1), full_matrices=False)
+    nearest = u @ vt
+    return np.concatenate([nearest[:, 0], nearest[:, 1]])
 
 
 def _check_axial(path: Path, direction: Sequence[float], error: type[InputError]) -> None:
@@ -71,3 +87,12 @@ def _check_axial(path: Path, direction: Sequence[float], error: type[InputError]
     if angle > AXIAL_TOLERANCE_DEG:
         raise error(path, f"not axial: the slice axis {np.round(slice_axis, 3).tolist()} is "
                           f"{angle:.1f} deg from the z axis (oblique volumes are not supported)")
+
+
+def in_plane_rotation_deg(direction: Sequence[float]) -> float:
+    """Angle between the canonical x axis (right to left) and the world x axis, in degrees: the
+    in-plane rotation an axial volume keeps in its `direction` (at most 45 after `_orient`)."""
+    x_axis = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 0]
+    cosine = abs(float(x_axis[0])) / max(float(np.linalg.norm(x_axis)), 1e-12)
+    return math.degrees(math.acos(min(1.0, cosine)))
+

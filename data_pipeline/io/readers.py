@@ -21,7 +21,12 @@ from data_pipeline.io.image_files import (
     _read_image_file,
     _read_image_grid,
 )
-from data_pipeline.io.orientation import _check_axial, _orient
+from data_pipeline.io.orientation import (
+    AXIAL_TOLERANCE_DEG,
+    _check_axial,
+    _orient,
+    in_plane_rotation_deg,
+)
 from data_pipeline.io.volume import CTVolume, _Grid
 
 # Label geometry checks against the image: spacing within 1e-3 relative; origin within
@@ -55,19 +60,26 @@ def read_study(path: str | os.PathLike, series: int | str | None = None) -> CTVo
     """
     path = _existing_path(path, StudyReadError, "image")
     if path.is_dir():
-        grid, metadata, step = _read_dicom(path, list_files(path, StudyReadError),
-                                           error=StudyReadError, require_ct=True, series=series)
+        grid, metadata, normal_spacing = _read_dicom(
+            path, list_files(path, StudyReadError), error=StudyReadError, require_ct=True,
+            series=series)
     elif _is_image_file(path):
         _no_series(path, series)
-        grid, metadata, step = (*_read_image_file(path, error=StudyReadError), None)
+        grid, metadata, normal_spacing = (*_read_image_file(path, error=StudyReadError), None)
     elif _has_dicom_magic(path, StudyReadError):
-        grid, metadata, step = _read_dicom(path, [path], error=StudyReadError, require_ct=True,
-                                           series=series)
+        grid, metadata, normal_spacing = _read_dicom(path, [path], error=StudyReadError,
+                                                     require_ct=True, series=series)
     else:
         raise StudyReadError(path, "not a DICOM file or folder, nor an image file of a supported "
                                    f"type ({', '.join(IMAGE_SUFFIXES)})")
-    stored, canonical = _orient(grid, slice_step_mm=step)
+    stored, canonical = _orient(grid, normal_spacing_mm=normal_spacing)
     _check_axial(path, canonical.direction, StudyReadError)
+    rotation = in_plane_rotation_deg(canonical.direction)
+    if rotation > AXIAL_TOLERANCE_DEG:
+        metadata = dataclasses.replace(metadata, warnings=(*metadata.warnings, (
+            f"{path}: rotated {rotation:.1f} deg in-plane (its direction matrix); the array "
+            "axes are the world axes nearest to its rows and columns, so the anatomy stays that "
+            "far from upright, which the models did not see in training")))
     return CTVolume(hu=canonical.values, spacing_zyx_mm=canonical.spacing_zyx_mm,
                     origin_xyz_mm=canonical.origin_xyz_mm, direction=canonical.direction,
                     metadata=metadata, stored=stored)
@@ -99,7 +111,7 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
     if like is None:
         return _orient(grid)[1].values
     stored = like.stored_geometry
-    problem = _geometry_problem(grid, stored, like.metadata.source, stored.slice_step_mm)
+    problem = _geometry_problem(grid, stored, like.metadata.source, stored.normal_spacing_mm)
     if problem is None:
         return stored.to_canonical(labels)
     # Another orientation of the same world grid (e.g. written by write_volume in the canonical
@@ -107,12 +119,16 @@ def read_labels(path: str | os.PathLike, like: CTVolume | None = None) -> np.nda
     canonical = _orient(grid)[1]
     like_grid = _Grid(like.hu, like.spacing_zyx_mm, like.origin_xyz_mm, like.direction)
     if _geometry_problem(canonical, like_grid, like.metadata.source,
-                         stored.slice_step_mm) is None:
+                         stored.normal_spacing_mm) is None:
         return canonical.values
     if not np.allclose(grid.direction, stored.direction, atol=LABEL_DIRECTION_TOL) and \
             np.allclose(canonical.direction, like.direction, atol=LABEL_DIRECTION_TOL):
-        problem = _geometry_problem(canonical, like_grid, like.metadata.source,
-                                    stored.slice_step_mm)
+        # Told in LPS terms, since the stored grids are oriented differently: the values quoted
+        # are the LPS ones, and the stored directions say why they moved.
+        in_lps = _geometry_problem(canonical, like_grid, like.metadata.source,
+                                   stored.normal_spacing_mm)
+        problem = (f"{in_lps} once both are reoriented to LPS (the labels are stored with "
+                   f"direction {_fmt(grid.direction)}, the image with {_fmt(stored.direction)})")
     raise LabelError(path, problem)
 
 
@@ -148,20 +164,21 @@ def _to_int16_labels(path: Path, values: np.ndarray) -> np.ndarray:
 
 
 def _geometry_problem(labels: _Grid, like, source: str,
-                      slice_step_mm: float | None = None) -> str | None:
+                      normal_spacing_mm: float | None = None) -> str | None:
     """The first geometry property in which `labels` differs from `like` (a grid with shape,
     spacing_zyx_mm, origin_xyz_mm and direction), as a message; None when they agree.
 
-    `slice_step_mm` (gantry tilt) is accepted as the z spacing too: SimpleITK exports a tilted
-    series with the distance between slice positions as its z spacing.
+    `normal_spacing_mm` (gantry tilt) is accepted as the z spacing too: the z spacing of a tilted
+    series is the distance between slice positions (SimpleITK's), and some tools write the
+    distance between the slice planes along their normal instead.
     """
     if tuple(labels.shape) != tuple(like.shape):
         return (f"shape (z, y, x) {tuple(labels.shape)} differs from the image's "
                 f"{tuple(like.shape)} ({source})")
     spacing, ref = np.array(labels.spacing_zyx_mm), np.array(like.spacing_zyx_mm)
     off = np.abs(spacing - ref) > LABEL_SPACING_REL_TOL * ref
-    if slice_step_mm is not None and off[0] and \
-            abs(spacing[0] - slice_step_mm) <= LABEL_SPACING_REL_TOL * slice_step_mm:
+    if normal_spacing_mm is not None and off[0] and \
+            abs(spacing[0] - normal_spacing_mm) <= LABEL_SPACING_REL_TOL * normal_spacing_mm:
         off[0] = False
     if np.any(off):
         return (f"spacing (z, y, x) {_fmt(spacing)} mm differs from the image's "

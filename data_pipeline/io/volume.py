@@ -59,9 +59,10 @@ class StoredGeometry:
     `read_study` returns every study in the canonical orientation (package docstring); this keeps
     the grid as stored (SimpleITK's view of the file or DICOM series) so masks can be written
     back in it (`write_labels`). `axes[k]` is the stored numpy axis that becomes canonical axis
-    k, and `flips[k]` says whether canonical axis k then runs backwards. `slice_step_mm` is the
-    distance between consecutive slice positions when it differs from the spacing along the
-    slice normal (gantry tilt: SimpleITK reports that distance as the z spacing).
+    k, and `flips[k]` says whether canonical axis k then runs backwards. Under gantry tilt the z
+    spacing is the distance between consecutive slice positions (SimpleITK's), and
+    `normal_spacing_mm` the smaller distance between the slice planes along their normal, which
+    label files from some tools carry as their z spacing (accepted by `read_labels`).
     """
 
     shape_zyx: tuple[int, int, int]
@@ -70,7 +71,7 @@ class StoredGeometry:
     direction: tuple[float, ...]
     axes: tuple[int, int, int] = (0, 1, 2)
     flips: tuple[bool, bool, bool] = (False, False, False)
-    slice_step_mm: float | None = None
+    normal_spacing_mm: float | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
