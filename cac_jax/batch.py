@@ -226,6 +226,11 @@ def _run_locked(scorer: Scorer, studies: list[Study], out: Path, *, save_masks: 
             bar.set_postfix_str(study.scan_id, refresh=False)
             if study.scan_id in skip:
                 summary.skipped += 1
+                missing = _missing_outputs(out, study, save_masks, save_previews, after_study)
+                if missing and log is not None:
+                    log(f"note: {study.scan_id}: already scored in {out}, without "
+                        f"{', '.join(p.name for p in missing)} asked for now; run again with "
+                        "--overwrite to write them")
                 continue
             start = time.perf_counter()
             row = _score_study(scorer, study, out, models, save_masks, save_previews,
@@ -301,6 +306,21 @@ def _score_study(scorer: Scorer, study: Study, out: Path, models: dict[str, str]
                volume_mm3=number(score.volume_mm3), category=score.category,
                category_name=score.category_name, n_lesions=len(score.lesions))
     return row
+
+
+def _missing_outputs(out: Path, study: Study, save_masks: bool, save_previews: bool,
+                     after_study) -> list[Path]:
+    """The files this run asks for that an earlier run, which scored `study`, did not write."""
+    name = safe_name(study.scan_id)
+    wanted = []
+    if save_masks:
+        wanted += [out / f"{name}_calcium_labels.nii.gz", out / f"{name}_heart_mask.nii.gz"]
+    if save_previews:
+        wanted.append(out / f"{name}.png")
+    expected = getattr(after_study, "expected", None)
+    if expected is not None:
+        wanted += expected(out, name, study)
+    return [path for path in wanted if not path.exists()]
 
 
 def _write_study_files(out: Path, name: str, study: Study, volume, result: StudyResult,

@@ -44,6 +44,13 @@ _ARTERY_CODES = {"LAD": ("59438005", "Left Anterior Descending Coronary Artery")
                  "RCA": ("13647002", "Right Coronary Artery")}
 
 
+def category_code(name: str) -> str:
+    """The private code of a CAC category, from its range, so one code means one range in both
+    the four- and the five-category scheme: "0" -> CAC-0, "1-100" -> CAC-1-100,
+    ">400" -> CAC-GT400."""
+    return "CAC-" + name.replace(">", "GT")
+
+
 class DicomOutputError(InputError):
     """The source series of a study cannot be referenced (files gone or changed since reading)."""
 
@@ -82,13 +89,29 @@ class SourceSlice:
     orientation: tuple
 
 
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the
+# new objects copy from their source: de-identification tools often delete them rather than
+# leave them empty, and highdicom reads each one.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                 "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+
+
 def _images(slices: Sequence[SourceSlice]) -> list:
-    """The distinct files' headers of `slices`, in order."""
+    """The distinct files' headers of `slices`, in order; where a header lacks one of the Type 2
+    attributes the outputs copy, a copy of it with that attribute present and empty."""
+    import copy
+
     seen, out = set(), []
     for s in slices:
         if id(s.dataset) not in seen:
             seen.add(id(s.dataset))
-            out.append(s.dataset)
+            missing = [k for k in _TYPE2_COPIED if k not in s.dataset]
+            dataset = s.dataset
+            if missing:
+                dataset = copy.deepcopy(dataset)  # headers only: no pixel data to copy
+                for keyword in missing:
+                    setattr(dataset, keyword, "")
+            out.append(dataset)
     return out
 
 
@@ -156,6 +179,32 @@ def _uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=[MANUFACTURER, *map(str, parts)]))
 
 
+def _model_key(model: ModelInfo) -> tuple:
+    """A model as the UIDs see it: not its folder, so the same model elsewhere gives the same."""
+    return model.role, model.arch, _model_name(model), model.step
+
+
+def _model_name(model: ModelInfo) -> str:
+    """The checkpoint folder's name (the outputs go to PACS: no local path)."""
+    return Path(model.path).name if model.path else model.arch
+
+
+def _content_digest(result) -> str:
+    """What the SEG and SR say about a study: the masks, the score and its category (the
+    category scheme changes with --five-class), so different content never shares a UID."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (result.calcium_labels, result.heart_mask):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    score = result.score
+    digest.update(repr((score.agatston, score.volume_mm3, score.mass_mg, score.category,
+                        score.category_name, len(score.lesions))).encode())
+    return digest.hexdigest()
+
+
 def _algorithm(model: ModelInfo):
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -165,7 +214,7 @@ def _algorithm(model: ModelInfo):
     return hd.AlgorithmIdentificationSequence(
         name=f"cac-jax {model.role} model ({model.arch})",
         family=codes.cid7162.ArtificialIntelligence, version=__version__,
-        source=MANUFACTURER, parameters={"model": model.path or model.arch,
+        source=MANUFACTURER, parameters={"model": _model_name(model),
                                          "step": str(model.step)})
 
 
@@ -180,7 +229,9 @@ def build_segmentation(volume, result, sources: Sequence[SourceSlice], heart: Mo
 
     stored = volume.stored_geometry
     labels = stored.to_stored(np.asarray(result.calcium_labels))
-    masks = np.stack([labels == CORONARY_LABEL, labels == NON_CORONARY_LABEL,
+    # Coronary: 1-4 (the arteries, or undetermined: the model's CORONARY_LABEL); non-coronary:
+    # NON_CORONARY_LABEL and above (docs/contracts.md).
+    masks = np.stack([(labels >= 1) & (labels <= CORONARY_LABEL), labels >= NON_CORONARY_LABEL,
                       stored.to_stored(np.asarray(result.heart_mask).astype(bool))], axis=-1)
     if sources[0].frame is not None:  # one multi-frame source: its frames in the file's order
         in_file = np.zeros_like(masks)
@@ -200,11 +251,12 @@ def build_segmentation(volume, result, sources: Sequence[SourceSlice], heart: Mo
             hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, calcium_alg,
             tracking_uid=_uid("segment", 2), tracking_id="non-coronary calcium"),
         hd.seg.SegmentDescription(
-            3, SEGMENTS[3], codes.SCT.Organ, codes.SCT.Heart,
+            3, SEGMENTS[3], codes.SCT.AnatomicalStructure, codes.SCT.Heart,
             hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, heart_alg,
             tracking_uid=_uid("segment", 3), tracking_id="heart"),
     ]
-    key = (volume.metadata.series_uid, heart, calcium)
+    key = (volume.metadata.series_uid, _model_key(heart), _model_key(calcium), __version__,
+           _content_digest(result))
     return hd.seg.Segmentation(
         source_images=_images(sources), pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -262,12 +314,14 @@ def build_report(volume, result, sources: Sequence[SourceSlice], seg, heart: Mod
     score = result.score
     algorithm = hd.sr.AlgorithmIdentification(
         name="cac-jax", version=__version__,
-        parameters=[f"{m.role} model {m.arch} {m.path} step {m.step}" for m in (heart, calcium)])
+        parameters=[f"{m.role} model {m.arch} {_model_name(m)} step {m.step}"
+                    for m in (heart, calcium)])
     method = codes.DCM.AgatstonScoringMethod
     finding = codes.SCT.PathologicCalcification
     category = hd.sr.QualitativeEvaluation(
         hd.sr.CodedConcept("CAC-CATEGORY", PRIVATE_SCHEME, "CAC category"),
-        hd.sr.CodedConcept(f"CAT-{score.category}", PRIVATE_SCHEME, score.category_name))
+        hd.sr.CodedConcept(category_code(score.category_name), PRIVATE_SCHEME,
+                           score.category_name))
     groups = [hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(_uid("total", seg.SOPInstanceUID),
                                                      "coronary calcium total"),
@@ -396,4 +450,15 @@ def after_study_writer(scorer, log=None, push=None):
         if push is not None:
             push(study, paths)
 
+    def expected(out, name, study) -> list[Path]:
+        """The files `after_study` writes for a DICOM study (a folder, or a file that is not
+        one of the image formats), so a rerun can say which ones an earlier run left out."""
+        from data_pipeline.io.image_files import IMAGE_SUFFIXES
+
+        image = Path(study.image)
+        if not image.is_dir() and image.name.lower().endswith(IMAGE_SUFFIXES):
+            return []
+        return [Path(out) / f"{name}.seg.dcm", Path(out) / f"{name}.sr.dcm"]
+
+    after_study.expected = expected
     return after_study

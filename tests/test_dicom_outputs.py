@@ -112,7 +112,7 @@ def test_segmentation_references_the_source_series(scored):
     from cac_jax import __version__
 
     assert algorithm.AlgorithmVersion == __version__
-    assert algorithm.AlgorithmParameters == "model=/models/threshold_calcium,step=1"
+    assert algorithm.AlgorithmParameters == "model=threshold_calcium,step=1"  # no local path
 
 
 def test_report_score_equals_results_csv(scored):
@@ -323,3 +323,107 @@ def test_an_enhanced_file_of_two_stacks_gets_a_one_line_error(tmp_path):
         dicom_outputs.write_dicom_outputs(tmp_path / "out", "s", volume, result, heart, calcium)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out" / "s.seg.dcm").exists()
+
+
+def _outputs(tmp_path: Path, name: str, volume, result, scorer):
+    heart = dicom_outputs.ModelInfo.of(scorer.heart, "heart")
+    calcium = dicom_outputs.ModelInfo.of(scorer.calcium, "calcium")
+    return dicom_outputs.write_dicom_outputs(tmp_path, name, volume, result, heart, calcium)
+
+
+def test_artery_labels_and_every_non_coronary_code_go_to_their_segments(tmp_path):
+    # Reference-style labels: 1 LAD, 3 RCA (coronary), 5 and 6 (non-coronary): segment 1 holds
+    # every coronary voxel, segment 2 every non-coronary one, whatever the code.
+    import dataclasses
+
+    from cac_jax.scoring import agatston_score
+
+    folder = write_dicom_study(tmp_path / "ct", seed=0, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    volume = read_study(folder)
+    scorer = threshold_scorer()
+    result = scorer.score(volume)
+    _, labels, _ = tiny_study(0, size=64, slices=8)
+    labels = labels.astype(np.int16)
+    labels[labels == 5] = 6
+    assert {1, 3, 6} <= set(np.unique(labels).tolist())
+    result = dataclasses.replace(result, calcium_labels=labels,
+                                 score=agatston_score(volume.hu, labels, volume.spacing_zyx_mm))
+    seg_path, _ = _outputs(tmp_path, "s", volume, result, scorer)
+    segments = dicom_outputs.segment_masks(seg_path, volume)
+    np.testing.assert_array_equal(segments[1], (labels >= 1) & (labels <= 4))
+    np.testing.assert_array_equal(segments[2], labels >= 5)
+    heart = pydicom.dcmread(seg_path).SegmentSequence[2]
+    assert heart.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+
+
+def test_a_source_without_type_2_patient_and_study_attributes_still_gets_its_outputs(tmp_path):
+    # De-identified series often lack these (Type 2: present, may be empty): the outputs carry
+    # them empty instead of the study becoming an error row.
+    folder = write_dicom_study(tmp_path / "ct", seed=2)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        for keyword in ("StudyID", "PatientName", "AccessionNumber", "StudyDate", "PatientSex"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
+    volume = read_study(folder)
+    scorer = threshold_scorer()
+    seg_path, sr_path = _outputs(tmp_path, "s", volume, scorer.score(volume), scorer)
+    for path in (seg_path, sr_path):
+        written = pydicom.dcmread(path)
+        assert written.StudyID == "" and written.PatientName == ""
+        assert written.StudyInstanceUID == pydicom.dcmread(next(folder.iterdir())).StudyInstanceUID
+    assert "StudyID" not in pydicom.dcmread(next(folder.iterdir()))  # the source is untouched
+
+
+def test_different_content_never_shares_a_uid_and_the_category_code_names_its_range(tmp_path):
+    import dataclasses
+
+    folder = write_dicom_study(tmp_path / "ct", seed=0)
+    volume = read_study(folder)
+    scorer = threshold_scorer()
+    result = scorer.score(volume)
+    first = [pydicom.dcmread(p) for p in _outputs(tmp_path / "a", "s", volume, result, scorer)]
+    again = [pydicom.dcmread(p) for p in _outputs(tmp_path / "b", "s", volume, result, scorer)]
+    assert [d.SOPInstanceUID for d in first] == [d.SOPInstanceUID for d in again]
+    # The same masks and score, reported in the five-category scheme: another SR content.
+    five = dataclasses.replace(result, score=dataclasses.replace(
+        result.score, category=2, category_name="11-100"))
+    other = [pydicom.dcmread(p) for p in _outputs(tmp_path / "c", "s", volume, five, scorer)]
+    assert first[1].SOPInstanceUID != other[1].SOPInstanceUID
+    assert first[0].SOPInstanceUID != other[0].SOPInstanceUID
+    assert dicom_outputs.category_code("11-100") == "CAC-11-100"
+    assert dicom_outputs.category_code("101-400") == "CAC-101-400"
+    assert dicom_outputs.category_code(">400") == "CAC-GT400"
+    import highdicom as hd
+
+    (total,) = hd.sr.srread(tmp_path / "c" / "s.sr.dcm").content \
+        .get_volumetric_roi_measurement_groups()
+    (category,) = total.get_qualitative_evaluations()
+    assert (category.value.value, category.value.meaning) == ("CAC-11-100", "11-100")
+
+
+def test_a_rerun_asking_for_dicom_outputs_names_the_ones_an_earlier_run_left_out(tmp_path,
+                                                                                 capsys):
+    dicom = write_dicom_study(tmp_path / "ct", seed=3)
+    scorer = threshold_scorer()
+    argv = ["infer", "--heart-checkpoint", "H", "--calcium-checkpoint", "C", "--input",
+            str(dicom), "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference.Scorer, "from_checkpoints",
+                   classmethod(lambda cls, h, c, **kw: scorer))
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main([*argv, "--dicom", "--save-masks"]) == 0
+        printed = capsys.readouterr()
+        notes = [line for line in (printed.out + printed.err).splitlines() if "without" in line]
+        assert len(notes) == 1, printed
+        for name in ("_calcium_labels.nii.gz", "_heart_mask.nii.gz", ".seg.dcm", ".sr.dcm"):
+            assert name in notes[0]
+        assert "--overwrite" in notes[0]
+        assert main([*argv, "--dicom", "--overwrite"]) == 0
+        assert len(list((tmp_path / "out").glob("*.seg.dcm"))) == 1
+        capsys.readouterr()
+        assert main([*argv, "--dicom"]) == 0  # everything asked for is there: no note
+        printed = capsys.readouterr()
+        assert "without" not in printed.out + printed.err
