@@ -149,3 +149,44 @@ def test_unreadable_label_file_message(tmp_path, study, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != labels and real_access(p, mode))
     with pytest.raises(LabelError, match=r"labels\.nii\.gz: cannot read: permission denied"):
         io.read_labels(labels)
+
+
+def _nifti_with_forms(path: Path, sform_shift_mm: float = 0.0, pixdim_x: float | None = None):
+    """A NIfTI-1 written by SimpleITK (qform and sform both set, equal), then its sform's origin
+    moved by `sform_shift_mm` along x, or its pixdim[1] (the qform's x voxel size) replaced."""
+    import struct
+
+    image = sitk.GetImageFromArray(np.full((4, 5, 6), -1000, np.int16))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    plain = path.with_suffix("") if path.name.endswith(".gz") else path
+    sitk.WriteImage(image, str(plain))
+    data = bytearray(plain.read_bytes())
+    assert struct.unpack("<hh", data[252:256]) == (1, 1)
+    struct.pack_into("<f", data, 292, struct.unpack("<f", data[292:296])[0] + sform_shift_mm)
+    if pixdim_x is not None:
+        struct.pack_into("<f", data, 80, pixdim_x)
+    if path.name.endswith(".gz"):
+        plain.unlink()
+        path.write_bytes(gzip.compress(bytes(data)))
+    else:
+        plain.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("shift, warned", [(0.0, False), (0.005, False), (5.0, True)])
+def test_a_nifti_whose_qform_and_sform_disagree_is_read_with_a_warning(tmp_path, shift, warned):
+    path = _nifti_with_forms(tmp_path / "ct.nii.gz", sform_shift_mm=shift)
+    warnings = io.read_study(path).metadata.warnings
+    assert any("qform and sform disagree" in w for w in warnings) == warned, warnings
+    if warned:
+        assert warnings[0].startswith(f"{path}: its NIfTI qform and sform disagree (origin")
+
+
+def test_itk_warnings_do_not_reach_stderr(tmp_path, capfd):
+    # A negative pixdim[1] makes ITK print a dozen lines naming the temporary inflated copy; the
+    # reader keeps them off stderr and says what matters in one warning naming the user's file.
+    path = _nifti_with_forms(tmp_path / "neg.nii.gz", pixdim_x=-0.7)
+    volume = io.read_study(path)
+    assert capfd.readouterr().err == ""
+    assert [w for w in volume.metadata.warnings if "qform and sform" in w][0].startswith(str(path))

@@ -46,26 +46,100 @@ def _read_image_file(path: Path, *, error: type[InputError]) -> tuple[_Grid, Stu
     description = None
     if image.HasMetaDataKey("descrip"):  # NIfTI's free-text description
         description = image.GetMetaData("descrip").strip() or None
-    metadata = StudyMetadata(source=str(path), modality=modality, series_description=description)
+    warnings = ()
+    if _suffix(path) in (".nii", ".nii.gz"):
+        disagreement = _qform_sform_disagreement(path)
+        if disagreement:
+            warnings = (f"{path}: its NIfTI qform and sform disagree ({disagreement}); read as "
+                        "SimpleITK reads it, while tools that prefer the sform (nibabel, FSL) "
+                        "place the voxels elsewhere",)
+    metadata = StudyMetadata(source=str(path), modality=modality, series_description=description,
+                             warnings=warnings)
     return dataclasses.replace(grid, values=hu_float32(grid.values)), metadata
+
+
+def _qform_sform_disagreement(path: Path) -> str | None:
+    """How a NIfTI's qform and sform differ, when both are set and they describe different
+    grids (voxel size, direction or origin, with the label-file tolerances of `readers`), else
+    None. ITK then chooses one by rules of its own, and other tools may choose the other."""
+    try:
+        opener = gzip.open if _suffix(path) == ".nii.gz" else open
+        with opener(path, "rb") as f:
+            header = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None  # the read itself has already succeeded or failed on its own terms
+    forms = _nifti_forms(header)
+    if forms is None:
+        return None
+    qform, sform = forms
+    q_size, s_size = np.linalg.norm(qform[:, :3], axis=0), np.linalg.norm(sform[:, :3], axis=0)
+    if np.any(q_size <= 0) or np.any(s_size <= 0):
+        return None
+    if np.any(np.abs(q_size - s_size) > 1e-3 * s_size):
+        return f"voxel size {np.round(q_size, 4).tolist()} against {np.round(s_size, 4).tolist()} mm"
+    turn = float(np.abs(qform[:, :3] / q_size - sform[:, :3] / s_size).max())
+    if turn > 1e-3:
+        return f"direction cosines differ by up to {turn:.3g}"
+    shift = float(np.abs(qform[:, 3] - sform[:, 3]).max())
+    if shift > max(0.01, 0.1 * float(s_size.min())):
+        return (f"origin {np.round(qform[:, 3], 3).tolist()} against "
+                f"{np.round(sform[:, 3], 3).tolist()} mm (RAS)")
+    return None
+
+
+def _nifti_forms(header: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(qform, sform) of a NIfTI-1 or NIfTI-2 header as 3 x 4 RAS matrices (voxel to mm), or
+    None unless both codes are set."""
+    for endian in ("<", ">"):
+        if len(header) >= 348 and np.frombuffer(header[:4], f"{endian}i4")[0] == 348:
+            real, codes_at, codes_type, pixdim_at, quat_at = f"{endian}f4", 252, f"{endian}i2", 76, 256
+            break
+        if len(header) >= 540 and np.frombuffer(header[:4], f"{endian}i4")[0] == 540:
+            real, codes_at, codes_type, pixdim_at, quat_at = f"{endian}f8", 344, f"{endian}i4", 104, 352
+            break
+    else:
+        return None
+    size = np.dtype(real).itemsize
+    qcode, scode = np.frombuffer(header[codes_at:codes_at + 2 * np.dtype(codes_type).itemsize],
+                                 codes_type)
+    if qcode <= 0 or scode <= 0:
+        return None
+    pixdim = np.frombuffer(header[pixdim_at:pixdim_at + 8 * size], real).astype(np.float64)
+    values = np.frombuffer(header[quat_at:quat_at + 18 * size], real).astype(np.float64)
+    b, c, d = values[:3]
+    a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    qform = np.column_stack([rotation * np.array([pixdim[1], pixdim[2], qfac * pixdim[3]]),
+                             values[3:6]])
+    return qform, values[6:18].reshape(3, 4)
 
 
 def _read_image_grid(path: Path, *, error: type[InputError]) -> tuple[_Grid, sitk.Image]:
     """SimpleITK read; spacing (x, y, z) -> (z, y, x) here and nowhere else."""
+    # ITK's warnings go to stderr in several lines naming the temporary copy, not the user's
+    # file; the one that matters for geometry (qform against sform) is checked here instead.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        with _checked_source(path, error) as readable:
-            image = sitk.ReadImage(str(readable))
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).replace(str(readable), str(path)).splitlines()
-                 if ln.strip()]
-        detail = next((ln for ln in lines if "ERROR" in ln), lines[-1] if lines else "")
-        detail = re.sub(r"^.*ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", detail)
-        # ITK's first line says where it failed; the last one (a NRRD "expected N bytes but
-        # received M", an errno "Reason:") often says why.
-        last = re.sub(r"^\[\w+\] ", "", lines[-1]) if lines else ""
-        if last and last not in detail and "ITK ERROR" not in last:
-            detail += f" ({last})"
-        raise error(path, f"unreadable image file ({detail})") from None
+        try:
+            with _checked_source(path, error) as readable:
+                image = sitk.ReadImage(str(readable))
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).replace(str(readable), str(path)).splitlines()
+                     if ln.strip()]
+            detail = next((ln for ln in lines if "ERROR" in ln), lines[-1] if lines else "")
+            detail = re.sub(r"^.*ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", detail)
+            # ITK's first line says where it failed; the last one (a NRRD "expected N bytes but
+            # received M", an errno "Reason:") often says why.
+            last = re.sub(r"^\[\w+\] ", "", lines[-1]) if lines else ""
+            if last and last not in detail and "ITK ERROR" not in last:
+                detail += f" ({last})"
+            raise error(path, f"unreadable image file ({detail})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise error(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                           "expected a grey-scale volume")
