@@ -289,6 +289,26 @@ def _check_options(min_area_mm2: float,
     return min_area, calibration
 
 
+def _misaligned(n_labelled: int, n_calcium: int) -> str | None:
+    """The warning for coronary labels nearly all under 130 HU (labels of another image)."""
+    if (n_labelled >= _MISALIGNED_MIN_VOXELS
+            and n_labelled - n_calcium > _MISALIGNED_FRACTION * n_labelled):
+        return (f"{n_labelled - n_calcium} of {n_labelled} voxels labelled 1-4 (coronary) are "
+                f"below {CALCIUM_THRESHOLD_HU:g} HU and are not scored; check that the labels "
+                "belong to this image (same scan, same slice order)")
+    return None
+
+
+def misaligned_labels(hu: np.ndarray, labels: np.ndarray) -> str | None:
+    """`agatston_score`'s warning that the coronary labels (1-4) lie nearly all under 130 HU,
+    so they probably belong to another image; None when they do not."""
+    coronary = (labels >= CORONARY_LABELS[0]) & (labels <= CORONARY_LABELS[-1])
+    n_labelled = int(np.count_nonzero(coronary))
+    if n_labelled < _MISALIGNED_MIN_VOXELS:
+        return None
+    return _misaligned(n_labelled, int(np.count_nonzero(hu[coronary] >= CALCIUM_THRESHOLD_HU)))
+
+
 def _candidates(hu: np.ndarray, labels: np.ndarray,
                 warnings: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raster indices (increasing), HU (float64) and labels of the candidate voxels (rule 1).
@@ -304,13 +324,9 @@ def _candidates(hu: np.ndarray, labels: np.ndarray,
         raise StudyReadError(None, "image has non-finite HU values (NaN/inf) inside the coronary "
                                    "labels")
     calcium = coronary_hu >= CALCIUM_THRESHOLD_HU
-    n_labelled, n_calcium = int(coronary_hu.size), int(np.count_nonzero(calcium))
-    if (n_labelled >= _MISALIGNED_MIN_VOXELS
-            and n_labelled - n_calcium > _MISALIGNED_FRACTION * n_labelled):
-        warnings.append(
-            f"{n_labelled - n_calcium} of {n_labelled} voxels labelled 1-4 (coronary) are below "
-            f"{CALCIUM_THRESHOLD_HU:g} HU and are not scored; check that the labels belong to this "
-            "image (same scan, same slice order)")
+    message = _misaligned(int(coronary_hu.size), int(np.count_nonzero(calcium)))
+    if message:
+        warnings.append(message)
     candidate_flat = coronary_flat[calcium]
     return candidate_flat, coronary_hu[calcium], labels.reshape(-1)[candidate_flat]
 

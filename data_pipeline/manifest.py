@@ -92,6 +92,10 @@ def parse_manifest(
     if reader.fieldnames is None:
         raise ManifestError(path, "manifest is empty (no header row)")
     fieldnames = [name.strip() for name in reader.fieldnames]
+    repeated = sorted({name for name in fieldnames if name and fieldnames.count(name) > 1})
+    if repeated:
+        raise ManifestError(path, f"column(s) {', '.join(repeated)} appear more than once in the "
+                                  "header (which one is meant is ambiguous)")
     required = INFERENCE_COLUMNS if inference else REQUIRED_COLUMNS
     missing = [c for c in required if c not in fieldnames]
     if missing:
@@ -107,6 +111,12 @@ def parse_manifest(
             record["patient_id"] = record.get("scan_id", "")
         scan_id = record.get("scan_id", "")
         where = f"row {number} (scan_id={scan_id!r})"
+        if raw.get(None):  # DictReader puts the fields beyond the header under None
+            errors.append(ManifestError(path, f"{where}, line {reader.line_num}: "
+                                              f"{len(fieldnames) + len(raw[None])} fields where "
+                                              f"the header has {len(fieldnames)} (an unquoted "
+                                              "comma in a value?)"))
+            continue
         try:
             rows.append(_parse_row(record, path, number, where, check_files, seen_scan_ids))
         except ManifestError as err:

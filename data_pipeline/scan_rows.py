@@ -26,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 
 from data_pipeline import labels as labels_lib
-from data_pipeline.agatston import agatston_score, cac_category
+from data_pipeline.agatston import agatston_score, cac_category, misaligned_labels
 from data_pipeline.errors import InputError, ManifestError
 from data_pipeline.manifest import ManifestRow
 
@@ -68,6 +68,10 @@ def score_row(row: ManifestRow, manifest_path: os.PathLike | str = "") -> float 
     return agatston_score(volume.hu, calcium, volume.spacing_zyx_mm).agatston
 
 
+# The key of `read_row`'s example under which its warnings travel (not a stored feature).
+WARNINGS_KEY = "_warnings"
+
+
 def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "", *,
              scored_agatston: float | None = None) -> dict:
     """Reads one manifest row into the stored example (numpy); errors name the row.
@@ -86,7 +90,11 @@ def read_row(row: ManifestRow, manifest_path: os.PathLike | str = "", *,
         agatston = agatston_score(hu, calcium, volume.spacing_zyx_mm).agatston
     if category is None and agatston is not None:
         category = cac_category(agatston)
+    # Not stored: popped by the builder, which reports it (ingest is where users pair images
+    # with their labels, so a wrong pairing is named there).
+    warnings = () if calcium is None else tuple(filter(None, [misaligned_labels(hu, calcium)]))
     return {
+        WARNINGS_KEY: warnings,
         "scan_id": row.scan_id,
         "patient_id": row.patient_id,
         "protocol": row.protocol,

@@ -7,13 +7,17 @@ Rules:
 - A patient is never in two splits (all of a patient's scans follow the patient).
 - When the manifest's `split` column is filled for a patient, it is used (and must agree across that
   patient's rows). Patients without a split are assigned by the balanced rule below.
-- Balanced rule: validation and test each get round(10%) of the patients to assign, but at least one
-  each when there are at least 3 (a small cohort would otherwise get no validation or test set at
-  all). They are filled round-robin over the four CAC categories (0, 1-100, 101-400, >400), a random
-  patient of each category in turn (one for validation, then one for test), so each category has
-  the same count (exactly when the target is a multiple of 4 and every category has enough
-  patients; otherwise as even as the cohort allows). The round-robin starts at a seeded random
-  category, so a target below 4 does not always favour the low categories. The rest is training.
+- Balanced rule: validation and test each get round(10%) of the patients to assign (halves
+  rounded up), but at least one each when there are at least 3 (a small cohort would otherwise get
+  no validation or test set at all). They are filled round-robin over the four CAC categories
+  (0, 1-100, 101-400, >400) in pairs, a random patient of a category to validation and another
+  to test, so both splits hold the same number of each category; a category gives a pair only
+  while it keeps at least one patient for training (training must see every category the
+  cohort has). Where pairs cannot fill the target, single patients follow (to the smaller split,
+  still keeping one per category for training), and only a cohort too small for that takes a
+  category's last patient. The round-robin starts at a seeded random category, so a target below
+  4 does not always favour the low categories. The rest is training. `unevaluated_categories`
+  names the categories the cohort has that neither validation nor test got (the builder warns).
 - `empty_splits` names the splits left without any scan; the dataset builder warns about them.
 - A patient's category: that of the patient's CAC (gated) scan when there is one, else the highest
   category over the patient's scans (a CTAC-only patient). A scan's category comes from the
@@ -28,6 +32,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,9 +88,27 @@ def patient_category(rows: Sequence[ManifestRow],
     return max(known) if known else None
 
 
+def given_splits(by_patient: dict[str, list[ManifestRow]],
+                 manifest: str | os.PathLike | None = None) -> dict[str, str]:
+    """patient_id -> the split the manifest's split column gives the patient (patients without
+    one are left out). Raises `ManifestError` (naming `manifest`) when one patient's rows name
+    different splits."""
+    given: dict[str, str] = {}
+    for patient_id, patient_rows in by_patient.items():
+        named = {row.split for row in patient_rows if row.split}
+        if len(named) > 1:
+            where = ", ".join(f"{row.where}: {row.split or '(empty)'}" for row in patient_rows)
+            raise ManifestError(manifest, f"patient {patient_id!r} is in more than one split "
+                                          f"({where}); a patient's scans must share one split")
+        if named:
+            given[patient_id] = named.pop()
+    return given
+
+
 def assign_splits(rows: Sequence[ManifestRow], *, seed: int = 0,
                   category_of: Callable[[ManifestRow], int | None] | None = None,
-                  eval_fraction: float = EVAL_FRACTION) -> list[PatientSplit]:
+                  eval_fraction: float = EVAL_FRACTION,
+                  manifest: str | os.PathLike | None = None) -> list[PatientSplit]:
     """Assigns every patient of `rows` to a split; returns one record per patient (first-seen order).
 
     Raises `ManifestError` when one patient's rows name different splits.
@@ -94,15 +117,7 @@ def assign_splits(rows: Sequence[ManifestRow], *, seed: int = 0,
     for row in rows:
         by_patient.setdefault(row.patient_id, []).append(row)
 
-    given: dict[str, str] = {}
-    for patient_id, patient_rows in by_patient.items():
-        named = {row.split for row in patient_rows if row.split}
-        if len(named) > 1:
-            where = ", ".join(f"{row.where}: {row.split or '(empty)'}" for row in patient_rows)
-            raise ManifestError(None, f"patient {patient_id!r} is in more than one split ({where}); "
-                                      "a patient's scans must share one split")
-        if named:
-            given[patient_id] = named.pop()
+    given = given_splits(by_patient, manifest)
 
     categories: dict[str, int | None] = {}
     for patient_id, patient_rows in by_patient.items():
@@ -125,9 +140,10 @@ def assign_splits(rows: Sequence[ManifestRow], *, seed: int = 0,
 
 def _balanced(patients: Sequence[str], categories: dict[str, int | None], total: int, seed: int,
               eval_fraction: float) -> dict[str, str]:
-    """Round-robin over categories for validation and test; the rest to train."""
+    """Validation and test in pairs per category, round-robin, keeping one patient of every
+    category for training; single patients where pairs cannot fill them (module docstring)."""
     rng = np.random.default_rng(seed)
-    target = int(round(eval_fraction * total))
+    target = int(math.floor(eval_fraction * total + 0.5))  # 2.5 -> 3, not Python's even 2
     if total >= MIN_PATIENTS_FOR_EVAL:
         target = max(1, target)
     pools: list[list[str]] = []
@@ -140,20 +156,44 @@ def _balanced(patients: Sequence[str], categories: dict[str, int | None], total:
     start = int(rng.integers(NUM_CATEGORIES))
     pools = pools[start:] + pools[:start]
     chosen: dict[str, list[str]] = {"validation": [], "test": []}
-    while True:
+
+    def room(split: str) -> bool:
+        return len(chosen[split]) < target
+
+    progressed = True
+    while progressed and room("validation") and room("test"):  # pairs, one left for training
         progressed = False
         for pool in pools:
-            for split in ("validation", "test"):
-                if len(chosen[split]) < target and pool:
-                    chosen[split].append(pool.pop())
+            if len(pool) >= 3 and room("validation") and room("test"):
+                chosen["validation"].append(pool.pop())
+                chosen["test"].append(pool.pop())
+                progressed = True
+    for keep in (1, 0):  # singles: first keeping one per category for training, then not
+        progressed = True
+        while progressed:
+            progressed = False
+            for pool in pools:
+                open_splits = [split for split in ("validation", "test") if room(split)]
+                if len(pool) > keep and open_splits:
+                    smaller = min(open_splits, key=lambda split: len(chosen[split]))
+                    chosen[smaller].append(pool.pop())
                     progressed = True
-        if not progressed:
-            break
     assignment = {p: "train" for p in patients}
     for split, members in chosen.items():
         for patient_id in members:
             assignment[patient_id] = split
     return assignment
+
+
+def unevaluated_categories(assignment: Sequence[PatientSplit]) -> list[int]:
+    """The CAC categories some patient assigned by the balanced rule has that no validation or
+    test patient has (too few patients of it: the rule keeps one for training first). Patients
+    placed by the manifest's split column are where the user put them: not counted."""
+    present = {r.category for r in assignment
+               if r.category is not None and r.scan_ids and r.source == "balanced"}
+    evaluated = {r.category for r in assignment
+                 if r.split in ("validation", "test") and r.scan_ids}
+    return sorted(present - evaluated)
 
 
 def scan_splits(assignment: Sequence[PatientSplit]) -> dict[str, str]:
@@ -200,11 +240,13 @@ def write_split_audit(directory: str | os.PathLike, assignment: Sequence[Patient
         "seed": seed,
         "manifest": None if manifest is None else os.fspath(manifest),
         "rule": "patient-level; manifest split column when given, else 80/10/10 with equal "
-                "numbers of each CAC category in validation and test (paper), at least one "
-                f"patient each from {MIN_PATIENTS_FOR_EVAL} patients to assign, round-robin "
-                "over the categories from a seeded random start",
+                "numbers of each CAC category in validation and test (paper), in pairs that "
+                "leave every category one patient for training, at least one patient each from "
+                f"{MIN_PATIENTS_FOR_EVAL} patients to assign, round-robin over the categories "
+                "from a seeded random start",
         "counts": counts,
         "empty_splits": empty_splits(assignment),
+        "unevaluated_categories": unevaluated_categories(assignment),
         "patients": [dataclasses.asdict(record) for record in assignment],
         "skipped": [dict(entry) for entry in skipped],
     }

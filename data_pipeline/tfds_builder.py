@@ -61,9 +61,10 @@ from data_pipeline import splits as splits_lib
 from data_pipeline.agatston import cac_category
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.config import DATASET_VERSION
+from data_pipeline.constants import CATEGORY_NAMES
 from data_pipeline.errors import InputError, ManifestError
 from data_pipeline.manifest import SPLITS, ManifestRow, parse_manifest
-from data_pipeline.scan_rows import map_rows, read_row, score_row
+from data_pipeline.scan_rows import WARNINGS_KEY, map_rows, read_row, score_row
 
 DEFAULT_NAME = "cac_ct"
 
@@ -213,7 +214,8 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             return None if score is None else cac_category(score)
 
         self.assignment = splits_lib.assign_splits(rows, seed=self.split_seed,
-                                                   category_of=category_of)
+                                                   category_of=category_of,
+                                                   manifest=self.manifest_path)
         by_scan = splits_lib.scan_splits(self.assignment)
         self._built_now = True
         generators = {}
@@ -253,6 +255,8 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     raise example
                 self._skip(row.where, str(example), scan_id=row.scan_id)
                 continue
+            for warning in example.pop(WARNINGS_KEY, ()):
+                self.on_warning(f"{self.manifest_path}: {row.where}: {warning}")
             self._record_neighbours(row.protocol, float(example["spacing_zyx_mm"][0]))
             yield row.scan_id, example
 
@@ -282,6 +286,11 @@ class CacCtBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     f"(validation and test get one each from {splits_lib.MIN_PATIENTS_FOR_EVAL} "
                     "patients to assign on), or the manifest's split column or skipped rows "
                     "leave none for it")
+            for category in splits_lib.unevaluated_categories(self.built_assignment()):
+                self.on_warning(
+                    f"CAC category {CATEGORY_NAMES[category]} has too few patients to evaluate on: they "
+                    "stay in training (the split keeps one patient of every category there), so "
+                    "validation and test hold none of it")
 
     def built_assignment(self) -> list[splits_lib.PatientSplit]:
         """The patient assignment restricted to the scans in the dataset (skipped rows removed)."""

@@ -134,3 +134,43 @@ def test_inference_manifest_needs_only_scan_image_protocol(tmp_path):
     assert row.calcium_labels is None and row.heart_mask is None and row.site == ""
     with pytest.raises(Exception, match="lacks required column"):
         read_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("case", ["repeated_column", "extra_fields", "patient_in_two_splits"])
+def test_manifest_shape_problems_are_one_line_before_tensorflow(tmp_path, capfd, case):
+    manifest = tiny_manifest(tmp_path)
+    lines = manifest.read_text().splitlines()
+    if case == "repeated_column":  # which `image` is meant? (the second one was used)
+        lines[0] += ",image"
+        lines[1:] = [line + ",p0/ct.nii.gz" for line in lines[1:]]
+        expected = "column(s) image appear more than once in the header"
+    elif case == "extra_fields":
+        lines[2] += ",EXTRA,MORE"
+        expected = "row 2 (scan_id='S1'), line 3: 7 fields where the header has 5"
+    else:
+        lines[0] += ",split"
+        lines[1:] = [line + ",train" for line in lines[1:]]
+        lines.append("P0,S0b,ctac,p0/ct.nii.gz,p0/labels.nii.gz,test")
+        expected = "patient 'P0' is in more than one split"
+    manifest.write_text("\n".join(lines) + "\n")
+    code = ("import sys; from cac_jax.cli import main; rc = main(['ingest', '--manifest', "
+            f"{str(manifest)!r}, '--data-dir', {str(tmp_path / 'd')!r}]); "
+            "print('tensorflow' in sys.modules, rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.stdout.split() == ["False", "2"], done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{manifest}: " in err[0] and expected in err[0], err
+    assert not (tmp_path / "d").exists()
+
+
+def test_labels_that_belong_to_another_image_are_named_by_ingest(tmp_path, capfd):
+    manifest = tiny_manifest(tmp_path)
+    misplaced = np.zeros((3, 24, 24), np.uint8)
+    misplaced[0, 2:8, 2:8] = 1  # 36 coronary voxels in air: nothing there is >= 130 HU
+    _write(tmp_path / "p1" / "labels.nii.gz", misplaced)
+    code, _, err = ingest(capfd, "--manifest", manifest, "--data-dir", tmp_path / "d")
+    assert code == 0
+    warned = [line for line in err.splitlines() if "belong to this image" in line]
+    assert len(warned) == 1 and "row 2 (scan_id='S1')" in warned[0], err
+    assert str(manifest) in warned[0]

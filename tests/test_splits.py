@@ -58,12 +58,58 @@ def test_deterministic_for_seed():
 
 
 def test_uneven_cohort_is_as_balanced_as_possible():
+    # One patient of category 3: it stays in training (a model must see every category), so
+    # validation and test are equal (two of category 0 each) and the category is named.
     rows = [_row(f"A{i}", category=0) for i in range(16)] + [_row("B0", category=3)]
     records = S.assign_splits(rows, seed=0)  # 17 patients -> 2 each
     val = [r.category for r in records if r.split == "validation"]
     test = [r.category for r in records if r.split == "test"]
-    assert len(val) == 2 and len(test) == 2
-    assert 3 in val + test
+    assert val == test == [0, 0]
+    assert {r.patient_id: r.split for r in records}["B0"] == "train"
+    assert S.unevaluated_categories(records) == [3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rare_categories_stay_in_training_and_evaluation_is_equal(seed):
+    # 27 patients of category 0 and one each of 1-3 (a cohort skewed to score 0): before, the
+    # rare ones all went to validation, none to test, none to training.
+    rows = [_row(f"Z{i:02d}", category=0) for i in range(27)] + \
+        [_row(f"R{c}", category=c) for c in (1, 2, 3)]
+    records = S.assign_splits(rows, seed=seed)
+    by_split = collections.defaultdict(list)
+    for record in records:
+        by_split[record.split].append(record.category)
+    assert sorted(by_split["validation"]) == sorted(by_split["test"]) == [0, 0, 0]
+    assert {1, 2, 3} <= set(by_split["train"])
+    assert S.unevaluated_categories(records) == [1, 2, 3]
+
+
+def test_a_skewed_cohort_gets_equal_categories_in_validation_and_test():
+    # 50/5/3/2 patients of categories 0-3, 60 in all -> 6 each: three pairs from category 0 (it
+    # comes round most), two from 1, one from 2; category 3's two stay in training.
+    rows = [_row(f"C{c}P{i:02d}", category=c)
+            for c, n in enumerate((50, 5, 3, 2)) for i in range(n)]
+    for seed in range(8):
+        records = S.assign_splits(rows, seed=seed)
+        val = sorted(r.category for r in records if r.split == "validation")
+        test = sorted(r.category for r in records if r.split == "test")
+        assert val == test and len(val) == 6, (seed, val, test)
+        train = collections.Counter(r.category for r in records if r.split == "train")
+        assert all(train[c] >= 1 for c in range(4))
+
+
+def test_two_labelled_patients_among_unlabelled_go_one_to_each_evaluation_split():
+    rows = [_row(f"U{i:02d}") for i in range(20)] + [_row("L0", category=0),
+                                                     _row("L3", category=3)]
+    records = {r.patient_id: r.split for r in S.assign_splits(rows, seed=0)}
+    assert sorted([records["L0"], records["L3"]]) == ["test", "validation"]
+
+
+def test_the_evaluation_size_rounds_halves_up():
+    rows = [_row(f"C{c}P{i:02d}", category=c) for c in range(4) for i in range(9)][:25]
+    records = S.assign_splits(rows, seed=0)  # 25 patients: 10% is 2.5 -> 3 each (was 2)
+    counts = collections.Counter(r.split for r in records)
+    assert counts["validation"] == counts["test"] == 3
 
 
 def test_category_sources():

@@ -132,6 +132,7 @@ def preflight(args: argparse.Namespace) -> tuple[Path, int]:
     from data_pipeline.config import DATASET_VERSION
     from data_pipeline.errors import InputError, ManifestError
     from data_pipeline.manifest import parse_manifest
+    from data_pipeline.splits import given_splits
 
     if not _NAME_RE.match(args.name):
         raise InputError(None, f"dataset name {args.name!r} must be lower_snake_case "
@@ -157,6 +158,10 @@ def preflight(args: argparse.Namespace) -> tuple[Path, int]:
         raise ManifestError(errors[0].path, errors[0].problem + more)
     if not rows:
         raise ManifestError(args.manifest, "no usable rows in the manifest")
+    by_patient: dict[str, list] = {}
+    for row in rows:
+        by_patient.setdefault(row.patient_id, []).append(row)
+    given_splits(by_patient, args.manifest)  # a patient in two splits: refused here, before TF
     if args.overwrite and target.is_dir():
         # The old dataset is replaced only after a successful build, but its files must not be
         # the inputs of the new one (its manifest.csv copy, say).
