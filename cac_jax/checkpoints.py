@@ -153,8 +153,10 @@ def training_items(state) -> tuple[dict, dict]:
     return variables, items
 
 
-# The key of a step's `meta` that holds `variables_digest` of its `variables` item.
+# The keys of a step's `meta` that hold `variables_digest` of its `variables` item and of its
+# `train_state` item (the optimizer's moments and step: damaged, they would resume into NaNs).
 DIGEST_KEY = "variables_sha256"
+TRAIN_STATE_DIGEST_KEY = "train_state_sha256"
 
 
 def variables_digest(variables) -> str:
@@ -179,13 +181,15 @@ def variables_digest(variables) -> str:
     return digest.hexdigest()
 
 
-def check_digest(variables, meta: dict, where) -> None:
-    """Raise InputError when `meta` holds a digest and `variables` do not match it (checkpoints
-    saved before digests existed have none, and are not checked)."""
-    saved = meta.get(DIGEST_KEY)
+def check_digest(variables, meta: dict, where, key: str = DIGEST_KEY,
+                 what: str = "the parameters") -> None:
+    """Raise InputError when `meta` holds a digest under `key` and `variables` (any tree of
+    arrays) do not match it (checkpoints saved before digests existed have none, and are not
+    checked)."""
+    saved = meta.get(key)
     if saved and variables_digest(variables) != saved:
-        raise InputError(where, "the parameters do not match the checksum saved with them "
-                                f"({DIGEST_KEY}): the checkpoint is corrupt")
+        raise InputError(where, f"{what} do not match the checksum saved with them ({key}): the "
+                                "checkpoint is corrupt")
 
 
 def restore_training(manager, template, step: int) -> dict:
@@ -198,8 +202,11 @@ def restore_training(manager, template, step: int) -> dict:
         variables=ocp.args.StandardRestore(variables),
         train_state=ocp.args.StandardRestore(train_items),
         meta=ocp.args.JsonRestore()))
-    check_digest(items["variables"], dict(items["meta"] or {}),
-                 pathlib.Path(os.fspath(manager.directory)) / str(step) / "variables")
+    step_dir = pathlib.Path(os.fspath(manager.directory)) / str(step)
+    meta = dict(items["meta"] or {})
+    check_digest(items["variables"], meta, step_dir / "variables")
+    check_digest(items["train_state"], meta, step_dir / "train_state", TRAIN_STATE_DIGEST_KEY,
+                 "the optimizer state")
     return items
 
 
@@ -223,7 +230,8 @@ def save_training(manager, step: int, state, meta: dict, metrics: dict | None, c
     """Save the host training `state` as checkpoint `step` with its `meta` and, when evaluated,
     its finite validation `metrics` (what the manager ranks the best on)."""
     variables, train_items = training_items(state)
-    meta = {**meta, DIGEST_KEY: variables_digest(variables)}
+    meta = {**meta, DIGEST_KEY: variables_digest(variables),
+            TRAIN_STATE_DIGEST_KEY: variables_digest(train_items)}
     clean = None
     if metrics:
         clean = {k: float(v) for k, v in metrics.items()

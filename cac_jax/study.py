@@ -209,22 +209,27 @@ def _model_fingerprint(path: Path, name: str) -> str:
 
 
 def _fingerprint_bytes(file: Path) -> bytes:
-    """A model file's bytes for the fingerprint; a step's `meta` without its parameter digest
-    (`variables_sha256`, a checksum of the parameters the fingerprint covers anyway), so adding
-    the digest to a model does not make a finished training that started from it train again.
+    """A model file's bytes for the fingerprint; a step's `meta` without its digests
+    (`variables_sha256`, `train_state_sha256`: checksums of arrays the fingerprint covers
+    anyway), so adding a digest to a model does not make a finished training that started from
+    it train again.
     Only that entry's own bytes are left out (as `json.dumps` writes it); every other byte
     counts."""
     data = file.read_bytes()
     if file.name != "metadata" or file.parent.name != "meta":
         return data
     try:
-        digest = json.loads(data).get("variables_sha256")
-    except (ValueError, AttributeError):
+        meta = json.loads(data)
+    except ValueError:
         return data
-    if not isinstance(digest, str):
+    if not isinstance(meta, dict):
         return data
-    entry = ", " + json.dumps({"variables_sha256": digest})[1:-1]  # ', "variables_sha256": "…"'
-    return data.replace(entry.encode(), b"", 1)
+    for key in ("variables_sha256", "train_state_sha256"):
+        digest = meta.get(key)
+        if isinstance(digest, str):
+            entry = ", " + json.dumps({key: digest})[1:-1]  # ', "variables_sha256": "…"'
+            data = data.replace(entry.encode(), b"", 1)
+    return data
 
 
 def continue_keys() -> tuple[str, ...]:

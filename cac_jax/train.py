@@ -86,8 +86,10 @@ MAX_STEPS_IN_FLIGHT = 2
 # resume under another.
 # `train.init_from` only chooses a fresh run's start: a run with a checkpoint of its own resumes
 # from it whatever the key says (docs/training.md, "Fine-tuning").
+# data.per_device_batch is derived from the global batch (compared) and the device count, so a
+# run may resume on another number of devices (a requeue onto another node).
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.max_seconds", "model.conv_impl",
-                  "train.init_from", *config_defaults.STOP_KEYS)
+                  "train.init_from", "data.per_device_batch", *config_defaults.STOP_KEYS)
 # Keys added to the configs after runs were made: a saved config without one had this value.
 ADDED_KEYS = config_defaults.ADDED_KEYS
 
@@ -167,9 +169,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     rate = config.train.learning_rate
     if not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
         raise ConfigError(None, f"config.train.learning_rate={rate} must be a finite number > 0")
-    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
+    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every",
+                "keep_checkpoints"):
         if int(config.train[key]) < 1:
             raise ConfigError(None, f"config.train.{key} must be >= 1, got {config.train[key]}")
+    if int(config.train.early_stop_patience) < 0:
+        raise ConfigError(None, "config.train.early_stop_patience must be >= 0 (0: never stop "
+                                f"early), got {config.train.early_stop_patience}")
 
 
 def resolve_devices(config) -> list:
@@ -202,6 +208,10 @@ def stop_options(config) -> tuple[str, str]:
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """Keys whose values differ between a workdir's config and this run's (resumable ones aside)."""
     a, b = {**ADDED_KEYS, **flatten(saved)}, {**ADDED_KEYS, **flatten(config)}
+    for values in (a, b):  # the dataset folder as a path: "tfds" and "$PWD/tfds" are one folder
+        folder = values.get("data.data_dir")
+        if isinstance(folder, str) and folder and "://" not in folder:
+            values["data.data_dir"] = os.path.abspath(os.path.expanduser(folder))
     keys = sorted(set(a) | set(b))
     return [f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in keys
             if k not in RESUMABLE_KEYS and a.get(k, "<absent>") != b.get(k, "<absent>")]
@@ -425,7 +435,10 @@ class _Run:
         self.init_record: dict | None = None  # where train.init_from's parameters came from
         # A run under way has no summary: an earlier run's would call this one finished to
         # whoever looks while it trains or after it is killed (the study reuses finished runs).
+        self.previous_summary = None  # put back unchanged when this run trains no step
         if self.is_main:
+            with contextlib.suppress(OSError, ValueError):
+                self.previous_summary = json.loads((self.workdir / "summary.json").read_text())
             support.remove_file(self.workdir / "summary.json")
         self.restored, items = ckpt_lib.load_state_if_possible(
             self.manager, fresh, self.workdir / ckpt_lib.CHECKPOINT_DIR, self.is_main)
@@ -755,8 +768,12 @@ class _Run:
             "peak_memory_bytes": peak,
             "last": {k: _json_safe(v) for k, v in self.last_metrics.items()},
         }
+        written, previous = summary, self.previous_summary
+        if (steps_run == 0 and isinstance(previous, dict)
+                and previous.get("steps") == self.step):
+            written = previous  # a finished run run again keeps its summary (times, last metrics)
         if self.is_main:
-            support.write_text(self.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            support.write_text(self.workdir / "summary.json", json.dumps(written, indent=2) + "\n")
         return summary
 
 

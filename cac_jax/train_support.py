@@ -15,7 +15,6 @@ from the last intact checkpoint, the logging window, and TensorBoard events on r
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import pathlib
@@ -27,8 +26,6 @@ from etils import epath
 
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 def as_path(path) -> epath.Path:
@@ -128,7 +125,9 @@ def check_workdir(workdir: epath.Path, is_main: bool) -> None:
         with tempfile.NamedTemporaryFile(dir=os.fspath(workdir), prefix=".write-test-"):
             pass
     except OSError as err:
-        raise os_error(err, workdir) from None
+        # Named by the workdir: the probe's own (random) name says nothing to the user.
+        raise InputError(workdir, f"cannot write the run: "
+                                  f"{err.strerror or str(err).splitlines()[0]}") from None
 
 
 def check_free_space(folder: epath.Path, needed_bytes: int, what: str) -> None:
@@ -165,6 +164,16 @@ def check_validation(config, scans, heart_masks: dict, num_scans_all_hosts: int,
                                      "heart masks or set --config.train.best_metric=val_loss")
 
 
+def _unused_name(folder: epath.Path, name: str) -> epath.Path:
+    """`folder / name`, or `name.2`, `name.3`, ... when a step of that number was set aside
+    before (a step damaged again after the run saved it anew)."""
+    candidate, n = folder / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{name}.{n}"
+    return candidate
+
+
 def restore_intact(manager, restore_fn, where: epath.Path,
                    is_main: bool = True) -> tuple[int | None, object]:
     """(step, restored items) of the latest checkpoint that restores; (None, None) when the
@@ -179,21 +188,17 @@ def restore_intact(manager, restore_fn, where: epath.Path,
             items = restore_fn(step)
         except Exception as err:  # noqa: BLE001 (Orbax raises many types for a damaged folder)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            failures.append(f"{step} ({reason[:200]})")
-            log.warning("checkpoint step %s does not restore (%s); trying an older one", step,
-                        reason[:200])
+            failures.append(f"{where / str(step)} ({reason[:200]})")
             continue
         if failures:
             damaged = where.parent / f"{where.name}.damaged"
             if is_main:
                 damaged.mkdir(exist_ok=True)
                 for bad in steps[:steps.index(step)]:
-                    (where / str(bad)).rename(damaged / str(bad))
+                    (where / str(bad)).rename(_unused_name(damaged, str(bad)))
             manager.reload()
-            message = (f"resuming from step {step}: newer checkpoint(s) do not restore (moved "
-                       f"to {damaged}): {'; '.join(failures)}")
-            log.warning(message)
-            print(f"cac-jax train: warning: {message}", flush=True)
+            print(f"cac-jax train: warning: resuming from step {step}: newer checkpoint(s) do "
+                  f"not restore (moved to {damaged}): {'; '.join(failures)}", flush=True)
         return step, items
     raise InputError(where, f"no intact checkpoint to resume from: {'; '.join(failures)}; move "
                             "the checkpoints/ folder away to start the run afresh")

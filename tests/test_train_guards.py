@@ -225,13 +225,15 @@ def test_workdir_faults_are_one_line(data_dir, tmp_path, monkeypatch):
 
     import tempfile
 
-    def read_only(*args, **kwargs):
-        raise PermissionError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+    def read_only(*args, **kwargs):  # as the OS says it: naming the probe file it could not make
+        raise PermissionError(errno.EROFS, "Read-only file system",
+                              os.path.join(kwargs.get("dir"), ".write-test-x1y2z3"))
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(InputError, match="Read-only file system") as info:
         train_lib.train_and_evaluate(config, tmp_path / "ro")
-    assert str(tmp_path / "ro") in str(info.value)
+    assert str(info.value).startswith(f"{tmp_path / 'ro'}: cannot write the run")
+    assert ".write-test" not in str(info.value)
 
 
 def test_a_second_run_into_a_live_runs_workdir_is_refused(data_dir, tmp_path):
@@ -549,9 +551,11 @@ def test_a_run_stopped_early_continues_under_a_laxer_stop_rule(data_dir, tmp_pat
     strict = tiny_config("unet_heart", data_dir, steps=8, early_stop_min_delta=100.0, **common)
     summary = train_lib.train_and_evaluate(strict, workdir)
     assert summary["stopped_early"] and summary["steps"] == 4
-    # The same rule again: the run stays stopped.
+    finished = (workdir / "summary.json").read_text()
+    # The same rule again: the run stays stopped, and keeps its summary (times, last metrics).
     summary = train_lib.train_and_evaluate(strict, workdir)
     assert summary["stopped_early"] and summary["steps"] == 4 and summary["steps_this_run"] == 0
+    assert (workdir / "summary.json").read_text() == finished
     # Without the min delta and with no patience limit it continues from its last checkpoint.
     lax = tiny_config("unet_heart", data_dir, steps=8, early_stop_min_delta=0.0,
                       **{**common, "early_stop_patience": 0})
@@ -594,3 +598,58 @@ def test_allgather_keeps_64_bit_values(monkeypatch):
     np.testing.assert_array_equal(dist.allgather(np.asarray([0.1, 1e300]))[0], [0.1, 1e300])
     assert dist.allgather(np.zeros((0, 2), np.int64)).shape == (2, 0, 2)
     assert dist.allgather(np.asarray([5], np.int32)).tolist() == [[5], [6]]
+
+
+def _wrong_digest(step_dir: pathlib.Path, key: str) -> None:
+    """Stands for bytes changed inside an array file: the saved checksum no longer matches."""
+    meta = step_dir / "meta" / "metadata"
+    data = json.loads(meta.read_text())
+    assert data[key]
+    data[key] = "0" * 64
+    meta.write_text(json.dumps(data))
+
+
+def test_a_damaged_optimizer_state_is_caught_and_set_aside_again(data_dir, tmp_path, capsys):
+    # The optimizer state has a checksum too (damaged, it resumed into NaN losses blamed on the
+    # learning rate); a step damaged a second time after the run saved it anew is set aside
+    # under another name.
+    common = dict(log_every=2, eval_every=100, checkpoint_every=2, keep_checkpoints=3)
+    workdir = tmp_path / "w"
+    train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=4, **common), workdir)
+    _wrong_digest(workdir / "checkpoints" / "4", "train_state_sha256")
+    summary = train_lib.train_and_evaluate(
+        tiny_config("unet_heart", data_dir, steps=6, **common), workdir)
+    assert summary["resumed_from"] == 2
+    out = capsys.readouterr().out
+    assert out.count("newer checkpoint(s) do not restore") == 1
+    assert str(workdir / "checkpoints" / "4") in out and "the optimizer state" in out
+    for step in ("4", "6"):
+        _wrong_digest(workdir / "checkpoints" / step, "variables_sha256")
+    summary = train_lib.train_and_evaluate(
+        tiny_config("unet_heart", data_dir, steps=6, **common), workdir)
+    assert summary["resumed_from"] == 2 and summary["steps"] == 6
+    assert sorted(p.name for p in (workdir / "checkpoints.damaged").iterdir()) == ["4", "4.2", "6"]
+
+
+def test_checkpoint_count_patience_device_count_and_dataset_path_rules():
+    config = load_config("unet_heart")
+    for key, value, message in (("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
+                                ("keep_checkpoints", -1, "keep_checkpoints must be >= 1"),
+                                ("early_stop_patience", -1, "early_stop_patience must be >= 0")):
+        bad = load_config("unet_heart")
+        bad.train[key] = value
+        with pytest.raises(InputError, match=message):
+            train_lib.check_config(bad)
+    train_lib.check_config(config)
+    from cac_jax.checkpoints import config_to_dict
+
+    saved = config_to_dict(config)
+    saved["data"]["per_device_batch"] = 4  # the run was made on twice as many devices
+    saved["data"]["data_dir"] = "tfds"
+    now = load_config("unet_heart")
+    with now.unlocked():
+        now.data.per_device_batch = 8
+    now.data.data_dir = os.path.abspath("tfds")
+    assert train_lib.config_differences(saved, now) == []
+    now.data.data_dir = os.path.abspath("other")
+    assert [d.split()[0] for d in train_lib.config_differences(saved, now)] == ["data.data_dir"]
