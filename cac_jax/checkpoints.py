@@ -198,6 +198,10 @@ def restore_training(manager, template, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     variables, train_items = training_items(template)
+    directory = os.fspath(manager.directory)
+    if "://" not in directory:  # a damaged array file: one quiet error, not Orbax's tracebacks
+        for item in ("variables", "train_state"):
+            _check_readable(pathlib.Path(directory) / str(step) / item)
     items = manager.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(variables),
         train_state=ocp.args.StandardRestore(train_items),
