@@ -95,4 +95,3 @@ def in_plane_rotation_deg(direction: Sequence[float]) -> float:
     x_axis = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 0]
     cosine = abs(float(x_axis[0])) / max(float(np.linalg.norm(x_axis)), 1e-12)
     return math.degrees(math.acos(min(1.0, cosine)))
-
