@@ -119,6 +119,8 @@ def make_manager(workdir: str | pathlib.Path, config, *, keep: int | None = None
         enable_async_checkpointing=not read_only)
     from etils import epath
 
+    if not read_only:  # a save without validation metrics is expected (a SIGTERM's, say)
+        logging.getLogger("absl").addFilter(_NO_METRICS_NOTICE)
     # epath keeps a gs:// workdir a URL (pathlib would make it a local "gs:" folder).
     text = os.fspath(workdir)
     root = epath.Path(text if "://" in text else os.path.abspath(text))
@@ -277,6 +279,17 @@ def _read_json_item(step_dir: pathlib.Path, item: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(path, f"unreadable checkpoint item: {err}") from None
+
+
+class _DropNoMetricsNotice(logging.Filter):
+    """Orbax warns on every save without metrics when checkpoints are ranked; a step saved
+    between two evaluations (a SIGTERM's, the last step's) has none by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+_NO_METRICS_NOTICE = _DropNoMetricsNotice()  # one instance: adding it again is a no-op
 
 
 class _DropReadOnlyNotices(logging.Filter):

@@ -185,8 +185,14 @@ def _model_key(model: ModelInfo) -> tuple:
 
 
 def _model_name(model: ModelInfo) -> str:
-    """The checkpoint folder's name (the outputs go to PACS: no local path)."""
-    return Path(model.path).name if model.path else model.arch
+    """The model's folder name (the outputs go to PACS: no local path); for a step folder
+    (`RUN/checkpoints/30`) the run's."""
+    if not model.path:
+        return model.arch
+    path = Path(model.path)
+    if path.name.isdigit() and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.name
 
 
 def _content_digest(result) -> str:

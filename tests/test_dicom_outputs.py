@@ -427,3 +427,15 @@ def test_a_rerun_asking_for_dicom_outputs_names_the_ones_an_earlier_run_left_out
         assert main([*argv, "--dicom"]) == 0  # everything asked for is there: no note
         printed = capsys.readouterr()
         assert "without" not in printed.out + printed.err
+
+
+def test_the_model_is_named_by_its_folder_not_its_path():
+    def info(path):
+        return dicom_outputs.ModelInfo("heart", "unet", path, 30)
+
+    assert dicom_outputs._model_name(info("/home/someone/models/heart_unet")) == "heart_unet"
+    assert dicom_outputs._model_name(info("/srv/runs/heart_unet/checkpoints/30")) == "heart_unet"
+    assert dicom_outputs._model_name(info("")) == "unet"
+    # The same model in another folder: the same UIDs.
+    assert dicom_outputs._model_key(info("/a/heart_unet")) == \
+        dicom_outputs._model_key(info("/b/heart_unet"))

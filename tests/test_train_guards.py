@@ -609,13 +609,16 @@ def _wrong_digest(step_dir: pathlib.Path, key: str) -> None:
     meta.write_text(json.dumps(data))
 
 
-def test_a_damaged_optimizer_state_is_caught_and_set_aside_again(data_dir, tmp_path, capfd):
+def test_a_damaged_optimizer_state_is_caught_and_set_aside_again(data_dir, tmp_path, capfd,
+                                                                  caplog):
     # The optimizer state has a checksum too (damaged, it resumed into NaN losses blamed on the
     # learning rate); a step damaged a second time after the run saved it anew is set aside
     # under another name.
     common = dict(log_every=2, eval_every=100, checkpoint_every=2, keep_checkpoints=3)
     workdir = tmp_path / "w"
     train_lib.train_and_evaluate(tiny_config("unet_heart", data_dir, steps=4, **common), workdir)
+    # Step 2 was saved between evaluations: no metrics, as designed, and no notice about it.
+    assert not [r for r in caplog.records if "did not provide metrics" in r.getMessage()]
     _wrong_digest(workdir / "checkpoints" / "4", "train_state_sha256")
     summary = train_lib.train_and_evaluate(
         tiny_config("unet_heart", data_dir, steps=6, **common), workdir)
