@@ -4,6 +4,8 @@ SimpleITK image files, labels, and the writers. Tiny shapes throughout."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -673,3 +675,18 @@ def test_write_volume_rejects_wrong_shape_and_format(tmp_path):
 
 def test_errors_are_input_errors():
     assert issubclass(StudyReadError, InputError) and issubclass(LabelError, InputError)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dicom3tools' dciodvfy is not installed (.ci/run installs it)")
+def test_a_written_ct_series_passes_dciodvfy(tmp_path):
+    # The synthetic cohort's DICOM is what users and the tests read as "real DICOM": no error
+    # from dicom3tools (PatientPosition, a Type 2C of CT images, was missing).
+    hu = np.full((3, 8, 8), -1000.0, np.float32)
+    volume = io.CTVolume(hu, (3.0, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                         io.StudyMetadata(source="memory", patient_id="P1"))
+    first = io.write_dicom_series(volume, tmp_path / "ct", uid_seed="dciodvfy")[0]
+    run = subprocess.run(["dciodvfy", str(first)], capture_output=True, text=True, timeout=60)
+    text = run.stdout + run.stderr
+    assert "CTImage" in text.replace(" ", "")
+    assert [line for line in text.splitlines() if line.startswith("Error")] == []

@@ -155,8 +155,7 @@ def write_dicom_series(volume: CTVolume, out_dir: str | os.PathLike, *, series_n
         ds.PatientBirthDate = ""
         ds.PatientSex = ""
         ds.SliceThickness = _ds(thickness)
-        if meta.kvp is not None:
-            ds.KVP = _ds(meta.kvp)
+        ds.KVP = _ds(meta.kvp) if meta.kvp is not None else ""  # Type 2: empty when unknown
         if meta.convolution_kernel:
             ds.ConvolutionKernel = meta.convolution_kernel
         ds.ProtocolName = protocol_name
@@ -167,6 +166,10 @@ def write_dicom_series(volume: CTVolume, out_dir: str | os.PathLike, *, series_n
         ds.SeriesInstanceUID = series_uid
         ds.StudyID = ""
         ds.SeriesNumber = int(series_number)
+        # General Series Type 2C for CT: the patient position (head first, supine: the canonical
+        # volume's z runs feet to head); the body part, which is not paired, so no laterality.
+        ds.PatientPosition = "HFS"
+        ds.BodyPartExamined = "CHEST"
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds(v) for v in position]
