@@ -97,28 +97,20 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 
 
 def _images(slices: Sequence[SourceSlice]) -> list:
-    """The distinct files' headers of `slices`, in order; where a header lacks one of the Type 2
-    attributes the outputs copy, a copy of it with that attribute present and empty."""
-    import copy
-
+    """The distinct files' headers of `slices`, in order."""
     seen, out = set(), []
     for s in slices:
         if id(s.dataset) not in seen:
             seen.add(id(s.dataset))
-            missing = [k for k in _TYPE2_COPIED if k not in s.dataset]
-            dataset = s.dataset
-            if missing:
-                dataset = copy.deepcopy(dataset)  # headers only: no pixel data to copy
-                for keyword in missing:
-                    setattr(dataset, keyword, "")
-            out.append(dataset)
+            out.append(s.dataset)
     return out
 
 
 def source_datasets(volume) -> list[SourceSlice]:
     """The slices of `volume`'s source series (file headers, no pixels; frames of an Enhanced CT
     file), in the stored slice order (sorted along the slice normal, as
-    `data_pipeline.io.read_study` sorts them).
+    `data_pipeline.io.read_study` sorts them). Type 2 attributes the outputs copy and a header
+    lacks are set empty on the header read here (the files are not touched).
 
     Raises DicomOutputError when the files no longer match the volume (count or size)."""
     import pydicom
@@ -140,6 +132,9 @@ def source_datasets(volume) -> list[SourceSlice]:
             raise DicomOutputError(path, f"cannot read the source image: {err}") from err
         if str(ds.get("SeriesInstanceUID", "")) != volume.metadata.series_uid or set_apart(ds):
             continue  # another series, or a localizer the reader set apart from this one
+        for keyword in _TYPE2_COPIED:  # this header is read here for the outputs alone
+            if keyword not in ds:
+                setattr(ds, keyword, "")
         if is_enhanced_ct(ds):
             found = frames(path, ds, DicomOutputError)
             if len({key for key, _ in found}) > 1:
