@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--loop-steps", type=int, default=3)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--conv-impls", nargs="+", default=["xla", "onednn"],
-                   choices=["xla", "onednn"],
+                   choices=["xla", "onednn", "onednn_direct"],
                    help="convolution libraries to time side by side (docs/onednn.md); oneDNN "
                         "is left out where its extension does not run")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)

@@ -14,13 +14,14 @@ variants), with untrained weights, and timed in interleaved rounds (sample i on 
 sample i + 1), so load from other processes hits all models alike.
 
 Frameworks: "jax" (the Flax model under `jax.jit`) with its convolutions run by XLA ("jax_xla") and,
-where the extension is built, by oneDNN through XLA FFI custom calls ("jax_onednn", docs/onednn.md;
-`conv_impls` picks which), and "torch": the PyTorch reference
-(`cac_jax.torch_ref`, the same function on the same weights) as eager NCHW under `no_grad`
-("torch_eager"), `inference_mode` + `channels_last` ("torch_channels_last"), and that model under
-`torch.compile` ("torch_compile", where it compiles). Both use the same number of threads
-(`threads` in the output). `results["jax"]` and `results["torch"]` are the fastest JAX and PyTorch
-variants per model (the variant is named in the row).
+where the extension is built, by oneDNN through XLA FFI custom calls ("jax_onednn": the large 3x3
+ones by Winograd's F(2x2, 3x3), as the models run on the CPU; "jax_onednn_direct": oneDNN's direct
+algorithm only, PyTorch's kind of kernel; docs/onednn.md; `conv_impls` picks which), and "torch":
+the PyTorch reference (`cac_jax.torch_ref`, the same function on the same weights) as eager NCHW
+under `no_grad` ("torch_eager"), `inference_mode` + `channels_last` ("torch_channels_last"), and
+that model under `torch.compile` ("torch_compile", where it compiles). Both use the same number of
+threads (`threads` in the output). `results["jax"]` and `results["torch"]` are the fastest JAX and
+PyTorch variants per model (the variant is named in the row).
 
 Training step (`train_step=True`): the training loss of the model's config (focal loss with the
 config's alpha and gamma, the ConvLSTM's temporal and spatial branch losses at
@@ -58,7 +59,7 @@ MODEL_CONFIGS = {
 FRAMEWORKS = ("jax", "torch")
 TORCH_VARIANTS = ("torch_eager", "torch_channels_last", "torch_compile")
 # JAX variants: config.model.conv_impl of each (docs/onednn.md).
-JAX_VARIANTS = {"jax_xla": "xla", "jax_onednn": "onednn"}
+JAX_VARIANTS = {"jax_xla": "xla", "jax_onednn": "onednn", "jax_onednn_direct": "onednn_direct"}
 DEFAULT_SAMPLES = 5
 PAPER_SAMPLES = 1024
 # Upper bounds of the settings (refused with one line above them). Samples are built one at a
@@ -131,8 +132,8 @@ def jax_variants(settings: BenchSettings, log=print) -> dict[str, str]:
     for variant, impl in JAX_VARIANTS.items():
         if impl not in settings.conv_impls:
             continue
-        if impl == "onednn" and onednn_conv.resolve_impl("onednn") != "onednn":
-            log("bench: jax_onednn left out (the oneDNN extension does not run here)")
+        if impl != "xla" and onednn_conv.resolve_impl(impl) != impl:
+            log(f"bench: {variant} left out (the oneDNN extension does not run here)")
             continue
         out[variant] = impl
     return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cac_jax.models import build_model
+from cac_jax.models import build_model, layers
 from cac_jax.models.config import model_config
 from cac_jax.ops import build as build_lib
 from cac_jax.ops import onednn_conv
@@ -19,6 +19,7 @@ needs_onednn = pytest.mark.skipif(not onednn_conv.available(),
                                   reason="oneDNN extension not built (python -m cac_jax.ops.build)")
 DIMS = ("NHWC", "HWIO", "NHWC")
 FORWARD = "cac_onednn_conv_forward"
+WINOGRAD = onednn_conv.WINOGRAD_TARGET
 
 # (input NHWC, kernel (kh, kw), out channels, strides, padding): the models' kinds of convolution
 # at tiny sizes (3x3 SAME at stride 1 and 2, the UNet's 3-channel input, the ConvLSTM's 4 * hidden
@@ -125,6 +126,64 @@ def test_uncovered_convolutions_go_to_xla():
         assert FORWARD not in str(jax.make_jaxpr(case)())
 
 
+# Winograd F(2x2, 3x3) (3x3, stride 1, 'same', >= WINOGRAD_MIN_CHANNELS input channels): the
+# models' large convolutions and odd ones (1-pixel and odd-sized images whose last tile is cut,
+# batch 1, channels not a multiple of 8). With 128 or more output channels the input gradient
+# runs by Winograd too (its input channels are the forward's output channels).
+WINOGRAD_CASES = [
+    ((1, 1, 1, 128), 3),
+    ((2, 7, 5, 130), 17),
+    ((1, 5, 4, 136), 129),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,features", WINOGRAD_CASES)
+def test_winograd_forward_and_both_gradients_equal_xla(shape, features):
+    x, w = operands(shape, (3, 3), features)
+    args = ((1, 1), "SAME")
+    forward = str(jax.make_jaxpr(onednn, static_argnums=(2, 3))(x, w, *args))
+    assert WINOGRAD in forward and FORWARD not in forward
+    backward = str(jax.make_jaxpr(jax.grad(loss_of(onednn, *args), (0, 1)))(x, w))
+    assert backward.count(WINOGRAD) == (2 if features >= onednn_conv.WINOGRAD_MIN_CHANNELS else 1)
+    close(jax.jit(onednn, static_argnums=(2, 3))(x, w, *args), xla_conv(x, w, *args))
+    grads = jax.jit(jax.grad(loss_of(onednn, *args), (0, 1)))(x, w)
+    expected = jax.grad(loss_of(xla_conv, *args), (0, 1))(x, w)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.shape == want.shape
+        close(got, want)
+
+
+@needs_onednn
+def test_winograd_only_where_it_fits_and_never_under_onednn_direct():
+    x, w = operands((2, 8, 8, 128), (3, 3), 8)
+    direct = layers.conv_impl_fn("onednn_direct")
+    jaxpr = str(jax.make_jaxpr(lambda x, w: direct(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=DIMS))(x, w))
+    assert FORWARD in jaxpr and WINOGRAD not in jaxpr
+    close(direct(x, w, (1, 1), "SAME", dimension_numbers=DIMS), xla_conv(x, w, (1, 1), "SAME"))
+    # Stride 2, VALID padding, a 5x5 kernel, fewer input channels: the direct algorithm.
+    for conv in (lambda: onednn(x, w, (2, 2), "SAME"), lambda: onednn(x, w, (1, 1), "VALID"),
+                 lambda: onednn(*operands((2, 8, 8, 128), (5, 5), 8), (1, 1), "SAME"),
+                 lambda: onednn(*operands((2, 8, 8, 127), (3, 3), 8), (1, 1), "SAME")):
+        jaxpr = str(jax.make_jaxpr(conv)())
+        assert FORWARD in jaxpr and WINOGRAD not in jaxpr
+    assert onednn_conv.resolve_impl("onednn_direct") == "onednn_direct"
+
+
+@needs_onednn
+def test_winograd_is_deterministic_and_vmaps_by_folding_the_batch():
+    x, w = operands((2, 9, 6, 128), (3, 3), 32)
+    fn = jax.jit(onednn, static_argnums=(2, 3))
+    first = np.asarray(fn(x, w, (1, 1), "SAME"))
+    np.testing.assert_array_equal(first, np.asarray(fn(x, w, (1, 1), "SAME")))
+    xs = jnp.stack([x, -2 * x])
+    folded = jax.make_jaxpr(jax.vmap(lambda x: onednn(x, w, (1, 1), "SAME")))(xs)
+    assert WINOGRAD in str(folded) and "scan" not in str(folded)
+    close(jax.vmap(lambda x: onednn(x, w, (1, 1), "SAME"))(xs),
+          jax.vmap(lambda x: xla_conv(x, w, (1, 1), "SAME"))(xs))
+
+
 needs_bf16 = pytest.mark.skipif(not onednn_conv.bf16_native(),
                                 reason="no native bfloat16 on this CPU (or no extension)")
 
@@ -185,6 +244,9 @@ def test_models_equal_under_both_implementations(arch):
     p_xla, logits_xla, grads_xla, jaxpr_xla = model_outputs(arch, "xla")
     p_dnn, logits_dnn, grads_dnn, jaxpr_dnn = model_outputs(arch, "onednn")
     assert FORWARD in str(jaxpr_dnn) and FORWARD not in str(jaxpr_xla)
+    # The test models' deepest 3x3 convolutions have 128 or more input channels: Winograd runs
+    # those (forward and input gradients), oneDNN's direct algorithm the others.
+    assert WINOGRAD in str(jaxpr_dnn) and WINOGRAD not in str(jaxpr_xla)
     # Same parameter tree, names, shapes and initial values: checkpoints do not depend on it.
     assert jax.tree.structure(p_xla) == jax.tree.structure(p_dnn)
     for a, b in zip(jax.tree.leaves(p_xla), jax.tree.leaves(p_dnn), strict=True):

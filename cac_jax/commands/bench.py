@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="skip the torch.compile variant (its compilation takes minutes)")
     parser.add_argument("--conv-impls", type=_csv, default=("xla", "onednn"),
                         help="JAX variants by convolution library: xla (jax_xla), onednn "
-                             "(jax_onednn, where built; docs/onednn.md); default both")
+                             "(jax_onednn, where built: Winograd for the large 3x3 convolutions), "
+                             "onednn_direct (jax_onednn_direct: oneDNN's direct algorithm only; "
+                             "docs/onednn.md); default xla,onednn")
     parser.add_argument("--seed", type=int, default=0, help="synthetic study and weights seed")
     parser.add_argument("--out", required=True, type=pathlib.Path, metavar="DIR",
                         help="output folder for bench.json, bench.md, bench.png")

@@ -61,7 +61,7 @@ class Decoder(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
-    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
+    conv_impl: str = "xla"  # "xla" | "onednn" | "onednn_direct" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -85,7 +85,7 @@ class AttentionHead(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
-    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
+    conv_impl: str = "xla"  # "xla" | "onednn" | "onednn_direct" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -117,7 +117,7 @@ class ConvLSTMAttentionNet(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
-    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
+    conv_impl: str = "xla"  # "xla" | "onednn" | "onednn_direct" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -5,7 +5,8 @@ Fields (read by `cac_jax.models.build_model`):
   background / coronary / non-coronary calcium, or background / heart, docs/contracts.md);
 - dtype: computation dtype, "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or
   "bfloat16"; param_dtype: parameter dtype, float32 (bf16 compute keeps float32 master weights);
-- conv_impl: "xla" | "onednn" | "auto", which library runs the convolutions (docs/onednn.md);
+- conv_impl: "xla" | "onednn" | "onednn_direct" | "auto", which library (and, for oneDNN,
+  whether Winograd's algorithm runs the large 3x3 convolutions) runs them (docs/onednn.md);
 - norm: "group" (default, see cac_jax/models/layers.py for why) or "batch"; groups: GroupNorm's
   maximum group count; bn_axis_name: the pmap axis for synchronised BatchNorm (None: per device);
 - convlstm.*: encoder/decoder widths, ConvLSTM levels and hidden widths, bidirectional;
@@ -52,8 +53,9 @@ def model_config(arch: str, task: str, local: bool = False) -> ml_collections.Co
     cfg.norm = "group"
     cfg.groups = 8
     cfg.bn_axis_name = ml_collections.config_dict.placeholder(str)
-    # Convolutions: "xla", "onednn" (XLA FFI custom calls into oneDNN, CPU only) or "auto"
-    # (oneDNN on the CPU when its extension is built, XLA otherwise); docs/onednn.md.
+    # Convolutions: "xla", "onednn" (XLA FFI custom calls into oneDNN, CPU only; the large 3x3
+    # ones by Winograd's F(2x2, 3x3)), "onednn_direct" (oneDNN's direct algorithm only) or "auto"
+    # ("onednn" on the CPU when its extension is built, XLA otherwise); docs/onednn.md.
     cfg.conv_impl = "auto"
 
     cfg.convlstm = ml_collections.ConfigDict()

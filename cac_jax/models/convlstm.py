@@ -144,7 +144,7 @@ class SliceEncoder(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
-    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
+    conv_impl: str = "xla"  # "xla" | "onednn" | "onednn_direct" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -32,6 +32,7 @@ Its cost on CPU is one extra statistics pass per layer, a few per cent of the fo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -74,11 +75,16 @@ def conv_impl_fn(conv_impl: str):
 
     "xla": None (flax's default, `lax.conv_general_dilated`). "onednn" / "auto": oneDNN's
     convolutions through XLA FFI custom calls where they run (CPU, extension built; "auto" only on
-    the CPU backend), XLA's otherwise. Only the function changes: parameters, their names and
+    the CPU backend), the large 3x3 ones by Winograd's F(2x2, 3x3); "onednn_direct": oneDNN's
+    direct algorithm only; XLA's otherwise. Only the function changes: parameters, their names and
     initial values are flax's, so checkpoints and the PyTorch port do not depend on it.
     """
     impl = onednn_conv.resolve_impl(conv_impl)
-    return onednn_conv.conv_general_dilated if impl == "onednn" else None
+    if impl == "onednn":
+        return onednn_conv.conv_general_dilated
+    if impl == "onednn_direct":
+        return functools.partial(onednn_conv.conv_general_dilated, winograd=False)
+    return None
 
 
 def resolve_dtype(name: str | None) -> Dtype:
@@ -177,7 +183,7 @@ class ConvNormAct(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
-    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
+    conv_impl: str = "xla"  # "xla" | "onednn" | "onednn_direct" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -207,7 +213,7 @@ class DoubleConv(nn.Module):
     norm: str = "group"
     groups: int = 8
     bn_axis_name: str | None = None
-    conv_impl: str = "xla"  # "xla" | "onednn" | "auto": see conv_impl_fn
+    conv_impl: str = "xla"  # "xla" | "onednn" | "onednn_direct" | "auto": see conv_impl_fn
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

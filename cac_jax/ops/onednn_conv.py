@@ -39,11 +39,16 @@ TARGETS = {
     "cac_onednn_conv_backward_data": "CacOnednnConvBackwardData",
     "cac_onednn_conv_backward_weights": "CacOnednnConvBackwardWeights",
 }
+WINOGRAD_TARGET = "cac_onednn_conv_winograd"
 # The bfloat16 handlers: the same targets with this suffix.
 BF16_SUFFIX = "_bf16"
 TARGETS.update({f"{target}{BF16_SUFFIX}": f"{symbol}Bf16"
                 for target, symbol in list(TARGETS.items())})
-IMPLS = ("xla", "onednn", "auto")
+TARGETS[WINOGRAD_TARGET] = "CacOnednnConvWinograd"
+IMPLS = ("xla", "onednn", "onednn_direct", "auto")
+# Winograd F(2x2, 3x3) runs the 3x3, stride-1, 'same' float32 convolutions with at least this
+# many input channels (fewer: the transforms cost more than the products save; docs/onednn.md).
+WINOGRAD_MIN_CHANNELS = 128
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -95,11 +100,13 @@ def bf16_native() -> bool:
 
 @functools.cache
 def resolve_impl(name: str) -> str:
-    """"xla" or "onednn" for a `config.model.conv_impl` value ("xla" | "onednn" | "auto").
+    """"xla", "onednn" or "onednn_direct" for a `config.model.conv_impl` value (one of `IMPLS`).
 
-    "auto" is oneDNN when JAX's default backend is the CPU and the extension loads, XLA
-    otherwise (always on GPU/TPU). "onednn" where it cannot run (no extension, or an accelerator
-    backend) falls back to XLA with a one-line notice (once: the answer is cached per process).
+    "onednn" runs the convolutions through oneDNN, the large 3x3 ones by Winograd's F(2x2, 3x3)
+    (`winograd_fits`); "onednn_direct" through oneDNN's direct algorithm only. "auto" is "onednn"
+    when JAX's default backend is the CPU and the extension loads, XLA otherwise (always on
+    GPU/TPU). The oneDNN values where they cannot run (no extension, or an accelerator backend)
+    fall back to XLA with a one-line notice (once: the answer is cached per process).
     """
     if name not in IMPLS:
         raise ValueError(f"unknown conv_impl {name!r}: expected one of {IMPLS}")
@@ -109,10 +116,10 @@ def resolve_impl(name: str) -> str:
     if name == "auto":
         return "onednn" if on_cpu and available() else "xla"
     if not on_cpu:
-        print(f"conv_impl 'onednn' runs on the CPU only; the {jax.default_backend()} backend uses "
+        print(f"conv_impl {name!r} runs on the CPU only; the {jax.default_backend()} backend uses "
               "XLA's convolutions", file=sys.stderr)
         return "xla"
-    return "onednn" if available() else "xla"
+    return name if available() else "xla"
 
 
 def _call(target: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
@@ -137,13 +144,13 @@ def _per_example(fn, a: jax.Array, b: jax.Array, a_batched: bool, b_batched: boo
     return lax.map(lambda ab: fn(*ab), (a, b))
 
 
-def _image_op(target: str, out_shape_fn, strides: tuple[int, int], pads: Pads):
-    """An op f(images, kernel) whose output has the images' batch (forward, input gradient)."""
+def _image_op(call):
+    """An op f(images, kernel) = call(images, kernel) whose output has the images' batch
+    (forward, input gradient), with its batching rule."""
 
     @jax.custom_batching.custom_vmap
     def op(images: jax.Array, kernel: jax.Array) -> jax.Array:
-        return _call(target, out_shape_fn(images.shape, kernel.shape), images, kernel, strides,
-                     pads)
+        return call(images, kernel)
 
     @op.def_vmap
     def rule(axis_size, in_batched, images, kernel):
@@ -164,12 +171,29 @@ def _forward(x, w, strides, pads):
         ow = (xs[2] + sum(pads[1]) - ws[1]) // strides[1] + 1
         return (xs[0], oh, ow, ws[3])
 
-    return _image_op("cac_onednn_conv_forward", out_shape, strides, pads)(x, w)
+    return _image_op(lambda a, b: _call("cac_onednn_conv_forward", out_shape(a.shape, b.shape),
+                                        a, b, strides, pads))(x, w)
 
 
 def _backward_data(dy, w, in_hw, strides, pads):
-    return _image_op("cac_onednn_conv_backward_data",
-                     lambda ds, ws: (ds[0], *in_hw, ws[2]), strides, pads)(dy, w)
+    return _image_op(lambda a, b: _call("cac_onednn_conv_backward_data",
+                                        (a.shape[0], *in_hw, b.shape[2]), a, b, strides,
+                                        pads))(dy, w)
+
+
+def winograd_fits(strides, pads, kernel_shape, dtype) -> bool:
+    """Whether Winograd's F(2x2, 3x3) runs this convolution under conv_impl "onednn": 3x3
+    kernel, stride 1, padding 1 on every side ('same'), float32, at least
+    `WINOGRAD_MIN_CHANNELS` input channels (kernel_shape is HWIO)."""
+    return (tuple(strides) == (1, 1) and tuple(map(tuple, pads)) == ((1, 1), (1, 1))
+            and tuple(kernel_shape[:2]) == (3, 3) and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
+            and jnp.dtype(dtype) == jnp.float32)
+
+
+def _winograd(x, w):
+    """Winograd F(2x2, 3x3) convolution of NHWC `x` with the 3x3 HWIO `w` (stride 1, 'same')."""
+    return _image_op(lambda a, b: jax.ffi.ffi_call(
+        WINOGRAD_TARGET, jax.ShapeDtypeStruct((*a.shape[:3], b.shape[3]), a.dtype))(a, b))(x, w)
 
 
 def _backward_weights(x, dy, kernel_hw, strides, pads):
@@ -187,24 +211,39 @@ def _backward_weights(x, dy, kernel_hw, strides, pads):
     return op(x, dy)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+def _conv(x, w, strides, pads, winograd):
+    if winograd and winograd_fits(strides, pads, w.shape, x.dtype):
+        return _winograd(x, w)
+    return _forward(x, w, strides, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
+           winograd: bool = False) -> jax.Array:
     """oneDNN convolution of NHWC `x` with HWIO `w`, both float32 or both bfloat16
     (cross-correlation, as XLA).
 
     strides (sh, sw), pads ((top, bottom), (left, right)), all non-negative; the output shape is
-    `lax.conv_general_dilated`'s.
+    `lax.conv_general_dilated`'s. `winograd`: the convolutions `winograd_fits` admits (and the
+    input gradients of those whose output channels it admits) run by Winograd's F(2x2, 3x3);
+    the weight gradient is always oneDNN's direct one.
     """
-    return _forward(x, w, strides, pads)
+    return _conv(x, w, strides, pads, winograd)
 
 
-def _conv2d_fwd(x, w, strides, pads):
-    return _forward(x, w, strides, pads), (x, w)
+def _conv2d_fwd(x, w, strides, pads, winograd):
+    return _conv(x, w, strides, pads, winograd), (x, w)
 
 
-def _conv2d_bwd(strides, pads, residuals, dy):
+def _conv2d_bwd(strides, pads, winograd, residuals, dy):
     x, w = residuals
-    dx = _backward_data(dy, w, x.shape[1:3], strides, pads)
+    # The input gradient of a stride-1 'same' 3x3 convolution is the 'same' convolution of dy
+    # with the kernel flipped in space and its channel axes swapped.
+    flipped = (3, 3, w.shape[3], w.shape[2])
+    if winograd and winograd_fits(strides, pads, flipped, dy.dtype):
+        dx = _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    else:
+        dx = _backward_data(dy, w, x.shape[1:3], strides, pads)
     dw = _backward_weights(x, dy, w.shape[:2], strides, pads)
     return dx, dw
 
@@ -228,8 +267,10 @@ def _covered(lhs, rhs, window_strides, pads, lhs_dilation, rhs_dilation, dimensi
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated` with the convolutions oneDNN covers run by oneDNN."""
+                         batch_group_count=1, precision=None, preferred_element_type=None,
+                         winograd=True):
+    """`lax.conv_general_dilated` with the convolutions oneDNN covers run by oneDNN (the ones
+    `winograd_fits` admits by Winograd's F(2x2, 3x3) unless `winograd` is False)."""
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding) \
@@ -240,7 +281,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             and _covered(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
                          feature_group_count)):
         pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-        return conv2d(lhs, rhs, strides, pads)
+        return conv2d(lhs, rhs, strides, pads, bool(winograd))
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
