@@ -169,6 +169,13 @@ def test_winograd_only_where_it_fits_and_never_under_onednn_direct():
         jaxpr = str(jax.make_jaxpr(conv)())
         assert FORWARD in jaxpr and WINOGRAD not in jaxpr
     assert onednn_conv.resolve_impl("onednn_direct") == "onednn_direct"
+    # A 5x5 kernel with padding 1 and 128 output channels: neither its forward nor its input
+    # gradient is a 'same' 3x3 convolution, so both run the direct algorithm.
+    x5, w5 = operands((1, 6, 6, 4), (5, 5), 128)
+    pads = ((1, 1), (1, 1))
+    assert WINOGRAD not in str(jax.make_jaxpr(jax.grad(loss_of(onednn, (1, 1), pads)))(x5, w5))
+    close(jax.grad(loss_of(onednn, (1, 1), pads))(x5, w5),
+          jax.grad(loss_of(xla_conv, (1, 1), pads))(x5, w5))
 
 
 @needs_onednn

@@ -7,7 +7,9 @@ dilation, one feature group, non-negative padding; float32, or bfloat16 where th
 in bfloat16: `bf16_native()`) to oneDNN and everything else to XLA.
 
 The oneDNN convolution is a `jax.custom_vjp`: forward, input gradient and weight gradient are three
-FFI targets (`cac_jax/ops/csrc/onednn_conv.cc`) registered for the CPU platform. Each call has a
+FFI targets (`cac_jax/ops/csrc/onednn_conv.cc`) registered for the CPU platform, and a fourth runs
+the forward (and input gradient) of the large 3x3 'same' float32 convolutions by Winograd's
+F(2x2, 3x3) under conv_impl "onednn" (`winograd_fits`). Each call has a
 batching rule (`jax.custom_batching.custom_vmap`): a vmapped input with a shared kernel folds the
 vmapped axis into the convolution's batch (one call); a vmapped kernel, or the weight gradient of
 vmapped inputs (one gradient per example), runs one call per example (`lax.map`).
@@ -239,7 +241,7 @@ def _conv2d_bwd(strides, pads, winograd, residuals, dy):
     x, w = residuals
     # The input gradient of a stride-1 'same' 3x3 convolution is the 'same' convolution of dy
     # with the kernel flipped in space and its channel axes swapped.
-    flipped = (3, 3, w.shape[3], w.shape[2])
+    flipped = (*w.shape[:2], w.shape[3], w.shape[2])
     if winograd and winograd_fits(strides, pads, flipped, dy.dtype):
         dx = _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
     else:

@@ -6,11 +6,13 @@
 // Layouts: activations NHWC (JAX's), kernels HWIO (flax's). oneDNN is asked for the activations in
 // NHWC (no reorder of the large tensors) and picks its own blocked layout for the kernel
 // (`format_tag::any`); the kernel is reordered from/to HWIO on every call (it is small). The weight
-// gradient runs on oneDNN's blocked activation layout (x and dy reordered on every call) where
-// oneDNN has no brgemm kernel for it on NHWC (CPUs without AVX-512), several times faster there.
-// Primitives are created once per shape and kept in a process-wide cache. Scratchpads are owned
-// by the caller (`scratchpad_mode::user`, one growing buffer per calling thread), so concurrent
-// calls from several XLA threads (pmap over host devices) never share memory.
+// gradient runs on oneDNN's blocked activation layout (x and dy reordered on every call into
+// per-thread buffers) where oneDNN's NHWC kernel for it is not a brgemm one (every shape on CPUs
+// without AVX-512), up to several times faster there.
+// Primitives are created once per shape and kept in a process-wide cache. Scratchpads and the
+// reordered tensors are owned by the calling thread (`scratchpad_mode::user` for the
+// convolutions, growing buffers), so concurrent calls from several XLA threads (pmap over host
+// devices) do not share them.
 //
 // A fourth handler runs the 3x3, stride-1, padding-1 float32 convolution by Winograd's minimal
 // filtering algorithm F(2x2, 3x3) (Lavin & Gray 2016): each 4x4 input tile and the kernel are
@@ -205,9 +207,11 @@ void run(Kind kind, const Geometry& g, void* act, void* out, void* wei) {
   memory act_mem(g.src(), eng, act);
   memory out_mem(g.dst(), eng, out);
   memory user_wei(g.wei_hwio(), eng, wei);
-  memory wei_mem = e.needs_reorder ? memory(e.wei_md, eng, wei_buf.get(e.wei_md.get_size()))
-                                   : user_wei;
-  memory scratch(e.scratch_md, eng, scratch_buf.get(std::max<size_t>(e.scratch_md.get_size(), 1)));
+  void* wei_ptr = e.needs_reorder ? wei_buf.get(e.wei_md.get_size()) : wei;
+  void* scratch_ptr = scratch_buf.get(std::max<size_t>(e.scratch_md.get_size(), 1));
+  if (wei_ptr == nullptr || scratch_ptr == nullptr) throw std::bad_alloc();
+  memory wei_mem = e.needs_reorder ? memory(e.wei_md, eng, wei_ptr) : user_wei;
+  memory scratch(e.scratch_md, eng, scratch_ptr);
   if (kind != Kind::kBackwardWeights && e.needs_reorder) {
     e.reorder.execute(stream, user_wei, wei_mem);
   }
@@ -401,9 +405,9 @@ CAC_VECTOR_CLONES void winograd_output(const float* __restrict__ m, float* __res
     const int64_t y0 = 2 * (r / s.tw), x0 = 2 * (r % s.tw);
     const bool down = y0 + 1 < s.h, right = x0 + 1 < s.w;
     float* q00 = y + ((img * s.h + y0) * s.w + x0) * O;
-    float* q01 = q00 + O;
-    float* q10 = q00 + s.w * O;
-    float* q11 = q10 + O;
+    float* q01 = right ? q00 + O : q00;  // (the cut-off tile's pointers stay inside the image)
+    float* q10 = down ? q00 + s.w * O : q00;
+    float* q11 = down && right ? q10 + O : q00;
     const float* in = m + k * O;
 #pragma omp simd
     for (int64_t o = 0; o < O; ++o) {
