@@ -226,9 +226,10 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
     (cross-correlation, as XLA).
 
     strides (sh, sw), pads ((top, bottom), (left, right)), all non-negative; the output shape is
-    `lax.conv_general_dilated`'s. `winograd`: the convolutions `winograd_fits` admits (and the
-    input gradients of those whose output channels it admits) run by Winograd's F(2x2, 3x3);
-    the weight gradient is always oneDNN's direct one.
+    `lax.conv_general_dilated`'s. `winograd`: the convolutions `winograd_fits` admits run by
+    Winograd's F(2x2, 3x3), and so do the input gradients of the 3x3 'same' float32 ones with
+    at least `WINOGRAD_MIN_CHANNELS` output channels; the weight gradient is always oneDNN's
+    direct one.
     """
     return _conv(x, w, strides, pads, winograd)
 
